@@ -1,0 +1,288 @@
+"""What the application decided about one message: the `Decision` value.
+
+A `Decision` is immutable data.  It says, per recipient, what happens
+(`Outcome`: deliver, drop as consumed, redirect, reject, tempfail), what
+changes on the message (`HeaderChange`, a new body, a new sender, quarantine)
+and which new messages the handlers produced (the **outbox**).  Transports
+turn it into protocol: `lamsonfilter.actions` into milter actions, the
+content filter into reinjection plus an SMTP reply.  Handlers never send
+mail; the runtime sends the outbox after the state change has committed.
+
+    >>> d = Decision.tempfail(("bob@example.org",), "database down")
+    >>> d.is_tempfail, d.outcomes[0].code
+    (True, 451)
+
+`Decision.apply(raw)` returns the bytes to pass on: the original bytes when
+nothing changed (never re-serialised), otherwise the original header block
+with the edits applied textually and the body replaced if asked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.header import Header
+from enum import Enum
+from typing import Iterable
+
+__all__ = [
+    "Action",
+    "Outcome",
+    "HeaderChange",
+    "OutboxMessage",
+    "Decision",
+    "check_header_value",
+    "HeaderValueError",
+]
+
+
+class Action(str, Enum):
+    """The fate of one recipient."""
+
+    DELIVER = "deliver"  #: pass the message on to this recipient
+    DROP = "drop"  #: consumed by the application; nobody else gets it
+    REDIRECT = "redirect"  #: deliver to other addresses instead
+    REJECT = "reject"  #: permanent failure with code, enhanced code, text
+    TEMPFAIL = "tempfail"  #: try again later (4xx)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class HeaderValueError(ValueError):
+    """A header name or value that would inject lines into the message."""
+
+
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §2.2: printable, no colon
+
+
+def check_header_value(name: str, value: str) -> None:
+    """Refuse a header whose name is not a field name or whose value holds CR, LF or NUL.
+
+    This is the framework's guard against header injection (reliability S3):
+    values come from templates and handlers, often with user text in them.
+    """
+    if not _HEADER_NAME.match(name):
+        raise HeaderValueError(f"invalid header name {name!r}")
+    if any(c in value for c in "\r\n\x00"):
+        raise HeaderValueError(f"header {name} contains CR, LF or NUL")
+    if len(name) + 2 + len(value.encode("utf-8", "surrogateescape")) > 998:
+        raise HeaderValueError(f"header {name} is longer than 998 octets")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's fate plus how it was reached (route, states) for reports."""
+
+    recipient: str
+    action: Action
+    code: int | None = None
+    enhanced: str | None = None
+    text: str | None = None
+    redirect_to: tuple[str, ...] = ()
+    route: str | None = None
+    handler: str | None = None
+    state_before: str | None = None
+    state_after: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action is Action.REJECT:
+            if self.code is None or not 500 <= self.code <= 599:
+                raise ValueError("a reject needs a 5xx code")
+        if self.action is Action.TEMPFAIL:
+            if self.code is None or not 400 <= self.code <= 499:
+                raise ValueError("a tempfail needs a 4xx code")
+        if self.action is Action.REDIRECT and not self.redirect_to:
+            raise ValueError("a redirect needs at least one address")
+
+    @property
+    def reply(self) -> str:
+        """The SMTP reply line for reject/tempfail, e.g. ``550 5.1.1 no such list``."""
+        parts = [str(self.code or 250)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        parts.append(self.text or "")
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class HeaderChange:
+    """Add, change or remove a header.
+
+    For ``change`` and ``remove``, `index` is the 1-based occurrence of the
+    header (as pymilter's ``chgheader``); ``add`` appends at the end of the
+    header block.
+    """
+
+    op: str  # "add" | "change" | "remove"
+    name: str
+    value: str | None = None
+    index: int = 1
+
+    def __post_init__(self) -> None:
+        if self.op not in ("add", "change", "remove"):
+            raise ValueError(f"unknown header operation {self.op!r}")
+        if self.op != "remove":
+            if self.value is None:
+                raise ValueError(f"{self.op} needs a value")
+            check_header_value(self.name, self.value)
+        elif not _HEADER_NAME.match(self.name):
+            raise HeaderValueError(f"invalid header name {self.name!r}")
+        if self.index < 1:
+            raise ValueError("header index is 1-based")
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message the application wants sent: envelope plus CRLF bytes.
+
+    `kind` is ``reply`` for automatic replies (sent with ``MAIL FROM:<>``
+    unless the application chose a sender) or ``message`` for new mail such
+    as list posts.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    kind: str = "message"
+
+    def __post_init__(self) -> None:
+        if not self.recipients:
+            raise ValueError("an outbox message needs recipients")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The whole answer for one message."""
+
+    outcomes: tuple[Outcome, ...]
+    header_changes: tuple[HeaderChange, ...] = ()
+    body: bytes | None = None
+    sender: str | None = None
+    quarantine: str | None = None
+    outbox: tuple[OutboxMessage, ...] = ()
+    error: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def deliver_all(cls, recipients: Iterable[str]) -> "Decision":
+        return cls(tuple(Outcome(r, Action.DELIVER) for r in recipients))
+
+    @classmethod
+    def tempfail(
+        cls, recipients: Iterable[str], error: str, text: str = "Temporary failure, try again later"
+    ) -> "Decision":
+        """Every recipient deferred with ``451 4.3.0`` (the reply never says why)."""
+        outcomes = tuple(
+            Outcome(r, Action.TEMPFAIL, 451, "4.3.0", text) for r in recipients
+        )
+        return cls(outcomes, error=error)
+
+    # ------------------------------------------------------------ questions
+    @property
+    def is_tempfail(self) -> bool:
+        """True when the message as a whole must be deferred (SMTP and milter have one reply)."""
+        return self.error is not None or any(o.action is Action.TEMPFAIL for o in self.outcomes)
+
+    @property
+    def changes_message(self) -> bool:
+        return bool(self.header_changes) or self.body is not None
+
+    def by_action(self, action: Action) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if o.action is action)
+
+    @property
+    def delivery_recipients(self) -> tuple[str, ...]:
+        """Where the message goes on to: delivered recipients plus redirect targets, in order, once each."""
+        seen: dict[str, None] = {}
+        for o in self.outcomes:
+            if o.action is Action.DELIVER:
+                seen.setdefault(o.recipient)
+            elif o.action is Action.REDIRECT:
+                for r in o.redirect_to:
+                    seen.setdefault(r)
+        return tuple(seen)
+
+    @property
+    def kind(self) -> str:
+        """A one-word summary for logs and reports."""
+        if self.is_tempfail:
+            return "tempfail"
+        actions = {o.action for o in self.outcomes}
+        if self.quarantine:
+            return "quarantine"
+        if actions == {Action.REJECT}:
+            return "reject"
+        if not self.delivery_recipients:
+            return "drop"
+        if self.changes_message or self.sender is not None or actions - {Action.DELIVER}:
+            return "modify"
+        return "deliver"
+
+    # ------------------------------------------------------------ bytes
+    def apply(self, raw: bytes) -> bytes:
+        """The message bytes to pass on; `raw` itself when nothing changed."""
+        if not self.changes_message:
+            return raw
+        return apply_changes(raw, self.header_changes, self.body)
+
+
+def _split_raw(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
+    """Split raw bytes into header fields (each with its continuation lines), the eol and the body."""
+    eol = b"\r\n" if b"\r\n" in raw[:2048] or b"\n" not in raw[:2048] else b"\n"
+    lines = raw.split(b"\n")
+    fields: list[bytes] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line in (b"", b"\r"):
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\n" + line
+        else:
+            fields.append(line)
+        i += 1
+    if i >= len(lines):  # no blank line: headers only
+        return fields, eol, b""
+    body = b"\n".join(lines[i + 1:])
+    return fields, eol, body
+
+
+def apply_changes(
+    raw: bytes, changes: Iterable[HeaderChange], body: bytes | None
+) -> bytes:
+    """Apply header edits and a body replacement to raw bytes, textually.
+
+    Untouched header lines keep their exact bytes.  New values are encoded as
+    RFC 2047 only when they are not ASCII.
+    """
+    fields, eol, old_body = _split_raw(raw)
+    for ch in changes:
+        name_b = ch.name.encode("ascii")
+        matches = [
+            i for i, f in enumerate(fields) if f.split(b":", 1)[0].strip().lower() == name_b.lower()
+        ]
+        if ch.op == "add":
+            fields.append(_field(ch.name, ch.value or ""))
+        elif ch.op == "change":
+            if len(matches) >= ch.index:
+                fields[matches[ch.index - 1]] = _field(ch.name, ch.value or "")
+            else:  # as Postfix does for chgheader of a missing header
+                fields.append(_field(ch.name, ch.value or ""))
+        else:
+            if len(matches) >= ch.index:
+                del fields[matches[ch.index - 1]]
+    head = b"\n".join(fields) + b"\n" if fields else b""
+    if eol == b"\r\n":
+        head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    new_body = old_body if body is None else body
+    return head + eol + new_body
+
+
+def _field(name: str, value: str) -> bytes:
+    """One header field, LF-separated continuation lines (the caller fixes line ends)."""
+    if value.isascii():
+        return f"{name}: {value}".encode("ascii")
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\n")
+    return f"{name}: {encoded}".encode("ascii")
