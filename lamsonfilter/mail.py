@@ -131,7 +131,10 @@ class MailRequest:
         """
         headers = BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
         if sender is None:
-            sender = _first_address(headers, "Return-Path") or _first_address(headers, "From") or ""
+            if headers.get_all("Return-Path"):  # "Return-Path: <>" is the null sender
+                sender = _first_address(headers, "Return-Path")
+            else:
+                sender = _first_address(headers, "From")
         if not recipients:
             recipients = tuple(
                 a
@@ -214,12 +217,13 @@ _AMBIGUOUS = {
 def _ambiguities(part: Message) -> list[str]:
     """Ambiguities CPython's parser accepts silently (it takes the first value)."""
     found = []
-    if len(part.get_all("Content-Type", [])) > 1:
+    raw = [(name.lower(), str(value)) for name, value in part.raw_items()]
+    content_types = [v for n, v in raw if n == "content-type"]
+    if len(content_types) > 1:
         found.append("DuplicateContentType")
-    if len(part.get_all("Content-Transfer-Encoding", [])) > 1:
+    if sum(1 for n, _v in raw if n == "content-transfer-encoding") > 1:
         found.append("DuplicateContentTransferEncoding")
-    raw_ct = part.get_all("Content-Type", [])
-    if raw_ct and len(re.findall(r"(?i)(?:^|;)\s*boundary\s*=", str(raw_ct[0]))) > 1:
+    if any(len(re.findall(r"(?i)(?:^|;)\s*boundary\s*=", v)) > 1 for v in content_types):
         found.append("DuplicateBoundary")
     return found
 

@@ -1,0 +1,180 @@
+"""A mailing list, Lamson's classic, as a lamsonfilter state machine.
+
+Addresses (LIST is one of settings.LISTS, HOST one of settings.HOSTS):
+
+=============================  ===========================================
+LIST-subscribe@HOST            asks for a confirmation (a reply to
+                               LIST-confirm-TOKEN@HOST, 128-bit token,
+                               single use, expires after CONFIRM_TTL)
+LIST-confirm-TOKEN@HOST        confirms: the sender becomes a member
+LIST-unsubscribe@HOST          leaves the list
+LIST@HOST                      a post: members' posts go to every member;
+                               others get a polite refusal
+LIST-bounce-MEMBER@HOST        VERP bounce address of list mail: permanent
+                               bounces count against MEMBER, who is
+                               disabled after BOUNCE_LIMIT of them
+LIST-anything@HOST, help@HOST  a help reply
+=============================  ===========================================
+
+One conversation per (list, sender): START → PENDING → MEMBER, back to
+START on unsubscribe, DISABLED after too many bounces.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from lamsonfilter import Context, Handler, stateless
+
+handler = Handler("mailinglist", key=lambda ctx: (ctx.args["list"].lower(), ctx.sender.lower()))
+
+TOKEN = r"[0-9a-f]{32}"
+
+
+def _list_info(ctx: Context, list: str) -> dict[str, Any]:
+    host = ctx.recipient.rpartition("@")[2].lower()
+    name = list.lower()
+    return {
+        "list": name,
+        "host": host,
+        "title": ctx.settings["LISTS"].get(name, name),
+        "post_addr": f"{name}@{host}",
+        "subscribe_addr": f"{name}-subscribe@{host}",
+        "unsubscribe_addr": f"{name}-unsubscribe@{host}",
+    }
+
+
+def _ask_confirmation(ctx: Context, list: str) -> Any:
+    info = _list_info(ctx, list)
+    token = secrets.token_hex(16)  # 128 bits
+    ctx.data.update(token=token, expires=ctx.now + ctx.settings["CONFIRM_TTL"])
+    confirm_addr = f"{info['list']}-confirm-{token}@{info['host']}"
+    ctx.reply(
+        "confirm.msg",
+        subject=f"Confirm your subscription to {info['list']}@{info['host']}",
+        from_addr=confirm_addr,
+        confirm_addr=confirm_addr,
+        **info,
+    )
+    return PENDING
+
+
+def _refuse(ctx: Context, list: str, template: str) -> None:
+    ctx.reply(template, **_list_info(ctx, list))
+
+
+@handler.route("(list)@(host)", event="post")
+@handler.route("(list)-subscribe@(host)", event="subscribe")
+@handler.route("(list)-unsubscribe@(host)", event="unsubscribe")
+@handler.route("(list)-confirm-(token)@(host)", event="confirm", token=TOKEN)
+def START(ctx: Context, list: str) -> Any:
+    """Not a member."""
+    if ctx.event == "subscribe":
+        return _ask_confirmation(ctx, list)
+    if ctx.event == "post":
+        _refuse(ctx, list, "not_member.msg")
+    elif ctx.event == "unsubscribe":
+        _refuse(ctx, list, "not_subscribed.msg")
+    elif ctx.event == "confirm":
+        _refuse(ctx, list, "bad_confirm.msg")
+    return None
+
+
+@handler.state
+def PENDING(ctx: Context, list: str, token: str = "") -> Any:
+    """Asked to subscribe; waiting for the confirmation."""
+    if ctx.event == "confirm":
+        valid = (
+            secrets.compare_digest(token.lower(), str(ctx.data.get("token", "")))
+            and ctx.now < float(ctx.data.get("expires", 0))
+            and ctx.claim(f"confirm:{token.lower()}")
+        )
+        if not valid:
+            _refuse(ctx, list, "bad_confirm.msg")
+            return None
+        ctx.data = {"joined": ctx.now, "bounces": 0}
+        ctx.reply("welcome.msg", **_list_info(ctx, list))
+        return MEMBER
+    if ctx.event == "subscribe":
+        return _ask_confirmation(ctx, list)  # a new token; the old one is dead
+    if ctx.event == "unsubscribe":
+        ctx.data = {}
+        ctx.reply("goodbye.msg", **_list_info(ctx, list))
+        return START
+    _refuse(ctx, list, "not_member.msg")
+    return None
+
+
+@handler.state
+def MEMBER(ctx: Context, list: str) -> Any:
+    """Subscribed: may post."""
+    if ctx.event == "post":
+        _post(ctx, list)
+        return None
+    if ctx.event == "unsubscribe":
+        ctx.data = {}
+        ctx.reply("goodbye.msg", **_list_info(ctx, list))
+        return START
+    _refuse(ctx, list, "already_member.msg")
+    return None
+
+
+@handler.state
+def DISABLED(ctx: Context, list: str) -> Any:
+    """Too many bounces: receives nothing, may subscribe again."""
+    if ctx.event == "subscribe":
+        return _ask_confirmation(ctx, list)
+    if ctx.event == "unsubscribe":
+        ctx.data = {}
+        ctx.reply("goodbye.msg", **_list_info(ctx, list))
+        return START
+    _refuse(ctx, list, "disabled.msg")
+    return None
+
+
+def _post(ctx: Context, list: str) -> None:
+    """Send the post to every member, each copy with its own VERP bounce address."""
+    info = _list_info(ctx, list)
+    members = [key.split(":", 1)[1] for key, _rec in ctx.find(f"{info['list']}:", state="MEMBER")]
+    list_headers = (
+        f"List-Id: {info['title']} <{info['list']}.{info['host']}>\r\n"
+        f"List-Post: <mailto:{info['post_addr']}>\r\n"
+        f"List-Unsubscribe: <mailto:{info['unsubscribe_addr']}>\r\n"
+        "Precedence: list\r\n"
+    ).encode("utf-8")
+    # The member's copy is the original message with list headers in front:
+    # the original bytes stay as they were (signatures of the poster survive).
+    copy = list_headers + ctx.request.raw
+    for member in members:
+        verp = f"{info['list']}-bounce-{member.replace('@', '=')}@{info['host']}"
+        ctx.send(copy, sender=verp, recipients=[member])
+
+
+@handler.route("(list)-bounce-(member)@(host)", member=r"[^@\s]+=[^@\s=]+")
+@stateless
+def BOUNCE(ctx: Context, list: str, member: str) -> None:
+    """A bounce of list mail: count permanent failures against the member."""
+    address = "@".join(member.rsplit("=", 1)).lower()
+    report = ctx.bounce
+    if report is None or not report.permanent:
+        return  # not a (permanent) delivery report: ignore, never reply
+    failed = {r.address.lower() for r in report.recipients}
+    if failed and address not in failed:
+        return  # the report is about somebody else
+    key = f"{list.lower()}:{address}"
+    record = ctx.get_state(key)
+    if record is None or record.state != "MEMBER":
+        return
+    bounces = int(record.data.get("bounces", 0)) + 1
+    data = {**record.data, "bounces": bounces}
+    ctx.set_state(key, "DISABLED" if bounces >= ctx.settings["BOUNCE_LIMIT"] else "MEMBER", data)
+
+
+@handler.route("(list)-(command)@(host)", event="help")
+@handler.route("help@(host)", event="help")
+@stateless
+def HELP(ctx: Context, **args: str) -> None:
+    """Anything else at the list host: explain the addresses."""
+    host = ctx.recipient.rpartition("@")[2].lower()
+    ctx.reply("help.msg", host=host, lists=sorted(ctx.settings["LISTS"].items()))

@@ -1,0 +1,309 @@
+"""The application: routes + handlers + state + views, and the one entry point `App.process`.
+
+Every transport calls `App.process(request)` once per message and acts on
+the `Decision` it returns; at RCPT time it may call `App.check_recipient` to
+refuse unroutable addresses early.
+
+    app = App(hosts=["lists.example.org"], handlers=[mailinglist.handler])
+    app.start()                                 # compiles and checks routes
+    decision = app.process(MailRequest.from_bytes(raw))
+
+`start()` fails loudly (`StartupError`) on a duplicate or dangerous route, a
+route to a missing state, or a template directory that does not exist.
+`process()` never raises: any unexpected error becomes a tempfail decision
+(451 4.3.0) with one log line carrying the queue id and the handler, and
+nothing of that message (state, outbox) is committed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .context import Context, MessageChanges
+from .decisions import Action, Decision, Outcome
+from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
+from .guards import ReplyRateLimit
+from .mail import MailRequest, split_address
+from .routing import Router, RouteMatch, RoutingError
+from .state import ConflictError, MemoryStorage, StateStorage
+from .views import Views
+
+__all__ = ["App", "StartupError", "RouteTarget", "MAX_HOPS", "CONFLICT_RETRIES"]
+
+log = logging.getLogger("lamsonfilter")
+
+#: More ``Received:`` headers than this means a mail loop (Postfix's hopcount_limit is 50).
+MAX_HOPS = 50
+#: How often a message is run again when a concurrent message changed the same key.
+CONFLICT_RETRIES = 8
+
+
+class StartupError(Exception):
+    """The application cannot start; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """What a compiled route leads to."""
+
+    handler: Handler
+    function: str
+    event: str
+
+
+class App:
+    """A lamsonfilter application.  Build it, `start` it, then `process` messages."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "lamsonfilter",
+        hosts: Iterable[str] = (),
+        handlers: Iterable[Handler] = (),
+        storage: StateStorage | None = None,
+        views: Views | None = None,
+        route_defaults: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        reply_limit: ReplyRateLimit | None = None,
+        max_hops: int = MAX_HOPS,
+    ) -> None:
+        self.name = name
+        self.hosts = frozenset(h.lower() for h in hosts)
+        self.handlers: list[Handler] = []
+        self.storage: StateStorage = storage if storage is not None else MemoryStorage()
+        self._views = views
+        self.route_defaults = dict(route_defaults or {})
+        self.settings: Mapping[str, Any] = dict(settings or {})
+        self.reply_limit = reply_limit or ReplyRateLimit(5, 3600.0)
+        self.max_hops = max_hops
+        self.router = Router()
+        self._default_handler: Handler | None = None
+        self._started = False
+        for h in handlers:
+            self.include(h)
+
+    # ------------------------------------------------------------ building
+    def include(self, handler: Handler) -> None:
+        """Add a handler (its routes are compiled at `start`)."""
+        if self._started:
+            raise StartupError(f"handler {handler.name}: included after start")
+        if any(h.name == handler.name for h in self.handlers):
+            raise StartupError(f"handler {handler.name}: included twice (handler names must be unique)")
+        self.handlers.append(handler)
+
+    def route(self, pattern: str, event: str = "", **captures: str) -> Any:
+        """Sugar for a single-file application: a route on the app's own handler."""
+        if self._default_handler is None:
+            self._default_handler = Handler(self.name)
+            self.include(self._default_handler)
+        return self._default_handler.route(pattern, event, **captures)
+
+    @property
+    def views(self) -> Views:
+        if self._views is None:
+            raise StartupError("this application has no templates directory; set TEMPLATES in settings")
+        return self._views
+
+    def start(self) -> "App":
+        """Compile routes, check handlers, freeze.  Raises `StartupError` naming the problem."""
+        if self._started:
+            return self
+        router = Router(self.route_defaults) if self.route_defaults else Router()
+        problems: list[str] = []
+        for handler in self.handlers:
+            problems.extend(handler.check())
+        if problems:
+            raise StartupError("; ".join(problems))
+        try:
+            for handler in self.handlers:
+                for spec in handler.routes:
+                    target = RouteTarget(handler, spec.function, spec.event_name)
+                    router.add(spec.pattern, target, name=f"{handler.name}.{spec.event_name}", **spec.captures)
+        except RoutingError as exc:
+            raise StartupError(str(exc)) from None
+        router.freeze()
+        self.router = router
+        self._started = True
+        return self
+
+    # ------------------------------------------------------------ questions
+    def owns(self, address: str) -> bool:
+        """True when the address is at one of the application's hosts."""
+        return split_address(address)[1] in self.hosts
+
+    def match(self, address: str) -> RouteMatch | None:
+        self._require_started()
+        return self.router.match(address)
+
+    def check_recipient(self, address: str) -> Outcome | None:
+        """RCPT-time check: a reject `Outcome` for an unroutable address at our hosts, else None."""
+        if self.match(address) is None and self.owns(address):
+            return Outcome(address, Action.REJECT, 550, "5.1.1", "No such address here")
+        return None
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise StartupError("call App.start() before processing mail")
+
+    # ------------------------------------------------------------ the one flow
+    def process(self, request: MailRequest, *, commit: bool = True, now: float | None = None) -> Decision:
+        """Decide about one message.  Never raises; see the module docstring."""
+        try:
+            self._require_started()
+            return self._process(request, commit, time.time() if now is None else now)
+        except Exception as exc:  # noqa: BLE001 -- the contract: never raise, tempfail instead
+            log.error(
+                "queue_id=%s tempfail: %s: %s", request.queue_id or "-", type(exc).__name__, exc
+            )
+            return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}")
+
+    def _process(self, request: MailRequest, commit: bool, now: float) -> Decision:
+        routed: list[tuple[str, RouteMatch]] = []
+        fixed: dict[str, Outcome] = {}
+        for rcpt in request.recipients:
+            match = self.router.match(rcpt)
+            if match is not None:
+                routed.append((rcpt, match))
+            elif self.owns(rcpt):
+                fixed[rcpt] = Outcome(rcpt, Action.REJECT, 550, "5.1.1", "No such address here")
+            else:
+                fixed[rcpt] = Outcome(rcpt, Action.DELIVER)
+        if not routed:  # pass-through mail: no transaction, no parsing
+            return Decision(tuple(fixed[r] for r in request.recipients))
+        if self._hops(request) > self.max_hops:
+            for rcpt, match in routed:
+                fixed[rcpt] = Outcome(
+                    rcpt, Action.REJECT, 554, "5.4.6", "Too many hops: mail loop detected",
+                    route=str(match.route),
+                )
+            return Decision(tuple(fixed[r] for r in request.recipients), notes=("mail loop: handlers not run",))
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return self._run_handlers(request, routed, fixed, commit, now)
+            except ConflictError:
+                log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
+        raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
+
+    def _run_handlers(
+        self,
+        request: MailRequest,
+        routed: Sequence[tuple[str, RouteMatch]],
+        fixed: dict[str, Outcome],
+        commit: bool,
+        now: float,
+    ) -> Decision:
+        changes = MessageChanges()
+        outcomes = dict(fixed)
+        current: Context | None = None
+        try:
+            with self.storage.transaction(commit=commit) as tx:
+                for rcpt, match in routed:
+                    target: RouteTarget = match.route.target
+                    ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
+                    outcomes[rcpt] = self._run_state(ctx, target, match, tx)
+                if commit and changes.outbox:
+                    tx.add_outbox(changes.outbox)
+        except ConflictError:
+            raise
+        except _HandlerTempfail as asked:
+            o = asked.outcome
+            log.info("queue_id=%s handler asked for a tempfail: %s", request.queue_id or "-", o.reply)
+            return Decision(
+                tuple(Outcome(r, Action.TEMPFAIL, o.code, o.enhanced, o.text) for r in request.recipients),
+                notes=(f"{o.recipient}: handler asked for a retry; nothing committed",),
+            )
+        except Exception as exc:
+            where = f"{current.handler.name}.{current.state}" if current else "-"
+            log.error(
+                "queue_id=%s handler=%s rcpt=%s tempfail: %s: %s",
+                request.queue_id or "-", where, current.recipient if current else "-",
+                type(exc).__name__, exc,
+            )
+            if current is not None and ERROR in current.handler.states and current.key:
+                self._move_to_error(current, commit)
+            return Decision.tempfail(request.recipients, f"{where}: {type(exc).__name__}: {exc}")
+        return Decision(
+            outcomes=tuple(outcomes[r] for r in request.recipients),
+            header_changes=tuple(changes.headers),
+            body=changes.body,
+            sender=changes.sender,
+            quarantine=changes.quarantine,
+            outbox=tuple(changes.outbox),
+            notes=tuple(changes.notes),
+        )
+
+    def _run_state(self, ctx: Context, target: RouteTarget, match: RouteMatch, tx: Any) -> Outcome:
+        handler = target.handler
+        routed_func = handler.states[target.function]
+        stateless = is_stateless(routed_func)
+        if not stateless:
+            ctx.key = handler.key(ctx)
+        record = None if stateless else tx.get(ctx.key)
+        ctx.state = record.state if record else START
+        ctx.data = dict(record.data) if record else {}
+        before_data = dict(ctx.data)
+        func = handler.function_for(target.function, ctx.state)
+        if func is None:
+            raise HandlerError(
+                f"handler {handler.name}: key {ctx.key} is in state {ctx.state!r}, which this handler no longer has"
+            )
+        result = _call(func, ctx, match.args)
+        state_before = ctx.state
+        next_state = state_name(result)
+        if next_state is not None and next_state not in handler.states:
+            raise HandlerError(f"handler {handler.name}: {func.__name__} returned unknown state {next_state!r}")
+        state_after = state_before if stateless or next_state is None else next_state
+        if ctx.outcome is not None and ctx.outcome.action is Action.TEMPFAIL:
+            raise _HandlerTempfail(ctx.outcome)
+        if not stateless and (state_after != state_before or ctx.data != before_data or record is None):
+            if state_after == START and not ctx.data:
+                tx.clear(ctx.key)
+            else:
+                tx.set(ctx.key, state_after, ctx.data)
+        outcome = ctx.outcome or Outcome(
+            ctx.recipient, Action.DELIVER if handler.default_action == "deliver" else Action.DROP
+        )
+        return Outcome(
+            outcome.recipient, outcome.action, outcome.code, outcome.enhanced, outcome.text,
+            outcome.redirect_to, route=str(match.route), handler=handler.name,
+            state_before=None if stateless else state_before,
+            state_after=None if stateless else state_after,
+        )
+
+    def _move_to_error(self, ctx: Context, commit: bool) -> None:
+        try:
+            with self.storage.transaction(commit=commit) as tx:
+                tx.set(ctx.key, ERROR, ctx.data)
+        except Exception as exc:  # noqa: BLE001 -- already deferring; log and go on
+            log.error("queue_id=%s could not move %s to ERROR: %s", ctx.request.queue_id or "-", ctx.key, exc)
+
+    @staticmethod
+    def _hops(request: MailRequest) -> int:
+        try:
+            return len(request.message.get_all("Received", []))
+        except Exception:  # noqa: BLE001
+            return 0
+
+
+class _HandlerTempfail(Exception):
+    """A state function asked for a tempfail: roll back, then answer 4xx."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+def _call(func: Any, ctx: Context, args: Mapping[str, str]) -> Any:
+    """Call a state function with the captures its signature accepts."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return func(ctx, **args)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return func(ctx, **args)
+    return func(ctx, **{k: v for k, v in args.items() if k in params})

@@ -1,0 +1,430 @@
+"""The ``lamsonfilter`` command.
+
+    lamsonfilter test --app DIR [FILE|MAILDIR ...]   dry run: what would the app do?
+    lamsonfilter routes --app DIR [--test ADDRESS]   the routes, and who gets ADDRESS
+    lamsonfilter gen NAME                            a new application skeleton
+    lamsonfilter db init --app DIR                   create the state schema
+
+Every command that loads an application refuses bad configuration at once,
+with a message naming the file and setting, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from . import __version__
+from .actions import milter_plan
+from .app import App, StartupError
+from .decisions import Decision
+from .mail import AddressError, MailRequest
+from .reinjection import reinjection_plan
+from .state import MemoryStorage, SchemaMissingError, StateStorage, StorageError
+
+__all__ = ["main"]
+
+APP_HELP = "Application directory (with config/settings.py). Default: $LAMSONFILTER_APP or the current directory."
+
+
+def _app_option(f: Any) -> Any:
+    return click.option(
+        "--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
+        envvar="LAMSONFILTER_APP", default=".", show_default=False, help=APP_HELP,
+    )(f)
+
+
+def _database_option(f: Any) -> Any:
+    return click.option(
+        "--database", "database", metavar="URL", default=None,
+        help="State database URL (overrides DATABASE_URL), e.g. sqlite:///var/state.db or postgresql://host/db.",
+    )(f)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"lamsonfilter: {message}", err=True)
+    sys.exit(2)
+
+
+def _load(app_dir: Path, overrides: dict[str, Any], storage: StateStorage | None = None) -> App:
+    from .settings import load_app
+
+    try:
+        return load_app(app_dir, overrides, storage=storage)
+    except StartupError as exc:
+        _fail(str(exc))
+    except StorageError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lamsonfilter")
+@click.option("-v", "--verbose", count=True, help="Log more (repeat for debug).")
+def main(verbose: int) -> None:
+    """Run a Lamson-style mail application behind Postfix or Exim.
+
+    Try an application with no server at all:
+
+        lamsonfilter test --app examples/mailinglist < message.eml
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="lamsonfilter: %(levelname)s %(message)s")
+
+
+# ---------------------------------------------------------------- test (dry run)
+def _iter_messages(paths: tuple[Path, ...]) -> Iterator[tuple[str, bytes | Exception]]:
+    """(name, raw bytes or the error reading it) for files, directories and Maildirs; stdin if none."""
+    if not paths:
+        yield "<stdin>", sys.stdin.buffer.read()
+        return
+    for path in paths:
+        if str(path) == "-":
+            yield "<stdin>", sys.stdin.buffer.read()
+        elif path.is_dir():
+            subdirs = [path / d for d in ("new", "cur")] if (path / "cur").is_dir() else [path]
+            files = sorted(f for d in subdirs if d.is_dir() for f in d.iterdir() if f.is_file())
+            for f in files:
+                yield from _read(f)
+        else:
+            yield from _read(path)
+
+
+def _read(path: Path) -> Iterator[tuple[str, bytes | Exception]]:
+    try:
+        yield str(path), path.read_bytes()
+    except OSError as exc:
+        yield str(path), exc
+
+
+def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> tuple[StateStorage, str | None]:
+    """The real state store when it exists (read, not committed), else empty memory state."""
+    from .settings import load_settings, make_storage, sqlite_path
+
+    try:
+        settings = load_settings(app_dir, overrides)
+    except StartupError as exc:
+        _fail(str(exc))
+        raise
+    url = settings["DATABASE_URL"]
+    path = sqlite_path(url, settings["APP_DIR"])
+    if path is not None and not path.exists():
+        if commit:
+            _fail(f"--commit: the state database {path} does not exist; run: lamsonfilter db init --app {app_dir}")
+        return MemoryStorage(), f"state database {path} does not exist yet: starting from empty state"
+    try:
+        storage = make_storage(url, settings["APP_DIR"])
+        storage.check_schema()
+    except SchemaMissingError as exc:
+        if commit:
+            _fail(str(exc))
+        return MemoryStorage(), f"{exc}; using empty state"
+    except StorageError as exc:
+        _fail(str(exc))
+        raise
+    return storage, None
+
+
+@main.command("test")
+@_app_option
+@click.argument("messages", nargs=-1, type=click.Path(path_type=Path, allow_dash=True))
+@click.option("--sender", help="Envelope sender (MAIL FROM). Default: Return-Path, else From. Use '' for <>.")
+@click.option("--rcpt", multiple=True, help="Envelope recipient (RCPT TO); repeat for several. Default: To, Cc, Bcc.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts.")
+@click.option("--commit", is_flag=True, help="Commit state changes and the outbox (default: read state, change nothing).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary (and errors).")
+@_database_option
+def test_cmd(
+    app_dir: Path, messages: tuple[Path, ...], sender: str | None, rcpt: tuple[str, ...],
+    as_json: bool, commit: bool, quiet: bool, database: str | None,
+) -> None:
+    """Dry run: show what the application would do with each message.
+
+    MESSAGES are files, directories of files, or Maildirs; with none, one
+    message is read from standard input.  For each recipient: the route,
+    the state before and after, the outcome; then the decision as milter
+    actions and as what the content filter would do, header changes as a
+    diff, and the rendered outbox.  Nothing is changed or sent unless
+    --commit is given (and even then nothing is sent).
+
+    Exit status: 0 when every message was handled, 1 when a handler failed
+    or a message could not be read, 2 for bad usage or configuration.
+    """
+    overrides = {"DATABASE_URL": database}
+    storage, note = _dry_run_storage(app_dir, overrides, commit)
+    app = _load(app_dir, overrides, storage=storage)
+    if note and not as_json:
+        click.echo(f"note: {note}", err=True)
+    items = list(_iter_messages(messages))
+    show_bar = len(items) > 1 and not as_json and sys.stderr.isatty()
+    kinds: Counter[str] = Counter()
+    replies = errors = 0
+    with click.progressbar(items, label="messages", file=sys.stderr) if show_bar else _nullbar(items) as bar:
+        for index, (name, raw) in enumerate(bar, 1):
+            if isinstance(raw, Exception):
+                errors += 1
+                _emit_error(name, f"cannot read: {raw}", as_json)
+                continue
+            try:
+                request = MailRequest.from_bytes(
+                    raw, sender=sender, recipients=rcpt or None,
+                )
+            except AddressError as exc:
+                errors += 1
+                _emit_error(name, f"bad envelope address: {exc}", as_json)
+                continue
+            if not request.recipients:
+                errors += 1
+                _emit_error(name, "no recipients: give --rcpt (the message has no To, Cc or Bcc)", as_json)
+                continue
+            decision = app.process(request, commit=commit)
+            kinds[decision.kind] += 1
+            replies += len(decision.outbox)
+            if decision.error:
+                errors += 1
+            if as_json:
+                click.echo(json.dumps(_as_json(name, request, decision), sort_keys=True))
+            elif not quiet:
+                click.echo(_report(index, name, request, decision, commit))
+    if not as_json and len(items) > 1 or quiet:
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
+        click.echo(
+            f"summary: {len(items)} message(s); decisions: {summary}; "
+            f"outbox: {replies} message(s); errors: {errors}"
+        )
+    sys.exit(1 if errors else 0)
+
+
+class _nullbar:
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __enter__(self) -> list[Any]:
+        return self.items
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _emit_error(name: str, text: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"file": name, "error": text}, sort_keys=True))
+    else:
+        click.echo(f"lamsonfilter: {name}: {text}", err=True)
+
+
+def _as_json(name: str, request: MailRequest, decision: Decision) -> dict[str, Any]:
+    return {
+        "file": name,
+        "envelope": {"sender": request.sender, "recipients": list(request.recipients),
+                     "queue_id": request.queue_id},
+        "decision": decision.kind,
+        "recipients": [
+            {"recipient": o.recipient, "route": o.route, "handler": o.handler,
+             "state_before": o.state_before, "state_after": o.state_after,
+             "action": o.action.value, "reply": o.reply if o.code else None,
+             "redirect_to": list(o.redirect_to)}
+            for o in decision.outcomes
+        ],
+        "header_changes": [
+            {"op": h.op, "name": h.name, "value": h.value, "index": h.index} for h in decision.header_changes
+        ],
+        "body_replaced": decision.body is not None,
+        "sender_changed_to": decision.sender,
+        "quarantine": decision.quarantine,
+        "outbox": len(decision.outbox),
+        "outbox_messages": [
+            {"kind": m.kind, "sender": m.sender, "recipients": list(m.recipients), "size": len(m.raw)}
+            for m in decision.outbox
+        ],
+        "milter": str(milter_plan(decision, request)),
+        "content_filter": str(reinjection_plan(decision, request)),
+        "defects": list(request.defects),
+        "notes": list(decision.notes),
+        "error": decision.error,
+    }
+
+
+def _report(index: int, name: str, request: MailRequest, decision: Decision, commit: bool) -> str:
+    out: list[str] = []
+    add = out.append
+    add(f"=== message {index}: {name}")
+    add(f"envelope:  MAIL FROM:<{request.sender}>  RCPT TO:"
+        + " ".join(f"<{r}>" for r in request.recipients))
+    subject = request.header("Subject")
+    if subject:
+        add(f"subject:   {subject}")
+    if request.defects:
+        add(f"defects:   {', '.join(sorted(set(request.defects)))}"
+            + ("  (ambiguous MIME)" if request.ambiguous_mime else ""))
+    for o in decision.outcomes:
+        add(f"recipient: {o.recipient}")
+        add(f"  route:   {o.route or '(none)'}")
+        if o.handler:
+            add(f"  state:   {o.state_before} -> {o.state_after}" if o.state_before else "  state:   (stateless)")
+        what = o.action.value
+        if o.code:
+            what += f" ({o.reply})"
+        if o.redirect_to:
+            what += " to " + ", ".join(o.redirect_to)
+        add(f"  outcome: {what}")
+    add(f"decision:  {decision.kind}" + (f"  error: {decision.error}" if decision.error else ""))
+    mp = milter_plan(decision, request)
+    add(f"milter:    {mp}")
+    add(f"content filter: {reinjection_plan(decision, request)}")
+    for n in (*decision.notes, *mp.notes):
+        add(f"note:      {n}")
+    if decision.changes_message:
+        before = request.header_block.decode("utf-8", "replace").splitlines()
+        after_raw = decision.apply(request.raw)
+        after = MailRequest(request.envelope, after_raw).header_block.decode("utf-8", "replace").splitlines()
+        diff = list(difflib.unified_diff(before, after, "headers before", "headers after", lineterm="", n=0))
+        add("header changes:")
+        out.extend("  " + line for line in diff)
+        if decision.body is not None:
+            add(f"  body replaced ({len(decision.body)} bytes)")
+    if decision.sender is not None:
+        add(f"sender changed to: <{decision.sender}>")
+    add(f"outbox:    {len(decision.outbox)} message(s)" + ("" if commit or not decision.outbox else " (not sent: dry run)"))
+    for i, m in enumerate(decision.outbox, 1):
+        add(f"  --- {i}: {m.kind}, MAIL FROM:<{m.sender}> RCPT TO:" + " ".join(f"<{r}>" for r in m.recipients))
+        out.extend("  | " + line for line in _readable(m.raw).splitlines())
+    return "\n".join(out) + "\n"
+
+
+def _readable(raw: bytes) -> str:
+    """An outbox message for people: headers decoded, text parts decoded, attachments named."""
+    from .testing import parse
+
+    msg = parse(raw)
+    lines = [f"{k}: {v}" for k, v in msg.items()]
+    lines.append("")
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        if part.get_content_maintype() == "text" and not part.get_filename():
+            try:
+                lines.append(part.get_content().rstrip("\n"))
+            except (LookupError, ValueError):
+                lines.append(part.get_payload(decode=True).decode("utf-8", "replace"))
+        else:
+            lines.append(f"[{part.get_content_type()} {part.get_filename() or ''}]")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- routes
+@main.command("routes")
+@_app_option
+@click.option("--test", "address", metavar="ADDRESS", help="Show which route and handler get ADDRESS.")
+def routes_cmd(app_dir: Path, address: str | None) -> None:
+    """List the routes in the order they are tried (the first match wins)."""
+    app = _load(app_dir, {}, storage=MemoryStorage())
+    if address is None:
+        width = max((len(r.name) for r in app.router), default=0)
+        for i, route in enumerate(app.router, 1):
+            caps = "  ".join(f"{n}={rx}" for n, rx in route.captures)
+            click.echo(f"{i:3}  {route.name:<{width}}  {route.pattern}    {caps}")
+        click.echo(f"hosts: {', '.join(sorted(app.hosts)) or '(none)'}")
+        return
+    from .mail import normalize_address
+
+    try:
+        addr = normalize_address(address)
+    except AddressError as exc:
+        _fail(f"{address!r}: {exc}")
+        return
+    found = app.router.matches(addr)
+    if not found:
+        if app.owns(addr):
+            click.echo(f"{addr}: no route; at an application host, so refused at RCPT with 550 5.1.1")
+        else:
+            click.echo(f"{addr}: no route; not at an application host, so passed on untouched")
+        sys.exit(1)
+    first = found[0]
+    target = first.route.target
+    click.echo(f"{addr}: route {first.route.name}  ({first.route.pattern})")
+    click.echo(f"  handler: {target.handler.name}, event {target.event}")
+    for k, v in first.args.items():
+        click.echo(f"  {k} = {v}")
+    for other in found[1:]:
+        click.echo(f"  also matches (not used): {other.route.name}  ({other.route.pattern})")
+
+
+# ---------------------------------------------------------------- gen
+@main.command("gen")
+@click.argument("name")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to create the application (default: ./NAME).")
+@click.option("--host", default=None, help="The domain the application owns (default: NAME.example.org).")
+def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
+    """Create a new application skeleton whose own tests pass out of the box."""
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        _fail(f"{name!r}: an application name is lower-case letters, digits and _ (a Python module name)")
+    target = dest or Path(name)
+    if target.exists() and any(target.iterdir()):
+        _fail(f"{target} exists and is not empty; choose another --dest")
+    host = host or f"{name.replace('_', '-')}.example.org"
+    skeleton = Path(__file__).parent / "skeleton"
+    for src in sorted(skeleton.rglob("*")):
+        if "__pycache__" in src.parts:
+            continue
+        rel = src.relative_to(skeleton)
+        out = target / str(rel).replace("NAME", name)
+        if src.is_dir():
+            out.mkdir(parents=True, exist_ok=True)
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = src.read_text(encoding="utf-8")
+        out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
+    click.echo(f"created {target}/")
+    click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
+    click.echo(f"  its tests: python -m pytest {target}/tests")
+
+
+# ---------------------------------------------------------------- db
+@main.group("db")
+def db_cmd() -> None:
+    """Manage the state database."""
+
+
+@db_cmd.command("init")
+@_app_option
+@_database_option
+def db_init(app_dir: Path, database: str | None) -> None:
+    """Create (or upgrade) the state schema in the application's database."""
+    from .settings import load_settings, make_storage
+
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database})
+        storage = make_storage(settings["DATABASE_URL"], settings["APP_DIR"])
+        storage.create_schema()
+        storage.check_schema()
+    except (StartupError, StorageError) as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"state schema ready in {_safe_url(settings['DATABASE_URL'])}")
+    storage.close()
+
+
+def _safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- only for display
+        return url
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,320 @@
+"""What a state function receives: the `Context` of one recipient of one message.
+
+A state function is called as ``func(ctx, **captures)``.  Through `ctx` it
+reads the message and the conversation's state data, and *asks* for things;
+nothing happens until the runtime acts on the resulting `Decision`:
+
+    def START(ctx, list, host):
+        if ctx.event == "subscribe":
+            ctx.data["token"] = token = new_token()
+            ctx.reply("confirm.msg", subject=f"Confirm your subscription to {list}",
+                      token=token, list=list, host=host)
+            return PENDING
+        ctx.reject("You are not subscribed", code=550, enhanced="5.7.1")
+
+Per-recipient outcomes: `deliver`, `drop` (the default for routed mail:
+the application consumed it), `redirect`, `reject`, `tempfail`.  Message
+changes (shared by all recipients of the message): `add_header`,
+`change_header`, `remove_header`, `replace_body`, `change_sender`,
+`quarantine`.  New mail: `reply` (an automatic reply, subject to the
+framework's guards: never to bounces, lists, ``<>``..., rate-limited) and
+`send` (any new message, e.g. a list post).  Other conversations' state:
+`find`, `get_state`, `set_state`, all inside the message's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formataddr, getaddresses, parseaddr
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .bounce import BounceReport, detect_bounce
+from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
+from .guards import autoreply_refusal, reply_headers
+from .mail import MailRequest, normalize_address
+from .state import StateRecord, StateTransaction
+from .views import Response
+
+if TYPE_CHECKING:
+    from .app import App
+    from .fsm import Handler
+    from .routing import RouteMatch
+
+__all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
+
+log = logging.getLogger("lamsonfilter")
+
+#: Marks mail that lamsonfilter generated; guards never auto-reply to it.
+GENERATED_HEADER = "X-Lamsonfilter-Generated"
+
+
+@dataclass
+class MessageChanges:
+    """The message-level part of a decision, collected from every recipient's handler."""
+
+    headers: list[HeaderChange] = field(default_factory=list)
+    body: bytes | None = None
+    sender: str | None = None
+    quarantine: str | None = None
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Context:
+    """One recipient of one message, as seen by a state function."""
+
+    def __init__(
+        self,
+        app: "App",
+        request: MailRequest,
+        recipient: str,
+        match: "RouteMatch",
+        handler: "Handler",
+        event: str,
+        tx: StateTransaction,
+        changes: MessageChanges,
+        now: float,
+    ) -> None:
+        self.app = app
+        self.request = request
+        self.recipient = recipient
+        self.match = match
+        self.handler = handler
+        self.event = event
+        self.now = now
+        self._tx = tx
+        self._changes = changes
+        self.key = ""
+        self.state = "START"
+        self.data: dict[str, Any] = {}
+        self.outcome: Outcome | None = None
+
+    # ------------------------------------------------------------ reading
+    @property
+    def sender(self) -> str:
+        """The envelope sender (``""`` for ``<>``)."""
+        return self.request.sender
+
+    @property
+    def message(self) -> EmailMessage:
+        return self.request.message
+
+    @property
+    def args(self) -> dict[str, str]:
+        """The route's captures, e.g. ``{"list": "python", "host": "lists.example.org"}``."""
+        return self.match.args
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self.app.settings
+
+    @property
+    def bounce(self) -> BounceReport | None:
+        """The delivery report this message is, if it is one (`lamsonfilter.bounce`)."""
+        return detect_bounce(self.request)
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.request.header(name, default)
+
+    # ------------------------------------------------------------ outcomes
+    def _set(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+    def deliver(self) -> None:
+        """Pass the message on to this recipient."""
+        self._set(Outcome(self.recipient, Action.DELIVER))
+
+    def drop(self) -> None:
+        """The application consumed the message; nobody gets it for this recipient."""
+        self._set(Outcome(self.recipient, Action.DROP))
+
+    def redirect(self, *addresses: str) -> None:
+        """Deliver to `addresses` instead of this recipient."""
+        self._set(
+            Outcome(self.recipient, Action.REDIRECT, redirect_to=tuple(normalize_address(a) for a in addresses))
+        )
+
+    def reject(self, text: str = "Rejected", code: int = 550, enhanced: str = "5.7.1") -> None:
+        """Refuse permanently (the milter rejects; the content filter discards and says so)."""
+        check_header_value("X-Reply", text)  # one line, no control characters
+        self._set(Outcome(self.recipient, Action.REJECT, code, enhanced, text))
+
+    def tempfail(self, text: str = "Try again later", code: int = 451, enhanced: str = "4.3.0") -> None:
+        """Ask the sender's MTA to retry later; nothing of this message is committed."""
+        check_header_value("X-Reply", text)
+        self._set(Outcome(self.recipient, Action.TEMPFAIL, code, enhanced, text))
+
+    # ------------------------------------------------------------ message changes
+    def add_header(self, name: str, value: str) -> None:
+        self._changes.headers.append(HeaderChange("add", name, value))
+
+    def change_header(self, name: str, value: str, index: int = 1) -> None:
+        self._changes.headers.append(HeaderChange("change", name, value, index))
+
+    def remove_header(self, name: str, index: int = 1) -> None:
+        self._changes.headers.append(HeaderChange("remove", name, None, index))
+
+    def replace_body(self, body: bytes | str) -> None:
+        """Replace the body (bytes as they should appear after the blank line; line ends become CRLF)."""
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self._changes.body = _crlf(data)
+
+    def change_sender(self, sender: str) -> None:
+        self._changes.sender = normalize_address(sender)
+
+    def quarantine(self, reason: str) -> None:
+        check_header_value("X-Reason", reason)
+        self._changes.quarantine = reason
+
+    # ------------------------------------------------------------ new mail
+    def render(self, template: str, **variables: Any) -> str:
+        return self.app.views.render(template, **variables)
+
+    def reply(
+        self,
+        template: str | None = None,
+        *,
+        subject: str | None = None,
+        body: str | None = None,
+        html_template: str | None = None,
+        sender: str | None = None,
+        from_addr: str | None = None,
+        **variables: Any,
+    ) -> bool:
+        """Queue an automatic reply to the envelope sender, from this recipient.
+
+        Returns False (and records why in the decision's notes) when the
+        guards refuse: the sender is ``<>`` or a daemon, the message is a
+        bounce, a list or bulk message, an auto-reply, mail lamsonfilter
+        generated, or the sender already had its share of replies this
+        period.  The reply comes From `from_addr` (default: this recipient)
+        and goes out with envelope sender `sender` (default ``<>``).  A reply whose headers would carry CR/LF (a hostile Subject
+        copied into the reply) is refused the same way, never sent.
+        """
+        refusal = autoreply_refusal(self.request)
+        if refusal is None:
+            to_addr = self.sender
+            if not self.app.reply_limit.allow(self._tx, to_addr, self.now):
+                refusal = f"reply rate limit reached for {to_addr}"
+        if refusal is not None:
+            self._note(f"reply to {self.sender or '<>'} suppressed: {refusal}")
+            return False
+        if subject is None:
+            original = self.header("Subject")
+            subject = original if original.lower().startswith("re:") else f"Re: {original}".strip()
+        headers = reply_headers(self.request)
+        try:
+            if template is not None:
+                vars_ = {"ctx": self, "args": self.args, **self.args, **variables}
+                response = self.app.views.respond(
+                    template,
+                    vars_,
+                    html_template=html_template,
+                    To=self.sender,
+                    From=from_addr or self.recipient,
+                    Subject=subject,
+                )
+            else:
+                response = Response(To=self.sender, From=from_addr or self.recipient, Subject=subject, Body=body or "")
+            for name, value in headers.items():
+                response[name] = value
+        except HeaderValueError as exc:
+            self._note(f"reply to {self.sender} suppressed: {exc}")
+            return False
+        self._queue(response, sender=sender if sender is not None else "", recipients=(self.sender,), kind="reply")
+        return True
+
+    def respond(self, template: str, **headers: str) -> Response:
+        """Render `template` into a `Response` with the given headers (To, From, Subject...)."""
+        vars_ = {"ctx": self, "args": self.args, **self.args}
+        return self.app.views.respond(template, vars_, **headers)
+
+    def send(
+        self,
+        message: Response | EmailMessage | bytes,
+        *,
+        sender: str | None = None,
+        recipients: tuple[str, ...] | list[str] | None = None,
+    ) -> None:
+        """Queue a new message (not an auto-reply: no reply guards, but still marked as generated).
+
+        The envelope defaults to the message's From and To/Cc; give
+        `sender` (e.g. a VERP bounce address) and `recipients` explicitly for
+        list posts.
+        """
+        self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message")
+
+    def _queue(
+        self,
+        message: Response | EmailMessage | bytes,
+        *,
+        sender: str | None,
+        recipients: tuple[str, ...] | None,
+        kind: str,
+    ) -> None:
+        if isinstance(message, Response):
+            message[GENERATED_HEADER] = self.app.name
+            raw = message.to_bytes()
+            msg: EmailMessage | None = message.to_message()
+        elif isinstance(message, EmailMessage):
+            del message[GENERATED_HEADER]
+            message[GENERATED_HEADER] = self.app.name
+            for name, value in message.items():
+                check_header_value(name, str(value))
+            from .mail import POLICY
+
+            raw = message.as_bytes(policy=POLICY)
+            msg = message
+        else:
+            raw = _crlf(message)
+            msg = None
+            if GENERATED_HEADER.encode().lower() not in raw.lower().split(b"\r\n\r\n", 1)[0]:
+                raw = f"{GENERATED_HEADER}: {self.app.name}\r\n".encode() + raw
+        if sender is None:
+            sender = parseaddr(str(msg["From"]))[1] if msg is not None and msg["From"] else self.recipient
+        if recipients is None:
+            if msg is None:
+                raise ValueError("send(bytes) needs recipients=")
+            recipients = tuple(
+                a for _n, a in getaddresses([str(v) for h in ("To", "Cc") for v in msg.get_all(h, [])]) if a
+            )
+        self._changes.outbox.append(
+            OutboxMessage(normalize_address(sender), tuple(normalize_address(r) for r in recipients), raw, kind)
+        )
+
+    def _note(self, text: str) -> None:
+        self._changes.notes.append(text)
+        log.info("queue_id=%s %s", self.request.queue_id or "-", text)
+
+    # ------------------------------------------------------------ other conversations
+    def find(self, prefix: str = "", state: str | None = None) -> list[tuple[str, StateRecord]]:
+        """Keys of this handler starting with `prefix` (the handler name is added), optionally in `state`."""
+        full = f"{self.handler.name}:{prefix}"
+        return [(k[len(self.handler.name) + 1:], r) for k, r in self._tx.find(full, state)]
+
+    def get_state(self, key: str) -> StateRecord | None:
+        """Another conversation of this handler (key without the handler name)."""
+        return self._tx.get(f"{self.handler.name}:{key}")
+
+    def set_state(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
+        if state not in self.handler.states:
+            from .fsm import HandlerError
+
+            raise HandlerError(f"handler {self.handler.name}: no state {state!r}")
+        self._tx.set(f"{self.handler.name}:{key}", state, data)
+
+    def claim(self, token: str) -> bool:
+        """Record a one-time token (e.g. a confirmation); False if it was used before."""
+        return self._tx.claim(f"{self.handler.name}:{token}")
+
+    def address(self, local: str, domain: str | None = None, name: str = "") -> str:
+        """Format an address, e.g. ``ctx.address("python-confirm-XYZ", host)``."""
+        addr = f"{local}@{domain or self.recipient.rpartition('@')[2]}"
+        return formataddr((name, addr)) if name else addr
+
+
+def _crlf(data: bytes) -> bytes:
+    """Normalise line ends to CRLF (RFC 5321 §2.3.8)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

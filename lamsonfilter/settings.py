@@ -1,0 +1,251 @@
+"""Application directories: loading ``config/settings.py`` and the handler modules into an `App`.
+
+An application lives in a directory (``lamsonfilter gen NAME`` makes one):
+
+    NAME/
+      app/handlers/       one module per concern; each defines ``handler = Handler(...)``
+      app/templates/      Mako reply templates
+      config/settings.py  HOSTS, HANDLERS, DATABASE_URL, RELAY, ...
+      tests/              the application's own tests (lamsonfilter.testing)
+
+`load_app(directory, overrides)` imports it under a private package name (so
+two applications can live in one process, e.g. in tests), applies the
+command line's overrides, validates every setting, builds the `App` and
+starts it.  Any problem raises `SettingsError` (or `StartupError`) with a
+message naming the file and the setting.
+
+Settings (all optional but HANDLERS):
+
+=================  ===============================================  ==========================
+name               meaning                                          default
+=================  ===============================================  ==========================
+NAME               the application's name (logs, generated mail)    the directory name
+HOSTS              domains the application owns (unroutable → 550)  ``[]``
+HANDLERS           modules in ``app/handlers/`` to load             required
+ROUTE_DEFAULTS     regexes for captures used by many routes         ``host`` = any of HOSTS
+DATABASE_URL       SQLAlchemy URL of the state store; ``memory:``   ``sqlite:///var/state.db``
+                   relative SQLite paths are relative to the app
+RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1:10026``
+TEMPLATES          template directories, relative to the app        ``["app/templates"]``
+REPLY_LIMIT        (replies, seconds) per sender                    ``(5, 3600)``
+MAX_HOPS           Received: headers before a loop is assumed       ``50``
+=================  ===============================================  ==========================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Mapping
+
+from .app import App, StartupError
+from .fsm import Handler
+from .guards import ReplyRateLimit
+from .state import MemoryStorage, StateStorage
+from .views import Views, ViewError
+
+__all__ = ["load_app", "load_settings", "SettingsError", "make_storage", "DEFAULTS", "parse_hostport"]
+
+
+class SettingsError(StartupError):
+    """A setting that is missing, of the wrong type, or pointing nowhere."""
+
+
+DEFAULTS: dict[str, Any] = {
+    "HOSTS": [],
+    "ROUTE_DEFAULTS": {},
+    "DATABASE_URL": "sqlite:///var/state.db",
+    "RELAY": "127.0.0.1:10026",
+    "TEMPLATES": ["app/templates"],
+    "REPLY_LIMIT": (5, 3600),
+    "MAX_HOPS": 50,
+}
+
+
+def load_settings(directory: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read ``config/settings.py`` of an application directory, apply overrides, validate."""
+    root = Path(directory).resolve()
+    path = root / "config" / "settings.py"
+    if not root.is_dir():
+        raise SettingsError(f"{directory}: no such application directory")
+    if not path.is_file():
+        raise SettingsError(f"{path}: missing; an application directory needs config/settings.py "
+                            "(lamsonfilter gen NAME makes one)")
+    namespace: dict[str, Any] = {"__file__": str(path), "__name__": "lamsonfilter_settings"}
+    try:
+        code = compile(path.read_text(encoding="utf-8"), str(path), "exec")
+        exec(code, namespace)  # noqa: S102 -- the application's own configuration file
+    except Exception as exc:
+        raise SettingsError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    values = dict(DEFAULTS)
+    values["NAME"] = root.name
+    values.update({k: v for k, v in namespace.items() if k.isupper()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["APP_DIR"] = str(root)
+    _validate(values, path)
+    return values
+
+
+def _validate(values: dict[str, Any], path: Path) -> None:
+    def fail(name: str, why: str) -> None:
+        raise SettingsError(f"{path}: {name} {why}")
+
+    if "HANDLERS" not in values:
+        fail("HANDLERS", "is required: a list of module names in app/handlers/")
+    for name in ("HOSTS", "HANDLERS", "TEMPLATES"):
+        v = values[name]
+        if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            fail(name, f"must be a list of strings, not {v!r}")
+    for host in values["HOSTS"]:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+            fail("HOSTS", f"contains {host!r}, which is not a domain name")
+    if not isinstance(values["ROUTE_DEFAULTS"], dict):
+        fail("ROUTE_DEFAULTS", "must be a dict of capture name to regex")
+    if not isinstance(values["DATABASE_URL"], str) or not values["DATABASE_URL"]:
+        fail("DATABASE_URL", "must be a SQLAlchemy URL such as sqlite:///var/state.db, or memory:")
+    try:
+        parse_hostport(values["RELAY"])
+    except ValueError as exc:
+        fail("RELAY", str(exc))
+    rl = values["REPLY_LIMIT"]
+    if not (isinstance(rl, (list, tuple)) and len(rl) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in rl)):
+        fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, not {rl!r}")
+    if not isinstance(values["MAX_HOPS"], int) or values["MAX_HOPS"] < 1:
+        fail("MAX_HOPS", "must be a positive integer")
+
+
+def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``PORT`` → (host, port); ValueError naming the value."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be HOST:PORT, not {value!r}")
+    m = re.fullmatch(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)|(?P<only>\d+)", value)
+    if not m:
+        raise ValueError(f"must be HOST:PORT, not {value!r}")
+    port = int(m.group("port") or m.group("only"))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range in {value!r}")
+    host = m.group("v6") or m.group("host") or default_host
+    return host, port
+
+
+def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:
+    """A storage for a URL: ``memory:`` or a SQLAlchemy URL (relative SQLite paths resolve against the app)."""
+    if url in ("memory:", "memory://"):
+        return MemoryStorage()
+    if url.startswith("sqlite:///") and app_dir is not None:
+        rel = url[len("sqlite:///"):]
+        if rel and not rel.startswith("/") and rel != ":memory:":
+            full = Path(app_dir) / rel
+            full.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{full}"
+    from .sqlstate import SQLAlchemyStorage
+
+    return SQLAlchemyStorage(url)
+
+
+def sqlite_path(url: str, app_dir: str | Path) -> Path | None:
+    """The file of a SQLite URL (resolved like `make_storage`), or None for other databases."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rel = url[len("sqlite:///"):]
+    if not rel or rel == ":memory:":
+        return None
+    return Path(rel) if rel.startswith("/") else Path(app_dir) / rel
+
+
+def _import_app_package(root: Path) -> str:
+    """Import ``root/app`` under a private name; return that name."""
+    pkg_dir = root / "app"
+    if not (pkg_dir / "handlers").is_dir():
+        raise SettingsError(f"{root}: missing app/handlers/ directory")
+    name = "lamsonfilter_app_" + hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    if name in sys.modules:
+        return name
+    init = pkg_dir / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg_dir)])
+        if spec is None or spec.loader is None:
+            raise SettingsError(f"{init}: cannot be imported")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = types.ModuleType(name)
+        module.__path__ = [str(pkg_dir)]
+        sys.modules[name] = module
+    return name
+
+
+def _unload(prefix: str) -> None:
+    for mod in [m for m in sys.modules if m == prefix or m.startswith(prefix + ".")]:
+        del sys.modules[mod]
+
+
+def load_handlers(root: Path, modules: list[str], reload: bool = False) -> list[Handler]:
+    """Import each handler module and collect its `Handler` objects."""
+    pkg = "lamsonfilter_app_" + hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    if reload:
+        _unload(pkg)
+    pkg = _import_app_package(root)
+    found: list[Handler] = []
+    for mod_name in modules:
+        full = f"{pkg}.handlers.{mod_name}"
+        try:
+            module = importlib.import_module(full)
+        except ModuleNotFoundError as exc:
+            if exc.name in (full, f"{pkg}.handlers"):
+                raise SettingsError(
+                    f"{root}/config/settings.py: HANDLERS names {mod_name!r}, but there is no "
+                    f"app/handlers/{mod_name}.py"
+                ) from None
+            raise SettingsError(f"app/handlers/{mod_name}.py: {exc}") from exc
+        except Exception as exc:
+            raise SettingsError(f"app/handlers/{mod_name}.py: {type(exc).__name__}: {exc}") from exc
+        handlers = [v for v in vars(module).values() if isinstance(v, Handler)]
+        if not handlers:
+            raise SettingsError(f"app/handlers/{mod_name}.py defines no Handler (handler = Handler(...))")
+        found.extend(h for h in handlers if h not in found)
+    return found
+
+
+def load_app(
+    directory: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    storage: StateStorage | None = None,
+    reload: bool = False,
+) -> App:
+    """Build and start the `App` of an application directory."""
+    settings = load_settings(directory, overrides)
+    root = Path(settings["APP_DIR"])
+    handlers = load_handlers(root, list(settings["HANDLERS"]), reload=reload)
+    route_defaults = dict(settings["ROUTE_DEFAULTS"])
+    if "host" not in route_defaults and settings["HOSTS"]:
+        route_defaults["host"] = "|".join(re.escape(h) for h in settings["HOSTS"])
+        if len(settings["HOSTS"]) > 1:
+            route_defaults["host"] = f"(?:{route_defaults['host']})"
+    dirs = [root / d for d in settings["TEMPLATES"]]
+    try:
+        views = Views(dirs) if dirs else None
+    except ViewError as exc:
+        raise SettingsError(f"{root}/config/settings.py: TEMPLATES: {exc}") from exc
+    if storage is None:
+        storage = make_storage(settings["DATABASE_URL"], root)
+    limit, period = settings["REPLY_LIMIT"]
+    app = App(
+        name=settings["NAME"],
+        hosts=settings["HOSTS"],
+        handlers=handlers,
+        storage=storage,
+        views=views,
+        route_defaults=route_defaults,
+        settings=settings,
+        reply_limit=ReplyRateLimit(int(limit), float(period)),
+        max_hops=settings["MAX_HOPS"],
+    )
+    return app.start()

@@ -1,0 +1,171 @@
+"""Testing helpers for application authors: send mail through an app in process.
+
+    from lamsonfilter.testing import AppTester
+
+    def test_subscribe():
+        t = AppTester.from_directory("examples/mailinglist")   # state in memory
+        r = t.send("alice@example.com", "python-subscribe@lists.example.org")
+        assert r.state_after == "PENDING"
+        assert r.replies[0]["To"] == "alice@example.com"
+        t.advance(3600)                                        # the clock is yours
+
+No server, no socket: `AppTester.send` builds a message, runs
+`App.process` exactly as the transports do, and returns a `Result` to
+assert on (routes, states, decision, outbox).  State is committed, so a
+conversation continues across calls; the clock only moves when you say so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .app import App
+from .decisions import Action, Decision, OutboxMessage, Outcome
+from .mail import POLICY, MailRequest
+from .state import MemoryStorage, StateStorage
+
+__all__ = ["AppTester", "Result", "make_message"]
+
+
+def make_message(
+    sender: str,
+    to: str | Iterable[str],
+    subject: str = "test",
+    body: str = "Hello.\n",
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """A small, valid message as CRLF bytes, with Date and Message-ID."""
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = sender or "MAILER-DAEMON@example.net"
+    msg["To"] = to if isinstance(to, str) else ", ".join(to)
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(domain="test.example")
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+def parse(raw: bytes) -> EmailMessage:
+    msg = BytesParser(policy=POLICY).parsebytes(raw)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+@dataclass
+class Result:
+    """What `App.process` decided for one message, with shortcuts for assertions."""
+
+    request: MailRequest
+    decision: Decision
+
+    def outcome(self, recipient: str | None = None) -> Outcome:
+        """The outcome for `recipient` (or the only one)."""
+        if recipient is None:
+            if len(self.decision.outcomes) != 1:
+                raise AssertionError(f"{len(self.decision.outcomes)} recipients; name one")
+            return self.decision.outcomes[0]
+        for o in self.decision.outcomes:
+            if o.recipient.lower() == recipient.lower():
+                return o
+        raise AssertionError(f"no outcome for {recipient}")
+
+    @property
+    def action(self) -> Action:
+        return self.outcome().action
+
+    @property
+    def route(self) -> str | None:
+        return self.outcome().route
+
+    @property
+    def state_before(self) -> str | None:
+        return self.outcome().state_before
+
+    @property
+    def state_after(self) -> str | None:
+        return self.outcome().state_after
+
+    @property
+    def outbox(self) -> tuple[OutboxMessage, ...]:
+        return self.decision.outbox
+
+    @property
+    def replies(self) -> list[EmailMessage]:
+        """Parsed automatic replies."""
+        return [parse(m.raw) for m in self.decision.outbox if m.kind == "reply"]
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        """Parsed new messages (not replies), e.g. list posts."""
+        return [parse(m.raw) for m in self.decision.outbox if m.kind == "message"]
+
+    @property
+    def output(self) -> bytes:
+        """The bytes that would be passed on downstream."""
+        return self.decision.apply(self.request.raw)
+
+
+class AppTester:
+    """Drive an `App` in process with a clock you control."""
+
+    def __init__(self, app: App, now: float | None = None) -> None:
+        self.app = app
+        self.now = time.time() if now is None else now
+        self.results: list[Result] = []
+
+    @classmethod
+    def from_directory(
+        cls,
+        directory: str | Path,
+        storage: StateStorage | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> "AppTester":
+        """Load an application directory with in-memory state (or the given storage)."""
+        from .settings import load_app
+
+        app = load_app(directory, overrides, storage=storage if storage is not None else MemoryStorage())
+        return cls(app, now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def send(
+        self,
+        sender: str,
+        to: str | Iterable[str],
+        subject: str = "test",
+        body: str = "Hello.\n",
+        headers: Mapping[str, str] | None = None,
+        *,
+        raw: bytes | None = None,
+        queue_id: str | None = None,
+        commit: bool = True,
+    ) -> Result:
+        """Process one message from `sender` to `to` (a raw message may be given instead)."""
+        rcpts = (to,) if isinstance(to, str) else tuple(to)
+        if raw is None:
+            raw = make_message(sender, rcpts, subject, body, headers)
+        request = MailRequest.from_bytes(raw, sender=sender, recipients=rcpts, queue_id=queue_id)
+        result = Result(request, self.app.process(request, commit=commit, now=self.now))
+        self.results.append(result)
+        return result
+
+    def state(self, handler: str, key: str) -> str | None:
+        """The committed state of `key` in `handler` (None when the key has none)."""
+        with self.app.storage.transaction(commit=False) as tx:
+            record = tx.get(f"{handler}:{key}")
+        return record.state if record else None
+
+    def data(self, handler: str, key: str) -> Mapping[str, Any]:
+        with self.app.storage.transaction(commit=False) as tx:
+            record = tx.get(f"{handler}:{key}")
+        return record.data if record else {}

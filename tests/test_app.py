@@ -1,0 +1,224 @@
+"""App.process: routing, the state machine, outcomes, commit and rollback, never raising."""
+
+import logging
+
+import pytest
+
+from lamsonfilter import Action, App, Handler, MailRequest, StartupError, stateless
+from lamsonfilter.state import MemoryStorage
+from lamsonfilter.testing import make_message
+
+
+def request(sender="alice@example.com", to=("counter@app.example",), queue_id="Q1", **kw):
+    raw = make_message(sender, to, **kw)
+    return MailRequest.from_bytes(raw, sender=sender, recipients=to, queue_id=queue_id)
+
+
+def counter_app(**kw):
+    h = Handler("counter")
+
+    @h.route("counter@(host)")
+    def START(ctx, host):
+        ctx.data["n"] = 1
+        return COUNTING
+
+    @h.state
+    def COUNTING(ctx):
+        ctx.data["n"] += 1
+        if ctx.header("Subject") == "boom":
+            raise RuntimeError("handler exploded")
+        if ctx.header("Subject") == "later":
+            ctx.tempfail("busy")
+        if ctx.header("Subject") == "stop":
+            return START
+        return None
+
+    @h.route("echo@(host)")
+    @stateless
+    def ECHO(ctx, host):
+        ctx.add_header("X-Echo", host)
+        ctx.deliver()
+
+    return App(hosts=["app.example"], handlers=[h], route_defaults={"host": r"app\.example"}, **kw).start()
+
+
+def state_of(app, key):
+    with app.storage.transaction(commit=False) as tx:
+        rec = tx.get(key)
+    return rec
+
+
+def test_state_function_returns_next_state_and_data_is_kept():
+    app = counter_app()
+    d1 = app.process(request())
+    assert (d1.outcomes[0].state_before, d1.outcomes[0].state_after) == ("START", "COUNTING")
+    assert d1.outcomes[0].action is Action.DROP  # routed mail is consumed by default
+    assert d1.outcomes[0].route == "counter.START"
+    app.process(request())
+    rec = state_of(app, "counter:alice@example.com:counter@app.example")
+    assert rec.state == "COUNTING" and rec.data == {"n": 2}
+
+
+def test_default_key_separates_senders():
+    app = counter_app()
+    app.process(request(sender="a@x.example"))
+    d = app.process(request(sender="b@x.example"))
+    assert d.outcomes[0].state_before == "START"
+
+
+def test_returning_start_with_no_data_clears_the_key():
+    app = counter_app()
+    app.process(request())
+    app.process(request(subject="stop"))
+    assert state_of(app, "counter:alice@example.com:counter@app.example").state == "START"
+
+
+def test_exception_is_a_tempfail_with_one_log_line_and_nothing_committed(caplog):
+    app = counter_app()
+    app.process(request())
+    with caplog.at_level(logging.ERROR, logger="lamsonfilter"):
+        d = app.process(request(subject="boom", queue_id="4XyZ"))
+    assert d.is_tempfail and d.kind == "tempfail"
+    assert d.outcomes[0].code == 451 and d.outcomes[0].enhanced == "4.3.0"
+    assert "handler exploded" not in (d.outcomes[0].text or "")  # no internals to the client
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "queue_id=4XyZ" in lines[0] and "counter.COUNTING" in lines[0]
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 1}
+
+
+def test_exception_moves_to_error_only_when_handler_has_error_state():
+    h = Handler("h")
+
+    @h.route("x@app.example")
+    def START(ctx):
+        raise ValueError("no")
+
+    @h.state
+    def ERROR(ctx):
+        ctx.drop()
+
+    app = App(handlers=[h]).start()
+    d = app.process(request(to=("x@app.example",)))
+    assert d.is_tempfail
+    assert state_of(app, "h:alice@example.com:x@app.example").state == "ERROR"
+    # in ERROR, the ERROR function runs
+    d2 = app.process(request(to=("x@app.example",)))
+    assert d2.outcomes[0].action is Action.DROP and d2.outcomes[0].state_before == "ERROR"
+
+
+def test_without_error_state_the_key_stays_where_it_was():
+    app = counter_app()
+    app.process(request())
+    app.process(request(subject="boom"))
+    assert state_of(app, "counter:alice@example.com:counter@app.example").state == "COUNTING"
+
+
+def test_handler_tempfail_commits_nothing():
+    app = counter_app()
+    app.process(request())
+    d = app.process(request(subject="later"))
+    assert d.is_tempfail and d.outcomes[0].text == "busy"
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 1}
+
+
+def test_dry_run_reads_state_but_commits_nothing():
+    app = counter_app()
+    d = app.process(request(), commit=False)
+    assert d.outcomes[0].state_after == "COUNTING"
+    assert state_of(app, "counter:alice@example.com:counter@app.example") is None
+
+
+def test_unrouted_recipients_at_app_hosts_are_rejected_others_delivered():
+    app = counter_app()
+    d = app.process(request(to=("nobody@app.example", "friend@other.example", "echo@app.example")))
+    by = {o.recipient: o for o in d.outcomes}
+    assert by["nobody@app.example"].action is Action.REJECT
+    assert by["nobody@app.example"].reply == "550 5.1.1 No such address here"
+    assert by["friend@other.example"].action is Action.DELIVER
+    assert by["echo@app.example"].action is Action.DELIVER
+    assert [h.name for h in d.header_changes] == ["X-Echo"]
+    assert app.check_recipient("nobody@app.example").code == 550
+    assert app.check_recipient("friend@other.example") is None
+    assert app.check_recipient("counter@app.example") is None
+
+
+def test_pass_through_mail_is_untouched_bytes():
+    app = counter_app()
+    req = request(to=("friend@other.example",))
+    d = app.process(req)
+    assert d.kind == "deliver" and d.apply(req.raw) is req.raw
+
+
+def test_stateless_function_runs_in_any_state_and_changes_nothing():
+    app = counter_app()
+    d = app.process(request(to=("echo@app.example",)))
+    assert d.outcomes[0].state_before is None and d.outcomes[0].state_after is None
+    assert app.storage.pending_outbox() == []
+
+
+def test_mail_loop_is_refused_without_running_handlers():
+    app = counter_app(max_hops=3)
+    raw = b"".join(b"Received: from x by y; Sun, 22 Nov 2026 00:00:00 +0000\r\n" for _ in range(4))
+    raw += make_message("alice@example.com", "counter@app.example")
+    req = MailRequest.from_bytes(raw, sender="alice@example.com", recipients=["counter@app.example"])
+    d = app.process(req)
+    assert d.outcomes[0].code == 554 and d.outcomes[0].enhanced == "5.4.6"
+    assert state_of(app, "counter:alice@example.com:counter@app.example") is None
+
+
+def test_custom_key_and_unknown_returned_state():
+    h = Handler("k", key=lambda ctx: [ctx.args["user"]])
+
+    @h.route("(user)@app.example")
+    def START(ctx, user):
+        ctx.data["seen"] = True
+        return "NOWHERE" if user == "bad" else None
+
+    app = App(handlers=[h]).start()
+    d = app.process(request(to=("bad@app.example",)))
+    assert d.is_tempfail and "NOWHERE" in d.error
+    app.process(request(to=("good@app.example",)))
+    assert state_of(app, "k:good").data == {"seen": True}
+    assert state_of(app, "k:bad") is None
+
+
+def test_startup_refuses_route_to_missing_state_naming_it():
+    h = Handler("broken")
+    h.add_route("x@app.example", "MISSING")
+    with pytest.raises(StartupError, match=r"route 'x@app.example' leads to 'MISSING'"):
+        App(handlers=[h]).start()
+
+
+def test_startup_refuses_dangerous_and_duplicate_routes():
+    h = Handler("d")
+
+    @h.route("(u)@app.example", u=r"(a+)+")
+    def START(ctx):
+        return None
+
+    with pytest.raises(StartupError, match="catastrophic"):
+        App(handlers=[h]).start()
+    h1, h2 = Handler("one"), Handler("two")
+    for h in (h1, h2):
+        h.route("same@app.example")(lambda ctx: None)
+        h.states["START"] = h.states.pop("<lambda>")
+        h.routes[0] = type(h.routes[0])("same@app.example", "START")
+    with pytest.raises(StartupError, match="duplicate"):
+        App(handlers=[h1, h2]).start()
+
+
+def test_process_before_start_tempfails_instead_of_raising():
+    d = App().process(request())
+    assert d.is_tempfail and "start" in d.error
+
+
+def test_app_route_sugar_binds_to_the_app_not_a_global():
+    a1, a2 = App(name="one"), App(name="two")
+
+    @a1.route("x@app.example")
+    def START(ctx):
+        ctx.deliver()
+
+    a1.start(), a2.start()
+    assert a1.match("x@app.example") is not None
+    assert a2.match("x@app.example") is None

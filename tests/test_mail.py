@@ -1,0 +1,76 @@
+"""Envelope and MailRequest: the raw bytes are kept, parsing is lazy and never raises."""
+
+import pytest
+
+from lamsonfilter.mail import AddressError, Envelope, MailRequest, normalize_address, split_address
+
+RAW = (
+    b"Return-Path: <bounce@example.org>\r\n"
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.net, Carol <carol@example.net>\r\n"
+    b"Cc: dave@example.net\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?=\r\n"
+    b"\r\n"
+    b"\r\nbody starts with a blank line\r\n"
+)
+
+
+def test_envelope_normalises_brackets_and_null_sender():
+    env = Envelope("<>", ("<bob@example.net>",))
+    assert env.sender == "" and env.is_null_sender
+    assert env.recipients == ("bob@example.net",)
+
+
+@pytest.mark.parametrize("bad", ["a" * 400 + "@example.org", "a\r\nb@example.org", "x\x00@y"])
+def test_hostile_addresses_are_refused(bad):
+    with pytest.raises(AddressError):
+        normalize_address(bad)
+
+
+def test_split_address_lowercases_domain_only():
+    assert split_address("Foo@Example.ORG") == ("Foo", "example.org")
+    assert split_address("postmaster") == ("postmaster", "")
+
+
+def test_from_bytes_takes_envelope_from_headers():
+    req = MailRequest.from_bytes(RAW)
+    assert req.sender == "bounce@example.org"
+    assert req.recipients == ("bob@example.net", "carol@example.net", "dave@example.net")
+
+
+def test_explicit_envelope_wins_over_headers():
+    req = MailRequest.from_bytes(RAW, sender="", recipients=["x@example.com"], queue_id="ABC")
+    assert req.sender == "" and req.recipients == ("x@example.com",) and req.queue_id == "ABC"
+
+
+def test_raw_bytes_are_kept_and_body_split_exactly():
+    req = MailRequest.from_bytes(RAW)
+    assert req.raw is RAW
+    assert req.message["Subject"] == "café"
+    assert req.header_block.endswith(b"Subject: =?utf-8?q?caf=C3=A9?=\r\n")
+    assert req.body_bytes == b"\r\nbody starts with a blank line\r\n"
+    assert req.header_block + b"\r\n" + req.body_bytes == RAW
+
+
+def test_parse_problems_are_data_not_exceptions():
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=\"AAA\"; boundary=\"BBB\"\r\n"
+        b"Content-Type: text/plain\r\n\r\n--BBB\r\nx\r\n--BBB--\r\n"
+    )
+    req = MailRequest.from_bytes(raw, sender="a@b.example", recipients=["c@d.example"])
+    assert "DuplicateContentType" in req.defects
+    assert "DuplicateBoundary" in req.defects
+    assert req.ambiguous_mime
+
+
+def test_clean_message_is_not_ambiguous():
+    req = MailRequest.from_bytes(RAW)
+    assert not req.ambiguous_mime
+    assert req.header("X-Missing", "none") == "none"
+
+
+def test_nul_and_bare_lf_do_not_crash():
+    raw = b"Subject: a\x00b\nFrom: x@y\n\nbody\x00\n"
+    req = MailRequest.from_bytes(raw, sender="x@y.example", recipients=["z@w.example"])
+    assert isinstance(req.defects, tuple)
+    assert req.body_bytes == b"body\x00\n"

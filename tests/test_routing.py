@@ -1,0 +1,80 @@
+"""Routes: compiled once, captures as arguments, mistakes refused at start-up."""
+
+import time
+
+import pytest
+
+from lamsonfilter.routing import Router, RoutingError, check_regex
+
+
+def make():
+    r = Router(defaults={"host": r"lists\.example\.org"})
+    r.add("(list)-subscribe@(host)", target="sub", list=r"[a-z0-9][a-z0-9.]*")
+    r.add("(list)@(host)", target="post", list=r"[a-z0-9][a-z0-9.]*")
+    r.freeze()
+    return r
+
+
+def test_named_captures_and_case_insensitive_full_match():
+    m = make().match("Python-Subscribe@LISTS.example.org")
+    assert m is not None and m.route.target == "sub"
+    assert m.args == {"list": "Python", "host": "LISTS.example.org"}
+
+
+def test_first_route_wins_and_matches_lists_all():
+    r = make()
+    assert r.match("python@lists.example.org").route.target == "post"
+    assert r.match("python-subscribe@lists.example.org.evil") is None
+    assert [m.route.target for m in r.matches("python-subscribe@lists.example.org")] == ["sub"]
+
+
+def test_duplicate_route_is_a_startup_error_naming_it():
+    r = Router()
+    r.add("(a)@example.org", target=1)
+    with pytest.raises(RoutingError, match=r"\(A\)@EXAMPLE.org.*duplicate of the route for \(a\)@example.org"):
+        r.add("(A)@EXAMPLE.org", target=2)
+
+
+@pytest.mark.parametrize("rx", [r"(a+)+", r"(\w+\.?)+", r"(a|aa)*", r"(x*y?)*"])
+def test_catastrophic_patterns_are_refused(rx):
+    r = Router()
+    with pytest.raises(RoutingError, match="catastrophic backtracking"):
+        r.add("(user)@example.org", target=1, user=rx)
+
+
+def test_safe_patterns_pass():
+    for rx in [r"[a-z0-9][a-z0-9.]*", r"[^@\s]+", r"(?:python|announce)", r"[0-9a-f]{32}", r"a{2,5}"]:
+        check_regex(rx, "test")
+
+
+def test_invalid_regex_names_the_route():
+    with pytest.raises(RoutingError, match=r"route '\(u\)@x.org'.*invalid regular expression"):
+        Router().add("(u)@x.org", target=1, u="[a-")
+
+
+def test_route_needs_an_at_sign_and_known_captures():
+    with pytest.raises(RoutingError, match="needs an '@'"):
+        Router().add("nothing", target=1)
+    with pytest.raises(RoutingError, match="does not capture"):
+        Router().add("(a)@x.org", target=1, b="x")
+
+
+def test_frozen_router_refuses_new_routes():
+    r = make()
+    with pytest.raises(RoutingError, match="after the router was frozen"):
+        r.add("new@x.org", target=1)
+
+
+def test_hostile_recipient_is_answered_quickly():
+    # the default capture is linear; a 300-character near miss must not backtrack
+    r = make()
+    addr = "a" * 250 + "-subscribe@lists.example.org!"
+    start = time.process_time()
+    for _ in range(100):
+        assert r.match(addr) is None
+    # 100 matches of a linear pattern take microseconds; exponential would take years
+    assert time.process_time() - start < 5
+
+
+def test_overlong_address_matches_nothing():
+    assert make().match("a" * 400 + "@lists.example.org") is None

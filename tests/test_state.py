@@ -1,0 +1,666 @@
+"""The `StateStorage` contract on every back end: memory, SQLite and PostgreSQL.
+
+Most tests take the `storage` fixture and therefore run three times.  The
+PostgreSQL runs use a schema of their own (``lf_test_<hex>``, dropped at the
+end of the session) on the server named by ``LAMSONFILTER_TEST_PG_URL``
+(default ``postgresql://postgres@127.0.0.1:5432/test``).  When that server
+is unreachable they are skipped -- unless ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from lamsonfilter.decisions import OutboxMessage
+from lamsonfilter.sqlstate import SCHEMA_VERSION, SQLAlchemyStorage
+from lamsonfilter.state import (
+    ConflictError,
+    MemoryStorage,
+    SchemaMissingError,
+    StateRecord,
+    StateStorage,
+    StorageError,
+)
+
+PG_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TABLES = ("lamsonfilter_state", "lamsonfilter_outbox", "lamsonfilter_tokens", "lamsonfilter_meta")
+INIT_HINT = "lamsonfilter db init --app DIR"
+
+
+# ---------------------------------------------------------------- PostgreSQL
+def _pg_admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pg_schema() -> Iterator[str]:
+    """A schema of this test session's own on the test server; dropped afterwards."""
+    try:
+        admin = _pg_admin()
+    except psycopg.Error as exc:
+        reason = f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run, not skip)")
+        pytest.skip(reason)
+    schema = f"lf_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield schema
+        finally:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _pg_url(schema: str, password: str | None = None) -> str:
+    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    if password is not None:
+        url = url.set(password=password)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_url(pg_schema: str) -> str:
+    """The session schema's URL, emptied of lamsonfilter tables first."""
+    with _pg_admin() as admin:
+        for table in TABLES:
+            admin.execute(f'DROP TABLE IF EXISTS "{pg_schema}"."{table}" CASCADE')
+    return _pg_url(pg_schema)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database (no schema) of the back end in `request.param`."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+SQL_BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+]
+ALL_BACKENDS = [pytest.param("memory", id="memory"), *SQL_BACKENDS]
+
+
+def _open(url: str, **kwargs: Any) -> SQLAlchemyStorage:
+    return SQLAlchemyStorage(url, **kwargs)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
+    """A ready storage (schema created) of each back end."""
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    st = _open(url)
+    st.create_schema()
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLAlchemyStorage]:
+    """A ready `SQLAlchemyStorage` on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    st = _open(url)
+    st.create_schema()
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+def _execute(url: str, sql: str) -> None:
+    """Run `sql` on the database behind `url` outside the storage (to break things)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    engine = create_engine(parsed)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def msg(n: int) -> OutboxMessage:
+    return OutboxMessage(
+        sender="",
+        recipients=(f"user{n}@example.org", "other@example.net"),
+        raw=b"Subject: %d\r\n\r\nbinary \xff\x00 body\r\n" % n,
+        kind="reply",
+    )
+
+
+def get(storage: StateStorage, key: str) -> StateRecord | None:
+    with storage.transaction() as tx:
+        rec: StateRecord | None = tx.get(key)
+        return rec
+
+
+# ---------------------------------------------------------------- basic contract
+def test_get_set_clear(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        assert tx.get("k") is None
+        tx.set("k", "CONFIRMING", {"token": "abc"})
+        assert tx.get("k") == StateRecord("CONFIRMING", {"token": "abc"})
+    assert get(storage, "k") == StateRecord("CONFIRMING", {"token": "abc"})
+    with storage.transaction() as tx:
+        tx.set("k", "POSTING", {"n": 1})
+    assert get(storage, "k") == StateRecord("POSTING", {"n": 1})
+    with storage.transaction() as tx:
+        tx.clear("k")
+        tx.clear("never-set")  # no error
+        assert tx.get("k") is None
+    assert get(storage, "k") is None
+
+
+def test_set_without_data_keeps_old_data(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        tx.set("k", "A", {"keep": [1, 2]})
+    with storage.transaction() as tx:
+        tx.set("k", "B")
+        tx.set("fresh", "NEW", None)
+    assert get(storage, "k") == StateRecord("B", {"keep": [1, 2]})
+    assert get(storage, "fresh") == StateRecord("NEW", {})
+    with storage.transaction() as tx:
+        tx.set("k", "C", {})  # an empty dict is data, not "keep"
+    assert get(storage, "k") == StateRecord("C", {})
+
+
+def test_data_round_trip(storage: StateStorage) -> None:
+    data = {
+        "str": "Grüße, 世界 \U0001f4e8 \"quoted\" \\ back",
+        "int": 2**53 + 1,
+        "neg": -7,
+        "float": 1.25,
+        "true": True,
+        "false": False,
+        "none": None,
+        "list": [1, "a", None, [], {"x": [1.5]}],
+        "nested": {"deep": {"deeper": ["v", {"k": False}]}},
+        "": "empty key",
+    }
+    with storage.transaction() as tx:
+        tx.set("mailinglist:python@lists.example.org:alice@example.com", "S", data)
+    rec = get(storage, "mailinglist:python@lists.example.org:alice@example.com")
+    assert rec is not None
+    assert rec.state == "S"
+    assert dict(rec.data) == data
+    assert type(rec.data["int"]) is int and type(rec.data["float"]) is float
+
+
+def test_find_prefix_state_and_order(storage: StateStorage) -> None:
+    keys = {
+        "list:b:2": "A",
+        "list:a:1": "B",
+        "list:B:3": "A",  # upper case sorts before lower case, as in Python
+        "list:a:0": "A",
+        "lists:x": "A",
+        "other:list:a": "A",
+        "LIST:a:9": "A",  # a different key: find is case-sensitive
+    }
+    with storage.transaction() as tx:
+        for k, st in keys.items():
+            tx.set(k, st, {"k": k})
+    with storage.transaction() as tx:
+        found = tx.find("list:")
+        assert [k for k, _ in found] == ["list:B:3", "list:a:0", "list:a:1", "list:b:2"]
+        assert found[0][1] == StateRecord("A", {"k": "list:B:3"})
+        assert [k for k, _ in tx.find("list:", "A")] == ["list:B:3", "list:a:0", "list:b:2"]
+        assert [k for k, _ in tx.find("list:a:", "B")] == ["list:a:1"]
+        assert tx.find("list:", "NOPE") == []
+        assert tx.find("nothing") == []
+        assert len(tx.find("")) == len(keys)
+
+
+def test_find_escapes_like_wildcards(storage: StateStorage) -> None:
+    keys = [
+        "p:100%:a",
+        "p:100x:b",  # would match an unescaped "p:100%"... prefix
+        "p:100%x:c",
+        "u:a_b:1",
+        "u:axb:2",  # would match an unescaped "u:a_b" prefix
+        "s:a/b:1",
+        "s:a\\b:2",
+        "s:ab:3",
+    ]
+    with storage.transaction() as tx:
+        for k in keys:
+            tx.set(k, "S")
+    with storage.transaction() as tx:
+        assert [k for k, _ in tx.find("p:100%:")] == ["p:100%:a"]
+        assert [k for k, _ in tx.find("p:100%")] == ["p:100%:a", "p:100%x:c"]
+        assert [k for k, _ in tx.find("u:a_b")] == ["u:a_b:1"]
+        assert [k for k, _ in tx.find("s:a/")] == ["s:a/b:1"]
+        assert [k for k, _ in tx.find("s:a\\")] == ["s:a\\b:2"]
+        assert [k for k, _ in tx.find("%")] == []
+        assert [k for k, _ in tx.find("_")] == []
+
+
+# ---------------------------------------------------------------- rollback
+def test_commit_false_rolls_back(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        tx.set("k", "OLD", {"v": 1})
+    with storage.transaction(commit=False) as tx:
+        tx.set("k", "NEW", {"v": 2})
+        tx.set("other", "NEW")
+        tx.add_outbox([msg(1)])
+        assert tx.claim("token-1") is True
+        assert tx.get("k") == StateRecord("NEW", {"v": 2})  # visible inside
+    assert get(storage, "k") == StateRecord("OLD", {"v": 1})
+    assert get(storage, "other") is None
+    assert storage.pending_outbox() == []
+    with storage.transaction() as tx:
+        assert tx.claim("token-1") is True
+
+
+def test_exception_rolls_back_state_outbox_and_tokens(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        tx.set("k", "OLD", {"v": 1})
+        tx.set("gone", "X")
+    with pytest.raises(RuntimeError, match="handler blew up"):
+        with storage.transaction() as tx:
+            tx.set("k", "NEW", {"v": 2})
+            tx.clear("gone")
+            tx.set("fresh", "NEW")
+            tx.add_outbox([msg(1), msg(2)])
+            assert tx.claim("token-1") is True
+            raise RuntimeError("handler blew up")
+    assert get(storage, "k") == StateRecord("OLD", {"v": 1})
+    assert get(storage, "gone") == StateRecord("X", {})
+    assert get(storage, "fresh") is None
+    assert storage.pending_outbox() == []
+    with storage.transaction() as tx:
+        assert tx.claim("token-1") is True  # the failed attempt recorded nothing
+
+
+# ---------------------------------------------------------------- outbox, claim
+def test_outbox_pending_and_mark_sent(storage: StateStorage) -> None:
+    assert storage.pending_outbox() == []
+    with storage.transaction() as tx:
+        tx.add_outbox([msg(1), msg(2)])
+        tx.add_outbox([])
+    with storage.transaction() as tx:
+        tx.add_outbox([msg(3)])
+    pending = storage.pending_outbox()
+    assert [p.message for p in pending] == [msg(1), msg(2), msg(3)]
+    assert [p.attempts for p in pending] == [0, 0, 0]
+    assert len({p.id for p in pending}) == 3
+    assert [p.id for p in pending] == sorted(p.id for p in pending)
+    assert storage.pending_outbox(limit=2) == pending[:2]
+    assert storage.pending_outbox(limit=0) == []
+
+    storage.mark_sent([pending[0].id, pending[2].id])
+    assert storage.pending_outbox() == [pending[1]]
+    storage.mark_sent([])
+    storage.mark_sent([pending[0].id, 999_999])  # already sent / unknown: ignored
+    assert storage.pending_outbox() == [pending[1]]
+    storage.mark_sent([pending[1].id])
+    assert storage.pending_outbox() == []
+
+
+def test_claim_is_idempotent_across_transactions(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        assert tx.claim("<msgid@example.org>:alice") is True
+        assert tx.claim("<msgid@example.org>:alice") is False
+        assert tx.claim("<msgid@example.org>:bob") is True
+    with storage.transaction() as tx:
+        assert tx.claim("<msgid@example.org>:alice") is False
+        assert tx.claim("<msgid@example.org>:bob") is False
+        assert tx.claim("<msgid@example.org>:carol") is True
+
+
+# ---------------------------------------------------------------- concurrency
+def _run_threads(n: int, target: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            target(i)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def _retrying(storage: StateStorage, body: Callable[[Any], None]) -> None:
+    for _ in range(100):
+        try:
+            with storage.transaction() as tx:
+                body(tx)
+            return
+        except ConflictError:
+            continue
+    raise AssertionError("100 conflicts in a row")
+
+
+def test_no_lost_updates(storage: StateStorage) -> None:
+    """8 threads x 25 read-modify-write increments of a key that starts absent."""
+
+    def increment(tx: Any) -> None:
+        rec = tx.get("counter")
+        n = rec.data["n"] if rec is not None else 0
+        threading.Event().wait(0.0005)  # widen the window between read and write
+        tx.set("counter", "COUNTING", {"n": n + 1, "last": threading.get_ident()})
+
+    def worker(i: int) -> None:
+        for _ in range(25):
+            _retrying(storage, increment)
+
+    _run_threads(8, worker)
+    rec = get(storage, "counter")
+    assert rec is not None
+    assert rec.data["n"] == 200
+
+
+def test_concurrent_claims_of_one_token(storage: StateStorage) -> None:
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        def body(tx: Any) -> None:
+            won = tx.claim("the-token")
+            with lock:
+                results.append(won)
+
+        _retrying(storage, body)
+
+    _run_threads(8, worker)
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def _hold_key(url: str, key: str) -> tuple[threading.Thread, threading.Event]:
+    """A thread that opens a transaction, gets `key` and waits until released."""
+    holding, release = threading.Event(), threading.Event()
+    holder = _open(url)
+
+    def hold() -> None:
+        try:
+            with holder.transaction() as tx:
+                tx.get(key)
+                holding.set()
+                release.wait(30)
+        finally:
+            holder.close()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert holding.wait(30), "the holder thread never got the key"
+    return t, release
+
+
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_get_locks_the_key_until_the_transaction_ends(sql_url: str) -> None:
+    st = _open(sql_url)
+    st.create_schema()
+    t, release = _hold_key(sql_url, "busy-key")
+    impatient = _open(sql_url, lock_timeout=0.2)
+    try:
+        with pytest.raises(StorageError) as info:
+            with impatient.transaction() as tx:
+                tx.get("busy-key")  # not yet existing, locked all the same
+        assert not isinstance(info.value, ConflictError)
+        assert info.value.__cause__ is not None
+    finally:
+        release.set()
+        t.join()
+        impatient.close()
+    try:
+        with st.transaction() as tx:  # released: usable again
+            assert tx.get("busy-key") is None
+    finally:
+        st.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_locks_per_key(pg_url: str) -> None:
+    setup = _open(pg_url)
+    setup.create_schema()
+    setup.close()
+    t, release = _hold_key(pg_url, "held")
+    other = _open(pg_url, lock_timeout=5)
+    try:
+        with other.transaction() as tx:  # another key: does not wait for "held"
+            tx.get("free")
+            tx.set("free", "DONE")
+        assert get(other, "free") == StateRecord("DONE", {})
+    finally:
+        release.set()
+        t.join()
+        other.close()
+
+
+# ---------------------------------------------------------------- schema
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_missing_schema(sql_url: str) -> None:
+    st = _open(sql_url)
+    try:
+        with pytest.raises(SchemaMissingError) as info:
+            st.check_schema()
+        assert str(info.value) == (
+            f"the database at {st.url} has no lamsonfilter schema; "
+            f"run `{INIT_HINT}`"
+        )
+        with pytest.raises(SchemaMissingError, match=INIT_HINT):
+            with st.transaction() as tx:
+                tx.get("k")
+        st.create_schema()
+        st.check_schema()
+    finally:
+        st.close()
+
+
+@pytest.mark.postgres
+def test_messages_hide_the_password(pg_schema: str, pg_url: str) -> None:
+    st = _open(_pg_url(pg_schema, password="s3cret-pw"))  # trust auth ignores it
+    try:
+        with pytest.raises(SchemaMissingError) as info:
+            st.check_schema()
+        assert "s3cret-pw" not in str(info.value)
+        assert "***@" in str(info.value)
+        assert "s3cret-pw" not in repr(st)
+    finally:
+        st.close()
+
+
+def test_create_schema_is_idempotent(sql_storage: SQLAlchemyStorage) -> None:
+    with sql_storage.transaction() as tx:
+        tx.set("k", "KEEP", {"v": 1})
+        tx.add_outbox([msg(1)])
+    sql_storage.create_schema()
+    sql_storage.create_schema()
+    sql_storage.check_schema()
+    assert get(sql_storage, "k") == StateRecord("KEEP", {"v": 1})
+    assert [p.message for p in sql_storage.pending_outbox()] == [msg(1)]
+
+
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_schema_version_mismatch(sql_url: str) -> None:
+    st = _open(sql_url)
+    try:
+        st.create_schema()
+        _execute(sql_url, f"UPDATE lamsonfilter_meta SET value = '{SCHEMA_VERSION + 1}'")
+        with pytest.raises(SchemaMissingError, match="newer than this lamsonfilter knows"):
+            st.check_schema()
+        with pytest.raises(SchemaMissingError, match="upgrade lamsonfilter"):
+            st.create_schema()  # never "downgrades"
+
+        _execute(sql_url, f"UPDATE lamsonfilter_meta SET value = '{SCHEMA_VERSION - 1}'")
+        with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs") as info:
+            st.check_schema()
+        assert INIT_HINT in str(info.value)
+        st.create_schema()  # upgrades
+        st.check_schema()
+
+        _execute(sql_url, "DROP TABLE lamsonfilter_tokens")
+        with pytest.raises(SchemaMissingError, match="incomplete.*lamsonfilter_tokens"):
+            st.check_schema()
+    finally:
+        st.close()
+
+
+# ---------------------------------------------------------------- errors
+def test_locked_sqlite_database_is_a_storage_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    ready = _open(url)
+    ready.create_schema()
+    ready.close()
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    st = _open(url, lock_timeout=0.1)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StorageError, match="database is locked") as info:
+            with st.transaction() as tx:
+                tx.set("k", "S")
+        assert not isinstance(info.value, ConflictError)
+        assert isinstance(info.value.__cause__, Exception)
+        assert str(tmp_path) in str(info.value)
+        blocker.execute("ROLLBACK")
+        with st.transaction() as tx:  # usable once the lock is gone
+            tx.set("k", "S")
+        assert get(st, "k") == StateRecord("S", {})
+    finally:
+        st.close()
+        blocker.close()
+
+
+def test_sqlite_locked_before_first_connection(tmp_path: Path) -> None:
+    """Switching a fresh database to WAL on connect also fails cleanly when locked."""
+    path = tmp_path / "state.db"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("CREATE TABLE unrelated (x)")
+    st = _open(f"sqlite:///{path}", lock_timeout=0.1)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StorageError, match="locked"):
+            st.check_schema()
+    finally:
+        st.close()
+        blocker.close()
+
+
+def test_sqlite_in_a_missing_directory(tmp_path: Path) -> None:
+    st = _open(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'state.db'}")
+    try:
+        with pytest.raises(StorageError, match="unable to open database file"):
+            st.create_schema()
+    finally:
+        st.close()
+
+
+def test_unreachable_postgresql_is_a_storage_error() -> None:
+    st = _open("postgresql://lamson:pw-secret@127.0.0.1:1/test")
+    try:
+        with pytest.raises(StorageError) as info:
+            st.check_schema()
+        assert "127.0.0.1:1" in str(info.value)
+        assert "pw-secret" not in str(info.value)
+        assert info.value.__cause__ is not None
+        with pytest.raises(StorageError):
+            with st.transaction() as tx:
+                tx.get("k")
+        with pytest.raises(StorageError):
+            st.pending_outbox()
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("not a url", "cannot parse"),
+        ("", "cannot parse"),
+        ("postgresql+nosuchdriver://u:pw-secret@db/x", "no database driver"),
+        ("postgresql+pg8000://u:pw-secret@db/x", "no database driver"),
+        ("mysql://u:pw-secret@db/x", "unsupported state database"),
+        ("sqlite://user:pw-secret@host/x.db", "cannot use the state database"),
+    ],
+)
+def test_bad_urls(url: str, expected: str) -> None:
+    if "pg8000" in url and importlib.util.find_spec("pg8000") is not None:
+        pytest.skip("pg8000 is installed here")
+    with pytest.raises(StorageError, match=expected) as info:
+        SQLAlchemyStorage(url)
+    assert "pw-secret" not in str(info.value)
+    assert info.value.__cause__ is not None or "unsupported" in expected
+
+
+def test_postgresql_url_means_psycopg() -> None:
+    for url in ("postgresql://u@db.example.org/mail", "postgres://u@db.example.org/mail"):
+        st = SQLAlchemyStorage(url)
+        try:
+            assert st.backend == "postgresql"
+            assert st._engine.dialect.driver == "psycopg"
+            assert st.url == url
+        finally:
+            st.close()
+
+
+def test_in_memory_sqlite_shared_by_threads() -> None:
+    st = SQLAlchemyStorage("sqlite://")
+    try:
+        st.create_schema()
+
+        def increment(tx: Any) -> None:
+            rec = tx.get("n")
+            tx.set("n", "S", {"n": (rec.data["n"] if rec else 0) + 1})
+
+        def worker(i: int) -> None:
+            for _ in range(10):
+                _retrying(st, increment)
+
+        _run_threads(4, worker)
+        assert get(st, "n") == StateRecord("S", {"n": 40})
+    finally:
+        st.close()
+
+
+def test_invalid_keys_and_data(sql_storage: SQLAlchemyStorage) -> None:
+    with sql_storage.transaction() as tx:
+        with pytest.raises(ValueError, match="longer than 512"):
+            tx.set("k" * 513, "S")
+        with pytest.raises(ValueError, match="longer than 64"):
+            tx.set("k", "S" * 65)
+        with pytest.raises(TypeError, match="JSON"):
+            tx.set("k", "S", {"when": object()})
+        with pytest.raises(TypeError, match="JSON"):
+            tx.set("k", "S", {"nan": float("nan")})
+        tx.set("k", "OK")
+    assert get(sql_storage, "k") == StateRecord("OK", {})
+
+
+def test_transaction_object_is_dead_after_the_block(sql_storage: SQLAlchemyStorage) -> None:
+    with sql_storage.transaction() as tx:
+        pass
+    with pytest.raises(RuntimeError, match="ended"):
+        tx.get("k")
