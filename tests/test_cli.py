@@ -1,0 +1,185 @@
+"""The command line, as a user runs it: dry runs, routes, gen, db init, bad configuration."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lamsonfilter.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "examples" / "mailinglist"
+SAMPLES = APP / "samples"
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def test_help_lists_the_commands():
+    out = invoke("--help").output
+    for cmd in ("test", "routes", "gen", "db"):
+        assert f"  {cmd}" in out
+
+
+def test_dry_run_report_from_stdin(tmp_path):
+    raw = (SAMPLES / "01-subscribe.eml").read_bytes()
+    r = invoke("test", "--app", APP, "--database", f"sqlite:///{tmp_path}/none.db", input=raw)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "=== message 1: <stdin>" in out
+    assert "route:   mailinglist.subscribe" in out
+    assert "state:   START -> PENDING" in out
+    assert "milter:    DISCARD" in out
+    assert "content filter: reinject nothing; answer 250 2.0.0 Ok" in out
+    assert "outbox:    1 message(s) (not sent: dry run)" in out
+    assert "Subject: Confirm your subscription to python@lists.example.org" in out
+
+
+def test_dry_run_shows_header_diff(tmp_path):
+    app = tmp_path / "tagger"
+    assert invoke("gen", "tagger", "--dest", app).exit_code == 0
+    (app / "app/handlers/tagger.py").write_text(
+        "from lamsonfilter import Handler\n"
+        "handler = Handler('tagger', default_action='deliver')\n"
+        "@handler.route('hello@(host)')\n"
+        "def START(ctx, host):\n"
+        "    ctx.change_header('Subject', '[tagged] ' + ctx.header('Subject'))\n"
+        "    ctx.add_header('X-Tagged', 'yes')\n"
+    )
+    raw = b"From: a@x.example\r\nTo: hello@tagger.example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    r = invoke("test", "--app", app, input=raw)
+    assert r.exit_code == 0, r.output
+    assert "-Subject: hi" in r.output and "+Subject: [tagged] hi" in r.output and "+X-Tagged: yes" in r.output
+    assert "addheader('X-Tagged', 'yes')" in r.output
+
+
+def test_json_over_many_files_with_summary_and_envelope_override(tmp_path):
+    r = invoke("test", "--app", APP, "--json", "--database", "memory:", *sorted(SAMPLES.iterdir()))
+    assert r.exit_code == 0, r.output
+    objs = [json.loads(line) for line in r.output.splitlines()]
+    assert [o["decision"] for o in objs] == ["drop", "drop", "reject", "drop", "deliver", "drop"]
+    assert objs[0]["recipients"][0]["state_after"] == "PENDING"
+    assert objs[0]["outbox"] == 1 and objs[2]["outbox"] == 0
+    assert objs[5]["envelope"]["sender"] == ""  # Return-Path: <>
+    r = invoke("test", "--app", APP, "--json", "--database", "memory:",
+               "--sender", "zed@example.com", "--rcpt", "help@lists.example.org", SAMPLES / "05-other-domain.eml")
+    o = json.loads(r.output)
+    assert o["envelope"] == {"sender": "zed@example.com", "recipients": ["help@lists.example.org"], "queue_id": None}
+    assert o["recipients"][0]["route"] == "mailinglist.help"
+
+
+def test_summary_line_over_a_maildir(tmp_path):
+    md = tmp_path / "Maildir"
+    for d in ("cur", "new", "tmp"):
+        (md / d).mkdir(parents=True)
+    for f in sorted(SAMPLES.iterdir())[:3]:
+        (md / "new" / f.name).write_bytes(f.read_bytes())
+    r = invoke("test", "--app", APP, "--database", "memory:", "-q", md)
+    assert r.exit_code == 0
+    assert r.output.strip() == "summary: 3 message(s); decisions: drop 2, reject 1; outbox: 2 message(s); errors: 0"
+
+
+def test_exit_status_is_1_when_a_handler_fails(tmp_path):
+    app = tmp_path / "crashy"
+    invoke("gen", "crashy", "--dest", app)
+    (app / "app/handlers/crashy.py").write_text(
+        "from lamsonfilter import Handler\nhandler = Handler('crashy')\n"
+        "@handler.route('hello@(host)')\ndef START(ctx, host):\n    raise RuntimeError('bug')\n"
+    )
+    raw = b"From: a@x.example\r\nTo: hello@crashy.example.org\r\n\r\nx\r\n"
+    r = invoke("test", "--app", app, "--json", input=raw)
+    assert r.exit_code == 1
+    o = json.loads(r.output.splitlines()[-1])
+    assert o["decision"] == "tempfail" and "RuntimeError: bug" in o["error"]
+    assert o["milter"].endswith("TEMPFAIL") and o["content_filter"].startswith("reinject nothing")
+
+
+def test_dry_run_changes_nothing_commit_does(tmp_path):
+    db = f"sqlite:///{tmp_path}/state.db"
+    raw = (SAMPLES / "01-subscribe.eml").read_bytes()
+    r = invoke("test", "--app", APP, "--database", db, "--commit", input=raw)
+    assert r.exit_code == 2 and "lamsonfilter db init" in r.output
+    assert invoke("db", "init", "--app", APP, "--database", db).exit_code == 0
+    for _ in range(2):  # a dry run twice: both see START
+        o = json.loads(invoke("test", "--app", APP, "--database", db, "--json", input=raw).output)
+        assert o["recipients"][0]["state_before"] == "START"
+    invoke("test", "--app", APP, "--database", db, "--commit", input=raw)
+    o = json.loads(invoke("test", "--app", APP, "--database", db, "--json", input=raw).output)
+    assert o["recipients"][0]["state_before"] == "PENDING"
+
+
+def test_unreadable_and_recipientless_messages_are_errors(tmp_path):
+    (tmp_path / "norcpt.eml").write_bytes(b"Subject: x\r\n\r\nno To header\r\n")
+    r = invoke("test", "--app", APP, "--database", "memory:", tmp_path / "norcpt.eml", tmp_path / "missing.eml")
+    assert r.exit_code == 1
+    assert "no recipients: give --rcpt" in r.output
+    assert "cannot read" in r.output
+
+
+def test_routes_listing_and_lookup():
+    r = invoke("routes", "--app", APP)
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert any("mailinglist.subscribe" in l and "(list)-subscribe@(host)" in l for l in lines)
+    r = invoke("routes", "--app", APP, "--test", "python-confirm-" + "a" * 32 + "@lists.example.org")
+    assert "route mailinglist.confirm" in r.output and "token = " + "a" * 32 in r.output
+    assert "also matches (not used): mailinglist.help" in r.output
+    r = invoke("routes", "--app", APP, "--test", "nosuch@lists.example.org")
+    assert r.exit_code == 1 and "550 5.1.1" in r.output
+    r = invoke("routes", "--app", APP, "--test", "x@elsewhere.example")
+    assert "passed on untouched" in r.output
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ("HOSTS = 'lists.example.org'\nHANDLERS = ['x']\n", "HOSTS must be a list of strings"),
+        ("HANDLERS = ['nosuch']\n", "there is no app/handlers/nosuch.py"),
+        ("HOSTS = []\n", "HANDLERS is required"),
+        ("HANDLERS = ['x']\nRELAY = 'localhost'\n", "RELAY must be HOST:PORT"),
+        ("HANDLERS = ['x']\nREPLY_LIMIT = (0, 10)\n", "REPLY_LIMIT must be"),
+        ("HANDLERS = ['x'\n", "SyntaxError"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_setting(tmp_path, settings, expected):
+    app = tmp_path / "x"
+    invoke("gen", "x", "--dest", app)
+    (app / "config/settings.py").write_text(settings)
+    r = invoke("routes", "--app", app)
+    assert r.exit_code == 2
+    assert expected in r.output and "settings.py" in r.output
+
+
+def test_dangerous_route_in_an_app_is_refused_at_startup(tmp_path):
+    app = tmp_path / "x"
+    invoke("gen", "x", "--dest", app)
+    (app / "app/handlers/x.py").write_text(
+        "from lamsonfilter import Handler\nhandler = Handler('x')\n"
+        "@handler.route('(user)@(host)', user=r'(\\w+\\.?)+')\ndef START(ctx):\n    pass\n"
+    )
+    r = invoke("routes", "--app", app)
+    assert r.exit_code == 2 and "(user)@(host)" in r.output and "catastrophic backtracking" in r.output
+
+
+def test_gen_refuses_a_non_empty_directory_and_bad_names(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    assert invoke("gen", "taken", "--dest", tmp_path / "taken").exit_code == 2
+    assert invoke("gen", "Bad-Name", "--dest", tmp_path / "y").exit_code == 2
+
+
+def test_gen_skeleton_tests_pass_in_a_fresh_directory(tmp_path):
+    r = invoke("gen", "helpdesk", "--dest", tmp_path / "helpdesk")
+    assert r.exit_code == 0 and "created" in r.output
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=tmp_path / "helpdesk", capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 passed" in proc.stdout

@@ -1,0 +1,89 @@
+"""The two transport tables: Decision → milter actions, Decision → reinjection + reply."""
+
+from lamsonfilter.actions import milter_plan
+from lamsonfilter.decisions import Action, Decision, HeaderChange, Outcome
+from lamsonfilter.mail import MailRequest
+from lamsonfilter.reinjection import reinjection_plan
+
+RAW = b"From: a@x.example\r\nTo: b@y.example\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+def req(*rcpts):
+    return MailRequest.from_bytes(RAW, sender="a@x.example", recipients=rcpts or ("b@y.example",))
+
+
+def test_deliver_unchanged():
+    r = req()
+    d = Decision.deliver_all(r.recipients)
+    assert str(milter_plan(d, r)) == "ACCEPT"
+    p = reinjection_plan(d, r)
+    assert p.data is r.raw and p.recipients == ("b@y.example",) and p.reply.startswith("250")
+
+
+def test_tempfail_everywhere_reinjects_nothing():
+    r = req()
+    d = Decision.tempfail(r.recipients, "boom")
+    mp = milter_plan(d, r)
+    assert mp.result == "TEMPFAIL" and mp.reply == ("451", "4.3.0", "Temporary failure, try again later")
+    p = reinjection_plan(d, r, lmtp=True)
+    assert not p.reinjects and p.reply.startswith("451 4.3.0")
+    assert p.rcpt_replies == (("b@y.example", p.reply),)
+
+
+def test_all_dropped_is_discard_and_nothing_reinjected():
+    r = req()
+    d = Decision((Outcome("b@y.example", Action.DROP),))
+    assert milter_plan(d, r).result == "DISCARD"
+    assert not reinjection_plan(d, r).reinjects
+
+
+def test_some_dropped_some_redirected_and_header_changes():
+    r = req("b@y.example", "c@y.example", "d@y.example")
+    d = Decision(
+        (
+            Outcome("b@y.example", Action.DELIVER),
+            Outcome("c@y.example", Action.DROP),
+            Outcome("d@y.example", Action.REDIRECT, redirect_to=("e@z.example",)),
+        ),
+        header_changes=(HeaderChange("add", "X-A", "1"), HeaderChange("change", "Subject", "t")),
+        sender="new@x.example",
+    )
+    mp = milter_plan(d, r)
+    assert [str(a) for a in mp.actions] == [
+        "chgfrom('<new@x.example>')",
+        "delrcpt('<c@y.example>')",
+        "delrcpt('<d@y.example>')",
+        "addrcpt('<e@z.example>')",
+        "addheader('X-A', '1')",
+        "chgheader('Subject', 1, 't')",
+    ]
+    assert mp.result == "ACCEPT"
+    p = reinjection_plan(d, r)
+    assert p.sender == "new@x.example" and p.recipients == ("b@y.example", "e@z.example")
+    assert b"X-A: 1\r\n" in p.data and b"Subject: t\r\n" in p.data and p.data.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_reject_is_a_milter_reject_but_never_a_bounce_after_queueing():
+    r = req()
+    d = Decision((Outcome("b@y.example", Action.REJECT, 550, "5.7.1", "go away"),))
+    mp = milter_plan(d, r)
+    assert mp.result == "REJECT" and mp.reply == ("550", "5.7.1", "go away")
+    smtp = reinjection_plan(d, r)
+    assert smtp.reply.startswith("250") and smtp.quarantine and not smtp.reinjects
+    lmtp = reinjection_plan(d, r, lmtp=True)
+    assert lmtp.rcpt_replies == (("b@y.example", "550 5.7.1 go away"),)
+
+
+def test_quarantine_accepts_into_hold():
+    r = req()
+    d = Decision((Outcome("b@y.example", Action.DELIVER),), quarantine="suspicious")
+    mp = milter_plan(d, r)
+    assert [a.method for a in mp.actions] == ["quarantine"] and mp.result == "ACCEPT"
+    assert reinjection_plan(d, r).quarantine == "suspicious"
+
+
+def test_body_replacement_keeps_headers_verbatim():
+    r = req()
+    d = Decision((Outcome("b@y.example", Action.DELIVER),), body=b"new\r\n")
+    assert [a.method for a in milter_plan(d, r).actions] == ["replacebody"]
+    assert reinjection_plan(d, r).data == b"From: a@x.example\r\nTo: b@y.example\r\nSubject: s\r\n\r\nnew\r\n"
