@@ -138,7 +138,7 @@ OUTBOX_TABLE = Table(
     Column("sender", Text, nullable=False),
     Column("recipients", Text, nullable=False),  # JSON list as text
     Column("raw", LargeBinary, nullable=False),
-    Column("kind", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),  # "reply" or "message"
     Column("attempts", Integer, nullable=False, default=0),
     Column("sent_at", DateTime(timezone=True), nullable=True, index=True),
 )
@@ -264,7 +264,8 @@ class SQLAlchemyStorage:
 
     # ------------------------------------------------------------ engine
     def _create_engine(self, url: URL, echo: bool) -> Engine:
-        timeout_ms = max(0, int(self.lock_timeout * 1000))
+        # At least 1 ms: 0 would mean "wait forever" to PostgreSQL.
+        timeout_ms = max(1, round(self.lock_timeout * 1000))
         if self.backend == "sqlite":
             memory = self._memory
             if memory:
@@ -309,8 +310,14 @@ class SQLAlchemyStorage:
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = 10
+        # READ COMMITTED whatever the server's default: each statement after
+        # the advisory lock must see what the previous holder committed.
         engine = create_engine(
-            url, echo=echo, pool_pre_ping=True, connect_args=connect_args
+            url,
+            echo=echo,
+            isolation_level="READ COMMITTED",
+            pool_pre_ping=True,
+            connect_args=connect_args,
         )
 
         def pg_connect(dbapi_connection: Any, connection_record: Any) -> None:
@@ -399,7 +406,7 @@ class SQLAlchemyStorage:
 
         An exception inside the block rolls back and propagates unchanged.
         """
-        with self._begin("a state transaction", commit=commit) as conn:
+        with self._begin("the state transaction", commit=commit) as conn:
             tx = SQLAlchemyTransaction(self, conn)
             try:
                 yield tx
@@ -527,7 +534,10 @@ class SQLAlchemyStorage:
                     )
 
     def close(self) -> None:
-        """Close all pooled connections (the storage reconnects if used again)."""
+        """Close all pooled connections (the storage reconnects if used again).
+
+        An in-memory SQLite database (``sqlite://``) is gone after this.
+        """
         self._engine.dispose()
 
     def __repr__(self) -> str:
@@ -580,7 +590,8 @@ class SQLAlchemyTransaction:
     def set(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
         """Store `state` (and `data`, default: keep the old data) for `key`.
 
-        `data` must be JSON-serialisable (tuples come back as lists).
+        `data` must be JSON-serialisable with str keys (tuples come back
+        as lists); otherwise `TypeError`.
         """
         self._check_active()
         _check_text("state key", key, MAX_KEY_LENGTH)
@@ -661,6 +672,8 @@ class SQLAlchemyTransaction:
         self._check_active()
         if not messages:
             return
+        for m in messages:
+            _check_text("outbox kind", m.kind, 32)
         now = _now()
         rows = [
             {

@@ -1,0 +1,85 @@
+"""What a running daemon shares across transports: the app, the outbox worker, the per-message log line.
+
+Both daemons (``lamsonfilter milter`` and ``lamsonfilter smtpproxy``) build a
+`Runtime` and call `Runtime.process` once per message:
+
+    runtime = Runtime.from_directory("examples/mailinglist", {"RELAY": "127.0.0.1:10026"})
+    runtime.start()                      # checks the schema, starts the outbox worker
+    decision = runtime.process(request)  # App.process + one log line + wake the outbox
+    runtime.stop()
+
+`from_directory` refuses to start (`StartupError`) on bad settings, bad
+routes, or a database without the lamsonfilter schema (the message says to
+run ``lamsonfilter db init``).  `process` never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .app import App, StartupError
+from .decisions import Decision, Outcome
+from .mail import MailRequest
+from .relay import OutboxWorker, Relay
+from .state import StorageError
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("lamsonfilter")
+
+
+class Runtime:
+    def __init__(self, app: App, relay: Relay | None = None, outbox_interval: float = 30.0) -> None:
+        self.app = app
+        self.relay = relay
+        self.worker = OutboxWorker(app.storage, relay, interval=outbox_interval) if relay else None
+
+    @classmethod
+    def from_directory(
+        cls, directory: str | Path, overrides: Mapping[str, Any] | None = None, outbox_interval: float = 30.0
+    ) -> "Runtime":
+        from .settings import load_app, parse_hostport
+
+        app = load_app(directory, overrides)
+        try:
+            app.storage.check_schema()
+        except StorageError as exc:
+            raise StartupError(str(exc).replace("DIR", str(directory))) from None
+        host, port = parse_hostport(app.settings["RELAY"])
+        return cls(app, Relay(host, port), outbox_interval)
+
+    def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
+            self.worker.wake()  # whatever a previous run left pending
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.app.storage.close()
+
+    def check_recipient(self, address: str) -> Outcome | None:
+        """RCPT-time check; never raises (an error means no early decision)."""
+        try:
+            return self.app.check_recipient(address)
+        except Exception as exc:  # noqa: BLE001 -- decide at end of message instead
+            log.error("rcpt check for %r failed: %s", address, exc)
+            return None
+
+    def process(self, request: MailRequest, *, transport: str = "") -> Decision:
+        """Run the application once and log one line: queue id, routes, decision, time taken."""
+        started = time.monotonic()
+        decision = self.app.process(request)
+        took = (time.monotonic() - started) * 1000
+        routes = ",".join(sorted({o.route for o in decision.outcomes if o.route})) or "-"
+        log.info(
+            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d ms=%.1f",
+            request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
+            len(request.recipients), routes, decision.kind, len(decision.outbox), took,
+        )
+        if decision.outbox and self.worker is not None:
+            self.worker.wake()
+        return decision
