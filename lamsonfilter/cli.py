@@ -14,8 +14,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -315,7 +313,8 @@ def _readable(raw: bytes) -> str:
             try:
                 lines.append(part.get_content().rstrip("\n"))
             except (LookupError, ValueError):
-                lines.append(part.get_payload(decode=True).decode("utf-8", "replace"))
+                payload = part.get_payload(decode=True)
+                lines.append(payload.decode("utf-8", "replace") if isinstance(payload, bytes) else "")
         else:
             lines.append(f"[{part.get_content_type()} {part.get_filename() or ''}]")
     return "\n".join(lines)

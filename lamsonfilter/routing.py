@@ -30,10 +30,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-try:  # Python 3.11+: the regex parser lives in re._parser
-    from re import _parser as sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    import sre_parse  # type: ignore[no-redef]
+import importlib
+
+# The regex parser behind re.compile (re._parser since Python 3.11); read-only use.
+sre_parse: Any = importlib.import_module("re._parser")
 
 from .mail import MAX_ADDRESS_LENGTH
 
