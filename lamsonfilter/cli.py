@@ -416,6 +416,80 @@ def db_init(app_dir: Path, database: str | None) -> None:
     storage.close()
 
 
+# ---------------------------------------------------------------- graph
+@main.command("graph")
+@_app_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file: .dot as text, .svg/.png/.pdf rendered with Graphviz. Default: DOT on stdout.")
+def graph_cmd(app_dir: Path, output: Path | None) -> None:
+    """Draw each handler's state machine (Graphviz DOT; SVG or PNG when `dot` is installed).
+
+    States are nodes, transitions read from the code are edges, routes
+    enter as dashed edges labelled with their events.
+    """
+    from .graph import GraphError, render, to_dot
+
+    app = _load(app_dir, {}, storage=MemoryStorage())
+    dot = to_dot(app.handlers)
+    if output is None:
+        click.echo(dot, nl=False)
+        return
+    try:
+        render(dot, output)
+    except GraphError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {output}")
+
+
+# ---------------------------------------------------------------- send
+@main.command("send")
+@click.option("--server", default="127.0.0.1:25", show_default=True, help="SMTP server HOST:PORT.")
+@click.option("--from", "sender", required=True, help="Envelope sender (MAIL FROM); '' for <>.")
+@click.option("--to", "rcpts", required=True, multiple=True, help="Envelope recipient; repeat for several.")
+@click.option("--subject", default="test", show_default=True)
+@click.option("--body", default="Hello from lamsonfilter send.\n", help="Body text (ignored with --file).")
+@click.option("--file", "file_", type=click.File("rb"), default=None, help="Send this message file as is ('-' for stdin).")
+@click.option("--trace", is_flag=True, help="Show the SMTP dialogue.")
+def send_cmd(server: str, sender: str, rcpts: tuple[str, ...], subject: str, body: str,
+             file_: Any, trace: bool) -> None:
+    """Send one message over SMTP, for trying a set-up by hand (like swaks).
+
+        lamsonfilter send --server 127.0.0.1:2525 --from alice@example.com \\
+            --to python-subscribe@lists.example.org --trace
+    """
+    import smtplib
+
+    from .settings import parse_hostport
+    from .testing import make_message
+
+    try:
+        host, port = parse_hostport(server)
+    except ValueError as exc:
+        _fail(f"--server {exc}")
+        return
+    raw = file_.read() if file_ is not None else make_message(sender, rcpts, subject, body)
+    try:
+        with smtplib.SMTP(host, port, timeout=60) as smtp:
+            smtp.set_debuglevel(1 if trace else 0)
+            refused = smtp.sendmail(sender, list(rcpts), raw)
+    except smtplib.SMTPRecipientsRefused as exc:
+        for rcpt, (code, msg) in exc.recipients.items():
+            click.echo(f"refused {rcpt}: {code} {msg.decode('utf-8', 'replace')}", err=True)
+        sys.exit(1)
+    except smtplib.SMTPResponseException as exc:
+        err = exc.smtp_error
+        click.echo(f"refused: {exc.smtp_code} {err.decode('utf-8', 'replace') if isinstance(err, bytes) else err}", err=True)
+        sys.exit(1)
+    except (smtplib.SMTPException, OSError) as exc:
+        click.echo(f"cannot send through {server}: {exc}", err=True)
+        sys.exit(1)
+    for rcpt, (code, msg) in refused.items():
+        click.echo(f"refused {rcpt}: {code} {msg.decode('utf-8', 'replace')}", err=True)
+    accepted = [r for r in rcpts if r not in refused]
+    click.echo(f"accepted for {len(accepted)} recipient(s) by {host}:{port}")
+    sys.exit(1 if refused else 0)
+
+
 def _safe_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url

@@ -183,3 +183,51 @@ def test_gen_skeleton_tests_pass_in_a_fresh_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 passed" in proc.stdout
+
+
+def test_graph_shows_states_and_transitions_read_from_the_code(tmp_path):
+    r = invoke("graph", "--app", APP)
+    assert r.exit_code == 0
+    dot = r.output
+    assert dot.startswith("digraph lamsonfilter {")
+    for edge in ('"mailinglist.START" -> "mailinglist.PENDING"', '"mailinglist.PENDING" -> "mailinglist.MEMBER"',
+                 '"mailinglist.MEMBER" -> "mailinglist.START"', '"mailinglist.DISABLED" -> "mailinglist.PENDING"'):
+        assert edge in dot
+    assert '"mailinglist.MEMBER" -> "mailinglist.PENDING"' not in dot  # not a transition in the code
+    assert '"mailinglist.HELP" [label="HELP", shape=box]' in dot  # stateless
+    out = tmp_path / "states.dot"
+    assert invoke("graph", "--app", APP, "-o", out).exit_code == 0
+    assert out.read_text() == dot
+
+
+def test_send_talks_smtp_and_reports_refusals(tmp_path):
+    from aiosmtpd.controller import Controller
+
+    got = []
+
+    class Handler:
+        async def handle_RCPT(self, server, session, envelope, address, options):
+            if address.startswith("no"):
+                return "550 5.1.1 no such user"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+        async def handle_DATA(self, server, session, envelope):
+            got.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+            return "250 OK"
+
+    from tests.rig.postfix import free_port
+    port = free_port()
+    ctl = Controller(Handler(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        r = invoke("send", "--server", f"127.0.0.1:{port}", "--from", "a@x.example",
+                   "--to", "b@y.example", "--to", "nobody@y.example", "--subject", "hi")
+        assert r.exit_code == 1
+        assert "refused nobody@y.example: 550" in r.output
+        assert got and got[0][0] == "a@x.example" and got[0][1] == ["b@y.example"]
+        assert b"Subject: hi" in got[0][2]
+    finally:
+        ctl.stop()
+    r = invoke("send", "--server", f"127.0.0.1:{port}", "--from", "a@x.example", "--to", "b@y.example")
+    assert r.exit_code == 1 and "cannot send through" in r.output
