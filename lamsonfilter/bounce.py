@@ -27,8 +27,14 @@ address bounces permanently.
 ``"heuristic"``
     a non-standard bounce recognised from its sender (null sender,
     ``MAILER-DAEMON``, ``postmaster``, "Mail Delivery System") together
-    with a typical subject or text.  The recipients are then pulled out of
-    the human-readable text, which is a best effort.
+    with a typical subject or text (`BOUNCE_SUBJECT_PATTERNS`,
+    `BOUNCE_TEXT_PATTERNS`).  The recipients come from the
+    ``X-Failed-Recipients`` header (Exim, Gmail) or are pulled out of the
+    human-readable text (``RCPT TO``, lines with an SMTP error), which is a
+    best effort.
+
+Attached messages (``message/rfc822``) are never searched for reports: a
+person forwarding a bounce has not sent one.
 
 Delivery *receipts* (MDN, RFC 8098) and vacation replies (RFC 3834) are not
 bounces: `detect_bounce` returns None for them (the guards refuse to answer

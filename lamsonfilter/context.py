@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .bounce import BounceReport, detect_bounce
 from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
-from .guards import autoreply_refusal, reply_headers
+from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
 from .mail import MailRequest, normalize_address
 from .state import StateRecord, StateTransaction
-from .views import Response
+from .views import Response, check_decoded_header_value
 
 if TYPE_CHECKING:
     from .app import App
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
 log = logging.getLogger("lamsonfilter")
-
-#: Marks mail that lamsonfilter generated; guards never auto-reply to it.
-GENERATED_HEADER = "X-Lamsonfilter-Generated"
-
 
 @dataclass
 class MessageChanges:
@@ -262,7 +258,7 @@ class Context:
             del message[GENERATED_HEADER]
             message[GENERATED_HEADER] = self.app.name
             for name, value in message.items():
-                check_header_value(name, str(value))
+                check_decoded_header_value(name, str(value))
             from .mail import POLICY
 
             raw = message.as_bytes(policy=POLICY)

@@ -92,8 +92,11 @@ class Views:
     def __repr__(self) -> str:
         return f"Views({[str(d) for d in self.directories]!r})"
 
-    def render(self, name: str, **variables: Any) -> str:
-        """Render template `name` with `variables`; `ViewError` when it is missing or fails."""
+    def render(self, name: str, /, **variables: Any) -> str:
+        """Render template `name` with `variables`; `ViewError` when it is missing or fails.
+
+        `name` is positional-only, so a template may use a variable called ``name``.
+        """
         template = self._template(name)
         try:
             result = template.render(**variables)
@@ -105,6 +108,7 @@ class Views:
         self,
         template: str,
         variables: Mapping[str, Any] | None = None,
+        /,
         *,
         html_template: str | None = None,
         **headers: Any,
@@ -179,7 +183,9 @@ def check_decoded_header_value(name: str, value: str) -> None:
 
     Raises `HeaderValueError` when the name is invalid, the value is too
     long, or the value, as typed or as any reader would decode it, holds a
-    line break (CR, LF, NUL or another character ``str.splitlines`` breaks on).
+    line break (CR, LF, NUL or another character ``str.splitlines`` breaks on);
+    and when the email package would not write it as exactly one header field
+    (or cannot write it at all).
     """
     check_header_value(name, value)
     for reading in _readings(name, value):
@@ -187,6 +193,23 @@ def check_decoded_header_value(name: str, value: str) -> None:
             raise HeaderValueError(
                 f"header {name} contains a line break or NUL once RFC 2047 words are decoded"
             )
+    _check_folding(name, value)
+
+
+def _check_folding(name: str, value: str) -> None:
+    """Fold the header as `POLICY` will; require one field with CRLF lines of <= 998 octets."""
+    try:
+        folded = POLICY.header_factory(name, value).fold(policy=POLICY)
+        data = str(folded).encode("utf-8", "surrogateescape")
+    except Exception as exc:  # the email package cannot write this value at all
+        raise HeaderValueError(
+            f"header {name} cannot be written by the email package: {exc}"
+        ) from exc
+    lines = data.split(b"\r\n")
+    if lines[-1] != b"" or any(line[:1] not in (b" ", b"\t") for line in lines[1:-1]):
+        raise HeaderValueError(f"header {name} would be written as more than one header field")
+    if any(b"\r" in line or b"\n" in line or len(line) > 998 for line in lines):
+        raise HeaderValueError(f"header {name} would be written with a bare CR/LF or a long line")
 
 
 def _readings(name: str, value: str) -> Iterator[str]:
@@ -396,6 +419,8 @@ def _msgid_domain(from_value: str) -> str:
     except Exception:
         pairs = []
     for _display, addr in pairs:
+        if "@" not in addr:
+            continue
         domain = addr.rpartition("@")[2].strip().rstrip(".")
         if not domain:
             continue
