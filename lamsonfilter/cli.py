@@ -416,6 +416,47 @@ def db_init(app_dir: Path, database: str | None) -> None:
     storage.close()
 
 
+# ---------------------------------------------------------------- check
+@main.command("check")
+@_app_option
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also check the Postfix set-up in this directory (e.g. /etc/postfix), read with postconf.")
+@_database_option
+def check_cmd(app_dir: Path, postfix_config: Path | None, database: str | None) -> None:
+    """Find problems in the application and the Postfix set-up.
+
+    Each finding has a stable ID (APP... application, PF... Postfix), what
+    is wrong and how to fix it.  Exit status 1 when there is an error, 0
+    when there are only warnings or nothing.
+    """
+    from .check import Finding, check_app, check_postfix
+    from .settings import load_app, load_settings
+
+    findings: list[Finding] = []
+    settings: dict[str, Any] = {}
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database})
+        app = load_app(app_dir, {"DATABASE_URL": database})
+    except StartupError as exc:
+        findings.append(Finding("APP001", "error", str(exc), "fix the application so that it starts"))
+    except StorageError as exc:
+        findings.append(Finding("APP010", "error", str(exc), "check DATABASE_URL"))
+    else:
+        findings.extend(check_app(app))
+        try:
+            app.storage.check_schema()
+        except StorageError as exc:
+            findings.append(Finding("APP010", "error", str(exc).replace("DIR", str(app_dir)),
+                                    f"run: lamsonfilter db init --app {app_dir}"))
+    if postfix_config is not None:
+        findings.extend(check_postfix(postfix_config, settings))
+    for f in findings:
+        click.echo(str(f))
+    errors = sum(f.severity == "error" for f in findings)
+    click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)")
+    sys.exit(1 if errors else 0)
+
+
 # ---------------------------------------------------------------- graph
 @main.command("graph")
 @_app_option

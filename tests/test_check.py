@@ -1,0 +1,113 @@
+"""lamsonfilter check: application findings and Postfix findings, each with a stable ID."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lamsonfilter.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "examples" / "mailinglist"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def need_postconf():
+    if shutil.which("postconf") is None and not Path("/usr/sbin/postconf").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("postconf (Debian's postfix package) is required in CI")
+        pytest.skip("postconf not installed")
+
+
+def write_postfix(d: Path, main: str, master: str) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "main.cf").write_text("compatibility_level = 3.6\n" + main)
+    (d / "master.cf").write_text(master)
+    return d
+
+
+GOOD_MASTER = """\
+smtp      inet  n       -       n       -       -       smtpd
+lamsonfilter unix -     -       n       -       10      smtp
+    -o smtp_send_xforward_command=yes
+    -o disable_mime_output_conversion=yes
+127.0.0.1:10026 inet n  -       n       -       10      smtpd
+    -o content_filter=
+    -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
+"""
+GOOD_MAIN = "content_filter = lamsonfilter:[127.0.0.1]:10025\nreceive_override_options = no_address_mappings\n"
+
+
+def ids(output):
+    return sorted({line.split()[0] for line in output.splitlines() if line[:3] in ("APP", "PF0", "PF1", "PF2")})
+
+
+def test_example_app_checks_clean_apart_from_the_database(tmp_path):
+    r = invoke("check", "--app", APP, "--database", f"sqlite:///{tmp_path}/s.db")
+    assert ids(r.output) == ["APP010"] and "lamsonfilter db init" in r.output
+    invoke("db", "init", "--app", APP, "--database", f"sqlite:///{tmp_path}/s.db")
+    r = invoke("check", "--app", APP, "--database", f"sqlite:///{tmp_path}/s.db")
+    assert r.exit_code == 0 and r.output.strip() == "0 error(s), 0 warning(s)"
+
+
+def test_app_findings_unreachable_state_shadowed_route_missing_template(tmp_path):
+    app = tmp_path / "x"
+    invoke("gen", "x", "--dest", app)
+    (app / "app/handlers/x.py").write_text(
+        "from lamsonfilter import Handler\nhandler = Handler('x')\n"
+        "@handler.route('(anything)@(host)')\n"
+        "def START(ctx, host):\n    ctx.reply('nosuch.msg')\n\n"
+        "@handler.route('hello@(host)')\n"
+        "@handler.state\ndef LONELY(ctx, host):\n    pass\n"
+    )
+    r = invoke("check", "--app", app, "--database", "memory:")
+    assert r.exit_code == 1
+    assert ids(r.output) == ["APP002", "APP003", "APP004"]
+    assert "state LONELY is unreachable" in r.output
+    assert "x.LONELY (hello@(host)) is shadowed by the earlier route x.START" in r.output
+    assert "'nosuch.msg'" in r.output
+
+
+def test_broken_app_is_app001(tmp_path):
+    app = tmp_path / "x"
+    invoke("gen", "x", "--dest", app)
+    (app / "config/settings.py").write_text("HANDLERS = ['missing']\n")
+    r = invoke("check", "--app", app)
+    assert r.exit_code == 1 and ids(r.output) == ["APP001"]
+
+
+def test_good_content_filter_setup_has_no_postfix_findings(tmp_path):
+    need_postconf()
+    pf = write_postfix(tmp_path / "pf", GOOD_MAIN, GOOD_MASTER)
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf)
+    assert [i for i in ids(r.output) if i.startswith("PF")] == [], r.output
+
+
+def test_missing_content_filter_override_on_reinjection_listener_is_pf111(tmp_path):
+    need_postconf()
+    broken = GOOD_MASTER.replace("    -o content_filter=\n", "")
+    pf = write_postfix(tmp_path / "pf", GOOD_MAIN, broken)
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf)
+    assert r.exit_code == 1
+    assert "PF111" in ids(r.output)
+    assert "endless loop" in r.output and "-o content_filter=" in r.output
+
+
+def test_other_postfix_mistakes(tmp_path):
+    need_postconf()
+    master = GOOD_MASTER.replace("    -o smtp_send_xforward_command=yes\n", "").replace(",no_milters", "")
+    main_cf = ("content_filter = lamsonfilter:[127.0.0.1]:10025\n"
+               "smtpd_milters = inet:127.0.0.1:8891\nmilter_default_action = accept\nsoft_bounce = yes\n")
+    pf = write_postfix(tmp_path / "pf", main_cf, master)
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf)
+    assert {"PF003", "PF102", "PF112", "PF120", "PF201"} <= set(ids(r.output))
+    pf2 = write_postfix(tmp_path / "pf2", "", "smtp inet n - n - - smtpd\n")
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf2)
+    assert {"PF002", "PF110"} <= set(ids(r.output))
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", tmp_path / "nothing")
+    assert "PF001" in ids(r.output)
