@@ -16,6 +16,7 @@ run ``lamsonfilter db init``).  `process` never raises.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,10 +33,14 @@ log = logging.getLogger("lamsonfilter")
 
 
 class Runtime:
-    def __init__(self, app: App, relay: Relay | None = None, outbox_interval: float = 30.0) -> None:
+    def __init__(self, app: App, relay: Relay | None = None, outbox_interval: float = 30.0,
+                 directory: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
         self.app = app
         self.relay = relay
         self.worker = OutboxWorker(app.storage, relay, interval=outbox_interval) if relay else None
+        self.directory = directory
+        self.overrides = dict(overrides or {})
+        self._reload_lock = threading.Lock()
 
     @classmethod
     def from_directory(
@@ -43,13 +48,31 @@ class Runtime:
     ) -> "Runtime":
         from .settings import load_app, parse_hostport
 
-        app = load_app(directory, overrides)
-        try:
-            app.storage.check_schema()
-        except StorageError as exc:
-            raise StartupError(str(exc).replace("DIR", str(directory))) from None
+        app = _load_checked(directory, overrides, reload=False)
         host, port = parse_hostport(app.settings["RELAY"])
-        return cls(app, Relay(host, port), outbox_interval)
+        return cls(app, Relay(host, port), outbox_interval, directory, overrides)
+
+    def reload(self) -> str | None:
+        """Load the application again (SIGHUP); swap it in only if it starts.
+
+        Returns None on success, else why the old application keeps running.
+        Messages in flight finish with the application they started with.
+        """
+        if self.directory is None:
+            return "this runtime was not loaded from a directory"
+        with self._reload_lock:
+            try:
+                new = _load_checked(self.directory, self.overrides, reload=True)
+            except Exception as exc:  # noqa: BLE001 -- any failure keeps the old code
+                log.error("reload failed, keeping the running application: %s", exc)
+                return str(exc)
+            old, self.app = self.app, new
+            if self.worker is not None:
+                self.worker.storage = new.storage
+            log.info("reloaded %s", self.directory)
+            if old.storage is not new.storage:
+                old.storage.close()
+            return None
 
     def start(self) -> None:
         if self.worker is not None:
@@ -79,7 +102,22 @@ class Runtime:
             "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d ms=%.1f",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
             len(request.recipients), routes, decision.kind, len(decision.outbox), took,
+            extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
+                   "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},
         )
         if decision.outbox and self.worker is not None:
             self.worker.wake()
         return decision
+
+
+def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
+    """Load and start the app, and refuse a database without the lamsonfilter schema."""
+    from .settings import load_app
+
+    app = load_app(directory, overrides, reload=reload)
+    try:
+        app.storage.check_schema()
+    except StorageError as exc:
+        app.storage.close()
+        raise StartupError(str(exc).replace("--app DIR", f"--app {directory}")) from None
+    return app

@@ -1,0 +1,67 @@
+"""Runtime: start-up checks, the per-message log line, reload that keeps broken code out."""
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lamsonfilter.app import StartupError
+from lamsonfilter.cli import main
+from lamsonfilter.mail import MailRequest
+from lamsonfilter.runtime import Runtime
+from lamsonfilter.testing import make_message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def app_dir(tmp_path):
+    d = tmp_path / "mailinglist"
+    shutil.copytree(ROOT / "examples" / "mailinglist", d, ignore=shutil.ignore_patterns("var", "__pycache__"))
+    return d
+
+
+def req(to):
+    raw = make_message("alice@example.com", to)
+    return MailRequest.from_bytes(raw, sender="alice@example.com", recipients=[to], queue_id="7QID")
+
+
+def test_refuses_a_database_without_schema_naming_the_command(app_dir):
+    with pytest.raises(StartupError, match=rf"run `lamsonfilter db init --app {app_dir}`"):
+        Runtime.from_directory(app_dir)
+
+
+def test_one_log_line_per_message_with_queue_id_routes_and_decision(app_dir, caplog):
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    rt = Runtime.from_directory(app_dir)
+    with caplog.at_level(logging.INFO, logger="lamsonfilter"):
+        d = rt.process(req("help@lists.example.org"), transport="test")
+    lines = [r for r in caplog.records if r.name == "lamsonfilter"]
+    assert len(lines) == 1
+    msg = lines[0].getMessage()
+    assert "queue_id=7QID" in msg and "routes=mailinglist.help" in msg and "decision=drop" in msg
+    assert lines[0].QUEUE_ID == "7QID" and lines[0].DECISION == "drop"  # journald fields
+    assert len(d.outbox) == 1
+    # the reply was committed to the outbox, waiting for the worker
+    assert len(rt.app.storage.pending_outbox()) == 1
+    rt.stop()
+
+
+def test_reload_swaps_in_new_code_and_keeps_old_code_when_broken(app_dir):
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    rt = Runtime.from_directory(app_dir)
+    templates = app_dir / "app" / "templates" / "help.msg"
+    templates.write_text(templates.read_text().replace("This is the list server", "Version two of the server"))
+    handler = app_dir / "app" / "handlers" / "mailinglist.py"
+    source = handler.read_text()
+    assert rt.reload() is None
+    d = rt.process(req("help@lists.example.org"))
+    assert b"Version two of the server" in d.outbox[0].raw
+    handler.write_text(source + "\ndef broken(:\n")
+    why = rt.reload()
+    assert why is not None and "SyntaxError" in why
+    d = rt.process(req("python-info@lists.example.org"))
+    assert not d.is_tempfail and b"Version two of the server" in d.outbox[0].raw  # old code still runs
+    rt.stop()
