@@ -43,8 +43,9 @@ def _app_option(f: Any) -> Any:
 
 def _database_option(f: Any) -> Any:
     return click.option(
-        "--database", "database", metavar="URL", default=None,
-        help="State database URL (overrides DATABASE_URL), e.g. sqlite:///var/state.db or postgresql://host/db.",
+        "--database", "database", metavar="URL", default=None, envvar="LAMSONFILTER_DATABASE",
+        help="State database URL (overrides DATABASE_URL; env LAMSONFILTER_DATABASE), "
+             "e.g. sqlite:////var/lib/lamsonfilter/state.db or postgresql://host/db.",
     )(f)
 
 
