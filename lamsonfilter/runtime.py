@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from .app import App, StartupError
 from .decisions import Decision, Outcome
 from .mail import MailRequest
+from .metrics import Metrics
 from .relay import OutboxWorker, Relay
 from .state import StorageError
 
@@ -41,6 +42,7 @@ class Runtime:
         self.directory = directory
         self.overrides = dict(overrides or {})
         self._reload_lock = threading.Lock()
+        self.metrics: Metrics | None = None
 
     @classmethod
     def from_directory(
@@ -69,6 +71,8 @@ class Runtime:
             old, self.app = self.app, new
             if self.worker is not None:
                 self.worker.storage = new.storage
+            if self.metrics is not None:
+                self.metrics.storage = new.storage
             log.info("reloaded %s", self.directory)
             if old.storage is not new.storage:
                 old.storage.close()
@@ -79,9 +83,16 @@ class Runtime:
             self.worker.start()
             self.worker.wake()  # whatever a previous run left pending
 
+    def serve_metrics(self, host: str, port: int, allow_remote: bool = False) -> None:
+        """Start the Prometheus endpoint (raises `MetricsError`)."""
+        self.metrics = Metrics(self.app.storage)
+        self.metrics.serve(host, port, allow_remote)
+
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.app.storage.close()
 
     def check_recipient(self, address: str) -> Outcome | None:
@@ -105,6 +116,8 @@ class Runtime:
             extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
                    "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},
         )
+        if self.metrics is not None:
+            self.metrics.observe(decision, took / 1000)
         if decision.outbox and self.worker is not None:
             self.worker.wake()
         return decision

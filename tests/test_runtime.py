@@ -65,3 +65,38 @@ def test_reload_swaps_in_new_code_and_keeps_old_code_when_broken(app_dir):
     d = rt.process(req("python-info@lists.example.org"))
     assert not d.is_tempfail and b"Version two of the server" in d.outbox[0].raw  # old code still runs
     rt.stop()
+
+
+def test_metrics_endpoint_counts_messages_by_route_and_decision(app_dir):
+    import urllib.request
+
+    from tests.rig.postfix import free_port
+
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    rt = Runtime.from_directory(app_dir)
+    port = free_port()
+    rt.serve_metrics("127.0.0.1", port)
+    try:
+        rt.process(req("help@lists.example.org"))
+        rt.process(req("nosuch@lists.example.org"))
+        rt.process(req("friend@elsewhere.example"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        rt.stop()
+    assert 'lamsonfilter_messages_total{decision="drop"} 1.0' in text
+    assert 'lamsonfilter_messages_total{decision="reject"} 1.0' in text
+    assert 'lamsonfilter_recipients_total{action="drop",route="mailinglist.help"} 1.0' in text
+    assert 'lamsonfilter_recipients_total{action="deliver",route="none"} 1.0' in text
+    assert "lamsonfilter_processing_seconds_count 3.0" in text
+    assert "lamsonfilter_outbox_pending 1.0" in text  # the help reply, committed, no relay running
+
+
+def test_metrics_refuse_a_public_address(app_dir):
+    from lamsonfilter.metrics import MetricsError
+
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    rt = Runtime.from_directory(app_dir)
+    with pytest.raises(MetricsError, match="not loopback"):
+        rt.serve_metrics("0.0.0.0", 9)
+    rt.stop()
