@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,6 +41,8 @@ log = logging.getLogger("lamsonfilter")
 MAX_HOPS = 50
 #: How often a message is run again when a concurrent message changed the same key.
 CONFLICT_RETRIES = 8
+#: State keys under which committed decisions are kept for replay (`MailRequest.replay_key`).
+REPLAY_PREFIX = "lamsonfilter:done:"
 
 
 class StartupError(Exception):
@@ -200,14 +202,33 @@ class App:
         changes = MessageChanges()
         outcomes = dict(fixed)
         current: Context | None = None
+        replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
         try:
             with self.storage.transaction(commit=commit) as tx:
+                if replay_key is not None:
+                    done = tx.get(replay_key)
+                    if done is not None:  # a retry of a message whose decision committed
+                        replayed = Decision.from_record(done.data)
+                        log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
+                                 request.queue_id or "-", request.replay_key)
+                        return replace(replayed, notes=(*replayed.notes, "retry: decision replayed"))
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
                     outcomes[rcpt] = self._run_state(ctx, target, match, tx)
+                decision = Decision(
+                    outcomes=tuple(outcomes[r] for r in request.recipients),
+                    header_changes=tuple(changes.headers),
+                    body=changes.body,
+                    sender=changes.sender,
+                    quarantine=changes.quarantine,
+                    outbox=tuple(changes.outbox),
+                    notes=tuple(changes.notes),
+                )
                 if commit and changes.outbox:
                     tx.add_outbox(changes.outbox)
+                if commit and replay_key is not None:
+                    tx.set(replay_key, "DONE", {**decision.to_record(), "at": now})
         except ConflictError:
             raise
         except _HandlerTempfail as asked:
@@ -227,15 +248,7 @@ class App:
             if current is not None and ERROR in current.handler.states and current.key:
                 self._move_to_error(current, commit)
             return Decision.tempfail(request.recipients, f"{where}: {type(exc).__name__}: {exc}")
-        return Decision(
-            outcomes=tuple(outcomes[r] for r in request.recipients),
-            header_changes=tuple(changes.headers),
-            body=changes.body,
-            sender=changes.sender,
-            quarantine=changes.quarantine,
-            outbox=tuple(changes.outbox),
-            notes=tuple(changes.notes),
-        )
+        return decision
 
     def _run_state(self, ctx: Context, target: RouteTarget, match: RouteMatch, tx: Any) -> Outcome:
         handler = target.handler

@@ -19,11 +19,12 @@ with the edits applied textually and the body replaced if asked.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from email.header import Header
 from enum import Enum
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 __all__ = [
     "Action",
@@ -219,6 +220,39 @@ class Decision:
         if self.changes_message or self.sender is not None or actions - {Action.DELIVER}:
             return "modify"
         return "deliver"
+
+    # ------------------------------------------------------------ storage
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able form, without the outbox (it is committed on its own)."""
+        return {
+            "outcomes": [
+                [o.recipient, o.action.value, o.code, o.enhanced, o.text, list(o.redirect_to),
+                 o.route, o.handler, o.state_before, o.state_after]
+                for o in self.outcomes
+            ],
+            "headers": [[h.op, h.name, h.value, h.index] for h in self.header_changes],
+            "body": None if self.body is None else base64.b64encode(self.body).decode("ascii"),
+            "sender": self.sender,
+            "quarantine": self.quarantine,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "Decision":
+        outcomes = tuple(
+            Outcome(r, Action(a), code, enh, text, tuple(redir), route, handler, sb, sa)
+            for r, a, code, enh, text, redir, route, handler, sb, sa in rec["outcomes"]
+        )
+        return cls(
+            outcomes,
+            tuple(HeaderChange(op, name, value, index) for op, name, value, index in rec["headers"]),
+            None if rec["body"] is None else base64.b64decode(rec["body"]),
+            rec["sender"],
+            rec["quarantine"],
+            (),
+            None,
+            tuple(rec["notes"]),
+        )
 
     # ------------------------------------------------------------ bytes
     def apply(self, raw: bytes) -> bytes:

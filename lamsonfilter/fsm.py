@@ -112,6 +112,8 @@ class Handler:
     ) -> None:
         if not name or ":" in name:
             raise HandlerError(f"handler name {name!r}: must be non-empty and contain no ':'")
+        if name == "lamsonfilter":
+            raise HandlerError("handler name 'lamsonfilter' is reserved for the framework's own state keys")
         if default_action not in ("drop", "deliver"):
             raise HandlerError(f"handler {name}: default_action must be 'drop' or 'deliver'")
         self.name = name

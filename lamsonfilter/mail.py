@@ -114,6 +114,11 @@ class MailRequest:
 
     envelope: Envelope
     raw: bytes
+    #: Identifies this message across retries of the MTA (set by the transport:
+    #: the upstream queue id from XFORWARD IDENT, or a digest of Message-ID,
+    #: sender and recipients for the milter).  With it, `App.process` runs the
+    #: handlers once per message: a retry replays the committed decision.
+    replay_key: str | None = None
     _extra_defects: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -185,6 +190,20 @@ class MailRequest:
         except Exception:  # a header the parser could not make sense of
             return default
         return default if value is None else str(value)
+
+    def content_replay_key(self) -> str | None:
+        """A replay key from Message-ID, sender and recipients (None without a Message-ID).
+
+        For transports with no stable queue id across retries (the milter:
+        a client that retries opens a new transaction with a new queue id).
+        """
+        import hashlib
+
+        msgid = self.header("Message-ID").strip()
+        if not msgid:
+            return None
+        text = "\0".join([msgid, self.sender.lower(), *sorted(r.lower() for r in self.recipients)])
+        return "msgid:" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
     @property
     def header_block(self) -> bytes:

@@ -222,3 +222,47 @@ def test_app_route_sugar_binds_to_the_app_not_a_global():
     a1.start(), a2.start()
     assert a1.match("x@app.example") is not None
     assert a2.match("x@app.example") is None
+
+
+def test_a_retry_with_the_same_replay_key_replays_the_decision_without_running_handlers():
+    app = counter_app()
+    first = request(to=("counter@app.example", "echo@app.example"))
+    first.replay_key = "ident:ABC123"
+    d1 = app.process(first)
+    again = request(to=("counter@app.example", "echo@app.example"))
+    again.replay_key = "ident:ABC123"
+    d2 = app.process(again)
+    # the counter ran once: same state, same data
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 1}
+    assert d2.outcomes == d1.outcomes and d2.header_changes == d1.header_changes
+    assert d2.outbox == () and "retry: decision replayed" in d2.notes
+    other = request()
+    other.replay_key = "ident:OTHER"
+    app.process(other)
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 2}
+
+
+def test_a_tempfailed_attempt_is_not_recorded_so_the_retry_runs():
+    app = counter_app()
+    app.process(request())
+    r1 = request(subject="boom")
+    r1.replay_key = "ident:X"
+    assert app.process(r1).is_tempfail
+    r2 = request(subject="fine")
+    r2.replay_key = "ident:X"
+    d = app.process(r2)
+    assert not d.is_tempfail and state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 2}
+
+
+def test_content_replay_key_uses_message_id_sender_and_recipients():
+    a = request()
+    b = MailRequest.from_bytes(a.raw, sender="alice@example.com", recipients=["counter@app.example"])
+    c = MailRequest.from_bytes(a.raw, sender="mallory@example.com", recipients=["counter@app.example"])
+    assert a.content_replay_key() == b.content_replay_key() != c.content_replay_key()
+    no_id = MailRequest.from_bytes(b"Subject: x\r\n\r\n", sender="a@b.example", recipients=["c@d.example"])
+    assert no_id.content_replay_key() is None
+
+
+def test_reserved_handler_name():
+    with pytest.raises(Exception, match="reserved"):
+        Handler("lamsonfilter")
