@@ -288,6 +288,19 @@ class App:
             state_after=None if stateless else state_after,
         )
 
+    def purge_replays(self, older_than: float, now: float | None = None) -> int:
+        """Forget replay records (`MailRequest.replay_key`) older than `older_than` seconds.
+
+        Keep them longer than the MTA retries a message (Postfix's
+        ``maximal_queue_lifetime``, 5 days by default).  Returns how many.
+        """
+        limit = (time.time() if now is None else now) - older_than
+        with self.storage.transaction() as tx:
+            old = [k for k, rec in tx.find(REPLAY_PREFIX) if float(rec.data.get("at", 0)) < limit]
+            for key in old:
+                tx.clear(key)
+        return len(old)
+
     def _move_to_error(self, ctx: Context, commit: bool) -> None:
         try:
             with self.storage.transaction(commit=commit) as tx:

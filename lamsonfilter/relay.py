@@ -26,7 +26,8 @@ import logging
 import smtplib
 import socket
 import threading
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 from .decisions import OutboxMessage
 from .state import StateStorage
@@ -90,8 +91,12 @@ def _has_8bit(raw: bytes) -> bool:
 class OutboxWorker:
     """Sends committed outbox messages in a background thread."""
 
-    def __init__(self, storage: StateStorage, relay: Relay, interval: float = 30.0, batch: int = 100) -> None:
+    def __init__(self, storage: StateStorage, relay: Relay, interval: float = 30.0, batch: int = 100,
+                 housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0) -> None:
         self.storage = storage
+        self.housekeeping = housekeeping
+        self.housekeeping_interval = housekeeping_interval
+        self._last_housekeeping = 0.0
         self.relay = relay
         self.interval = interval
         self.batch = batch
@@ -129,6 +134,16 @@ class OutboxWorker:
                 if failed or len(pending) < self.batch:
                     return done
 
+    def _housekeep(self) -> None:
+        now = time.monotonic()
+        if self.housekeeping is None or now - self._last_housekeeping < self.housekeeping_interval:
+            return
+        self._last_housekeeping = now
+        try:
+            self.housekeeping()
+        except Exception as exc:  # noqa: BLE001 -- housekeeping must not stop the outbox
+            log.error("housekeeping failed: %s", exc)
+
     def _mark(self, ids: Sequence[int]) -> None:
         if not ids:
             return
@@ -160,4 +175,5 @@ class OutboxWorker:
             if self._stop.is_set():
                 break
             self.flush()
+            self._housekeep()
         self.flush()  # last chance before exit: nothing is lost either way, it is in the store

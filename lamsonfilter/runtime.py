@@ -28,7 +28,10 @@ from .metrics import Metrics
 from .relay import OutboxWorker, Relay
 from .state import StorageError
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "REPLAY_TTL"]
+
+#: How long a committed decision is kept for replay: longer than Postfix retries (5 days).
+REPLAY_TTL = 7 * 24 * 3600.0
 
 log = logging.getLogger("lamsonfilter")
 
@@ -38,7 +41,10 @@ class Runtime:
                  directory: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
         self.app = app
         self.relay = relay
-        self.worker = OutboxWorker(app.storage, relay, interval=outbox_interval) if relay else None
+        self.worker = (
+            OutboxWorker(app.storage, relay, interval=outbox_interval, housekeeping=self._housekeeping)
+            if relay else None
+        )
         self.directory = directory
         self.overrides = dict(overrides or {})
         self._reload_lock = threading.Lock()
@@ -82,6 +88,12 @@ class Runtime:
         if self.worker is not None:
             self.worker.start()
             self.worker.wake()  # whatever a previous run left pending
+
+    def _housekeeping(self) -> None:
+        ttl = float(self.app.settings.get("REPLAY_TTL", REPLAY_TTL))
+        n = self.app.purge_replays(ttl)
+        if n:
+            log.info("housekeeping: forgot %d replay record(s) older than %gs", n, ttl)
 
     def serve_metrics(self, host: str, port: int, allow_remote: bool = False) -> None:
         """Start the Prometheus endpoint (raises `MetricsError`)."""

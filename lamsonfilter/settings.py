@@ -29,6 +29,8 @@ RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1
 TEMPLATES          template directories, relative to the app        ``["app/templates"]``
 REPLY_LIMIT        (replies, seconds) per sender                    ``(5, 3600)``
 MAX_HOPS           Received: headers before a loop is assumed       ``50``
+REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (7 days)
+                   the MTA's retry of the message replays it
 =================  ===============================================  ==========================
 """
 
@@ -64,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "TEMPLATES": ["app/templates"],
     "REPLY_LIMIT": (5, 3600),
     "MAX_HOPS": 50,
+    "REPLAY_TTL": 7 * 24 * 3600,
 }
 
 
@@ -117,6 +120,8 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, not {rl!r}")
     if not isinstance(values["MAX_HOPS"], int) or values["MAX_HOPS"] < 1:
         fail("MAX_HOPS", "must be a positive integer")
+    if not isinstance(values["REPLAY_TTL"], (int, float)) or values["REPLAY_TTL"] < 3600:
+        fail("REPLAY_TTL", "must be a number of seconds, at least 3600 (longer than the MTA retries)")
 
 
 def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:

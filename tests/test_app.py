@@ -266,3 +266,14 @@ def test_content_replay_key_uses_message_id_sender_and_recipients():
 def test_reserved_handler_name():
     with pytest.raises(Exception, match="reserved"):
         Handler("lamsonfilter")
+
+
+def test_purge_replays_forgets_old_records_only():
+    app = counter_app()
+    for key, t in (("old", 1000.0), ("new", 5000.0)):
+        r = request()
+        r.replay_key = key
+        app.process(r, now=t)
+    assert app.purge_replays(older_than=2000, now=6000.0) == 1
+    with app.storage.transaction(commit=False) as tx:
+        assert [k for k, _ in tx.find("lamsonfilter:done:")] == ["lamsonfilter:done:new"]
