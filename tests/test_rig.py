@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import pytest
 
 from tests.rig.fixtures import PostfixFactory, require
-from tests.rig.postfix import CaptureServer, by_subject, find_binary, free_port
+from tests.rig.postfix import CaptureServer, by_subject, find_binary
 
 pytestmark = pytest.mark.postfix
 
@@ -102,18 +102,24 @@ def test_xclient_client_poses_as_remote(postfix_factory: PostfixFactory, capture
     assert postfix_received(m.header_values("Received")[0])[1] == "192.0.2.10"
 
 
-def test_deferred_mail_is_delivered_after_flush(postfix_factory: PostfixFactory) -> None:
-    port = free_port()  # nothing listens here yet: delivery is deferred
-    pf = postfix_factory(relay_port=port)
+def test_deferred_mail_is_delivered_after_flush(
+    postfix_factory: PostfixFactory, capture: CaptureServer
+) -> None:
+    capture.reply = "451 4.3.0 rig: try again later"  # the destination tempfails
+    pf = postfix_factory()
     with smtplib.SMTP("127.0.0.1", pf.smtpd_port, local_hostname="client.example.test", timeout=20) as s:
         s.sendmail("a@example.test", ["b@example.org"], b"Subject: rig deferred\r\n\r\nlater\r\n")
     queued = pf.wait_for(
         lambda: [q for q in pf.queue() if q["queue_name"] == "deferred"], timeout=20
     )
     assert queued[0]["sender"] == "a@example.test"
-    assert [r["address"] for r in queued[0]["recipients"]] == ["b@example.org"]
-    with CaptureServer(port) as late:
-        pf.flush()
-        (m,) = late.wait_for_count(1, timeout=30)
-        assert m.rcpt_tos == ("b@example.org",)
+    (rcpt,) = queued[0]["recipients"]
+    assert rcpt["address"] == "b@example.org"
+    assert "451 4.3.0 rig: try again later" in rcpt["delay_reason"]
+    assert capture.messages == []
+
+    capture.reply = "250 2.0.0 Ok: captured"
+    pf.flush()
+    (m,) = capture.wait_for_count(1, timeout=30)
+    assert m.rcpt_tos == ("b@example.org",)
     pf.wait_for(lambda: pf.queue() == [], timeout=10)

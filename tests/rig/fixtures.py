@@ -99,9 +99,11 @@ def postfix_factory(request: pytest.FixtureRequest) -> Iterator[PostfixFactory]:
         workdir = Path(tempfile.mkdtemp(prefix="lf-pf-", dir="/tmp"))
         workdir.chmod(0o755)
         workdirs.append(workdir)
+        while smtpd_port is None or smtpd_port == relay_port:
+            smtpd_port = free_port()
         pf = PrivatePostfix(
             workdir,
-            smtpd_port=smtpd_port if smtpd_port is not None else free_port(),
+            smtpd_port=smtpd_port,
             relay_port=relay_port,
             main_cf=main_cf,
             master_cf_extra=master_cf_extra,

@@ -233,10 +233,13 @@ class PrivatePostfix:
             "smtpd_banner": "$myhostname ESMTP",
             "smtpd_error_sleep_time": "0",
             "in_flow_delay": "0",
-            # Fast retries: a deferred message is retried within ~1-2 s.
+            # Fast retries: a deferred message is retried after ~2-3 s.  Not below 3s:
+            # qmgr takes deferred files whose mtime (deferral time + backoff) is up to
+            # 1 s in the future, and a file the delivery agent has not unlocked yet is
+            # parked in the *incoming* queue for 60 s ("skipped, still being delivered").
             "queue_run_delay": "1s",
-            "minimal_backoff_time": "1s",
-            "maximal_backoff_time": "2s",
+            "minimal_backoff_time": "3s",
+            "maximal_backoff_time": "6s",
             "smtp_connect_timeout": "5s",
             "biff": "no",
             "append_dot_mydomain": "no",
@@ -297,7 +300,11 @@ class PrivatePostfix:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def flush(self) -> None:
-        """``postqueue -f``: attempt to deliver all queued mail now."""
+        """``postqueue -f``: attempt to deliver all queued mail now.
+
+        Flushing ignores the retry times; a message whose delivery agent still holds its
+        lock (milliseconds after a deferral) is parked in ``incoming`` for 60 s instead.
+        """
         self._run("postqueue", "-f")
 
     def delete_queue(self) -> None:
@@ -350,6 +357,7 @@ class PrivatePostfix:
             raise RuntimeError(f"{self} is already running")
         if port_accepts(self.smtpd_port):
             raise RuntimeError(f"127.0.0.1:{self.smtpd_port} is already in use by someone else")
+        self._check_traversable()
         self._run("postfix", "check")  # creates the queue directories; ~2 s
         # postfix-script start would run the same checks again; its quick-start file
         # (removed by start itself) skips them once
@@ -362,6 +370,17 @@ class PrivatePostfix:
         except BaseException:
             self.stop()
             raise
+
+    def _check_traversable(self) -> None:
+        """master(8) opens data_directory/master.lock as the postfix user: every ancestor
+        of the work directory must be searchable by others (pytest's tmp_path is not)."""
+        for d in [self.workdir, *self.workdir.parents]:
+            if d.exists() and not d.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{d} is not searchable by the postfix user (mode "
+                    f"{d.stat().st_mode & 0o777:o}); put the work directory elsewhere, e.g. "
+                    "tempfile.mkdtemp(dir='/tmp') + chmod 0755 as the postfix_factory fixture does"
+                )
 
     def _smtpd_greets(self) -> bool:
         try:
