@@ -2,7 +2,8 @@
 # bootstrap.sh - idempotent development/test set-up for lamsonfilter (Debian 12, as root).
 #
 #   1. apt: postfix (debconf "No configuration": no /etc/postfix/main.cf, system instance
-#      not configured or left running), libmilter-dev, build-essential, python3-dev, swaks,
+#      not configured or left running), libmilter-dev, build-essential, python3-dev,
+#      pkg-config and libsystemd-dev (systemd-python), systemd (systemd-analyze), swaks,
 #      miltertest. `apt-get update` runs only when one of them is missing.
 #   2. .venv in the repository (made with the `python3` on PATH) and
 #      `pip install -e '.[milter,smtpproxy,postgresql,test]'` (pymilter compiles against
@@ -17,8 +18,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 VENV=$ROOT/.venv
-EXTRAS=milter,smtpproxy,postgresql,test
-APT_PACKAGES=(postfix libmilter-dev build-essential python3-dev swaks miltertest)
+EXTRAS=milter,smtpproxy,postgresql,metrics,systemd,test
+APT_PACKAGES=(postfix libmilter-dev build-essential python3-dev pkg-config libsystemd-dev systemd swaks miltertest)
 export PATH=$PATH:/usr/sbin:/sbin
 
 say() { printf 'bootstrap: %s\n' "$*"; }
@@ -75,7 +76,7 @@ stamp=$( { cat setup.cfg pyproject.toml; echo "$EXTRAS"; "$VENV/bin/python" -VV;
 # the dependencies must import; lamsonfilter itself only has to be installed (importing
 # it is the tests' business)
 venv_ok() {
-  "$VENV/bin/python" -c 'import importlib.metadata as m, Milter, aiosmtpd, psycopg, pytest
+  "$VENV/bin/python" -c 'import importlib.metadata as m, Milter, aiosmtpd, psycopg, pytest, prometheus_client, systemd.daemon
 m.version("lamsonfilter")' >/dev/null 2>&1
 }
 if [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] && venv_ok; then
