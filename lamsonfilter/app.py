@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .context import Context, MessageChanges
 from .decisions import Action, Decision, Outcome
 from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
-from .guards import ReplyRateLimit
+from .guards import ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError
 from .state import ConflictError, MemoryStorage, StateStorage
@@ -72,6 +72,7 @@ class App:
         route_defaults: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
         reply_limit: ReplyRateLimit | None = None,
+        reply_budget: ReplyBudget | None = None,
         max_hops: int = MAX_HOPS,
     ) -> None:
         self.name = name
@@ -81,7 +82,9 @@ class App:
         self._views = views
         self.route_defaults = dict(route_defaults or {})
         self.settings: Mapping[str, Any] = dict(settings or {})
-        self.reply_limit = reply_limit or ReplyRateLimit(5, 3600.0)
+        # RFC 3834 §2: one reply per (responder, sender) per 7 days unless the app says otherwise
+        self.reply_limit = reply_limit or ReplyRateLimit(1, 7 * 24 * 3600.0)
+        self.reply_budget = reply_budget or ReplyBudget(300, 30)
         self.max_hops = max_hops
         self.router = Router()
         self._default_handler: Handler | None = None

@@ -192,8 +192,10 @@ class Context:
         refusal = autoreply_refusal(self.request)
         if refusal is None:
             to_addr = self.sender
-            if not self.app.reply_limit.allow(self._tx, to_addr, self.now):
+            if not self.app.reply_limit.allow(self._tx, to_addr, self.now, responder=self.handler.name):
                 refusal = f"reply rate limit reached for {to_addr}"
+            elif not self.app.reply_budget.allow(to_addr, self.now):
+                refusal = "the reply budget of this minute is spent (REPLY_BUDGET)"
         if refusal is not None:
             self._note(f"reply to {self.sender or '<>'} suppressed: {refusal}")
             return False

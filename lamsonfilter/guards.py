@@ -46,6 +46,7 @@ transaction propagate (the runtime defers the message).
 from __future__ import annotations
 
 import re
+import threading
 from email.utils import getaddresses
 from typing import Any, Mapping
 
@@ -208,18 +209,22 @@ class ReplyRateLimit:
         self.limit = limit
         self.period = float(period_seconds)
 
-    def key(self, sender: str) -> str:
-        return f"{self.PREFIX}{sender.strip().lower()}"
+    def key(self, sender: str, responder: str = "") -> str:
+        who = sender.strip().lower()
+        return f"{self.PREFIX}{responder}:{who}" if responder else f"{self.PREFIX}{who}"
 
-    def allow(self, tx: StateTransaction, sender: str, now: float) -> bool:
-        """Count one reply to `sender` at time `now` and say whether it may go.
+    def allow(self, tx: StateTransaction, sender: str, now: float, responder: str = "") -> bool:
+        """Count one reply from `responder` to `sender` at time `now` and say whether it may go.
 
-        Refused replies are not counted.  The null sender never gets a reply.
-        A clock that went backwards starts a new window.
+        The limit is per (responder, sender) as RFC 3834 §2 asks (the
+        framework passes the handler's name as the responder); without a
+        responder it is per sender.  Refused replies are not counted.  The
+        null sender never gets a reply.  A clock that went backwards starts
+        a new window.
         """
         if not sender.strip():
             return False
-        key = self.key(sender)
+        key = self.key(sender, responder)
         start, count = self._window(tx.get(key))
         if start is None or now < start or now - start >= self.period:
             start, count = now, 0
@@ -239,6 +244,42 @@ class ReplyRateLimit:
 
     def __repr__(self) -> str:
         return f"ReplyRateLimit({self.limit}, {self.period})"
+
+
+class ReplyBudget:
+    """A circuit breaker for generated replies: at most `per_minute` in all, and
+    `per_domain` to any one sender domain, per minute, in this process.
+
+    Confirmation requests go to a sender address anybody can forge; a flood
+    of forged subscriptions must not turn the application into a spam
+    cannon (reliability A5).  Kept in memory: each filter process has its
+    own budget, and nothing is written to the database on the hot path.
+    """
+
+    def __init__(self, per_minute: int, per_domain: int) -> None:
+        if per_minute < 1 or per_domain < 1:
+            raise ValueError("reply budget numbers must be at least 1")
+        self.per_minute = per_minute
+        self.per_domain = per_domain
+        self._minute = -1
+        self._total = 0
+        self._domains: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, recipient: str, now: float) -> bool:
+        minute = int(now // 60)
+        domain = recipient.rpartition("@")[2].lower()
+        with self._lock:
+            if minute != self._minute:
+                self._minute, self._total, self._domains = minute, 0, {}
+            if self._total >= self.per_minute or self._domains.get(domain, 0) >= self.per_domain:
+                return False
+            self._total += 1
+            self._domains[domain] = self._domains.get(domain, 0) + 1
+            return True
+
+    def __repr__(self) -> str:
+        return f"ReplyBudget({self.per_minute}, {self.per_domain})"
 
 
 # --------------------------------------------------------------------- helpers

@@ -27,7 +27,8 @@ DATABASE_URL       SQLAlchemy URL of the state store; ``memory:``   ``sqlite:///
                    relative SQLite paths are relative to the app
 RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1:10026``
 TEMPLATES          template directories, relative to the app        ``["app/templates"]``
-REPLY_LIMIT        (replies, seconds) per sender                    ``(5, 3600)``
+REPLY_LIMIT        (replies, seconds) per handler and sender        ``(1, 604800)``: RFC 3834
+REPLY_BUDGET       (replies, replies to one domain) per minute      ``(300, 30)``
 MAX_HOPS           Received: headers before a loop is assumed       ``50``
 REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (7 days)
                    the MTA's retry of the message replays it
@@ -47,7 +48,7 @@ from typing import Any, Mapping
 
 from .app import App, StartupError
 from .fsm import Handler
-from .guards import ReplyRateLimit
+from .guards import ReplyBudget, ReplyRateLimit
 from .state import MemoryStorage, StateStorage
 from .views import Views, ViewError
 
@@ -64,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "sqlite:///var/state.db",
     "RELAY": "127.0.0.1:10026",
     "TEMPLATES": ["app/templates"],
-    "REPLY_LIMIT": (5, 3600),
+    "REPLY_LIMIT": (1, 7 * 24 * 3600),
+    "REPLY_BUDGET": (300, 30),
     "MAX_HOPS": 50,
     "REPLAY_TTL": 7 * 24 * 3600,
 }
@@ -118,6 +120,9 @@ def _validate(values: dict[str, Any], path: Path) -> None:
     rl = values["REPLY_LIMIT"]
     if not (isinstance(rl, (list, tuple)) and len(rl) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in rl)):
         fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, not {rl!r}")
+    rb = values["REPLY_BUDGET"]
+    if not (isinstance(rb, (list, tuple)) and len(rb) == 2 and all(isinstance(x, int) and x > 0 for x in rb)):
+        fail("REPLY_BUDGET", f"must be (replies per minute, replies per minute to one domain), not {rb!r}")
     if not isinstance(values["MAX_HOPS"], int) or values["MAX_HOPS"] < 1:
         fail("MAX_HOPS", "must be a positive integer")
     if not isinstance(values["REPLAY_TTL"], (int, float)) or values["REPLAY_TTL"] < 3600:
@@ -251,6 +256,7 @@ def load_app(
         route_defaults=route_defaults,
         settings=settings,
         reply_limit=ReplyRateLimit(int(limit), float(period)),
+        reply_budget=ReplyBudget(*settings["REPLY_BUDGET"]),
         max_hops=settings["MAX_HOPS"],
     )
     return app.start()

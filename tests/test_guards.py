@@ -387,3 +387,43 @@ def test_rate_limit_damaged_or_foreign_records_start_over(record: StateRecord) -
 def test_rate_limit_configuration_is_checked(args: tuple[object, float]) -> None:
     with pytest.raises(ValueError):
         ReplyRateLimit(*args)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- per responder, budget (A3, A5)
+def test_rate_limit_is_per_responder_and_sender() -> None:
+    from lamsonfilter.guards import ReplyRateLimit
+    from lamsonfilter.state import MemoryStorage
+
+    limit = ReplyRateLimit(1, 7 * 24 * 3600)
+    storage = MemoryStorage()
+    with storage.transaction() as tx:
+        assert limit.allow(tx, "alice@example.com", 0.0, responder="helpdesk")
+        assert not limit.allow(tx, "alice@example.com", 10.0, responder="helpdesk")
+        assert limit.allow(tx, "alice@example.com", 10.0, responder="vacation")
+        assert limit.allow(tx, "bob@example.com", 10.0, responder="helpdesk")
+        assert limit.allow(tx, "alice@example.com", 7 * 24 * 3600.0, responder="helpdesk")
+
+
+def test_reply_budget_caps_total_and_per_domain_per_minute() -> None:
+    from lamsonfilter.guards import ReplyBudget
+
+    b = ReplyBudget(per_minute=5, per_domain=2)
+    assert [b.allow(f"u{i}@victim.example", 60.0) for i in range(3)] == [True, True, False]
+    assert [b.allow(f"u{i}@d{i}.example", 61.0) for i in range(4)] == [True, True, True, False]
+    assert b.allow("u@victim.example", 120.0)  # a new minute
+
+
+def test_forged_subscription_flood_is_bounded_by_the_budget() -> None:
+    """A5: 1000 subscriptions with distinct forged senders -> replies <= budget, the rest noted."""
+    from pathlib import Path
+
+    from lamsonfilter.testing import AppTester
+
+    app = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
+    t = AppTester.from_directory(app, overrides={"REPLY_BUDGET": (50, 10)}, now=6000.0)
+    replies = suppressed = 0
+    for i in range(1000):
+        r = t.send(f"victim{i}@domain{i % 20}.example", "python-subscribe@lists.example.org")
+        replies += len(r.replies)
+        suppressed += sum("reply budget" in n for n in r.decision.notes)
+    assert replies == 50 and suppressed == 950
