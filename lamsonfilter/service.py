@@ -40,7 +40,7 @@ def _notifier() -> Callable[[str], Any] | None:
     if not os.environ.get("NOTIFY_SOCKET"):
         return None
     try:
-        from systemd import daemon  # type: ignore[import-not-found,unused-ignore]
+        from systemd import daemon
     except ImportError:
         log.warning("NOTIFY_SOCKET is set but systemd-python is not installed: "
                     "no readiness notification (pip install 'lamsonfilter[systemd]')")
@@ -120,7 +120,7 @@ def setup_logging(verbose: int = 0) -> None:
     handler: logging.Handler | None = None
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         try:
-            from systemd import journal  # type: ignore[import-not-found,unused-ignore]
+            from systemd import journal
 
             handler = journal.JournalHandler(SYSLOG_IDENTIFIER="lamsonfilter")
         except ImportError:
