@@ -458,6 +458,33 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, database: str | None) 
     sys.exit(1 if errors else 0)
 
 
+# ---------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("examples/mailinglist"), show_default=True, help="The application to run.")
+@click.option("--mode", type=click.Choice(["milter", "content-filter"]), default="milter", show_default=True,
+              help="Where lamsonfilter sits: in Postfix's SMTP session, or after its queue.")
+@click.option("--port", type=int, default=2525, show_default=True, help="Loopback port Postfix listens on.")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/tmp/lamsonfilter-demo"), show_default=True,
+              help="Work directory: Postfix's configuration and queue, the state database, the mailboxes.")
+def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path) -> None:
+    """Run an application behind a private Postfix on loopback, to try it by hand.
+
+    Postfix delivers mail for example.com, example.net and example.org into
+    Maildirs under DIR/mail; send mail with swaks or `lamsonfilter send`
+    and watch the replies arrive.  Ctrl-C stops everything it started.
+    Needs root and Debian's postfix package (make run sets them up).
+    """
+    from .demo import Demo, DemoError
+
+    demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text))
+    try:
+        demo.run_until_interrupted()
+    except DemoError as exc:
+        _fail(str(exc))
+
+
 # ---------------------------------------------------------------- graph
 @main.command("graph")
 @_app_option
@@ -532,6 +559,65 @@ def send_cmd(server: str, sender: str, rcpts: tuple[str, ...], subject: str, bod
     sys.exit(1 if refused else 0)
 
 
+# ---------------------------------------------------------------- milter
+@main.command("milter")
+@_app_option
+@click.option("--socket", "socket_spec", metavar="SPEC", envvar="LAMSONFILTER_MILTER_SOCKET",
+              default="unix:/run/lamsonfilter/milter.sock", show_default=True,
+              help="Where Postfix connects: unix:/path (made 0660, group --socket-group) or "
+                   "inet:PORT@HOST (loopback only unless --allow-remote).")
+@click.option("--relay", metavar="HOST:PORT", default=None,
+              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.")
+@_database_option
+@click.option("--allow-remote", is_flag=True, help="Allow an inet socket on a non-loopback address.")
+@click.option("--socket-group", default="postfix", show_default=True, metavar="GROUP",
+              help="Group that may connect to a unix socket (Postfix's smtpd runs as user postfix).")
+@click.option("--no-tcp-nodelay", "no_nodelay", is_flag=True, hidden=True,
+              help="Diagnostics only: leave Nagle on for inet sockets (bench/milter_bench.sh shows the cost).")
+def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str | None,
+               allow_remote: bool, socket_group: str, no_nodelay: bool) -> None:
+    """Run the application as a Postfix milter (pre-queue).
+
+    Postfix keeps the SMTP session; lamsonfilter refuses unroutable
+    addresses at RCPT (550 5.1.1), runs the application at the end of
+    each message and answers with milter actions.  Any internal error
+    answers 451 4.3.0.  In Postfix's main.cf (see conf/postfix/main.cf.milter):
+
+        smtpd_milters = { unix:/run/lamsonfilter/milter.sock, default_action=tempfail }
+
+    SIGTERM or SIGINT stop it cleanly (the outbox is flushed first); SIGHUP
+    reloads the application.  Bad configuration exits with status 2.
+    """
+    from .endpoint import EndpointError, parse_milter_socket
+    from .service import Service, setup_logging
+
+    setup_logging(click.get_current_context().find_root().params.get("verbose", 0))
+    try:
+        endpoint = parse_milter_socket(socket_spec, allow_remote=allow_remote)
+    except EndpointError as exc:
+        _fail(str(exc))
+        return
+    try:
+        from . import milter as milter_mode
+    except ImportError as exc:
+        _fail(f"milter mode needs pymilter ({exc}); install it with: pip install 'lamsonfilter[milter]'")
+        return
+    from .runtime import Runtime
+
+    try:
+        runtime = Runtime.from_directory(app_dir, {"RELAY": relay, "DATABASE_URL": database})
+    except (StartupError, StorageError) as exc:
+        _fail(str(exc))
+        return
+    try:
+        status = milter_mode.serve(runtime, endpoint, service=Service(), socket_group=socket_group or None,
+                                   tcp_nodelay=not no_nodelay)
+    except (milter_mode.MilterStartError, OSError) as exc:
+        _fail(f"cannot listen: {exc}")
+        return
+    sys.exit(status)
+
+
 def _safe_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -539,6 +625,75 @@ def _safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 -- only for display
         return url
+
+
+# ---------------------------------------------------------------- smtpproxy (content filter)
+def _hostport_option(value: str, flag: str) -> tuple[str, int]:
+    from .settings import parse_hostport
+
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:
+        _fail(f"{flag} {exc}")
+        raise
+
+
+@main.command("smtpproxy")
+@_app_option
+@click.option("--listen", default="127.0.0.1:10025", show_default=True, metavar="HOST:PORT",
+              help="Where Postfix's content_filter transport delivers (loopback unless --allow-remote).")
+@click.option("--reinject", default="127.0.0.1:10026", show_default=True, metavar="HOST:PORT",
+              help="The MTA's reinjection listener (no content_filter there); the outbox goes here too.")
+@click.option("--lmtp", is_flag=True, help="Speak LMTP: one reply per recipient after DATA.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes sharing the port (SO_REUSEPORT) when one CPU is not enough.")
+@_database_option
+@click.option("--allow-remote", is_flag=True, help="Allow --listen on a non-loopback address.")
+@click.option("--max-size", type=int, default=10_240_000, show_default=True, metavar="BYTES",
+              help="SIZE announced to Postfix: at least its message_size_limit.")
+@click.option("--deadline", type=float, default=120.0, show_default=True, metavar="SECONDS",
+              help="Per-message limit for processing and reinjection; then 451 (Postfix waits 600 s).")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Maildir for rejected-after-DATA and quarantined mail. Default: APP/var/quarantine.")
+@click.option("--spool-dir", default=None, help="Directory for messages over 1 MiB (default: $TMPDIR).")
+@click.option("--threads", type=int, default=8, show_default=True, help="Threads running the application.")
+@click.option("--policy", default=None, metavar="HOST:PORT",
+              help="Also answer Postfix's check_policy_service here: unknown app addresses refused before queueing.")
+@click.pass_context
+def smtpproxy_cmd(
+    ctx: click.Context, app_dir: Path, listen: str, reinject: str, lmtp: bool, workers: int,
+    database: str | None, allow_remote: bool, max_size: int, deadline: float, quarantine: Path | None,
+    spool_dir: str | None, threads: int, policy: str | None,
+) -> None:
+    """Run as Postfix's after-queue content filter (reinjecting to --reinject).
+
+    Postfix: content_filter = lamsonfilter:[127.0.0.1]:10025 and a 10026
+    smtpd without filtering (conf/postfix/*.content_filter).  The reply to
+    Postfix's final dot is 250 only after the reinjection listener accepted
+    the message; any failure is 451 4.3.0 and Postfix retries.  SIGHUP
+    reloads the application.
+    """
+    try:
+        from .smtpproxy import ProxyConfig, serve
+    except ImportError as exc:
+        _fail(f"smtpproxy needs aiosmtpd (pip install 'lamsonfilter[smtpproxy]'): {exc}")
+        return
+    from .service import setup_logging
+
+    verbose = int((ctx.parent.params if ctx.parent else {}).get("verbose", 0))
+    setup_logging(verbose)
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    config = ProxyConfig(
+        app_dir=app_dir, listen=_hostport_option(listen, "--listen"),
+        reinject=_hostport_option(reinject, "--reinject"), lmtp=lmtp, workers=workers, database=database,
+        allow_remote=allow_remote, max_size=max_size, deadline=deadline, quarantine=quarantine,
+        spool_dir=spool_dir, threads=max(1, threads),
+        policy=_hostport_option(policy, "--policy") if policy else None,
+    )
+    try:
+        sys.exit(serve(config))
+    except (StartupError, StorageError) as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,5 @@
+"""``python -m lamsonfilter``: the same as the ``lamsonfilter`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""Refusing unknown application addresses *before* Postfix queues: a policy delegation server.
+
+In content-filter mode Postfix accepts and queues first; a ``550 5.1.1``
+from the filter at RCPT then makes Postfix bounce to the envelope sender.
+To refuse the address while the client is still connected, Postfix asks
+this server (SMTPD_POLICY_README, "Postfix SMTP Access Policy Delegation")
+at RCPT time, and lamsonfilter answers with the application's own
+`App.check_recipient`, the same check the milter does in ``envrcpt``:
+
+    # main.cf (port 25 smtpd; the 10026 listener overrides its restrictions)
+    smtpd_recipient_restrictions = check_policy_service { inet:127.0.0.1:10027,
+        default_action=DUNNO }, permit_mynetworks, reject_unauth_destination
+
+    lamsonfilter smtpproxy --policy 127.0.0.1:10027 ...
+
+Protocol: Postfix sends ``name=value`` lines ending with an empty line and
+reads ``action=...`` and an empty line back; one connection carries many
+requests.  The answer is ``550 5.1.1 ...`` for an address at an
+application host that no route takes, ``DUNNO`` (no opinion: the other
+restrictions decide) for everything else, including errors.  Requests are
+bounded (line length, attribute count); a malformed one closes the
+connection, and Postfix's ``default_action`` applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from .decisions import Action
+from .mail import AddressError, normalize_address
+from .runtime import Runtime
+
+__all__ = ["PolicyServer", "policy_answer"]
+
+log = logging.getLogger("lamsonfilter.policy")
+
+_MAX_LINE = 8192
+_MAX_ATTRIBUTES = 200
+
+
+def policy_answer(runtime: Runtime, attributes: dict[str, str]) -> str:
+    """The ``action=`` value for one request (see the module docstring)."""
+    if attributes.get("request") != "smtpd_access_policy":
+        return "DUNNO"
+    if attributes.get("protocol_state", "RCPT").upper() != "RCPT":
+        return "DUNNO"
+    try:
+        recipient = normalize_address(attributes.get("recipient", ""))
+    except AddressError:
+        return "DUNNO"
+    if not recipient:
+        return "DUNNO"
+    outcome = runtime.check_recipient(recipient)
+    if outcome is not None and outcome.action is Action.REJECT:
+        return outcome.reply
+    return "DUNNO"
+
+
+class PolicyServer:
+    """The policy listener, on the same asyncio loop as the content filter."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                attributes: dict[str, str] = {}
+                while True:
+                    line = await reader.readline()
+                    if not line.endswith(b"\n"):
+                        return  # EOF, or a line longer than the limit
+                    text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+                    if not text:
+                        break
+                    name, eq, value = text.partition("=")
+                    if not eq or len(attributes) >= _MAX_ATTRIBUTES:
+                        log.warning("malformed policy request, closing the connection")
+                        return
+                    attributes[name] = value
+                action = policy_answer(self.runtime, attributes)
+                writer.write(f"action={action}\n\n".encode("utf-8", "surrogateescape"))
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            return
+        finally:
+            writer.close()
+
+    async def start(self, sock: socket.socket) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self.handle, sock=sock, limit=_MAX_LINE)
