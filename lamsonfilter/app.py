@@ -37,8 +37,9 @@ __all__ = ["App", "StartupError", "RouteTarget", "MAX_HOPS", "CONFLICT_RETRIES"]
 
 log = logging.getLogger("lamsonfilter")
 
-#: More ``Received:`` headers than this means a mail loop (Postfix's hopcount_limit is 50).
-MAX_HOPS = 50
+#: More ``Received:`` headers than this means a mail loop.  Below Postfix's
+#: ``hopcount_limit`` (50), which bounces such mail before it reaches us (L3).
+MAX_HOPS = 30
 #: How often a message is run again when a concurrent message changed the same key.
 CONFLICT_RETRIES = 8
 #: State keys under which committed decisions are kept for replay (`MailRequest.replay_key`).
@@ -180,6 +181,15 @@ class App:
                 fixed[rcpt] = Outcome(rcpt, Action.DELIVER)
         if not routed:  # pass-through mail: no transaction, no parsing
             return Decision(tuple(fixed[r] for r in request.recipients))
+        oversized = request.oversized_header
+        if oversized is not None:  # parsing it could take minutes (X3): refuse, never retry
+            for rcpt, match in routed:
+                fixed[rcpt] = Outcome(
+                    rcpt, Action.REJECT, 554, "5.6.0", "Message header too large to process",
+                    route=str(match.route),
+                )
+            log.warning("queue_id=%s %s: handlers not run", request.queue_id or "-", oversized)
+            return Decision(tuple(fixed[r] for r in request.recipients), notes=(f"{oversized}: handlers not run",))
         if self._hops(request) > self.max_hops:
             for rcpt, match in routed:
                 fixed[rcpt] = Outcome(

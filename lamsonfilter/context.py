@@ -25,6 +25,7 @@ framework's guards: never to bounces, lists, ``<>``..., rate-limited) and
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formataddr, getaddresses, parseaddr
@@ -190,6 +191,8 @@ class Context:
         copied into the reply) is refused the same way, never sent.
         """
         refusal = autoreply_refusal(self.request)
+        if refusal is None and not _one_mailbox(self.sender):
+            refusal = "the envelope sender is not one mailbox a To header can name"
         if refusal is None:
             to_addr = self.sender
             if not self.app.reply_limit.allow(self._tx, to_addr, self.now, responder=self.handler.name):
@@ -268,7 +271,8 @@ class Context:
         else:
             raw = _crlf(message)
             msg = None
-            if GENERATED_HEADER.encode().lower() not in raw.lower().split(b"\r\n\r\n", 1)[0]:
+            head = b"" if raw.startswith(b"\r\n") else raw.split(b"\r\n\r\n", 1)[0]
+            if not _GENERATED_FIELD.search(head):
                 raw = f"{GENERATED_HEADER}: {self.app.name}\r\n".encode() + raw
         if sender is None:
             sender = parseaddr(str(msg["From"]))[1] if msg is not None and msg["From"] else self.recipient
@@ -311,6 +315,18 @@ class Context:
         """Format an address, e.g. ``ctx.address("python-confirm-XYZ", host)``."""
         addr = f"{local}@{domain or self.recipient.rpartition('@')[2]}"
         return formataddr((name, addr)) if name else addr
+
+
+#: A header line naming `GENERATED_HEADER` (not merely the text somewhere in the header block).
+_GENERATED_FIELD = re.compile(rb"(?im)^" + re.escape(GENERATED_HEADER.encode("ascii")) + rb"[ \t]*:")
+
+
+def _one_mailbox(address: str) -> bool:
+    """True when a To header holding `address` names exactly that one mailbox."""
+    try:
+        return getaddresses([address]) == [("", address)]
+    except Exception:  # noqa: BLE001 -- unreadable is not one mailbox
+        return False
 
 
 def _crlf(data: bytes) -> bytes:

@@ -264,7 +264,9 @@ class Decision:
 
 def _split_raw(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
     """Split raw bytes into header fields (each with its continuation lines), the eol and the body."""
-    eol = b"\r\n" if b"\r\n" in raw[:2048] or b"\n" not in raw[:2048] else b"\n"
+    # the header block's own line end (its first line's), not one seen later in the body
+    first = raw.find(b"\n")
+    eol = b"\n" if first >= 0 and raw[first - 1:first] != b"\r" else b"\r\n"
     lines = raw.split(b"\n")
     fields: list[bytes] = []
     i = 0

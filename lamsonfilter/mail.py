@@ -26,6 +26,7 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses
 from functools import cached_property
+from typing import Any
 
 __all__ = [
     "POLICY",
@@ -35,6 +36,10 @@ __all__ = [
     "normalize_address",
     "split_address",
     "MAX_ADDRESS_LENGTH",
+    "MIME_NESTING_LIMIT",
+    "MAX_HEADER_BYTES",
+    "MAX_STRUCTURED_FIELD",
+    "PARSE_POLICY",
 ]
 
 #: The one policy used to parse and to generate mail: the modern API, CRLF
@@ -44,6 +49,41 @@ POLICY = email.policy.SMTP
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets; we allow a little more
 #: for the angle brackets and refuse anything longer before routing it.
 MAX_ADDRESS_LENGTH = 320
+
+#: Budget for the top-level header block, checked on the raw bytes before the
+#: email package parses any header (`MailRequest.oversized_header`).  CPython's
+#: header parser takes time that grows quadratically or worse with the length
+#: of one field (gh-136063: minutes for a 100 KB ``Content-Type: x;;;;...``,
+#: which Postfix's ``header_size_limit`` of 102400 lets through).  The whole
+#: block may hold `MAX_HEADER_BYTES`; one field the email package parses
+#: structurally (addresses, MIME fields, dates...) `MAX_STRUCTURED_FIELD`.
+MAX_HEADER_BYTES = 102400
+MAX_STRUCTURED_FIELD = 8192
+
+
+class _BoundedPolicy(email.policy.EmailPolicy):
+    """`POLICY` for parsing received mail: a field over budget reads as empty.
+
+    The email package parses a header value each time it is read; a value
+    over `MAX_STRUCTURED_FIELD` (for the fields it parses structurally) or
+    over `MAX_HEADER_BYTES` (any field) is not parsed at all.  This holds for
+    the header fields of every MIME part, which the parser reads itself.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if len(value) > MAX_HEADER_BYTES or (
+            len(value) > MAX_STRUCTURED_FIELD and name.lower().encode("ascii", "replace") in _STRUCTURED
+        ):
+            return self.header_factory(name, "")
+        return super().header_fetch_parse(name, value)
+
+
+#: MIME nesting deeper than this is recorded as a defect (``MimeNestingTooDeep``),
+#: which makes the message ambiguous; Postfix's ``mime_nesting_limit`` is 100 too.
+MIME_NESTING_LIMIT = 100
+
+#: The policy `MailRequest.message` parses with: `POLICY`, with the header budget.
+PARSE_POLICY = _BoundedPolicy(linesep="\r\n")
 
 
 class AddressError(ValueError):
@@ -164,19 +204,64 @@ class MailRequest:
 
     @cached_property
     def message(self) -> EmailMessage:
-        """The parsed message (never raises; problems land in `defects`)."""
-        msg = BytesParser(policy=POLICY).parsebytes(self.raw)
+        """The parsed message (never raises; problems land in `defects`).
+
+        When the email package cannot parse the MIME structure (it recurses
+        once per nesting level and raises `RecursionError` on deep nesting),
+        the message is parsed again with its body left unparsed, and the
+        defect ``MimeNestingTooDeep`` (or ``MessageParseError``) is recorded.
+        A header field too large to parse safely (see `PARSE_POLICY`) reads
+        as an empty value; a top-level one is recorded as ``HeaderTooLarge``.
+        """
+        if self.oversized_header is not None:
+            self._extra_defects.append("HeaderTooLarge")
+        try:
+            msg = BytesParser(policy=PARSE_POLICY).parsebytes(self.raw)
+        except Exception as exc:  # noqa: BLE001 -- the contract: never raise
+            self._extra_defects.append(
+                "MimeNestingTooDeep" if isinstance(exc, RecursionError) else "MessageParseError"
+            )
+            try:
+                msg = BytesParser(policy=PARSE_POLICY).parsebytes(self.raw, headersonly=True)
+            except Exception:  # noqa: BLE001
+                msg = EmailMessage(policy=PARSE_POLICY)
         assert isinstance(msg, EmailMessage)
         return msg
 
     @cached_property
     def defects(self) -> tuple[str, ...]:
-        """Parse defects of every part, plus lamsonfilter's own ambiguity checks."""
+        """Parse defects of every part, plus lamsonfilter's own ambiguity checks.
+
+        Parts are visited in `Message.walk` order but without recursion, and
+        not below `MIME_NESTING_LIMIT` levels: deeper nesting is itself
+        recorded (``MimeNestingTooDeep``), as Postfix refuses it.
+        """
+        message = self.message  # first: parsing may add to _extra_defects
         found: list[str] = list(self._extra_defects)
-        for part in self.message.walk():
+        stack: list[tuple[Message, int]] = [(message, 0)]
+        while stack:
+            part, depth = stack.pop()
             found.extend(type(d).__name__ for d in part.defects)
             found.extend(_ambiguities(part))
+            if not part.is_multipart():
+                continue
+            if depth >= MIME_NESTING_LIMIT:
+                found.append("MimeNestingTooDeep")
+                continue
+            subparts = part.get_payload()
+            if isinstance(subparts, list):
+                stack.extend((sub, depth + 1) for sub in reversed(subparts) if isinstance(sub, Message))
         return tuple(found)
+
+    @cached_property
+    def oversized_header(self) -> str | None:
+        """Why the top-level header block is too large to parse safely, or None.
+
+        Looks at the raw bytes only (never parses): the header block, as the
+        email package delimits it, over `MAX_HEADER_BYTES`, or one field that
+        the package parses structurally over `MAX_STRUCTURED_FIELD`.
+        """
+        return _oversized_header(self.raw)
 
     @property
     def ambiguous_mime(self) -> bool:
@@ -223,6 +308,9 @@ class MailRequest:
 
 
 _AMBIGUOUS = {
+    "HeaderTooLarge",
+    "MimeNestingTooDeep",
+    "MessageParseError",
     "DuplicateContentType",
     "DuplicateBoundary",
     "DuplicateContentTransferEncoding",
@@ -253,6 +341,38 @@ def _first_address(headers: Message, name: str) -> str:
         if addr:
             return addr
     return ""
+
+
+#: A line the email package's feed parser takes for a header line (its ``headerRE``).
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+#: Fields the email package parses with a structured parser (its header registry).
+_STRUCTURED = frozenset(n.encode("ascii") for n in POLICY.header_factory.registry)  # type: ignore[attr-defined]
+
+
+def _oversized_header(raw: bytes) -> str | None:
+    """See `MailRequest.oversized_header`; linear in the size of the header block."""
+    pos = total = field = 0
+    name = b""
+    while pos < len(raw):
+        nl = raw.find(b"\n", pos)
+        end = len(raw) if nl < 0 else nl + 1
+        if raw[pos:pos + 1] in (b"\n", b"\r") and raw[pos:end].strip(b"\r\n") == b"":
+            break  # the blank line: end of the header block
+        if raw[pos:pos + 1] in (b" ", b"\t"):
+            field += end - pos  # a continuation line
+        elif _HEADER_LINE.match(raw, pos):
+            colon = raw.find(b":", pos, end)
+            name = raw[pos:colon].strip().lower() if colon >= 0 else b""
+            field = end - pos
+        else:
+            break  # not a header line: the parser starts the body here
+        total += end - pos
+        if total > MAX_HEADER_BYTES:
+            return f"header block over {MAX_HEADER_BYTES} bytes"
+        if field > MAX_STRUCTURED_FIELD and name in _STRUCTURED:
+            return f"header field {name.decode('ascii', 'replace')} over {MAX_STRUCTURED_FIELD} bytes"
+        pos = end
+    return None
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")

@@ -29,7 +29,8 @@ RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1
 TEMPLATES          template directories, relative to the app        ``["app/templates"]``
 REPLY_LIMIT        (replies, seconds) per handler and sender        ``(1, 604800)``: RFC 3834
 REPLY_BUDGET       (replies, replies to one domain) per minute      ``(300, 30)``
-MAX_HOPS           Received: headers before a loop is assumed       ``50``
+MAX_HOPS           Received: headers before a loop is assumed       ``30``
+                   (below Postfix's hopcount_limit of 50)
 REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (7 days)
                    the MTA's retry of the message replays it
 =================  ===============================================  ==========================
@@ -67,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "TEMPLATES": ["app/templates"],
     "REPLY_LIMIT": (1, 7 * 24 * 3600),
     "REPLY_BUDGET": (300, 30),
-    "MAX_HOPS": 50,
+    "MAX_HOPS": 30,
     "REPLAY_TTL": 7 * 24 * 3600,
 }
 

@@ -29,6 +29,7 @@ from .app import App
 from .decisions import Action, Decision, OutboxMessage, Outcome
 from .mail import POLICY, MailRequest
 from .state import MemoryStorage, StateStorage
+from .views import _verify_serialised
 
 __all__ = ["AppTester", "Result", "make_message"]
 
@@ -40,7 +41,13 @@ def make_message(
     body: str = "Hello.\n",
     headers: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A small, valid message as CRLF bytes, with Date and Message-ID."""
+    """A small, valid message as CRLF bytes, with Date and Message-ID.
+
+    Raises `HeaderValueError` when the email package would write a value as
+    more than the one header it was set as (an RFC 2047 encoded CR/LF on an
+    unpatched CPython, CVE-2024-6923): build hostile test mail as bytes and
+    pass it as ``AppTester.send(..., raw=...)``.
+    """
     msg = EmailMessage(policy=POLICY)
     msg["From"] = sender or "MAILER-DAEMON@example.net"
     msg["To"] = to if isinstance(to, str) else ", ".join(to)
@@ -50,7 +57,9 @@ def make_message(
     for name, value in (headers or {}).items():
         msg[name] = value
     msg.set_content(body)
-    return msg.as_bytes()
+    raw = msg.as_bytes()
+    _verify_serialised(raw, [k.lower() for k in msg.keys()])
+    return raw
 
 
 def parse(raw: bytes) -> EmailMessage:
