@@ -2,7 +2,7 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test run check
+.PHONY: bootstrap test run dry-run check
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -11,7 +11,13 @@ bootstrap:
 test: bootstrap
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# the example mailing list behind a private Postfix on loopback (MODE=content-filter for
+# the after-queue set-up); Ctrl-C stops it.  `make dry-run` needs no Postfix at all.
+MODE ?= milter
 run: bootstrap
+	$(VENV)/bin/lamsonfilter demo --app examples/mailinglist --mode $(MODE)
+
+dry-run: bootstrap
 	$(VENV)/bin/lamsonfilter test --app examples/mailinglist examples/mailinglist/samples/
 
 check: bootstrap

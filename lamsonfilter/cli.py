@@ -472,7 +472,7 @@ def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path) -> None:
     """Run an application behind a private Postfix on loopback, to try it by hand.
 
     Postfix delivers mail for example.com, example.net and example.org into
-    Maildirs under DIR/mail; send mail with swaks or `lamsonfilter send`
+    one Maildir, DIR/mail/inbox; send mail with swaks or `lamsonfilter send`
     and watch the replies arrive.  Ctrl-C stops everything it started.
     Needs root and Debian's postfix package (make run sets them up).
     """
