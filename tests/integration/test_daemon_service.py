@@ -1,0 +1,165 @@
+"""The daemons as systemd runs them: READY/WATCHDOG/STOPPING on a real NOTIFY_SOCKET, and a
+SIGHUP reload that swaps the code while a message is in flight (the message is still handled).
+"""
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lamsonfilter.settings import make_storage
+from tests.rig.postfix import CaptureServer, free_port, port_accepts, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HANDLER = '''\
+import os, time
+from lamsonfilter import Handler, stateless
+
+handler = Handler("svc", default_action="deliver")
+VERSION = "one"
+
+
+@handler.route("hold@(host)")
+@stateless
+def HOLD(ctx, host):
+    """Signal that the message is in flight, then wait (bounded) for the test's go."""
+    flag = ctx.settings["FLAG_DIR"]
+    open(os.path.join(flag, "started"), "w").close()
+    for _ in range(600):
+        if os.path.exists(os.path.join(flag, "go")):
+            break
+        time.sleep(0.05)
+    ctx.add_header("X-Version", VERSION)
+
+
+@handler.route("tag@(host)")
+@stateless
+def TAG(ctx, host):
+    ctx.add_header("X-Version", VERSION)
+'''
+
+
+def make_app(tmp: Path) -> Path:
+    import shutil
+
+    app = tmp / "app"
+    shutil.copytree(ROOT / "examples" / "mailinglist", app, ignore=shutil.ignore_patterns("var", "__pycache__", "tests"))
+    (app / "app" / "handlers" / "svc.py").write_text(HANDLER)
+    settings = app / "config" / "settings.py"
+    text = settings.read_text().replace('HANDLERS = ["mailinglist"]', 'HANDLERS = ["mailinglist", "svc"]')
+    settings.write_text(text + f"\nFLAG_DIR = {str(tmp)!r}\n")
+    storage = make_storage("sqlite:///var/state.db", app)
+    storage.create_schema()
+    storage.close()
+    return app
+
+
+class Notifications:
+    """A NOTIFY_SOCKET the test reads, as systemd would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(1.0)
+        self.seen: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        def got() -> str | None:
+            for m in self.seen:
+                if text in m:
+                    self.seen.remove(m)
+                    return m
+            try:
+                self.seen.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+            return None
+
+        return wait_for(got, timeout, interval=0.0, message=f"{text!r} on the notify socket")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send(port: int, rcpt: str, results: list, subject: str = "x") -> None:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
+            s.sendmail("alice@example.com", [rcpt], f"Subject: {subject}\r\nMessage-ID: <{subject}@t>\r\n\r\nhi\r\n".encode())
+        results.append("ok")
+    except Exception as exc:  # noqa: BLE001 -- reported by the test
+        results.append(exc)
+
+
+def test_smtpproxy_notifies_systemd_and_reloads_with_a_message_in_flight(tmp_path):
+    try:
+        import systemd.daemon  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-python is required in CI")
+        pytest.skip("systemd-python not installed")
+    app = make_app(tmp_path)
+    notify = Notifications(tmp_path / "notify")
+    capture = CaptureServer().start()
+    port = free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "smtpproxy", "--app", str(app), "--listen", f"127.0.0.1:{port}",
+         "--reinject", f"127.0.0.1:{capture.port}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        ready = notify.wait_for("READY=1")
+        assert f"MAINPID={proc.pid}" in ready and "STATUS=listening on" in ready
+        notify.wait_for("WATCHDOG=1")
+        notify.wait_for("WATCHDOG=1")
+        assert port_accepts(port)
+
+        results: list = []
+        inflight = threading.Thread(target=send, args=(port, "hold@lists.example.org", results, "held"))
+        inflight.start()
+        wait_for(lambda: (tmp_path / "started").exists(), 60, message="the held message to reach its handler")
+        handler = app / "app" / "handlers" / "svc.py"
+        handler.write_text(HANDLER.replace('VERSION = "one"', 'VERSION = "two"'))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("STATUS=listening on")  # back to normal after the reload
+        (tmp_path / "go").touch()
+        inflight.join(120)
+        assert results == ["ok"]
+
+        send(port, "tag@lists.example.org", results, "after")
+        assert results == ["ok", "ok"]
+        msgs = capture.wait_for_count(2, timeout=60)
+        versions = {m.message["Subject"]: m.message["X-Version"] for m in msgs}
+        assert versions == {"held": "one", "after": "two"}  # in flight: old code; next: new code
+
+        # broken code: refused, the old application keeps running
+        handler.write_text(HANDLER + "\ndef broken(:\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        refused = notify.wait_for("STATUS=reload refused")
+        assert "SyntaxError" in refused
+        send(port, "tag@lists.example.org", results, "still")
+        assert results[-1] == "ok"
+        assert capture.wait_for_count(3, timeout=60)[-1].message["X-Version"] == "two"
+
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        capture.stop()
+        notify.close()
