@@ -1,0 +1,183 @@
+"""What a daemon does around its protocol engine: the socket file, the TCP socket, signals.
+
+``lamsonfilter milter`` runs libmilter (through pymilter) in a thread of its
+own; this module holds the parts that do not speak the milter protocol::
+
+    prepare_unix_socket("/run/lamsonfilter/milter.sock")   # dir made, live socket refused
+    ...libmilter opens the socket...
+    open_to_group(path, "postfix")                         # 0660, group postfix
+    set_listener_nodelay(8891)                             # inherited by accepted sockets
+    with SignalWaiter() as signals:                        # before any thread starts
+        ...start threads...
+        signals.wait(engine_alive, on_reload=reloader.request)
+
+How errors surface: a socket another process serves raises `SocketInUse`;
+a group that cannot be given falls back to mode 0666 with a warning;
+everything else is an `OSError` from the system call that failed.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from types import TracebackType
+from typing import Any, Callable
+
+__all__ = ["SocketInUse", "prepare_unix_socket", "open_to_group", "set_listener_nodelay",
+           "SignalWaiter", "Reloader"]
+
+log = logging.getLogger("lamsonfilter")
+
+
+class SocketInUse(OSError):
+    """Another process is serving the unix socket we were asked to listen on."""
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Create the socket's directory (0755) and refuse a socket another process serves.
+
+    A stale socket file (nobody answers) is left for the listener to
+    replace; a live one raises `SocketInUse` instead of being stolen.
+    """
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                return
+        raise SocketInUse(f"{path}: another process is already listening on this socket")
+
+
+def open_to_group(path: str, group: str | None) -> str:
+    """Let `group` (Postfix's smtpd runs as user postfix) connect: group-owned, mode 0660.
+
+    If the group does not exist or cannot be given (not root, not a
+    member), the socket is made 0666 and a warning says so.  Returns what
+    was done, for the start-up log line.
+    """
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(path, 0o660)
+            return f"mode 0660, group {group}"
+        except (KeyError, PermissionError) as exc:
+            log.warning("cannot give %s to group %s (%s); making it 0666 so Postfix can connect", path, group, exc)
+    os.chmod(path, 0o666)
+    return "mode 0666"
+
+
+def set_listener_nodelay(port: int) -> bool:
+    """Set TCP_NODELAY on this process's listening TCP socket on `port`; True if found.
+
+    Linux copies the option to every socket accepted from it.  For a
+    listener opened by a C library that does not expose it (libmilter),
+    the socket is found among the process's descriptors.  Call it before
+    other threads open sockets.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    done = False
+    for name in names:
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except (OSError, ValueError):
+            continue
+        try:
+            if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and sock.getsockname()[1] == port):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                done = True
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor stays the listener's
+    return done
+
+
+class SignalWaiter:
+    """SIGTERM, SIGINT and SIGHUP, received by the main thread only.
+
+    Entering blocks them in the calling (main) thread, so every thread
+    started afterwards inherits the block -- also a C library's own
+    signal thread (libmilter stops at any of the three).  `wait` then
+    takes them with ``sigtimedwait``: the kernel hands a process-wide
+    signal to the main thread first when it is waiting for it, so the
+    daemon decides what a signal means.  Leaving drops signals that
+    arrived while stopping (a second SIGTERM must not kill the process once
+    unblocked) and restores the mask.
+    """
+
+    SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+    def __enter__(self) -> SignalWaiter:
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        while signal.sigtimedwait(self.SIGNALS, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+    def wait(self, alive: Callable[[], bool], on_reload: Callable[[], None]) -> str | None:
+        """Until SIGTERM/SIGINT (returns its name) or `alive()` turns false (returns None).
+
+        SIGHUP calls `on_reload` and goes on waiting.
+        """
+        while alive():
+            info = signal.sigtimedwait(self.SIGNALS, 1.0)
+            if info is None:
+                continue
+            if info.si_signo == signal.SIGHUP:
+                log.info("SIGHUP: reloading the application")
+                on_reload()
+                continue
+            name = signal.Signals(info.si_signo).name
+            log.info("%s: stopping", name)
+            return name
+        return None
+
+
+class Reloader:
+    """`Runtime.reload` in a helper thread, so the main thread goes straight back to
+    waiting for signals.  A request during a reload asks for one more afterwards."""
+
+    def __init__(self, runtime: Any, service: Any = None) -> None:
+        self.runtime = runtime
+        self.service = service
+        self._lock = threading.Lock()
+        self._again = False
+        self._busy = False
+
+    def request(self) -> None:
+        with self._lock:
+            if self._busy:
+                self._again = True
+                return
+            self._busy = True
+        threading.Thread(target=self._run, name="lamsonfilter-reload", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            if self.service is not None:
+                self.service.reloading()
+            problem = self.runtime.reload()
+            if self.service is not None:
+                self.service.ready("reloaded" if problem is None else f"reload failed, old application kept: {problem}")
+            with self._lock:
+                if not self._again:
+                    self._busy = False
+                    return
+                self._again = False

@@ -1,0 +1,1 @@
+"""Integration scenarios against a real private Postfix, the same for every mode (see deploy.py)."""

@@ -1,0 +1,342 @@
+"""lamsonfilter.milter without an MTA: callbacks driven by hand against a recording context.
+
+The wire (Postfix, miltertest) is in tests/integration/test_milter.py and
+test_scenarios.py; here each callback's contract is checked directly:
+what it returns, which reply it sets, which actions it asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lamsonfilter import App, Handler, stateless
+from lamsonfilter.mail import MailRequest
+from lamsonfilter.runtime import Runtime
+from lamsonfilter.state import MemoryStorage
+from tests.rig.fixtures import in_ci
+
+try:
+    import Milter
+
+    import lamsonfilter.milter as milter_mode
+except ImportError as exc:  # pymilter is an optional extra; CI must have it
+    if in_ci():
+        raise
+    pytest.skip(f"pymilter is not installed ({exc}); run scripts/bootstrap.sh", allow_module_level=True)
+
+LamsonMilter = milter_mode.LamsonMilter
+
+HOST = "lists.example.org"
+
+
+class RecordingCtx:
+    """Stands in for pymilter's milterContext: records every call, serves macros."""
+
+    def __init__(self, macros: dict[str, str] | None = None) -> None:
+        self.macros = dict(macros or {})
+        self.calls: list[tuple[Any, ...]] = []
+        self.priv: Any = None
+
+    def getsymval(self, name: str) -> str | None:
+        return self.macros.get(name)
+
+    def setpriv(self, priv: Any) -> None:
+        self.priv = priv
+
+    def getpriv(self) -> Any:
+        return self.priv
+
+    def __getattr__(self, name: str) -> Any:  # setreply, addheader, chgheader, setsymlist, ...
+        def record(*args: Any) -> None:
+            self.calls.append((name, *args))
+
+        return record
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
+def make_runtime() -> Runtime:
+    handler = Handler("t", default_action="deliver")
+
+    @handler.route("tag@(host)")
+    @stateless
+    def TAG(ctx: Any, host: str) -> None:
+        ctx.add_header("X-Tag", "tagged")
+        ctx.add_header("X-Greeting", "grüße")  # not ASCII: RFC 2047 on the wire
+
+    @handler.route("crash@(host)")
+    @stateless
+    def CRASH(ctx: Any, host: str) -> None:
+        raise RuntimeError("boom")
+
+    @handler.route("eat@(host)")
+    @stateless
+    def EAT(ctx: Any, host: str) -> None:
+        ctx.drop()
+
+    @handler.route("refuse@(host)")
+    @stateless
+    def REFUSE(ctx: Any, host: str) -> None:
+        ctx.reject("100% not wanted here", 550, "5.7.1")
+
+    @handler.route("hold@(host)")
+    @stateless
+    def HOLD(ctx: Any, host: str) -> None:
+        ctx.quarantine("looks odd")
+
+    app = App(hosts=[HOST], handlers=[handler], storage=MemoryStorage()).start()
+    return Runtime(app)  # no relay: no outbox worker
+
+
+class Spy(Runtime):
+    """A Runtime that keeps the requests it was given."""
+
+    def __init__(self) -> None:
+        inner = make_runtime()
+        super().__init__(inner.app)
+        self.requests: list[MailRequest] = []
+
+    def process(self, request: MailRequest, *, transport: str = "") -> Any:
+        self.requests.append(request)
+        return super().process(request, transport=transport)
+
+
+def connect(runtime: Runtime, *, leadspc: bool = True, macros: dict[str, str] | None = None) -> tuple[Any, RecordingCtx]:
+    m = LamsonMilter(runtime)
+    ctx = RecordingCtx({"i": "4QID", **(macros or {})})
+    m._setctx(ctx)
+    offered = [Milter.CURR_ACTS, 0x1FFFFF if leadspc else 0x1FFFFF & ~Milter.P_HDR_LEADSPC, 0, 0]
+    assert m.negotiate(offered) == Milter.CONTINUE
+    no_reply = Milter.NOREPLY  # connect and hello are negotiated as no-reply steps
+    assert m.connect("[192.0.2.7]", 2, ("192.0.2.7", 40000)) == no_reply
+    assert m.hello("client.example.test") == no_reply
+    return m, ctx
+
+
+def feed(m: Any, rcpts: list[str], headers: list[tuple[str, bytes]], body: list[bytes]) -> int:
+    """One transaction as Postfix sends it; returns the final reply (from DATA or end of message)."""
+    assert m.envfrom("<alice@example.com>", "SIZE=100") == Milter.CONTINUE
+    for r in rcpts:
+        assert m.envrcpt(f"<{r}>") == Milter.CONTINUE
+    rc: int = m.data()
+    if rc != Milter.CONTINUE:
+        return rc
+    for name, value in headers:
+        assert m.header_bytes(name, value) == Milter.CONTINUE
+    assert m.eoh() == Milter.CONTINUE
+    for chunk in body:
+        assert m.body(chunk) == Milter.CONTINUE
+    rc = m.eom()
+    return rc
+
+
+# ---------------------------------------------------------------- negotiation
+def test_negotiates_only_the_actions_the_plan_uses_and_the_steps_it_needs() -> None:
+    m = LamsonMilter(make_runtime())
+    ctx = RecordingCtx()
+    m._setctx(ctx)
+    opts = [Milter.CURR_ACTS | Milter.ADDRCPT_PAR, 0x1FFFFF, 0, 0]
+    assert m.negotiate(opts) == Milter.CONTINUE
+    assert opts[0] == milter_mode.FLAGS and not opts[0] & Milter.ADDRCPT_PAR
+    steps = opts[1]
+    for wanted in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NOMAIL, Milter.P_NORCPT,
+                   Milter.P_NOHDRS, Milter.P_NOEOH, Milter.P_NOBODY):
+        assert not steps & wanted  # these callbacks run
+    assert not steps & Milter.P_NODATA  # DATA is answered (see LamsonMilter.data)
+    assert steps & Milter.P_NOUNKNOWN  # unknown commands are not
+    assert steps & Milter.P_HDR_LEADSPC  # exact header bytes
+    assert steps & Milter.P_NR_CONN and steps & Milter.P_NR_HELO  # Postfix does not wait there
+    assert not steps & (Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA | Milter.P_NR_HDR | Milter.P_NR_EOH
+                        | Milter.P_NR_BODY)
+    assert not steps & Milter.P_RCPT_REJ
+    assert sorted(ctx.named("setsymlist")) == sorted([
+        (Milter.M_CONNECT, "{client_addr} {client_name}"), (Milter.M_DATA, "i"), (Milter.M_EOM, "i")])
+
+
+def test_every_action_the_plan_table_can_ask_for_is_negotiated() -> None:
+    source = (Path(milter_mode.__file__).parent / "actions.py").read_text()
+    methods = set(re.findall(r'MilterAction\("(\w+)"', source))
+    assert methods and methods <= set(milter_mode.ACTION_FLAGS)
+
+
+# ---------------------------------------------------------------- the request
+def test_message_is_rebuilt_byte_for_byte_with_crlf() -> None:
+    spy = Spy()
+    m, _ctx = connect(spy)
+    rc = feed(m, [f"tag@{HOST}"], [
+        ("From", b" Alice <alice@example.com>"),
+        ("Subject", b" folded\n\tsecond line"),  # Postfix joins continuation lines with LF
+        ("X-Tight", b"no-space"),
+        ("X-Raw", b" caf\xc3\xa9 \xff"),  # 8-bit and even invalid UTF-8 pass unchanged
+    ], [b"line 1\r\n", b"line 2\r\n"])
+    assert rc == Milter.ACCEPT
+    (req,) = spy.requests
+    assert req.raw == (b"From: Alice <alice@example.com>\r\nSubject: folded\r\n\tsecond line\r\n"
+                       b"X-Tight:no-space\r\nX-Raw: caf\xc3\xa9 \xff\r\n\r\nline 1\r\nline 2\r\n")
+    env = req.envelope
+    assert (env.sender, env.recipients, env.queue_id) == ("alice@example.com", (f"tag@{HOST}",), "4QID")
+    assert (env.client_address, env.client_name, env.helo) == ("192.0.2.7", None, "client.example.test")
+
+
+def test_without_leading_space_the_header_gets_the_usual_single_space() -> None:
+    spy = Spy()
+    m, _ctx = connect(spy, leadspc=False)
+    feed(m, [f"tag@{HOST}"], [("Subject", b"hi")], [b"x\r\n"])
+    assert spy.requests[0].raw.startswith(b"Subject: hi\r\n\r\n")
+
+
+def test_large_message_spools_to_disk_and_comes_back_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy()
+    m, _ctx = connect(spy)
+    m.spool_threshold = 1024
+    seen: list[bool] = []
+    original = milter_mode.Spool.getvalue
+
+    def getvalue(self: Any) -> bytes:
+        seen.append(self.in_memory)
+        return original(self)
+
+    monkeypatch.setattr(milter_mode.Spool, "getvalue", getvalue)
+    chunk = b"x" * 998 + b"\r\n"
+    feed(m, [f"tag@{HOST}"], [("Subject", b" big")], [chunk] * 100)
+    assert seen == [False]  # on disk
+    assert spy.requests[0].raw == b"Subject: big\r\n\r\n" + chunk * 100
+
+
+def test_state_is_reset_at_each_mail_from_and_on_abort() -> None:
+    spy = Spy()
+    m, ctx = connect(spy)
+    feed(m, [f"tag@{HOST}", "bob@example.net"], [("Subject", b" one")], [b"1\r\n"])
+    assert m.abort() == Milter.CONTINUE  # Postfix sends ABORT after every transaction
+    feed(m, [f"tag@{HOST}"], [("Subject", b" two")], [b"2\r\n"])
+    first, second = spy.requests
+    assert first.recipients == (f"tag@{HOST}", "bob@example.net")
+    assert second.recipients == (f"tag@{HOST}",) and second.raw == b"Subject: two\r\n\r\n2\r\n"
+    assert m.abort() == Milter.CONTINUE
+    assert m.header_bytes("Subject", b" orphan") == Milter.TEMPFAIL  # data without MAIL FROM
+    assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
+
+
+def test_unrouted_mail_is_decided_at_data_without_its_content() -> None:
+    spy = Spy()
+    m, ctx = connect(spy)
+    assert feed(m, ["bob@example.net", "carol@example.org"], [("Subject", b" x")], [b"x\r\n"]) == Milter.ACCEPT
+    (req,) = spy.requests  # logged once, like every message
+    assert req.raw == b"" and req.recipients == ("bob@example.net", "carol@example.org")
+    assert req.queue_id == "4QID" and ctx.named("setreply") == []
+    assert m._tx is None  # ACCEPT ends the transaction: no header or body follows
+
+
+# ---------------------------------------------------------------- RCPT time
+def test_unroutable_address_at_the_apps_host_is_refused_at_rcpt() -> None:
+    m, ctx = connect(make_runtime())
+    assert m.envfrom("<alice@example.com>") == Milter.CONTINUE
+    assert m.envrcpt(f"<nosuch@{HOST}>") == Milter.REJECT
+    assert ctx.named("setreply") == [("550", "5.1.1", "No such address here")]
+    assert m.envrcpt(f"<tag@{HOST}>") == Milter.CONTINUE
+    assert m.envrcpt("<someone@example.net>") == Milter.CONTINUE  # not ours: untouched
+    assert m._tx.recipients == [f"tag@{HOST}", "someone@example.net"]
+
+
+# ---------------------------------------------------------------- end of message
+def test_header_actions_carry_the_leading_space_and_rfc2047() -> None:
+    m, ctx = connect(make_runtime())
+    assert feed(m, [f"tag@{HOST}"], [("Subject", b" hi")], [b"x\r\n"]) == Milter.ACCEPT
+    added = ctx.named("addheader")
+    assert added[0] == ("X-Tag", " tagged", -1)
+    assert added[1][0] == "X-Greeting" and added[1][1] == " =?utf-8?b?Z3LDvMOfZQ==?="
+
+
+def test_consumed_message_is_discarded() -> None:
+    m, ctx = connect(make_runtime())
+    assert feed(m, [f"eat@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.DISCARD
+    assert ctx.named("setreply") == []
+
+
+def test_reject_reply_has_its_percent_doubled() -> None:
+    m, ctx = connect(make_runtime())
+    assert feed(m, [f"refuse@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.REJECT
+    assert ctx.named("setreply") == [("550", "5.7.1", "100%% not wanted here")]
+
+
+def test_quarantine_is_an_action_then_accept() -> None:
+    m, ctx = connect(make_runtime())
+    assert feed(m, [f"hold@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.ACCEPT
+    assert ctx.named("quarantine") == [("looks odd",)]
+
+
+def test_handler_error_is_a_plain_451() -> None:
+    m, ctx = connect(make_runtime())
+    assert feed(m, [f"crash@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.TEMPFAIL
+    assert ctx.named("setreply") == [("451", "4.3.0", "Temporary failure, try again later")]
+    assert ctx.named("addheader") == []
+
+
+def test_any_exception_in_a_callback_is_451_with_one_log_line(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    m, ctx = connect(make_runtime())
+    m.envfrom("<alice@example.com>")
+    m.envrcpt("<bob@example.net>")
+
+    def disk_full(self: Any, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(milter_mode.Spool, "write", disk_full)
+    with caplog.at_level(logging.ERROR, logger="lamsonfilter.milter"):
+        assert m.header_bytes("Subject", b" x") == Milter.TEMPFAIL
+    assert ctx.named("setreply") == [("451", "4.3.0", "Temporary failure, try again later")]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith("queue_id=4QID milter header failed, answering 451 4.3.0: OSError")
+
+
+def test_a_failure_without_reply_defers_the_next_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = LamsonMilter(make_runtime())
+    ctx = RecordingCtx()
+    m._setctx(ctx)
+    m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+    assert m.connect("[192.0.2.7]", 2, object()) == Milter.NOREPLY  # hostaddr unusable, macro missing...
+    monkeypatch.setattr(LamsonMilter, "getsymval", lambda self, name: 1 / 0)
+    assert m.connect("[192.0.2.7]", 2, object()) == Milter.NOREPLY  # ...and now failing: no reply possible
+    assert m.envfrom("<alice@example.com>") == Milter.TEMPFAIL  # so the transaction is deferred
+    assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
+
+
+def test_the_application_runs_in_the_executors_threads_not_libmilters() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    spy = Spy()
+    seen: list[str] = []
+    original = spy.process
+
+    def process(request: MailRequest, *, transport: str = "") -> Any:
+        seen.append(threading.current_thread().name)
+        return original(request, transport=transport)
+
+    spy.process = process  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2, thread_name_prefix="app") as pool:
+        m = LamsonMilter(spy, executor=pool)
+        ctx = RecordingCtx({"i": "4QID"})
+        m._setctx(ctx)
+        m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+        assert feed(m, [f"tag@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.ACCEPT
+        assert feed(m, ["bob@example.net"], [], []) == Milter.ACCEPT  # decided at DATA
+    assert len(seen) == 2 and all(name.startswith("app") for name in seen), seen
+    assert ctx.named("addheader")[0][:2] == ("X-Tag", " tagged")
+
+
+def test_a_failing_action_is_also_451(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, ctx = connect(make_runtime())
+
+    def refused(self: Any, *args: Any) -> None:
+        raise Milter.error("cannot add header")
+
+    monkeypatch.setattr(LamsonMilter, "addheader", refused)
+    assert feed(m, [f"tag@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.TEMPFAIL
+    assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
