@@ -25,6 +25,7 @@ import ipaddress
 import logging
 from typing import Any
 
+from .app import StartupError
 from .decisions import Decision
 from .state import StateStorage
 
@@ -33,7 +34,7 @@ __all__ = ["Metrics", "MetricsError"]
 log = logging.getLogger("lamsonfilter")
 
 
-class MetricsError(Exception):
+class MetricsError(StartupError):
     """The metrics endpoint cannot start (library missing, address not loopback, port taken)."""
 
 

@@ -85,6 +85,12 @@ class Runtime:
             return None
 
     def start(self) -> None:
+        """Serve metrics if settings ask (METRICS = "127.0.0.1:9125"), start the outbox worker."""
+        metrics = self.app.settings.get("METRICS")
+        if metrics and self.metrics is None:
+            from .settings import parse_hostport
+
+            self.serve_metrics(*parse_hostport(metrics))
         if self.worker is not None:
             self.worker.start()
             self.worker.wake()  # whatever a previous run left pending

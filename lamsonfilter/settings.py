@@ -31,6 +31,8 @@ REPLY_LIMIT        (replies, seconds) per handler and sender        ``(1, 604800
 REPLY_BUDGET       (replies, replies to one domain) per minute      ``(300, 30)``
 MAX_HOPS           Received: headers before a loop is assumed       ``30``
                    (below Postfix's hopcount_limit of 50)
+METRICS            ``HOST:PORT`` of the Prometheus endpoint of the  none (no endpoint)
+                   daemons (loopback only)
 REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (7 days)
                    the MTA's retry of the message replays it
 =================  ===============================================  ==========================
@@ -70,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "REPLY_BUDGET": (300, 30),
     "MAX_HOPS": 30,
     "REPLAY_TTL": 7 * 24 * 3600,
+    "METRICS": None,
 }
 
 
@@ -118,6 +121,11 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         parse_hostport(values["RELAY"])
     except ValueError as exc:
         fail("RELAY", str(exc))
+    if values["METRICS"] is not None:
+        try:
+            parse_hostport(values["METRICS"])
+        except ValueError as exc:
+            fail("METRICS", str(exc))
     rl = values["REPLY_LIMIT"]
     if not (isinstance(rl, (list, tuple)) and len(rl) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in rl)):
         fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, not {rl!r}")

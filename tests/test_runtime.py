@@ -100,3 +100,20 @@ def test_metrics_refuse_a_public_address(app_dir):
     with pytest.raises(MetricsError, match="not loopback"):
         rt.serve_metrics("0.0.0.0", 9)
     rt.stop()
+
+
+def test_metrics_setting_starts_the_endpoint_with_the_daemon(app_dir):
+    import urllib.request
+
+    from tests.rig.postfix import free_port
+
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    port = free_port()
+    rt = Runtime.from_directory(app_dir, {"METRICS": f"127.0.0.1:{port}"})
+    rt.start()
+    try:
+        rt.process(req("help@lists.example.org"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert 'lamsonfilter_messages_total{decision="drop"} 1.0' in resp.read().decode()
+    finally:
+        rt.stop()
