@@ -163,3 +163,42 @@ def test_smtpproxy_notifies_systemd_and_reloads_with_a_message_in_flight(tmp_pat
         log.close()
         capture.stop()
         notify.close()
+
+
+def test_milter_notifies_systemd_ready_watchdog_reload_and_stopping(tmp_path):
+    try:
+        import Milter  # noqa: F401
+        import systemd.daemon  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc.name} is required in CI")
+        pytest.skip(f"{exc.name} not installed")
+    app = make_app(tmp_path)
+    notify = Notifications(tmp_path / "notify")
+    sock = tmp_path / "m.sock"
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "milter.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "milter", "--app", str(app), "--socket", f"unix:{sock}",
+         "--relay", f"127.0.0.1:{free_port()}", "--socket-group", "root"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        ready = notify.wait_for("READY=1")
+        assert f"MAINPID={proc.pid}" in ready and f"listening on unix:{sock}" in ready
+        assert sock.exists()
+        notify.wait_for("WATCHDOG=1")
+        notify.wait_for("WATCHDOG=1")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert proc.wait(60) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        notify.close()
