@@ -60,6 +60,13 @@ def _ask_confirmation(ctx: Context, list: str) -> Any:
     return PENDING
 
 
+def _leave(ctx: Context, list: str) -> Any:
+    """Unsubscribe: forget the conversation's data, say goodbye, back to START."""
+    ctx.data = {}
+    ctx.reply("goodbye.msg", **_list_info(ctx, list))
+    return START
+
+
 def _refuse(ctx: Context, list: str, template: str) -> None:
     ctx.reply(template, **_list_info(ctx, list))
 
@@ -99,9 +106,7 @@ def PENDING(ctx: Context, list: str, token: str = "") -> Any:
     if ctx.event == "subscribe":
         return _ask_confirmation(ctx, list)  # a new token; the old one is dead
     if ctx.event == "unsubscribe":
-        ctx.data = {}
-        ctx.reply("goodbye.msg", **_list_info(ctx, list))
-        return START
+        return _leave(ctx, list)
     _refuse(ctx, list, "not_member.msg")
     return None
 
@@ -113,9 +118,7 @@ def MEMBER(ctx: Context, list: str) -> Any:
         _post(ctx, list)
         return None
     if ctx.event == "unsubscribe":
-        ctx.data = {}
-        ctx.reply("goodbye.msg", **_list_info(ctx, list))
-        return START
+        return _leave(ctx, list)
     _refuse(ctx, list, "already_member.msg")
     return None
 
@@ -126,9 +129,7 @@ def DISABLED(ctx: Context, list: str) -> Any:
     if ctx.event == "subscribe":
         return _ask_confirmation(ctx, list)
     if ctx.event == "unsubscribe":
-        ctx.data = {}
-        ctx.reply("goodbye.msg", **_list_info(ctx, list))
-        return START
+        return _leave(ctx, list)
     _refuse(ctx, list, "disabled.msg")
     return None
 
