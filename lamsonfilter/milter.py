@@ -42,7 +42,8 @@ connection that has a registered function).  Hence the application --
 `Runtime.process`, with its state store -- never runs in libmilter's
 threads: `serve` gives every `LamsonMilter` a pool of ordinary Python
 threads (`APP_THREADS`) and the callback waits for the result.  The
-callbacks themselves stay pure Python.  The shared `Runtime` (router,
+callbacks themselves stay pure Python (so does `App.process` for mail that
+no route takes, which `data` decides inline).  The shared `Runtime` (router,
 templates, state store) is safe to use from many threads, and two
 messages for one state key serialise in the store.
 
@@ -100,8 +101,10 @@ RESULTS: dict[str, int] = {
     "DISCARD": Milter.DISCARD,
 }
 
-#: Python threads that run the application (see "Threads" above).
-APP_THREADS = 16
+#: Python threads that run the application (see "Threads" above).  Its CPU work is
+#: serialised on the GIL anyway, and the SQLite store keeps 5 pooled connections:
+#: more threads would open and close an overflow connection per message.
+APP_THREADS = 4
 #: Seconds the application may take for one message; then 451 (main.cf.milter
 #: gives Postfix's milter_content_timeout 120 s).
 APP_DEADLINE = 100.0
@@ -172,6 +175,16 @@ def _noted(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _macro_lists(cls: type) -> tuple[tuple[int, str], ...]:
+    """(stage, "macro macro") for each callback of `cls` with a `_symlist`."""
+    found = []
+    for callback, stage in Milter.MACRO_CALLBACKS.items():
+        macros = getattr(getattr(cls, callback), "_symlist", None)
+        if macros:
+            found.append((stage, " ".join(macros)))
+    return tuple(found)
+
+
 class _Transaction:
     """One MAIL FROM … end of message: the envelope so far and the message bytes."""
 
@@ -224,13 +237,11 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         opts[1] = self._protocol = opts[1] & ~self.protocol_mask()
         opts[2] = opts[3] = 0
         if self._actions & Milter.SETSYMLIST:
-            for callback, stage in Milter.MACRO_CALLBACKS.items():
-                macros = getattr(getattr(self, callback), "_symlist", None)
-                if macros:
-                    try:
-                        self._ctx.setsymlist(stage, " ".join(macros))
-                    except Exception as exc:  # noqa: BLE001 -- main.cf's macro lines still apply
-                        log.warning("setsymlist for %s refused: %s", callback, exc)
+            for stage, macros in _MACRO_LISTS:
+                try:
+                    self._ctx.setsymlist(stage, macros)
+                except Exception as exc:  # noqa: BLE001 -- main.cf's macro lines still apply
+                    log.warning("setsymlist for stage %s refused: %s", stage, exc)
         return CONTINUE
 
     @_symlist("{client_addr}", "{client_name}")
@@ -302,7 +313,8 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         tx = self._transaction()
         if tx.routed:
             return CONTINUE
-        plan = self._decide(MailRequest(self._envelope(tx), b""))
+        # no route, no state store: App.process answers from the routes alone, safely inline
+        plan = self._decide(MailRequest(self._envelope(tx), b""), inline=True)
         if plan.actions:  # cannot happen for unrouted mail; decide at end of message then
             return CONTINUE
         self._reset()
@@ -362,9 +374,10 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         return self.abort()
 
     # ------------------------------------------------------------ the plan
-    def _decide(self, request: MailRequest) -> MilterPlan:
-        """Run the application once -- in the executor's threads -- and map its decision."""
-        if self.executor is None:
+    def _decide(self, request: MailRequest, inline: bool = False) -> MilterPlan:
+        """Run the application once -- in the executor's threads unless `inline` -- and map
+        its decision.  Inline only for mail no route takes (no handler, no state store)."""
+        if self.executor is None or inline:
             decision = self.runtime.process(request, transport="milter")
         else:
             future = self.executor.submit(self.runtime.process, request, transport="milter")
@@ -450,6 +463,10 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         except Exception:  # noqa: BLE001 -- TEMPFAIL still applies (default 451 text)
             pass
         return TEMPFAIL
+
+
+#: The macro lists `LamsonMilter.negotiate` asks for, computed once.
+_MACRO_LISTS = _macro_lists(LamsonMilter)
 
 
 # ---------------------------------------------------------------- running it
