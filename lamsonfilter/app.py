@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -323,10 +324,11 @@ class App:
 
     @staticmethod
     def _hops(request: MailRequest) -> int:
-        try:
-            return len(request.message.get_all("Received", []))
-        except Exception:  # noqa: BLE001
-            return 0
+        """``Received:`` fields in the header block, counted on the raw bytes (no parsing)."""
+        return len(_RECEIVED.findall(request.header_block))
+
+
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 
 class _HandlerTempfail(Exception):
