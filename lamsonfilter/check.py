@@ -195,7 +195,25 @@ def _listener_names(host: str, port: int) -> list[str]:
     return [f"{host}:{port}", f"[{host}]:{port}", str(port)]
 
 
-def check_postfix(config_dir: str | Path, settings: Mapping[str, Any]) -> list[Finding]:
+def _milter_endpoints(spec: str) -> set[str]:
+    """The ways Postfix may name the milter socket `spec` (lamsonfilter's own syntax)."""
+    if spec.startswith("unix:"):
+        path = spec[len("unix:"):]
+        names = {f"unix:{path}", f"local:{path}"}
+        for root in ("/var/spool/postfix/",):  # Debian's chrooted smtpd sees paths below its queue
+            if path.startswith(root):
+                rel = "/" + path[len(root):]
+                names |= {f"unix:{rel}", f"local:{rel}"}
+        return names
+    if spec.startswith(("inet:", "inet6:")):
+        port, _, host = spec.split(":", 1)[1].partition("@")
+        host = host or "127.0.0.1"
+        return {f"inet:{host}:{port}", f"inet:[{host}]:{port}"}
+    return {spec}
+
+
+def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
+                  milter_socket: str | None = None) -> list[Finding]:
     from .settings import parse_hostport
 
     try:
@@ -277,6 +295,14 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any]) -> list[F
             findings.append(Finding("PF202", "warning",
                                     "milter_default_action is not set explicitly (its default changed in "
                                     "Postfix 3.11)", "set milter_default_action = tempfail in main.cf"))
+        if milter_socket:
+            listed = {m.strip().lstrip("{").split(",")[0].strip() for m in re.split(r"[\s,]+(?=(?:unix|local|inet):)", milters)}
+            if not listed & _milter_endpoints(milter_socket):
+                findings.append(Finding(
+                    "PF203", "error",
+                    f"smtpd_milters ({milters}) does not name the socket lamsonfilter listens on ({milter_socket})",
+                    "make smtpd_milters name the same socket (a unix path relative to /var/spool/postfix "
+                    "for Debian's chrooted smtpd)"))
         if "lamsonfilter" in pc.main.get("non_smtpd_milters", ""):
             findings.append(Finding("PF210", "warning",
                                     "non_smtpd_milters includes lamsonfilter: Postfix simulates the SMTP "

@@ -422,8 +422,10 @@ def db_init(app_dir: Path, database: str | None) -> None:
 @_app_option
 @click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also check the Postfix set-up in this directory (e.g. /etc/postfix), read with postconf.")
+@click.option("--milter-socket", default=None, metavar="SPEC", envvar="LAMSONFILTER_MILTER_SOCKET",
+              help="The socket `lamsonfilter milter` listens on, to check smtpd_milters against it.")
 @_database_option
-def check_cmd(app_dir: Path, postfix_config: Path | None, database: str | None) -> None:
+def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, database: str | None) -> None:
     """Find problems in the application and the Postfix set-up.
 
     Each finding has a stable ID (APP... application, PF... Postfix), what
@@ -450,7 +452,7 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, database: str | None) 
             findings.append(Finding("APP010", "error", str(exc).replace("DIR", str(app_dir)),
                                     f"run: lamsonfilter db init --app {app_dir}"))
     if postfix_config is not None:
-        findings.extend(check_postfix(postfix_config, settings))
+        findings.extend(check_postfix(postfix_config, settings, milter_socket))
     for f in findings:
         click.echo(str(f))
     errors = sum(f.severity == "error" for f in findings)

@@ -111,3 +111,17 @@ def test_other_postfix_mistakes(tmp_path):
     assert {"PF002", "PF110"} <= set(ids(r.output))
     r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", tmp_path / "nothing")
     assert "PF001" in ids(r.output)
+
+
+def test_milter_socket_must_match_smtpd_milters(tmp_path):
+    need_postconf()
+    master = GOOD_MASTER.replace("lamsonfilter unix", "x unix")
+    main_cf = ("smtpd_milters = { unix:/lamsonfilter/milter.sock, default_action=tempfail }\n"
+               "milter_default_action = tempfail\n")
+    pf = write_postfix(tmp_path / "pf", main_cf, master)
+    ok = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf,
+                "--milter-socket", "unix:/var/spool/postfix/lamsonfilter/milter.sock")
+    assert "PF203" not in ids(ok.output), ok.output
+    bad = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf,
+                 "--milter-socket", "inet:8891@127.0.0.1")
+    assert "PF203" in ids(bad.output) and bad.exit_code == 1
