@@ -4,28 +4,5 @@ See :mod:`tests.rig.postfix` (the classes) and :mod:`tests.rig.fixtures` (pytest
 ``capture`` and ``postfix_factory``, enabled by ``pytest_plugins`` in the root conftest.py).
 """
 
-from tests.rig.postfix import (
-    CapturedMessage,
-    CaptureServer,
-    PrivatePostfix,
-    RigUnavailable,
-    by_subject,
-    find_binary,
-    free_port,
-    missing_binaries,
-    port_accepts,
-    wait_for,
-)
-
-__all__ = [
-    "CaptureServer",
-    "CapturedMessage",
-    "PrivatePostfix",
-    "RigUnavailable",
-    "by_subject",
-    "find_binary",
-    "free_port",
-    "missing_binaries",
-    "port_accepts",
-    "wait_for",
-]
+from tests.rig.postfix import *  # noqa: F401,F403 -- the same names, listed once in postfix.__all__
+from tests.rig.postfix import __all__  # noqa: F401
