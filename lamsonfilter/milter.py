@@ -64,7 +64,7 @@ from typing import Any, Callable, TypeVar
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import milter as libmilter  # type: ignore[import-untyped,import-not-found,unused-ignore]  # pymilter's C extension
 
-from . import daemon
+from . import daemon, faults
 from .actions import MilterAction, MilterPlan, milter_plan
 from .decisions import Action
 from .endpoint import MilterSocket
@@ -355,7 +355,9 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         envelope = self._envelope(tx)
         request = MailRequest(envelope, tx.spool.getvalue())
         tx.spool.close()
+        faults.reached("milter.eom", envelope.queue_id)
         plan = self._decide(request)
+        faults.reached("milter.after_commit", envelope.queue_id)
         for note in plan.notes:
             log.info("queue_id=%s %s", envelope.queue_id or "-", note)
         return self._execute(plan)

@@ -50,6 +50,7 @@ from typing import Any, Callable
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session, syntax
 
+from . import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
 from .quarantine import Quarantine
@@ -354,6 +355,7 @@ class ProxyHandler:
             helo=known.get("HELO"),
             queue_id=known.get("IDENT"),
         )
+        faults.reached("smtpproxy.after_data", env.queue_id)
         routed = self._needs_content(env)
         streamed = not spool.in_memory and not routed
         request = MailRequest(env, b"" if streamed else spool.getvalue())
@@ -363,6 +365,7 @@ class ProxyHandler:
         decision = await loop.run_in_executor(
             self.executor, functools.partial(self.runtime.process, request, transport="smtpproxy")
         )
+        faults.reached("smtpproxy.after_commit", env.queue_id)
         if decision.outbox and self.on_outbox is not None:
             self.on_outbox()
         plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
@@ -384,6 +387,7 @@ class ProxyHandler:
                 plan.sender, plan.recipients, data, xf,
                 smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options,
             ))
+            faults.reached("smtpproxy.after_reinject", env.queue_id)
         return replies
 
     @staticmethod
