@@ -145,6 +145,9 @@ class Deployment(ABC):
         self._prepared = False
         self._capture_started = False
         self._terminated = False  # SIGTERM already sent to the filter
+        #: extra environment for the filter process, e.g. lamsonfilter/faults.py's
+        #: LAMSONFILTER_FAULT_POINTS; read at each start_filter()
+        self.filter_env: dict[str, str] = {}
 
     # ------------------------------------------------------------ the application
     def prepare_app(self) -> None:
@@ -217,7 +220,7 @@ class Deployment(ABC):
         try:
             self.filter_proc = subprocess.Popen(
                 self.filter_command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.filter_env},
             )
         finally:
             log.close()
