@@ -17,6 +17,7 @@ nothing of that message (state, outbox) is committed.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .context import Context, MessageChanges
-from .decisions import Action, Decision, Outcome
+from .decisions import Action, Decision, Outcome, OutboxMessage
 from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
 from .guards import ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError
-from .state import ConflictError, MemoryStorage, StateStorage
+from .state import ConflictError, MemoryStorage, StateRecord, StateStorage
 from .views import Views
 
 __all__ = ["App", "StartupError", "RouteTarget", "MAX_HOPS", "CONFLICT_RETRIES"]
@@ -218,14 +219,7 @@ class App:
         current: Context | None = None
         replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
         try:
-            with self.storage.transaction(commit=commit) as tx:
-                if replay_key is not None:
-                    done = tx.get(replay_key)
-                    if done is not None:  # a retry of a message whose decision committed
-                        replayed = Decision.from_record(done.data)
-                        log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
-                                 request.queue_id or "-", request.replay_key)
-                        return replace(replayed, notes=(*replayed.notes, "retry: decision replayed"))
+            with _LazyTransaction(self.storage, commit, replay_key) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -241,8 +235,13 @@ class App:
                 )
                 if commit and changes.outbox:
                     tx.add_outbox(changes.outbox)
-                if commit and replay_key is not None:
+                if commit and replay_key is not None and tx.opened:  # a decision with side effects
                     tx.set(replay_key, "DONE", {**decision.to_record(), "at": now})
+        except _Replayed as replayed:  # a retry of a message whose decision committed
+            log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
+                     request.queue_id or "-", request.replay_key)
+            done = replayed.decision
+            return replace(done, notes=(*done.notes, "retry: decision replayed"))
         except ConflictError:
             raise
         except _HandlerTempfail as asked:
@@ -331,6 +330,76 @@ class App:
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 
+class _Replayed(Exception):
+    """The replay key has a committed decision: use it, run nothing (raised by `_LazyTransaction`)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("decision replayed")
+        self.decision = decision
+
+
+class _LazyTransaction:
+    """The state transaction of one message, opened only when a handler first needs it.
+
+    Mail whose handlers touch neither state nor the outbox (a stateless
+    route that adds a header, say) costs no database round trip at all; its
+    decision has no side effects, so running it again on a retry is harmless
+    and no replay record is kept.  When the transaction does open, the
+    replay record is looked up *first*: if this message's decision was
+    already committed, `_Replayed` aborts the run before anything the
+    handlers did can be committed a second time (R13, M4).
+    """
+
+    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None) -> None:
+        self._storage = storage
+        self._commit = commit
+        self._replay_key = replay_key
+        self._cm: Any = None
+        self._tx: Any = None
+
+    @property
+    def opened(self) -> bool:
+        return self._tx is not None
+
+    def _open(self) -> Any:
+        if self._tx is None:
+            cm = self._storage.transaction(commit=self._commit)
+            tx = cm.__enter__()
+            self._cm, self._tx = cm, tx
+            if self._replay_key is not None:
+                done = tx.get(self._replay_key)
+                if done is not None:
+                    raise _Replayed(Decision.from_record(done.data))
+        return self._tx
+
+    def __enter__(self) -> _LazyTransaction:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if self._cm is None:
+            return None
+        cm, self._cm = self._cm, None
+        return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    def get(self, key: str) -> StateRecord | None:
+        return self._open().get(key)  # type: ignore[no-any-return]
+
+    def set(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
+        self._open().set(key, state, data)
+
+    def clear(self, key: str) -> None:
+        self._open().clear(key)
+
+    def find(self, prefix: str, state: str | None = None) -> list[tuple[str, StateRecord]]:
+        return self._open().find(prefix, state)  # type: ignore[no-any-return]
+
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        self._open().add_outbox(messages)
+
+    def claim(self, token: str) -> bool:
+        return self._open().claim(token)  # type: ignore[no-any-return]
+
+
 class _HandlerTempfail(Exception):
     """A state function asked for a tempfail: roll back, then answer 4xx."""
 
@@ -341,10 +410,19 @@ class _HandlerTempfail(Exception):
 
 def _call(func: Any, ctx: Context, args: Mapping[str, str]) -> Any:
     """Call a state function with the captures its signature accepts."""
+    accepted = _accepted_captures(func)
+    if accepted is None:
+        return func(ctx, **args)
+    return func(ctx, **{k: v for k, v in args.items() if k in accepted})
+
+
+@functools.lru_cache(maxsize=4096)
+def _accepted_captures(func: Any) -> frozenset[str] | None:
+    """The keyword parameters of `func`, or None when it takes any (``**kw``) or cannot be inspected."""
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
-        return func(ctx, **args)
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return func(ctx, **args)
-    return func(ctx, **{k: v for k, v in args.items() if k in params})
+        return None
+    return frozenset(params)

@@ -284,7 +284,8 @@ class MailRequest:
         """
         import hashlib
 
-        msgid = self.header("Message-ID").strip()
+        found = _MESSAGE_ID.search(self.header_block)  # the raw field: no parsing on the hot path
+        msgid = b" ".join(found.group(1).split()).decode("utf-8", "surrogateescape") if found else ""
         if not msgid:
             return None
         text = "\0".join([msgid, self.sender.lower(), *sorted(r.lower() for r in self.recipients)])
@@ -376,6 +377,10 @@ def _oversized_header(raw: bytes) -> str | None:
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+#: The first Message-ID field of a raw header block, with its continuation lines.
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
 
 def _header_end(raw: bytes) -> int:

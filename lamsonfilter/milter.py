@@ -355,6 +355,8 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         envelope = self._envelope(tx)
         request = MailRequest(envelope, tx.spool.getvalue())
         tx.spool.close()
+        if tx.routed:  # M4: a client's retry is a new transaction with a new queue id
+            request.replay_key = request.content_replay_key()
         faults.reached("milter.eom", envelope.queue_id)
         plan = self._decide(request)
         faults.reached("milter.after_commit", envelope.queue_id)

@@ -254,6 +254,67 @@ def test_a_tempfailed_attempt_is_not_recorded_so_the_retry_runs():
     assert not d.is_tempfail and state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 2}
 
 
+class CountingStorage(MemoryStorage):
+    """MemoryStorage that counts the transactions opened on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.opened = 0
+
+    def transaction(self, commit=True):
+        self.opened += 1
+        return super().transaction(commit=commit)
+
+
+def test_a_route_that_touches_no_state_opens_no_transaction_and_keeps_no_replay_record():
+    storage = CountingStorage()
+    app = counter_app(storage=storage)
+    r = request(to=("echo@app.example",))
+    r.replay_key = "msgid:echo"
+    d = app.process(r)
+    assert d.header_changes and d.outcomes[0].action is Action.DELIVER
+    assert storage.opened == 0
+    with storage.transaction(commit=False) as tx:
+        assert tx.find("lamsonfilter:done:") == []
+    app.process(request())  # a stateful route does open one (and records its decision)
+    assert storage.opened == 2
+
+
+def test_a_stateless_reply_is_committed_once_even_when_the_retry_runs_the_handler_again():
+    h = Handler("auto")
+
+    @h.route("auto@(host)")
+    @stateless
+    def AUTO(ctx, host):
+        ctx.add_header("X-Auto", "1")
+        ctx.reply(body="got it", subject="Re: your mail")
+
+    app = App(hosts=["app.example"], handlers=[h], storage=MemoryStorage()).start()
+    first = request(to=("auto@app.example",))
+    first.replay_key = "msgid:auto-1"
+    d1 = app.process(first)
+    again = request(to=("auto@app.example",))
+    again.replay_key = "msgid:auto-1"
+    d2 = app.process(again)
+    assert len(d1.outbox) == 1 and d2.outbox == () and "retry: decision replayed" in d2.notes
+    assert d2.header_changes == d1.header_changes
+    with app.storage.transaction(commit=False) as tx:
+        assert len(tx.find("lamsonfilter:done:")) == 1
+
+
+def test_content_replay_key_reads_the_raw_first_message_id_field_only():
+    folded = MailRequest.from_bytes(
+        b"Subject: x\r\nMessage-ID:\r\n <fold@x.example>\r\n\r\nMessage-ID: <body@x.example>\r\n",
+        sender="a@b.example", recipients=["c@d.example"])
+    plain = MailRequest.from_bytes(
+        b"Message-Id: <fold@x.example>\r\nSubject: x\r\n\r\nbody\r\n",
+        sender="a@b.example", recipients=["c@d.example"])
+    body_only = MailRequest.from_bytes(
+        b"Subject: x\r\n\r\nMessage-ID: <body@x.example>\r\n", sender="a@b.example", recipients=["c@d.example"])
+    assert folded.content_replay_key() == plain.content_replay_key() is not None
+    assert body_only.content_replay_key() is None
+
+
 def test_content_replay_key_uses_message_id_sender_and_recipients():
     a = request()
     b = MailRequest.from_bytes(a.raw, sender="alice@example.com", recipients=["counter@app.example"])

@@ -233,6 +233,37 @@ def test_unrouted_mail_is_decided_at_data_without_its_content() -> None:
     assert m._tx is None  # ACCEPT ends the transaction: no header or body follows
 
 
+def test_a_client_retry_replays_the_committed_decision_instead_of_replying_again() -> None:
+    """M4: a retry after a 4xx is a new transaction with a new queue id; the replay key is
+    Message-ID + envelope, so the reply the first attempt committed is not made twice."""
+    handler = Handler("auto", default_action="deliver")
+
+    @handler.route("auto@(host)")
+    @stateless
+    def AUTO(ctx: Any, host: str) -> None:
+        ctx.reply(body="got it", subject="Re: hello")
+
+    app = App(hosts=[HOST], handlers=[handler], storage=MemoryStorage()).start()
+    decisions: list[Any] = []
+
+    class Keep(Runtime):
+        def process(self, request: MailRequest, *, transport: str = "") -> Any:
+            decisions.append(super().process(request, transport=transport))
+            return decisions[-1]
+
+    runtime = Keep(app)
+    headers = [("Message-ID", b" <retry-1@client.example.test>"), ("Subject", b" hello")]
+    for queue_id in ("4QFIRST", "4QRETRY"):
+        m, _ = connect(runtime, macros={"i": queue_id})
+        assert feed(m, [f"auto@{HOST}"], headers, [b"hi\r\n"]) == Milter.ACCEPT
+    first, retry = decisions
+    assert len(first.outbox) == 1 and retry.outbox == ()
+    assert "retry: decision replayed" in retry.notes
+    m, _ = connect(runtime, macros={"i": "4QOTHER"})  # another message from the same client replies
+    assert feed(m, [f"auto@{HOST}"], [("Message-ID", b" <other@client.example.test>")], [b"x\r\n"]) == Milter.ACCEPT
+    assert "retry: decision replayed" not in decisions[-1].notes
+
+
 # ---------------------------------------------------------------- RCPT time
 def test_unroutable_address_at_the_apps_host_is_refused_at_rcpt() -> None:
     m, ctx = connect(make_runtime())
