@@ -7,8 +7,8 @@ own; this module holds the parts that do not speak the milter protocol::
     ...libmilter opens the socket...
     open_to_group(path, "postfix")                         # 0660, group postfix
     set_listener_nodelay(8891)                             # inherited by accepted sockets
-    with SignalWaiter() as signals:                        # before any thread starts
-        ...start threads...
+    with SignalWaiter() as signals:                        # handlers in the main thread
+        ...start threads; an engine thread calls SignalWaiter.block_here() first...
         signals.wait(engine_alive, on_reload=reloader.request)
 
 How errors surface: a socket another process serves raises `SocketInUse`;
@@ -18,9 +18,12 @@ everything else is an `OSError` from the system call that failed.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import grp
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -107,46 +110,80 @@ def set_listener_nodelay(port: int) -> bool:
 
 
 class SignalWaiter:
-    """SIGTERM, SIGINT and SIGHUP, received by the main thread only.
+    """SIGTERM, SIGINT and SIGHUP, received by the main thread, never by a C library's thread.
 
-    Entering blocks them in the calling (main) thread, so every thread
-    started afterwards inherits the block -- also a C library's own
-    signal thread (libmilter stops at any of the three).  `wait` then
-    takes them with ``sigtimedwait``: the kernel hands a process-wide
-    signal to the main thread first when it is waiting for it, so the
-    daemon decides what a signal means.  Leaving drops signals that
-    arrived while stopping (a second SIGTERM must not kill the process once
-    unblocked) and restores the mask.
+    libmilter starts a signal thread of its own that calls ``sigwait()`` for
+    all three and stops the milter at any of them.  A thread in
+    ``sigwait`` is as eligible for a process-wide signal as any thread
+    that does not block it, but Linux hands such a signal to the main
+    thread first whenever the main thread does not block it.  So the main
+    thread never blocks them: entering installs Python handlers that only
+    record the signal (and wake `wait` through ``set_wakeup_fd``), and an
+    engine thread calls `block_here` first thing, before its library
+    starts threads of its own, so those inherit the block.  A signal that
+    arrives before `wait` (during start-up) is kept and acted on there.
+    Leaving restores the previous handlers; signals that arrived while
+    stopping are dropped.
     """
 
     SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
+    def __init__(self) -> None:
+        self._pending: collections.deque[int] = collections.deque()
+        self._old_handlers: dict[int, Any] = {}
+        self._old_wakeup = -1
+        self._reader: socket.socket | None = None
+        self._writer: socket.socket | None = None
+
     def __enter__(self) -> SignalWaiter:
-        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self._reader, self._writer = socket.socketpair()
+        for sock in (self._reader, self._writer):
+            sock.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for signum in self.SIGNALS:
+            self._old_handlers[signum] = signal.signal(signum, self._record)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        while signal.sigtimedwait(self.SIGNALS, 0) is not None:
-            pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        for signum, old in self._old_handlers.items():
+            signal.signal(signum, old)
+        signal.set_wakeup_fd(self._old_wakeup)
+        for sock in (self._reader, self._writer):
+            if sock is not None:
+                sock.close()
+        self._pending.clear()
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._pending.append(signum)
+
+    @classmethod
+    def block_here(cls) -> None:
+        """Block the three signals in the calling thread (and the threads it starts from now on)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, cls.SIGNALS)
 
     def wait(self, alive: Callable[[], bool], on_reload: Callable[[], None]) -> str | None:
         """Until SIGTERM/SIGINT (returns its name) or `alive()` turns false (returns None).
 
         SIGHUP calls `on_reload` and goes on waiting.
         """
+        assert self._reader is not None, "use SignalWaiter as a context manager"
         while alive():
-            info = signal.sigtimedwait(self.SIGNALS, 1.0)
-            if info is None:
-                continue
-            if info.si_signo == signal.SIGHUP:
-                log.info("SIGHUP: reloading the application")
-                on_reload()
-                continue
-            name = signal.Signals(info.si_signo).name
-            log.info("%s: stopping", name)
-            return name
+            if not self._pending:
+                select.select([self._reader], [], [], 1.0)
+                with contextlib.suppress(BlockingIOError):
+                    while self._reader.recv(512):
+                        pass
+            while self._pending:
+                signum = self._pending.popleft()
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading the application")
+                    on_reload()
+                    continue
+                name = signal.Signals(signum).name
+                log.info("%s: stopping", name)
+                return name
         return None
 
 

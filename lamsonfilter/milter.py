@@ -515,6 +515,7 @@ def _listen(endpoint: MilterSocket, name: str, socket_group: str | None, timeout
 
 
 def _run_libmilter(failed: list[str]) -> None:
+    daemon.SignalWaiter.block_here()  # before libmilter starts its signal thread: it inherits this
     try:
         libmilter.main()
     except libmilter.error as exc:
@@ -550,7 +551,7 @@ def serve(
     """
     Milter.set_flags(FLAGS)
     libmilter.set_exception_policy(Milter.TEMPFAIL)
-    with daemon.SignalWaiter() as signals:  # before any thread starts
+    with daemon.SignalWaiter() as signals:
         app_threads = ThreadPoolExecutor(APP_THREADS, thread_name_prefix="lamsonfilter-app")
         Milter.factory = lambda: LamsonMilter(runtime, spool_threshold, app_threads)
         try:
