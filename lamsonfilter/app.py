@@ -252,7 +252,7 @@ class App:
                 notes=(f"{o.recipient}: handler asked for a retry; nothing committed",),
             )
         except Exception as exc:
-            where = f"{current.handler.name}.{current.state}" if current else "-"
+            where = _where(current) if current else "-"
             log.error(
                 "queue_id=%s handler=%s rcpt=%s tempfail: %s: %s",
                 request.queue_id or "-", where, current.recipient if current else "-",
@@ -328,6 +328,15 @@ class App:
 
 
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+
+
+def _where(ctx: Context) -> str:
+    """``handler.function`` for a log line: the state's function, or the stateless route's own."""
+    target: RouteTarget = ctx.match.route.target
+    func = ctx.handler.states.get(target.function)
+    if func is not None and is_stateless(func):
+        return f"{ctx.handler.name}.{target.function}"
+    return f"{ctx.handler.name}.{ctx.state}"
 
 
 class _Replayed(Exception):

@@ -86,6 +86,21 @@ def test_exception_is_a_tempfail_with_one_log_line_and_nothing_committed(caplog)
     assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 1}
 
 
+def test_a_stateless_handlers_failure_is_logged_with_its_own_name(caplog):
+    h = Handler("lftest")
+
+    @h.route("crash@app.example")
+    @stateless
+    def CRASH(ctx):
+        raise RuntimeError("always")
+
+    app = App(hosts=["app.example"], handlers=[h], storage=MemoryStorage()).start()
+    with caplog.at_level(logging.ERROR, logger="lamsonfilter"):
+        assert app.process(request(to=("crash@app.example",))).is_tempfail
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "handler=lftest.CRASH " in line and "START" not in line
+
+
 def test_exception_moves_to_error_only_when_handler_has_error_state():
     h = Handler("h")
 
