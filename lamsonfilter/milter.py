@@ -175,6 +175,27 @@ def _noted(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _held(func: F) -> F:
+    """Wrap a content step whose reply Postfix does not wait for (header, end of header,
+    body: `_noreply`): an exception is logged and kept in the transaction, and end of
+    message answers 451 4.3.0 -- the message is still refused, one round trip per step
+    cheaper."""
+
+    @functools.wraps(func)
+    def wrapper(self: LamsonMilter, *args: Any) -> int:
+        if self._tx is not None and self._tx.failed is not None:
+            return CONTINUE  # the message is refused anyway: skip the rest of its content
+        try:
+            return func(self, *args)
+        except Exception as exc:  # noqa: BLE001 -- reported at end of message
+            self._fail(func.__name__, exc)
+            if self._tx is not None and self._tx.failed is None:
+                self._tx.failed = f"{func.__name__} failed: {type(exc).__name__}"
+            return CONTINUE
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _macro_lists(cls: type) -> tuple[tuple[int, str], ...]:
     """(stage, "macro macro") for each callback of `cls` with a `_symlist`."""
     found = []
@@ -192,6 +213,7 @@ class _Transaction:
         self.sender = sender
         self.recipients: list[str] = []
         self.routed = False  # does a route of the application take one of the recipients?
+        self.failed: str | None = None  # why a header/body step failed (answered at end of message)
         self.spool = Spool(memory=threshold)  # in RAM up to `threshold`, then a temporary file
 
 
@@ -321,7 +343,8 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         return self._execute(plan)
 
     @_decode("bytes")
-    @_guarded
+    @_noreply
+    @_held
     def header(self, name: str, value: bytes) -> int:
         """One header field (Postfix's own Received: is never shown).  CONTINUE."""
         if not self._protocol & Milter.P_HDR_LEADSPC:
@@ -330,13 +353,15 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         self._transaction().spool.write(name.encode("utf-8", "surrogateescape") + b":" + value + b"\r\n")
         return CONTINUE
 
-    @_guarded
+    @_noreply
+    @_held
     def eoh(self) -> int:
         """End of the header block.  CONTINUE."""
         self._transaction().spool.write(b"\r\n")
         return CONTINUE
 
-    @_guarded
+    @_noreply
+    @_held
     def body(self, chunk: bytes) -> int:
         """A body chunk, with CRLF line ends as Postfix sends them.  CONTINUE."""
         self._transaction().spool.write(chunk)
@@ -352,6 +377,9 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         the plan's reply, or DISCARD (consumed by the application).
         """
         tx = self._transaction()
+        if tx.failed is not None:  # logged when it happened: answer, do not log again
+            self._setreply(*TEMPFAIL_REPLY)
+            return TEMPFAIL
         envelope = self._envelope(tx)
         request = MailRequest(envelope, tx.spool.getvalue())
         tx.spool.close()

@@ -119,6 +119,11 @@ def connect(runtime: Runtime, *, leadspc: bool = True, macros: dict[str, str] | 
     return m, ctx
 
 
+def content_reply(m: Any) -> int:
+    """What header, eoh and body return: NOREPLY when the MTA granted the no-reply steps."""
+    return Milter.NOREPLY if m._protocol & Milter.P_NR_HDR else Milter.CONTINUE
+
+
 def feed(m: Any, rcpts: list[str], headers: list[tuple[str, bytes]], body: list[bytes]) -> int:
     """One transaction as Postfix sends it; returns the final reply (from DATA or end of message)."""
     assert m.envfrom("<alice@example.com>", "SIZE=100") == Milter.CONTINUE
@@ -127,11 +132,12 @@ def feed(m: Any, rcpts: list[str], headers: list[tuple[str, bytes]], body: list[
     rc: int = m.data()
     if rc != Milter.CONTINUE:
         return rc
+    content = content_reply(m)  # NOREPLY once negotiated: Postfix does not wait for these steps
     for name, value in headers:
-        assert m.header_bytes(name, value) == Milter.CONTINUE
-    assert m.eoh() == Milter.CONTINUE
+        assert m.header_bytes(name, value) == content
+    assert m.eoh() == content
     for chunk in body:
-        assert m.body(chunk) == Milter.CONTINUE
+        assert m.body(chunk) == content
     rc = m.eom()
     return rc
 
@@ -152,8 +158,8 @@ def test_negotiates_only_the_actions_the_plan_uses_and_the_steps_it_needs() -> N
     assert steps & Milter.P_NOUNKNOWN  # unknown commands are not
     assert steps & Milter.P_HDR_LEADSPC  # exact header bytes
     assert steps & Milter.P_NR_CONN and steps & Milter.P_NR_HELO  # Postfix does not wait there
-    assert not steps & (Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA | Milter.P_NR_HDR | Milter.P_NR_EOH
-                        | Milter.P_NR_BODY)
+    assert steps & Milter.P_NR_HDR and steps & Milter.P_NR_EOH and steps & Milter.P_NR_BODY  # nor here
+    assert not steps & (Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA)  # these can refuse
     assert not steps & Milter.P_RCPT_REJ
     assert sorted(ctx.named("setsymlist")) == sorted([
         (Milter.M_CONNECT, "{client_addr} {client_name}"), (Milter.M_DATA, "i"), (Milter.M_EOM, "i")])
@@ -219,7 +225,9 @@ def test_state_is_reset_at_each_mail_from_and_on_abort() -> None:
     assert first.recipients == (f"tag@{HOST}", "bob@example.net")
     assert second.recipients == (f"tag@{HOST}",) and second.raw == b"Subject: two\r\n\r\n2\r\n"
     assert m.abort() == Milter.CONTINUE
-    assert m.header_bytes("Subject", b" orphan") == Milter.TEMPFAIL  # data without MAIL FROM
+    # data without MAIL FROM: logged, and refused at end of message (no reply to a header)
+    assert m.header_bytes("Subject", b" orphan") == Milter.NOREPLY
+    assert m.eom() == Milter.TEMPFAIL
     assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
 
 
@@ -313,15 +321,20 @@ def test_any_exception_in_a_callback_is_451_with_one_log_line(monkeypatch: pytes
                                                              caplog: pytest.LogCaptureFixture) -> None:
     m, ctx = connect(make_runtime())
     m.envfrom("<alice@example.com>")
-    m.envrcpt("<bob@example.net>")
+    m.envrcpt(f"<tag@{HOST}>")
 
     def disk_full(self: Any, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(milter_mode.Spool, "write", disk_full)
     with caplog.at_level(logging.ERROR, logger="lamsonfilter.milter"):
-        assert m.header_bytes("Subject", b" x") == Milter.TEMPFAIL
-    assert ctx.named("setreply") == [("451", "4.3.0", "Temporary failure, try again later")]
+        assert m.data() == Milter.CONTINUE
+        # Postfix does not wait for the header step's reply: the failure is kept and
+        # the message refused at end of message, the one log line written when it happened
+        assert m.header_bytes("Subject", b" x") == Milter.NOREPLY
+        assert m.eoh() == Milter.NOREPLY
+        assert m.eom() == Milter.TEMPFAIL
+    assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert line.startswith("queue_id=4QID milter header failed, answering 451 4.3.0: OSError")
 
