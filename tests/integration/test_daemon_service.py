@@ -165,9 +165,110 @@ def test_smtpproxy_notifies_systemd_and_reloads_with_a_message_in_flight(tmp_pat
         notify.close()
 
 
-#: SIGHUPs in a row the milter must take as reloads (before the signals were kept from
-#: libmilter's signal thread, about one in three stopped the milter instead).
+#: SIGHUPs in a row the milter must take as reloads, none of them taken by libmilter's
+#: own signal thread (which would stop the milter).
 RELOADS = 10
+
+
+def require_milter_and_systemd() -> None:
+    try:
+        import Milter  # noqa: F401
+        import systemd.daemon  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc.name} is required in CI")
+        pytest.skip(f"{exc.name} not installed")
+
+
+def start_milter(tmp_path, notify, sock, log, **env_extra):
+    """`lamsonfilter milter` on a unix socket in tmp_path, notifying `notify`."""
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, **env_extra}
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "milter", "--app", str(make_app(tmp_path)), "--socket",
+         f"unix:{sock}", "--relay", f"127.0.0.1:{free_port()}", "--socket-group", "root"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def test_milter_notifies_systemd_ready_watchdog_reload_and_stopping(tmp_path):
+    require_milter_and_systemd()
+    notify = Notifications(tmp_path / "notify")
+    sock = tmp_path / "m.sock"
+    log = open(tmp_path / "milter.log", "w")
+    proc = start_milter(tmp_path, notify, sock, log, WATCHDOG_USEC="400000")
+    try:
+        ready = notify.wait_for("READY=1")
+        assert f"MAINPID={proc.pid}" in ready and "STATUS=listening on" in ready
+        notify.wait_for("WATCHDOG=1")
+        notify.wait_for("WATCHDOG=1")
+        assert port_accepts(port)
+
+        results: list = []
+        inflight = threading.Thread(target=send, args=(port, "hold@lists.example.org", results, "held"))
+        inflight.start()
+        wait_for(lambda: (tmp_path / "started").exists(), 60, message="the held message to reach its handler")
+        handler = app / "app" / "handlers" / "svc.py"
+        handler.write_text(HANDLER.replace('VERSION = "one"', 'VERSION = "two"'))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("STATUS=listening on")  # back to normal after the reload
+        (tmp_path / "go").touch()
+        inflight.join(120)
+        assert results == ["ok"]
+
+        send(port, "tag@lists.example.org", results, "after")
+        assert results == ["ok", "ok"]
+        msgs = capture.wait_for_count(2, timeout=60)
+        versions = {m.message["Subject"]: m.message["X-Version"] for m in msgs}
+        assert versions == {"held": "one", "after": "two"}  # in flight: old code; next: new code
+
+        # broken code: refused, the old application keeps running
+        handler.write_text(HANDLER + "\ndef broken(:\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        refused = notify.wait_for("STATUS=reload refused")
+        assert "SyntaxError" in refused
+        send(port, "tag@lists.example.org", results, "still")
+        assert results[-1] == "ok"
+        assert capture.wait_for_count(3, timeout=60)[-1].message["X-Version"] == "two"
+
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        capture.stop()
+        notify.close()
+
+
+#: SIGHUPs in a row the milter must take as reloads, none of them taken by libmilter's
+#: own signal thread (which would stop the milter).
+RELOADS = 10
+
+
+def require_milter_and_systemd() -> None:
+    try:
+        import Milter  # noqa: F401
+        import systemd.daemon  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc.name} is required in CI")
+        pytest.skip(f"{exc.name} not installed")
+
+
+def start_milter(tmp_path, notify, sock, log, **env_extra):
+    """`lamsonfilter milter` on a unix socket in tmp_path, notifying `notify`."""
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, **env_extra}
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "milter", "--app", str(make_app(tmp_path)), "--socket",
+         f"unix:{sock}", "--relay", f"127.0.0.1:{free_port()}", "--socket-group", "root"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
 
 
 def test_milter_notifies_systemd_ready_watchdog_reload_and_stopping(tmp_path):
@@ -219,23 +320,11 @@ def test_milter_notifies_systemd_ready_watchdog_reload_and_stopping(tmp_path):
 def test_milter_stopped_right_after_ready_exits_cleanly(tmp_path, signame):
     """A stop signal in the start-up window (READY sent, main thread not yet waiting) is kept
     and honoured: exit status 0, not libmilter stopping on its own."""
-    try:
-        import Milter  # noqa: F401
-        import systemd.daemon  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc.name} is required in CI")
-        pytest.skip(f"{exc.name} not installed")
-    app = make_app(tmp_path)
+    require_milter_and_systemd()
     notify = Notifications(tmp_path / "notify")
     sock = tmp_path / "m.sock"
-    env = {**os.environ, "NOTIFY_SOCKET": notify.path}
     with open(tmp_path / "milter.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lamsonfilter", "milter", "--app", str(app), "--socket", f"unix:{sock}",
-             "--relay", f"127.0.0.1:{free_port()}", "--socket-group", "root"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        proc = start_milter(tmp_path, notify, sock, log)
         try:
             notify.wait_for("READY=1")
             proc.send_signal(getattr(signal, signame))
