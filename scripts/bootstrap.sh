@@ -4,7 +4,7 @@
 #   1. apt: postfix (debconf "No configuration": no /etc/postfix/main.cf, system instance
 #      not configured or left running), libmilter-dev, build-essential, python3-dev,
 #      pkg-config and libsystemd-dev (systemd-python), systemd (systemd-analyze), swaks,
-#      miltertest. `apt-get update` runs only when one of them is missing.
+#      miltertest, strace (reliability R6), graphviz (`lamsonfilter graph -o x.svg`). `apt-get update` runs only when one of them is missing.
 #   2. .venv in the repository (made with the `python3` on PATH) and
 #      `pip install -e '.[milter,smtpproxy,postgresql,test]'` (pymilter compiles against
 #      libmilter-dev). Skipped while the stamp .venv/.bootstrap-stamp (a hash of
@@ -19,7 +19,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 VENV=$ROOT/.venv
 EXTRAS=milter,smtpproxy,postgresql,metrics,systemd,test
-APT_PACKAGES=(postfix libmilter-dev build-essential python3-dev pkg-config libsystemd-dev systemd swaks miltertest)
+APT_PACKAGES=(postfix libmilter-dev build-essential python3-dev pkg-config libsystemd-dev systemd swaks miltertest strace graphviz)
 export PATH=$PATH:/usr/sbin:/sbin
 
 say() { printf 'bootstrap: %s\n' "$*"; }

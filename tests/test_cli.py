@@ -200,6 +200,25 @@ def test_graph_shows_states_and_transitions_read_from_the_code(tmp_path):
     assert out.read_text() == dot
 
 
+def test_graph_renders_svg_with_graphviz(tmp_path):
+    from tests.rig.fixtures import require
+
+    require("dot")
+    out = tmp_path / "states.svg"
+    r = invoke("graph", "--app", APP, "-o", out)
+    assert r.exit_code == 0, r.output
+    svg = out.read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "mailinglist.PENDING" in svg or ">PENDING<" in svg
+
+
+def test_graph_says_what_to_install_when_dot_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Graphviz here
+    r = invoke("graph", "--app", APP, "-o", tmp_path / "states.png")
+    assert r.exit_code != 0 and "apt-get install graphviz" in r.output
+    assert not (tmp_path / "states.png").exists()
+
+
 def test_send_talks_smtp_and_reports_refusals(tmp_path):
     from aiosmtpd.controller import Controller
 
