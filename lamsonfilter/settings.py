@@ -35,6 +35,9 @@ METRICS            ``HOST:PORT`` of the Prometheus endpoint of the  none (no end
                    daemons (loopback only)
 REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (7 days)
                    the MTA's retry of the message replays it
+POISON_LIMIT       content filter: attempts at one message that     ``5``
+                   crashed or timed out before it is quarantined
+                   (``0``: never; reliability R15, lamsonfilter.poison)
 =================  ===============================================  ==========================
 """
 
@@ -73,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_HOPS": 30,
     "REPLAY_TTL": 7 * 24 * 3600,
     "METRICS": None,
+    "POISON_LIMIT": 5,
 }
 
 
@@ -134,6 +138,9 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         fail("REPLY_BUDGET", f"must be (replies per minute, replies per minute to one domain), not {rb!r}")
     if not isinstance(values["MAX_HOPS"], int) or values["MAX_HOPS"] < 1:
         fail("MAX_HOPS", "must be a positive integer")
+    pl = values["POISON_LIMIT"]
+    if not isinstance(pl, int) or isinstance(pl, bool) or pl < 0:
+        fail("POISON_LIMIT", f"must be a number of attempts (0: never quarantine), not {pl!r}")
     if not isinstance(values["REPLAY_TTL"], (int, float)) or values["REPLAY_TTL"] < 3600:
         fail("REPLAY_TTL", "must be a number of seconds, at least 3600 (longer than the MTA retries)")
 

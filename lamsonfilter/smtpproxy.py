@@ -43,6 +43,7 @@ import functools
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,10 +54,11 @@ from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session, syntax
 from . import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
+from .poison import DEFAULT_LIMIT, AttemptLog, counts_as_crash
 from .quarantine import Quarantine
 from .reinjection import TEMPFAIL_REPLY, reinjection_plan
 from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction, xtext_decode
-from .runtime import Runtime
+from .runtime import REPLAY_TTL, Runtime
 from .spool import DataError, DataLimits, Spool, read_data
 
 __all__ = ["ProxyConfig", "ProxyHandler", "FilterSMTP", "FilterLMTP", "protocol_factory", "serve",
@@ -92,6 +94,11 @@ class ProxyConfig:
     def quarantine_path(self) -> Path:
         return self.quarantine or Path(self.app_dir).resolve() / "var" / "quarantine"
 
+    @property
+    def attempts_path(self) -> Path:
+        """Where `lamsonfilter.poison.AttemptLog` counts failed attempts: next to the quarantine."""
+        return self.quarantine_path.parent / "attempts"
+
 
 #: ``<dot-atom@domain> params``: the paths Postfix sends (RFC 5321 §4.1.2, no quoting).
 _PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -105,6 +112,10 @@ class _FilterEnvelope(SMTPEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.xforward: dict[str, str] = {}
+        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (R15)
+        self.attempt: tuple[str, int] | None = None
+        #: ``time.monotonic()`` when the upstream gets 451 for taking too long (set by `deliver`)
+        self.deadline: float | None = None
 
 
 class FilterSMTP(SMTP):
@@ -282,6 +293,11 @@ class ProxyHandler:
         self.executor = executor
         self.on_outbox = on_outbox
         self.quarantine = Quarantine(config.quarantine_path)
+        self.attempts = AttemptLog(config.attempts_path)
+        try:  # counts of messages that left Postfix's queue long ago
+            self.attempts.purge(REPLAY_TTL)
+        except OSError as exc:
+            log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
         self.limits = DataLimits(max_size=config.max_size)
         self.in_flight = 0
 
@@ -331,12 +347,17 @@ class ProxyHandler:
         count = len(envelope.rcpt_tos) if self.config.lmtp else 1
         queue_id = envelope.xforward.get("IDENT", "-")
         self.in_flight += 1
+        envelope.deadline = time.monotonic() + self.config.deadline
         try:
-            return await asyncio.wait_for(self._deliver(envelope, spool), self.config.deadline)
-        except asyncio.TimeoutError:
+            replies = await asyncio.wait_for(self._deliver(envelope, spool), self.config.deadline)
+            if envelope.attempt is not None and not replies[0].startswith("4"):
+                self.attempts.clear(envelope.attempt[0])  # a final answer: forget the attempts
+            return replies
+        except asyncio.TimeoutError:  # counted against the message (R15): the next try may quarantine it
             log.warning("queue_id=%s deadline of %gs passed, answered 451", queue_id, self.config.deadline)
         except ReinjectionError as exc:
             log.warning("queue_id=%s reinjection failed, answered 451: %s", queue_id, exc)
+            self._forgive(envelope)
         except Exception as exc:  # noqa: BLE001 -- the contract: a 4xx, never a 5xx or a traceback
             log.error("queue_id=%s error, answered 451: %s: %s", queue_id, type(exc).__name__, exc)
         finally:
@@ -361,7 +382,15 @@ class ProxyHandler:
         request = MailRequest(env, b"" if streamed else spool.getvalue())
         if routed:
             request.replay_key = self._replay_key(request)
+        request.deadline = envelope.deadline  # past it, App.process commits nothing (we answer 451)
         loop = asyncio.get_running_loop()
+        limit = int(self.runtime.app.settings.get("POISON_LIMIT", DEFAULT_LIMIT))
+        if request.replay_key is not None and limit > 0:
+            # counted durably *before* the handlers run: a kill -9 in them still counts (R15)
+            n = await loop.run_in_executor(self.executor, self.attempts.begin, request.replay_key)
+            envelope.attempt = (request.replay_key, n)
+            if n > limit:
+                return await self._quarantine_poison(request, n - 1)
         decision = await loop.run_in_executor(
             self.executor, functools.partial(self.runtime.process, request, transport="smtpproxy")
         )
@@ -371,6 +400,12 @@ class ProxyHandler:
         plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
         replies = [r for _, r in plan.rcpt_replies] if self.config.lmtp else [plan.reply]
         if decision.is_tempfail:
+            if envelope.attempt is None:
+                return replies
+            if not counts_as_crash(decision):
+                self._forgive(envelope)
+            elif envelope.attempt[1] >= limit:
+                return await self._quarantine_poison(request, envelope.attempt[1])
             return replies
         original: bytes | Spool = spool if streamed else request.raw
         if plan.quarantine:
@@ -389,6 +424,26 @@ class ProxyHandler:
             ))
             faults.reached("smtpproxy.after_reinject", env.queue_id)
         return replies
+
+    async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
+        """Keep a message that failed `failures` times in the quarantine (fsynced), then ``250`` (R15)."""
+        reason = f"poison message: {failures} attempt(s) crashed or timed out; handlers not run again"
+        loop = asyncio.get_running_loop()
+        name = await loop.run_in_executor(self.executor, self.quarantine.store, request.raw, reason,
+                                          request.queue_id)
+        log.error("queue_id=%s quarantined as %s: %s", request.queue_id or "-", name, reason)
+        count = len(request.recipients) if self.config.lmtp else 1
+        return ["250 2.0.0 Ok: quarantined"] * count
+
+    def _forgive(self, envelope: _FilterEnvelope) -> None:
+        """This attempt failed for a reason that is not the message's: do not count it."""
+        if envelope.attempt is not None:
+            key, n = envelope.attempt
+            envelope.attempt = None
+            try:
+                self.attempts.forgive(key, n)
+            except OSError as exc:
+                log.warning("attempt count of %s not undone: %s", key, exc)
 
     @staticmethod
     def _replay_key(request: MailRequest) -> str | None:
