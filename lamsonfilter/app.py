@@ -35,7 +35,7 @@ from .routing import Router, RouteMatch, RoutingError
 from .state import ConflictError, MemoryStorage, StateRecord, StateStorage
 from .views import Views
 
-__all__ = ["App", "StartupError", "RouteTarget", "MAX_HOPS", "CONFLICT_RETRIES"]
+__all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
 
 log = logging.getLogger("lamsonfilter")
 
@@ -219,7 +219,7 @@ class App:
         current: Context | None = None
         replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
         try:
-            with _LazyTransaction(self.storage, commit, replay_key) as tx:
+            with _LazyTransaction(self.storage, commit, replay_key, request.deadline) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -244,6 +244,9 @@ class App:
             return replace(done, notes=(*done.notes, "retry: decision replayed"))
         except ConflictError:
             raise
+        except DeadlinePassed as late:
+            log.warning("queue_id=%s %s", request.queue_id or "-", late)
+            return Decision.tempfail(request.recipients, str(late))
         except _HandlerTempfail as asked:
             o = asked.outcome
             log.info("queue_id=%s handler asked for a tempfail: %s", request.queue_id or "-", o.reply)
@@ -339,6 +342,10 @@ def _where(ctx: Context) -> str:
     return f"{ctx.handler.name}.{ctx.state}"
 
 
+class DeadlinePassed(Exception):
+    """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
+
+
 class _Replayed(Exception):
     """The replay key has a committed decision: use it, run nothing (raised by `_LazyTransaction`)."""
 
@@ -359,10 +366,12 @@ class _LazyTransaction:
     handlers did can be committed a second time (R13, M4).
     """
 
-    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None) -> None:
+    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None,
+                 deadline: float | None = None) -> None:
         self._storage = storage
         self._commit = commit
         self._replay_key = replay_key
+        self._deadline = deadline
         self._cm: Any = None
         self._tx: Any = None
 
@@ -388,6 +397,12 @@ class _LazyTransaction:
         if self._cm is None:
             return None
         cm, self._cm = self._cm, None
+        if exc_type is None and self._deadline is not None and time.monotonic() > self._deadline:
+            # the transport answered 4xx already: the MTA sends the message again, so
+            # nothing of this run may be committed (no reply for a message not accepted)
+            late = DeadlinePassed("the transport's deadline passed before the commit; rolled back")
+            cm.__exit__(DeadlinePassed, late, None)
+            raise late
         return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
 
     def get(self, key: str) -> StateRecord | None:

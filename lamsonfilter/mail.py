@@ -159,6 +159,10 @@ class MailRequest:
     #: sender and recipients for the milter).  With it, `App.process` runs the
     #: handlers once per message: a retry replays the committed decision.
     replay_key: str | None = None
+    #: ``time.monotonic()`` after which the transport has given up on this message
+    #: (answered 4xx): `App.process` then commits nothing -- no state change, no reply
+    #: for a message the MTA will send again.  None: no limit.
+    deadline: float | None = None
     _extra_defects: list[str] = field(default_factory=list, repr=False)
 
     @classmethod

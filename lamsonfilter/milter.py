@@ -57,6 +57,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from email.header import Header
 from typing import Any, Callable, TypeVar
@@ -108,6 +109,9 @@ APP_THREADS = 4
 #: Seconds the application may take for one message; then 451 (main.cf.milter
 #: gives Postfix's milter_content_timeout 120 s).
 APP_DEADLINE = 100.0
+
+#: Seconds the milter still waits after APP_DEADLINE for a run that was committing.
+COMMIT_GRACE = 10.0
 
 #: Seconds to wait for libmilter to finish after ``smfi_stop`` (it polls every 5 s).
 STOP_TIMEOUT = 15.0
@@ -412,9 +416,12 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         if self.executor is None or inline:
             decision = self.runtime.process(request, transport="milter")
         else:
+            # past the deadline App.process commits nothing; the extra seconds let a run
+            # that committed just in time hand over its decision (never a 451 after a commit)
+            request.deadline = time.monotonic() + APP_DEADLINE
             future = self.executor.submit(self.runtime.process, request, transport="milter")
             try:
-                decision = future.result(APP_DEADLINE)
+                decision = future.result(APP_DEADLINE + COMMIT_GRACE)
             except TimeoutError:
                 raise RuntimeError(f"the application took more than {APP_DEADLINE:g} s") from None
         return milter_plan(decision, request)

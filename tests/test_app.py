@@ -330,6 +330,24 @@ def test_content_replay_key_reads_the_raw_first_message_id_field_only():
     assert body_only.content_replay_key() is None
 
 
+def test_past_the_transports_deadline_nothing_is_committed(caplog):
+    import time
+
+    app = counter_app()
+    app.process(request())  # n = 1
+    late = request()
+    late.deadline = time.monotonic() - 1  # the transport already answered 4xx
+    with caplog.at_level(logging.WARNING, logger="lamsonfilter"):
+        d = app.process(late)
+    assert d.is_tempfail and d.outcomes[0].code == 451
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 1}
+    assert any("deadline passed" in r.getMessage() and "queue_id=Q1" in r.getMessage() for r in caplog.records)
+    in_time = request()
+    in_time.deadline = time.monotonic() + 60
+    assert not app.process(in_time).is_tempfail
+    assert state_of(app, "counter:alice@example.com:counter@app.example").data == {"n": 2}
+
+
 def test_content_replay_key_uses_message_id_sender_and_recipients():
     a = request()
     b = MailRequest.from_bytes(a.raw, sender="alice@example.com", recipients=["counter@app.example"])

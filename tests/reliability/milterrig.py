@@ -29,9 +29,9 @@ directory (`FAULT_HANDLER`).  It adds:
   Every injected exception carries `SECRET`, so a test can prove that no
   reply text leaks it.  Mail to any other address is untouched;
 
-* ``LF_TEST_APP_DEADLINE`` in `filter_env` sets lamsonfilter.milter's
-  ``APP_DEADLINE`` (seconds) in that process, so its deadline can be
-  exercised in seconds instead of 100;
+* ``LF_TEST_APP_DEADLINE`` and ``LF_TEST_COMMIT_GRACE`` in `filter_env` set
+  lamsonfilter.milter's ``APP_DEADLINE`` and ``COMMIT_GRACE`` (seconds) in
+  that process, so its deadline can be exercised in seconds instead of 100;
 * `content_timeout` overrides Postfix's milter content timeout (both in
   ``smtpd_milters`` and ``milter_content_timeout``).
 
@@ -79,6 +79,8 @@ handler = Handler("lffault", default_action="deliver")
 
 if os.environ.get("LF_TEST_APP_DEADLINE"):
     _milter.APP_DEADLINE = float(os.environ["LF_TEST_APP_DEADLINE"])
+if os.environ.get("LF_TEST_COMMIT_GRACE"):
+    _milter.COMMIT_GRACE = float(os.environ["LF_TEST_COMMIT_GRACE"])
 
 
 @handler.route("slow-(secs)@(host)", secs=r"[0-9]{{1,3}}")

@@ -429,6 +429,7 @@ def test_m3_slow_handler_is_tempfailed_never_accepted_unfiltered() -> None:
         # 2. lamsonfilter's own deadline, well inside Postfix's 4 s
         dep.stop_filter()
         dep.filter_env["LF_TEST_APP_DEADLINE"] = "2"
+        dep.filter_env["LF_TEST_COMMIT_GRACE"] = "0.5"
         dep.start_filter()
         (late,) = inj.inject(1, rcpts=[f"slow-3@{LIST_HOST}"])
         assert late.result.final is not None and (late.result.final.code, late.result.final.text) == LF_TEMPFAIL, (
@@ -451,26 +452,23 @@ def test_m3_slow_handler_is_tempfailed_never_accepted_unfiltered() -> None:
 
 
 class LateReply(AssertionError):
-    """The finding `test_m3_past_app_deadline_nothing_is_sent` expects (its xfail is for this only)."""
+    """A reply went out for a message the client was told to retry (`MailRequest.deadline` guards this)."""
 
 
-@pytest.mark.xfail(strict=True, raises=LateReply, reason=(
-    "lamsonfilter/milter.py LamsonMilter._decide: after APP_DEADLINE the milter answers 451 but the "
-    "application keeps running in its thread and commits its decision and outbox afterwards, so a reply "
-    "goes out for a message the client was told to retry (DESIGN: a tempfail sends nothing)"))
 def test_m3_past_app_deadline_nothing_is_sent(dep: FaultMilterDeployment) -> None:
     """A handler that replies, slower than APP_DEADLINE (2 s): the client gets 451 4.3.0, so the
     reply must not go out -- unless and until the client's resend is accepted, then exactly once."""
     sender = "m3-late@example.com"
     dep.stop_filter()
     dep.filter_env["LF_TEST_APP_DEADLINE"] = "2"
+    dep.filter_env["LF_TEST_COMMIT_GRACE"] = "0.5"
     dep.start_filter()
     inj = Injector(dep, "m3-late")
     (item,) = inj.inject(1, sender=sender, rcpts=[f"slowreply-4@{LIST_HOST}"])
     assert item.result.final is not None and (item.result.final.code, item.result.final.text) == LF_TEMPFAIL, (
         str(item.result))
-    wait_for(lambda: "routes=lffault.SLOW_REPLY" in dep.filter_log.read_text(), WAIT,
-             message="the slow handler to finish")
+    wait_for(lambda: "deadline passed before the commit" in dep.filter_log.read_text(), WAIT,
+             message="the slow handler to finish (and commit nothing)")
     dep.settle()  # a reply on its way would have arrived by now
     replies = dep.messages_to(sender, "lffault late reply")
     print(f"replies for a message the client saw tempfailed: {len(replies)}")
