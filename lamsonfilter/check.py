@@ -154,7 +154,8 @@ class PostfixConfig:
             raise FileNotFoundError("postconf not found (is Postfix installed?)")
 
         def run(*args: str) -> str:
-            proc = subprocess.run([exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
+                [exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip() or f"postconf {' '.join(args)} failed")
             return proc.stdout

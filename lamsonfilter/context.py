@@ -24,9 +24,11 @@ framework's guards: never to bounces, lists, ``<>``..., rate-limited) and
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import re
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from email.message import EmailMessage
 from email.utils import formataddr, getaddresses, parseaddr
 from typing import TYPE_CHECKING, Any, Mapping
@@ -87,6 +89,7 @@ class Context:
         self.state = "START"
         self.data: dict[str, Any] = {}
         self.outcome: Outcome | None = None
+        self._answer_addresses: dict[str, str] | None = None
 
     # ------------------------------------------------------------ reading
     @property
@@ -221,6 +224,9 @@ class Context:
                 response = Response(To=self.sender, From=from_addr or self.recipient, Subject=subject, Body=body or "")
             for name, value in headers.items():
                 response[name] = value
+            written = _addresses_written(response.to_bytes(), "To")
+            if written != [self.sender]:  # e.g. a long non-ASCII sender folded apart (found by O3's fuzzer)
+                raise HeaderValueError(f"the To header would read {written!r}, not the envelope sender")
         except HeaderValueError as exc:
             self._note(f"reply to {self.sender} suppressed: {exc}")
             return False
@@ -243,7 +249,10 @@ class Context:
 
         The envelope defaults to the message's From and To/Cc; give
         `sender` (e.g. a VERP bounce address) and `recipients` explicitly for
-        list posts.
+        list posts.  A recipient taken from the incoming From, Reply-To or
+        Sender header (other than the envelope sender, outside the
+        application's hosts) is dropped and the refusal noted: handlers
+        never relay for whoever wrote those headers (reliability S2).
         """
         self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message")
 
@@ -282,9 +291,38 @@ class Context:
             recipients = tuple(
                 a for _n, a in getaddresses([str(v) for h in ("To", "Cc") for v in msg.get_all(h, [])]) if a
             )
-        self._changes.outbox.append(
-            OutboxMessage(normalize_address(sender), tuple(normalize_address(r) for r in recipients), raw, kind)
-        )
+        recipients = tuple(normalize_address(r) for r in recipients)
+        relayed = [(r, f) for r in recipients if (f := self._answer_field(r)) is not None]
+        if relayed:  # S2: never write to a forgeable header's address for a stranger
+            self._note("; ".join(
+                f"{kind} to {r} blocked: the address comes from the {f} header, not the envelope sender"
+                for r, f in relayed))
+            recipients = tuple(r for r in recipients if r not in {r for r, _f in relayed})
+            if not recipients:
+                return
+        self._changes.outbox.append(OutboxMessage(normalize_address(sender), recipients, raw, kind))
+
+    def _answer_field(self, recipient: str) -> str | None:
+        """The header (From, Reply-To, Sender) `recipient` was found in, when writing to it would relay.
+
+        The envelope sender and addresses at the application's hosts are
+        never "relayed"; neither is an address the message does not name.
+        """
+        rcpt = recipient.lower()
+        if rcpt == self.sender.lower() or self.app.owns(recipient):
+            return None
+        if self._answer_addresses is None:
+            found: dict[str, str] = {}
+            for name in _ANSWER_FIELDS:
+                try:
+                    values = [str(v) for v in self.message.get_all(name, [])]
+                    pairs = getaddresses(values)
+                except Exception:  # noqa: BLE001 -- an unreadable field names nobody
+                    continue
+                for _n, addr in pairs:
+                    found.setdefault(addr.lower(), name)
+            self._answer_addresses = found
+        return self._answer_addresses.get(rcpt)
 
     def _note(self, text: str) -> None:
         self._changes.notes.append(text)
@@ -317,8 +355,22 @@ class Context:
         return formataddr((name, addr)) if name else addr
 
 
+#: Header fields a reply could be steered by.  Outbox mail to an address found there that is not
+#: the envelope sender (or at the application's hosts) is refused: the fields are forgeable, and
+#: writing to them would let anybody relay through a handler (reliability S2).
+_ANSWER_FIELDS = ("From", "Reply-To", "Sender")
+
 #: A header line naming `GENERATED_HEADER` (not merely the text somewhere in the header block).
 _GENERATED_FIELD = re.compile(rb"(?im)^" + re.escape(GENERATED_HEADER.encode("ascii")) + rb"[ \t]*:")
+
+
+def _addresses_written(raw: bytes, name: str) -> list[str]:
+    """The addresses a reader of `raw` finds in header `name` (what the recipient will see)."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
+    try:
+        return [a for _n, a in getaddresses([str(v) for v in msg.get_all(name, [])])]
+    except Exception:  # noqa: BLE001 -- unreadable is not the address we meant
+        return []
 
 
 def _one_mailbox(address: str) -> bool:

@@ -89,7 +89,7 @@ class Demo:
         self._lamsonfilter("db", "init", "--app", str(self.app_dir), "--database", self.database)
 
     def _lamsonfilter(self, *args: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "lamsonfilter", *args],
+        proc = subprocess.run([sys.executable, "-m", "lamsonfilter", *args],  # noqa: S603 -- argv list, no message data
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise DemoError(f"lamsonfilter {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -145,7 +145,7 @@ class Demo:
             args = ["smtpproxy", "--app", str(self.app_dir), "--listen", f"127.0.0.1:{self.filter_port}",
                     "--reinject", f"127.0.0.1:{self.reinject_port}", "--policy", f"127.0.0.1:{self.policy_port}",
                     "--database", self.database]
-        self.daemon = subprocess.Popen(base + args, stdout=log, stderr=log, start_new_session=True)
+        self.daemon = subprocess.Popen(base + args, stdout=log, stderr=log, start_new_session=True)  # noqa: S603
         log.close()
 
         def up() -> bool:

@@ -264,7 +264,7 @@ class PrivatePostfix:
         binary = find_binary(name)
         if binary is None:
             raise RigUnavailable(f"{name} not found (install Debian's postfix package)")
-        proc = subprocess.run(
+        proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
             [binary, "-c", str(self.config_dir), *args],
             capture_output=True,
             text=True,

@@ -269,7 +269,18 @@ class MailRequest:
 
     @property
     def ambiguous_mime(self) -> bool:
-        """True when two MIME readers could disagree about what this message contains."""
+        """True when two MIME readers could disagree about what this message contains.
+
+        A message with one Content-Type and at most one Content-Transfer-Encoding
+        field, neither multipart nor message/*, has no parts to disagree about:
+        that is read off the raw header block, without parsing it.
+        """
+        if "message" not in self.__dict__:  # not parsed yet: parse only if it could matter
+            block = self.header_block
+            types = _CONTENT_TYPE.findall(block)
+            if (len(types) <= 1 and len(_CONTENT_TRANSFER_ENCODING.findall(block)) <= 1
+                    and not any(b"multipart" in t.lower() or b"message/" in t.lower() for t in types)):
+                return False
         return any(d in _AMBIGUOUS for d in self.defects)
 
     def header(self, name: str, default: str = "") -> str:
@@ -382,6 +393,10 @@ def _oversized_header(raw: bytes) -> str | None:
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
+
+#: Content-Type / Content-Transfer-Encoding fields of a raw header block (value up to the line end).
+_CONTENT_TYPE = re.compile(rb"(?im)^content-type[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)")
+_CONTENT_TRANSFER_ENCODING = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:")
 
 #: The first Message-ID field of a raw header block, with its continuation lines.
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")

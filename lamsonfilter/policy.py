@@ -16,8 +16,10 @@ at RCPT time, and lamsonfilter answers with the application's own
 Protocol: Postfix sends ``name=value`` lines ending with an empty line and
 reads ``action=...`` and an empty line back; one connection carries many
 requests.  The answer is ``550 5.1.1 ...`` for an address at an
-application host that no route takes, ``DUNNO`` (no opinion: the other
-restrictions decide) for everything else, including errors.  Requests are
+application host that no route takes, ``501 5.1.3 ...`` for an address
+the filter itself would refuse (over-long, control characters: reliability
+S6), ``DUNNO`` (no opinion: the other restrictions decide) for everything
+else, including errors.  Requests are
 bounded (line length, attribute count); a malformed one closes the
 connection, and Postfix's ``default_action`` applies.
 """
@@ -48,8 +50,10 @@ def policy_answer(runtime: Runtime, attributes: dict[str, str]) -> str:
         return "DUNNO"
     try:
         recipient = normalize_address(attributes.get("recipient", ""))
-    except AddressError:
-        return "DUNNO"
+    except AddressError as exc:
+        # the filter would answer 501 at RCPT after queueing, and Postfix would bounce (S6):
+        # refuse it now, while the client is still connected
+        return f"501 5.1.3 Bad recipient address syntax: {exc}"
     if not recipient:
         return "DUNNO"
     outcome = runtime.check_recipient(recipient)

@@ -127,10 +127,14 @@ class Runtime:
         decision = self.app.process(request)
         took = (time.monotonic() - started) * 1000
         routes = ",".join(sorted({o.route for o in decision.outcomes if o.route})) or "-"
+        # X2: say so when two MIME readers could disagree -- for the application's own (routed) mail;
+        # pass-through mail is never parsed, and logging must not start parsing it
+        ambiguous = routes != "-" and request.ambiguous_mime
         log.info(
-            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d ms=%.1f",
+            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d ms=%.1f%s",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
             len(request.recipients), routes, decision.kind, len(decision.outbox), took,
+            " mime=ambiguous" if ambiguous else "",
             extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
                    "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},
         )

@@ -74,3 +74,13 @@ def test_nul_and_bare_lf_do_not_crash():
     req = MailRequest.from_bytes(raw, sender="x@y.example", recipients=["z@w.example"])
     assert isinstance(req.defects, tuple)
     assert req.body_bytes == b"body\x00\n"
+
+
+def test_ambiguous_mime_is_answered_without_parsing_a_single_part_message():
+    plain = MailRequest.from_bytes(b"Subject: x\r\nContent-Type: text/plain\r\n\r\nhi\r\n",
+                                   sender="a@b.example", recipients=["c@d.example"])
+    assert plain.ambiguous_mime is False
+    assert "message" not in plain.__dict__  # the log line of routed mail must not start a parse
+    for raw in (b"Content-Type: text/plain\r\nContent-Type: text/html\r\n\r\nhi\r\n",
+                b'Content-Type: multipart/mixed; boundary="A";\r\n boundary="B"\r\n\r\n--A\r\n\r\nx\r\n--A--\r\n'):
+        assert MailRequest.from_bytes(raw, sender="a@b.example", recipients=["c@d.example"]).ambiguous_mime
