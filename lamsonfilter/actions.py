@@ -11,6 +11,8 @@ Decision                        milter
 any tempfail / internal error   TEMPFAIL, setreply 451 4.3.0
 every recipient rejected        REJECT, setreply with the first reject's text
 every recipient dropped         DISCARD
+rejected ones, the rest dropped REJECT with the first reject's text (noted:
+                                the client must hear of the refusal)
 quarantine                      modifications, quarantine(reason), ACCEPT
 otherwise                       chgfrom, delrcpt (dropped, rejected,
                                 redirected), addrcpt (redirect targets),
@@ -80,6 +82,11 @@ def milter_plan(decision: Decision, request: MailRequest) -> MilterPlan:
         first = rejects[0]
         return MilterPlan((), "REJECT", (str(first.code), first.enhanced or "5.7.1", first.text or "Rejected"))
     if not decision.delivery_recipients and not decision.quarantine:
+        if rejects:  # the others were consumed: the client must still hear of the refusal
+            first = rejects[0]
+            return MilterPlan((), "REJECT", (str(first.code), first.enhanced or "5.7.1", first.text or "Rejected"),
+                              (f"{len(outcomes) - len(rejects)} recipient(s) consumed by the application; the "
+                               f"message is refused for {', '.join(o.recipient for o in rejects)}",))
         return MilterPlan((), "DISCARD")
     actions: list[MilterAction] = []
     notes: list[str] = []

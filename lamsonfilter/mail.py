@@ -292,10 +292,14 @@ class MailRequest:
         return default if value is None else str(value)
 
     def content_replay_key(self) -> str | None:
-        """A replay key from Message-ID, sender and recipients (None without a Message-ID).
+        """A replay key from Message-ID, sender, recipients and the body (None without a Message-ID).
 
         For transports with no stable queue id across retries (the milter:
         a client that retries opens a new transaction with a new queue id).
+        The body is part of it because Message-IDs are not always unique
+        (some clients and ticket systems reuse them): two different messages
+        must never share a key, or the second would be answered with the
+        first one's decision and never reach its handlers.
         """
         import hashlib
 
@@ -303,8 +307,12 @@ class MailRequest:
         msgid = b" ".join(found.group(1).split()).decode("utf-8", "surrogateescape") if found else ""
         if not msgid:
             return None
-        text = "\0".join([msgid, self.sender.lower(), *sorted(r.lower() for r in self.recipients)])
-        return "msgid:" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        digest = hashlib.sha256()
+        digest.update("\0".join([msgid, self.sender.lower(), *sorted(r.lower() for r in self.recipients)]).encode(
+            "utf-8", "surrogateescape"))
+        digest.update(b"\0")
+        digest.update(self.body_bytes)
+        return "msgid:" + digest.hexdigest()[:32]
 
     @property
     def header_block(self) -> bytes:

@@ -297,7 +297,14 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         if self._broken is not None:
             raise RuntimeError(self._broken)
         self._reset()
-        self._tx = _Transaction(normalize_address(mailfrom), self.spool_threshold)
+        try:
+            sender = normalize_address(mailfrom)
+        except AddressError as exc:  # a permanent problem of the client's: 501, as smtpproxy answers
+            self._setreply("501", "5.1.7", f"Bad sender address: {exc}")
+            log.info("queue_id=- from=%r client=%s refused at MAIL FROM: %s", mailfrom[:100],
+                     self.client_address or "-", exc)
+            return REJECT
+        self._tx = _Transaction(sender, self.spool_threshold)
         return CONTINUE
 
     @_guarded

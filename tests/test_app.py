@@ -319,7 +319,7 @@ def test_a_stateless_reply_is_committed_once_even_when_the_retry_runs_the_handle
 
 def test_content_replay_key_reads_the_raw_first_message_id_field_only():
     folded = MailRequest.from_bytes(
-        b"Subject: x\r\nMessage-ID:\r\n <fold@x.example>\r\n\r\nMessage-ID: <body@x.example>\r\n",
+        b"Subject: x\r\nMessage-ID:\r\n <fold@x.example>\r\n\r\nbody\r\n",
         sender="a@b.example", recipients=["c@d.example"])
     plain = MailRequest.from_bytes(
         b"Message-Id: <fold@x.example>\r\nSubject: x\r\n\r\nbody\r\n",
@@ -355,6 +355,15 @@ def test_content_replay_key_uses_message_id_sender_and_recipients():
     assert a.content_replay_key() == b.content_replay_key() != c.content_replay_key()
     no_id = MailRequest.from_bytes(b"Subject: x\r\n\r\n", sender="a@b.example", recipients=["c@d.example"])
     assert no_id.content_replay_key() is None
+
+
+def test_a_reused_message_id_with_another_body_is_another_message():
+    one = request(body="first post")
+    two = MailRequest.from_bytes(one.raw.replace(b"first post", b"second post"), sender="alice@example.com",
+                                 recipients=["counter@app.example"])
+    again = MailRequest.from_bytes(one.raw, sender="alice@example.com", recipients=["counter@app.example"])
+    assert b"second post" in two.raw
+    assert one.content_replay_key() == again.content_replay_key() != two.content_replay_key()
 
 
 def test_reserved_handler_name():

@@ -272,6 +272,12 @@ def test_a_client_retry_replays_the_committed_decision_instead_of_replying_again
     assert "retry: decision replayed" not in decisions[-1].notes
 
 
+def test_a_malformed_sender_is_refused_with_501_not_tempfailed() -> None:
+    m, ctx = connect(make_runtime())
+    assert m.envfrom("<" + "x" * 330 + "@client.example.test>") == Milter.REJECT
+    assert ctx.named("setreply")[-1][:2] == ("501", "5.1.7")
+
+
 # ---------------------------------------------------------------- RCPT time
 def test_unroutable_address_at_the_apps_host_is_refused_at_rcpt() -> None:
     m, ctx = connect(make_runtime())

@@ -87,3 +87,12 @@ def test_body_replacement_keeps_headers_verbatim():
     d = Decision((Outcome("b@y.example", Action.DELIVER),), body=b"new\r\n")
     assert [a.method for a in milter_plan(d, r).actions] == ["replacebody"]
     assert reinjection_plan(d, r).data == b"From: a@x.example\r\nTo: b@y.example\r\nSubject: s\r\n\r\nnew\r\n"
+
+
+def test_a_rejected_recipient_among_consumed_ones_is_still_refused_in_the_milter():
+    r = req("list@y.example", "other@y.example")
+    d = Decision((Outcome("list@y.example", Action.DROP),
+                  Outcome("other@y.example", Action.REJECT, 550, "5.7.1", "You are not subscribed")))
+    mp = milter_plan(d, r)
+    assert mp.result == "REJECT" and mp.reply == ("550", "5.7.1", "You are not subscribed")
+    assert any("other@y.example" in n for n in mp.notes)

@@ -18,14 +18,15 @@ directory (`FAULT_HANDLER`).  It adds:
   =====================================  ==========================================
   address                                raises in
   =====================================  ==========================================
+  MAIL ``boom-envfrom@...``              the milter's transaction → envfrom
   RCPT ``boom-envrcpt@example.net``      ``Runtime.check_recipient`` → envrcpt
   RCPT ``boom-data@example.net``         ``Runtime.process`` called by data
   RCPT ``boom-eom@lists.example.org``    ``Runtime.process`` called by eom
   RCPT ``boom-match@lists.example.org``  ``Router.match`` (RCPT check, DATA, EOM)
   =====================================  ==========================================
 
-  (envfrom needs no hook: a sender longer than 320 characters is a real
-  input Postfix passes on and ``normalize_address`` refuses by raising.)
+  (A sender longer than 320 characters is refused at MAIL FROM with
+  ``501 5.1.7``: a permanent problem of the client's, not an exception.)
   Every injected exception carries `SECRET`, so a test can prove that no
   reply text leaks it.  Mail to any other address is untouched;
 
@@ -136,6 +137,15 @@ if not getattr(_runtime.Runtime, "_lffault", False):  # once per process (SIGHUP
     _runtime.Runtime.check_recipient = check_recipient
     _runtime.Runtime.process = process
     _routing.Router.match = match
+
+    _transaction_init = _milter._Transaction.__init__
+
+    def transaction_init(self, sender, threshold):
+        if _hit([sender], "boom-envfrom"):
+            raise RuntimeError(f"injected failure at MAIL FROM ({{SECRET}})")
+        _transaction_init(self, sender, threshold)
+
+    _milter._Transaction.__init__ = transaction_init
 '''
 
 
