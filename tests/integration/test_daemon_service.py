@@ -3,6 +3,8 @@ SIGHUP reload that swaps the code while a message is in flight (the message is s
 """
 
 import os
+import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -335,3 +337,72 @@ def test_milter_stopped_right_after_ready_exits_cleanly(tmp_path, signame):
                 proc.kill()
                 proc.wait(10)
             notify.close()
+
+
+def _unit_command(unit: Path, env: dict[str, str]) -> list[str]:
+    """The unit's ExecStart as argv, ${VARS} expanded from its Environment= lines overridden by `env`."""
+    values: dict[str, str] = {}
+    command = ""
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line[len("Environment="):].partition("=")
+            values[name] = value
+        elif line.startswith("ExecStart="):
+            command = line[len("ExecStart="):]
+    values.update(env)
+    argv = command.split()
+    return [re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], a) for a in argv[1:]]
+
+
+@pytest.mark.parametrize("unit_name", ["lamsonfilter-smtpproxy.service", "lamsonfilter-milter.service"])
+def test_the_units_command_runs_with_a_read_only_application_directory(tmp_path, unit_name):
+    """ProtectSystem=strict leaves only the state directory writable: the unit's own command line
+    must put everything the daemon writes there (the smtpproxy's quarantine used to default to
+    APP/var/quarantine and the daemon exited at start).  The application directory is made
+    read-only with a bind mount in a private mount namespace, as systemd's sandbox does."""
+    if shutil.which("unshare") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("unshare (util-linux) is required in CI")
+        pytest.skip("unshare not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    require_milter_and_systemd()
+    app = make_app(tmp_path)
+    state = tmp_path / "state"  # stands in for /var/lib/lamsonfilter (StateDirectory)
+    state.mkdir()
+    env = {
+        "LAMSONFILTER_APP": str(app),
+        "LAMSONFILTER_LISTEN": f"127.0.0.1:{free_port()}",
+        "LAMSONFILTER_REINJECT": f"127.0.0.1:{free_port()}",
+        "LAMSONFILTER_POLICY": f"127.0.0.1:{free_port()}",
+        "LAMSONFILTER_QUARANTINE": str(state / "quarantine"),
+        "LAMSONFILTER_MILTER_SOCKET": f"unix:{state / 'milter.sock'}",
+    }
+    unit = ROOT / "conf" / "systemd" / unit_name
+    text = unit.read_text()
+    env = {name: value for name, value in env.items() if f"${{{name}}}" in text}  # the unit's own
+    args = _unit_command(unit, env)
+    args = [a.replace("/var/lib/lamsonfilter", str(state)).replace("/run/lamsonfilter", str(state)) for a in args]
+    database = f"sqlite:///{state}/state.db"
+    storage = make_storage(database, app)
+    storage.create_schema()
+    storage.close()
+    notify = Notifications(tmp_path / "notify")
+    script = ('mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"')
+    with open(tmp_path / "daemon.log", "w") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(app),
+             sys.executable, "-m", "lamsonfilter", *args, "--database", database],
+            env={**os.environ, "NOTIFY_SOCKET": notify.path}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            notify.wait_for("READY=1")
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, (tmp_path / "daemon.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            notify.close()
+    assert "Read-only file system" not in (tmp_path / "daemon.log").read_text()
