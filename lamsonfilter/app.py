@@ -9,7 +9,8 @@ refuse unroutable addresses early.
     decision = app.process(MailRequest.from_bytes(raw))
 
 `start()` fails loudly (`StartupError`) on a duplicate or dangerous route, a
-route to a missing state, or a template directory that does not exist.
+route to a missing state, a route that does not capture a parameter its state
+functions require, or a template directory that does not exist.
 `process()` never raises: any unexpected error becomes a tempfail decision
 (451 4.3.0) with one log line carrying the queue id and the handler, and
 nothing of that message (state, outbox) is committed.
@@ -31,7 +32,7 @@ from .decisions import Action, Decision, Outcome, OutboxMessage
 from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
 from .guards import ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
-from .routing import Router, RouteMatch, RoutingError
+from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
 from .state import ConflictError, MemoryStorage, StateRecord, StateStorage
 from .views import Views
 
@@ -125,6 +126,7 @@ class App:
         problems: list[str] = []
         for handler in self.handlers:
             problems.extend(handler.check())
+            problems.extend(handler_signature_problems(handler))
         if problems:
             raise StartupError("; ".join(problems))
         try:

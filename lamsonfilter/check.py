@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .app import App
+from .endpoint import DEFAULT_MILTER_SOCKET
 from .fsm import ERROR, START, is_stateless
-from .graph import _moves, transitions
+from .graph import _moves, transitions, unknown_returns
 
-__all__ = ["Finding", "check_app", "check_postfix", "PostfixConfig"]
+__all__ = ["Finding", "check_app", "check_postfix", "PostfixConfig", "MilterEntry", "parse_milters"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,14 @@ def check_app(app: App) -> list[Finding]:
                     f"handler {handler.name}: state {name} is unreachable (no route leads to it and "
                     "no state function returns it)",
                     f"return {name} from a state function, route to it, or remove it"))
+        for name, bad in sorted(unknown_returns(handler).items()):
+            findings.append(Finding(
+                "APP006", "error",
+                f"handler {handler.name}: state {name} returns {', '.join(sorted(bad))}, which "
+                f"{'is not a state' if len(bad) == 1 else 'are not states'} of this handler "
+                "(every message reaching it would be deferred)",
+                "return one of " + ", ".join(sorted(n for n, f in handler.states.items() if not is_stateless(f)))
+                + " (or None to stay)"))
         if app._views is not None:
             for name, func in handler.states.items():
                 for template in _templates_used(func):
@@ -213,6 +222,49 @@ def _milter_endpoints(spec: str) -> set[str]:
     return {spec}
 
 
+@dataclass(frozen=True)
+class MilterEntry:
+    """One milter of ``smtpd_milters``: its socket and its ``{ ..., name=value }`` options."""
+
+    socket: str
+    options: dict[str, str]
+
+
+def parse_milters(value: str) -> list[MilterEntry]:
+    """Split ``smtpd_milters`` into its milters (Postfix syntax: names separated by
+    white space or commas, a milter with options written ``{ socket, name=value, ... }``)."""
+    entries: list[MilterEntry] = []
+    for m in re.finditer(r"\{([^}]*)\}?|([^\s,{}]+)", value):
+        if m.group(1) is not None:
+            parts = [p.strip() for p in m.group(1).split(",") if p.strip()]
+            if not parts:
+                continue
+            options = {}
+            for opt in parts[1:]:
+                name, _, val = opt.partition("=")
+                options[name.strip()] = val.strip()
+            entries.append(MilterEntry(parts[0], options))
+        else:
+            entries.append(MilterEntry(m.group(2), {}))
+    return entries
+
+
+def _our_milter(entries: list[MilterEntry], milter_socket: str | None) -> MilterEntry | None:
+    """lamsonfilter's entry: the one naming its socket (--milter-socket, else the default);
+    else the only milter; else one whose socket names lamsonfilter; else None (unknown)."""
+    names = _milter_endpoints(milter_socket or DEFAULT_MILTER_SOCKET)
+    for e in entries:
+        if e.socket in names:
+            return e
+    if milter_socket is None:
+        if len(entries) == 1:
+            return entries[0]
+        named = [e for e in entries if "lamsonfilter" in e.socket]
+        if len(named) == 1:
+            return named[0]
+    return None
+
+
 def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
                   milter_socket: str | None = None) -> list[Finding]:
     from .settings import parse_hostport
@@ -287,18 +339,28 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
                                     "virtual mappings run before the filter and again after reinjection",
                                     "set receive_override_options = no_address_mappings in main.cf"))
     if milters:
+        entries = parse_milters(milters)
+        ours = _our_milter(entries, milter_socket)
+        own_action = ours.options.get("default_action") if ours is not None else None
         action = pc.main.get("milter_default_action", "")
-        if action == "accept" or "default_action=accept" in milters.replace(" ", ""):
+        if own_action == "accept" and ours is not None:
+            findings.append(Finding("PF201", "error",
+                                    f"the lamsonfilter milter ({ours.socket}) has default_action=accept in "
+                                    "smtpd_milters: when lamsonfilter is down, mail passes unfiltered",
+                                    f"change default_action=accept to default_action=tempfail in its "
+                                    f"{{ {ours.socket}, ... }} entry of smtpd_milters"))
+        elif own_action is None and action == "accept":
             findings.append(Finding("PF201", "error",
                                     "milter_default_action is accept: when lamsonfilter is down, mail "
-                                    "passes unfiltered", "set milter_default_action = tempfail"))
-        elif "milter_default_action" not in pc.explicit and "default_action=" not in milters.replace(" ", ""):
+                                    "passes unfiltered", "set milter_default_action = tempfail in main.cf"
+                                    + (f" (or give its entry {{ {ours.socket}, default_action=tempfail }})"
+                                       if ours is not None and len(entries) > 1 else "")))
+        elif own_action is None and "milter_default_action" not in pc.explicit:
             findings.append(Finding("PF202", "warning",
                                     "milter_default_action is not set explicitly (its default changed in "
                                     "Postfix 3.11)", "set milter_default_action = tempfail in main.cf"))
         if milter_socket:
-            listed = {m.strip().lstrip("{").split(",")[0].strip() for m in re.split(r"[\s,]+(?=(?:unix|local|inet):)", milters)}
-            if not listed & _milter_endpoints(milter_socket):
+            if not {e.socket for e in entries} & _milter_endpoints(milter_socket):
                 findings.append(Finding(
                     "PF203", "error",
                     f"smtpd_milters ({milters}) does not name the socket lamsonfilter listens on ({milter_socket})",

@@ -14,10 +14,11 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -81,28 +82,52 @@ def main(verbose: int) -> None:
 
 
 # ---------------------------------------------------------------- test (dry run)
-def _iter_messages(paths: tuple[Path, ...]) -> Iterator[tuple[str, bytes | Exception]]:
-    """(name, raw bytes or the error reading it) for files, directories and Maildirs; stdin if none."""
+def _sources(paths: tuple[Path, ...]) -> list[Path | None]:
+    """The messages to read, in order: files, the files of directories and Maildirs, None for stdin.
+
+    Only names are listed here; each message is read when its turn comes
+    (`_read`), so a Maildir of 100,000 messages is never in memory at once.
+    """
     if not paths:
-        yield "<stdin>", sys.stdin.buffer.read()
-        return
+        return [None]
+    out: list[Path | None] = []
     for path in paths:
         if str(path) == "-":
-            yield "<stdin>", sys.stdin.buffer.read()
+            out.append(None)
         elif path.is_dir():
             subdirs = [path / d for d in ("new", "cur")] if (path / "cur").is_dir() else [path]
-            files = sorted(f for d in subdirs if d.is_dir() for f in d.iterdir() if f.is_file())
-            for f in files:
-                yield from _read(f)
+            out.extend(sorted(f for d in subdirs if d.is_dir() for f in d.iterdir() if f.is_file()))
         else:
-            yield from _read(path)
+            out.append(path)
+    return out
 
 
-def _read(path: Path) -> Iterator[tuple[str, bytes | Exception]]:
+def _read(source: Path | None) -> tuple[str, bytes | Exception]:
+    """(name, raw bytes or the error reading it)."""
+    if source is None:
+        return "<stdin>", sys.stdin.buffer.read()
     try:
-        yield str(path), path.read_bytes()
+        return str(source), source.read_bytes()
     except OSError as exc:
-        yield str(path), exc
+        return str(source), exc
+
+
+#: A header field at the start of a message (RFC 5322 §2.2: printable ASCII but ':' in the name).
+_FIRST_FIELD = re.compile(rb"\A(?:From [^\r\n]*\r?\n)?[!-9;-~]+[ \t]*:")
+
+
+def _not_a_message(raw: bytes) -> str | None:
+    """Why `raw` is not a mail message, or None when it looks like one."""
+    if not raw.strip():
+        return "empty input"
+    if b"\0" in raw:
+        return "it contains NUL bytes (binary data?)"
+    if not _FIRST_FIELD.match(raw):
+        return "it does not start with a header field (such as 'From: ...')"
+    return None
+
+
+_RETURN_PATH = re.compile(rb"(?im)^return-path[ \t]*:")
 
 
 def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> tuple[StateStorage, str | None]:
@@ -125,12 +150,17 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
         storage.check_schema()
     except SchemaMissingError as exc:
         if commit:
-            _fail(str(exc))
-        return MemoryStorage(), f"{exc}; using empty state"
+            _fail(_with_app_dir(str(exc), app_dir))
+        return MemoryStorage(), f"{_with_app_dir(str(exc), app_dir)}; using empty state"
     except StorageError as exc:
         _fail(str(exc))
         raise
     return storage, None
+
+
+def _with_app_dir(text: str, app_dir: Path) -> str:
+    """A storage message's ``--app DIR`` hint with the real directory in it."""
+    return text.replace("--app DIR", f"--app {app_dir}")
 
 
 @main.command("test")
@@ -155,6 +185,10 @@ def test_cmd(
     diff, and the rendered outbox.  Nothing is changed or sent unless
     --commit is given (and even then nothing is sent).
 
+    Input that is not a mail message (empty, NUL bytes, no header at the
+    start) is refused, naming the file; a message with no usable From (and
+    no Return-Path) gets a warning, since its sender becomes <>.
+
     Exit status: 0 when every message was handled, 1 when a handler failed
     or a message could not be read, 2 for bad usage or configuration.
     """
@@ -163,15 +197,21 @@ def test_cmd(
     app = _load(app_dir, overrides, storage=storage)
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    items = list(_iter_messages(messages))
-    show_bar = len(items) > 1 and not as_json and sys.stderr.isatty()
+    sources = _sources(messages)
+    show_bar = len(sources) > 1 and not as_json and sys.stderr.isatty()
     kinds: Counter[str] = Counter()
     replies = errors = 0
-    with click.progressbar(items, label="messages", file=sys.stderr) if show_bar else _nullbar(items) as bar:
-        for index, (name, raw) in enumerate(bar, 1):
+    with click.progressbar(sources, label="messages", file=sys.stderr) if show_bar else _nullbar(sources) as bar:
+        for index, source in enumerate(bar, 1):
+            name, raw = _read(source)
             if isinstance(raw, Exception):
                 errors += 1
                 _emit_error(name, f"cannot read: {raw}", as_json)
+                continue
+            why = _not_a_message(raw)
+            if why is not None:
+                errors += 1
+                _emit_error(name, f"not a mail message: {why}", as_json)
                 continue
             try:
                 request = MailRequest.from_bytes(
@@ -185,22 +225,38 @@ def test_cmd(
                 errors += 1
                 _emit_error(name, "no recipients: give --rcpt (the message has no To, Cc or Bcc)", as_json)
                 continue
+            if sender is None and not request.sender and not _RETURN_PATH.search(request.header_block):
+                click.echo(f"lamsonfilter: warning: {name}: no usable From (and no Return-Path): "
+                           "the sender is <>, as for a bounce; give --sender to choose one", err=True)
             decision = app.process(request, commit=commit)
             kinds[decision.kind] += 1
             replies += len(decision.outbox)
             if decision.error:
                 errors += 1
+            routes = _routes_of(app, decision)
             if as_json:
-                click.echo(json.dumps(_as_json(name, request, decision), sort_keys=True))
+                click.echo(json.dumps(_as_json(name, request, decision, routes), sort_keys=True))
             elif not quiet:
-                click.echo(_report(index, name, request, decision, commit))
-    if not as_json and len(items) > 1 or quiet:
+                click.echo(_report(index, name, request, decision, commit, routes))
+    if not as_json and len(sources) > 1 or quiet:
         summary = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
         click.echo(
-            f"summary: {len(items)} message(s); decisions: {summary}; "
+            f"summary: {len(sources)} message(s); decisions: {summary}; "
             f"outbox: {replies} message(s); errors: {errors}"
         )
     sys.exit(1 if errors else 0)
+
+
+def _routes_of(app: App, decision: Decision) -> dict[str, str]:
+    """The route of each recipient: the outcome's, else the one that matched (a failed handler's
+    tempfail outcome carries none)."""
+    out = {}
+    for o in decision.outcomes:
+        match = None if o.route else app.match(o.recipient)
+        route = o.route or (str(match.route) if match is not None else "")
+        if route:
+            out[o.recipient] = route
+    return out
 
 
 class _nullbar:
@@ -221,14 +277,15 @@ def _emit_error(name: str, text: str, as_json: bool) -> None:
         click.echo(f"lamsonfilter: {name}: {text}", err=True)
 
 
-def _as_json(name: str, request: MailRequest, decision: Decision) -> dict[str, Any]:
+def _as_json(name: str, request: MailRequest, decision: Decision,
+             routes: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "file": name,
         "envelope": {"sender": request.sender, "recipients": list(request.recipients),
                      "queue_id": request.queue_id},
         "decision": decision.kind,
         "recipients": [
-            {"recipient": o.recipient, "route": o.route, "handler": o.handler,
+            {"recipient": o.recipient, "route": o.route or (routes or {}).get(o.recipient), "handler": o.handler,
              "state_before": o.state_before, "state_after": o.state_after,
              "action": o.action.value, "reply": o.reply if o.code else None,
              "redirect_to": list(o.redirect_to)}
@@ -253,7 +310,8 @@ def _as_json(name: str, request: MailRequest, decision: Decision) -> dict[str, A
     }
 
 
-def _report(index: int, name: str, request: MailRequest, decision: Decision, commit: bool) -> str:
+def _report(index: int, name: str, request: MailRequest, decision: Decision, commit: bool,
+            routes: dict[str, str] | None = None) -> str:
     out: list[str] = []
     add = out.append
     add(f"=== message {index}: {name}")
@@ -267,7 +325,7 @@ def _report(index: int, name: str, request: MailRequest, decision: Decision, com
             + ("  (ambiguous MIME)" if request.ambiguous_mime else ""))
     for o in decision.outcomes:
         add(f"recipient: {o.recipient}")
-        add(f"  route:   {o.route or '(none)'}")
+        add(f"  route:   {o.route or (routes or {}).get(o.recipient) or '(none)'}")
         if o.handler:
             add(f"  state:   {o.state_before} -> {o.state_after}" if o.state_before else "  state:   (stateless)")
         what = o.action.value
@@ -440,17 +498,16 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     try:
         settings = load_settings(app_dir, {"DATABASE_URL": database})
         app = load_app(app_dir, {"DATABASE_URL": database})
+    except StorageError as exc:  # before StartupError: a missing database file is both
+        findings.append(_storage_finding(exc, app_dir))
     except StartupError as exc:
         findings.append(Finding("APP001", "error", str(exc), "fix the application so that it starts"))
-    except StorageError as exc:
-        findings.append(Finding("APP010", "error", str(exc), "check DATABASE_URL"))
     else:
         findings.extend(check_app(app))
         try:
             app.storage.check_schema()
         except StorageError as exc:
-            findings.append(Finding("APP010", "error", str(exc).replace("DIR", str(app_dir)),
-                                    f"run: lamsonfilter db init --app {app_dir}"))
+            findings.append(_storage_finding(exc, app_dir))
     if postfix_config is not None:
         findings.extend(check_postfix(postfix_config, settings, milter_socket))
     for f in findings:
@@ -460,6 +517,17 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     sys.exit(1 if errors else 0)
 
 
+def _storage_finding(exc: StorageError, app_dir: Path) -> Any:
+    """APP010: no schema yet (run db init), or the database cannot be reached at all (say why)."""
+    from .check import Finding
+
+    if isinstance(exc, SchemaMissingError):
+        return Finding("APP010", "error", _with_app_dir(str(exc), app_dir),
+                       f"run: lamsonfilter db init --app {app_dir}")
+    return Finding("APP010", "error", f"cannot connect to the state database: {exc}",
+                   "start the database server, or correct DATABASE_URL (or --database)")
+
+
 # ---------------------------------------------------------------- demo
 @main.command("demo")
 @click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -467,10 +535,12 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
 @click.option("--mode", type=click.Choice(["milter", "content-filter"]), default="milter", show_default=True,
               help="Where lamsonfilter sits: in Postfix's SMTP session, or after its queue.")
 @click.option("--port", type=int, default=2525, show_default=True, help="Loopback port Postfix listens on.")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("/tmp/lamsonfilter-demo"), show_default=True,
-              help="Work directory: Postfix's configuration and queue, the state database, the mailboxes.")
-def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path) -> None:
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work directory: Postfix's configuration and queue, the state database, the mailboxes, "
+                   "the quarantine.  Default: a new /tmp/lamsonfilter-demo-XXXXXX for each run.")
+@click.option("--keep", is_flag=True,
+              help="With --dir: keep what an earlier run left there (state, mail); by default it is removed.")
+def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path | None, keep: bool) -> None:
     """Run an application behind a private Postfix on loopback, to try it by hand.
 
     Postfix delivers mail for example.com, example.net and example.org into
@@ -478,9 +548,10 @@ def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path) -> None:
     and watch the replies arrive.  Ctrl-C stops everything it started.
     Needs root and Debian's postfix package (make run sets them up).
     """
-    from .demo import Demo, DemoError
+    from .demo import Demo, DemoError, new_workdir
 
-    demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text))
+    demo = Demo(app_dir, workdir if workdir is not None else new_workdir(), mode, port,
+                echo=lambda text: click.echo(text), keep=keep)
     try:
         demo.run_until_interrupted()
     except DemoError as exc:
@@ -614,10 +685,49 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
     try:
         status = milter_mode.serve(runtime, endpoint, service=Service(), socket_group=socket_group or None,
                                    tcp_nodelay=not no_nodelay)
-    except (milter_mode.MilterStartError, OSError) as exc:
-        _fail(f"cannot listen: {exc}")
+    except milter_mode.MilterStartError as exc:
+        why = _listen_problem(endpoint)
+        _fail(f"cannot listen: {exc}" + (f" ({why})" if why else ""))
+        return
+    except OSError as exc:
+        _fail(f"cannot listen on {endpoint}: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""))
         return
     sys.exit(status)
+
+
+def _listen_problem(endpoint: Any) -> str | None:
+    """Why a milter socket cannot be opened, found by trying (libmilter says only "cannot opensocket")."""
+    import errno
+    import os
+    import socket
+    import stat
+
+    if endpoint.kind == "unix":
+        path = Path(endpoint.path)
+        if not path.parent.is_dir():
+            return f"directory {path.parent} does not exist"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"no permission to create a socket in {path.parent}"
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
+        if not stat.S_ISSOCK(mode):
+            return f"{path} exists and is not a socket"
+        return None
+    family = socket.AF_INET6 if endpoint.kind == "inet6" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libmilter does
+        try:
+            probe.bind((endpoint.host, endpoint.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"address already in use: another process listens on {endpoint.host} port {endpoint.port}"
+            return f"{endpoint.host} port {endpoint.port}: {exc.strerror or exc}"
+    return None
 
 
 def _safe_url(url: str) -> str:

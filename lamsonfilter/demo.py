@@ -11,8 +11,12 @@ What it starts, all under one work directory and on loopback ports only:
   lines shipped in ``conf/postfix/``, with its outbox going to a loopback
   listener that does not filter again.
 
-Ctrl-C (or SIGTERM) stops exactly what it started.  Needs root (Postfix's
-master runs as root) and Debian's postfix package.
+Each run starts afresh: by default in a new directory
+``/tmp/lamsonfilter-demo-XXXXXX``; with ``--dir DIR``, what an earlier
+demo left there (state, mail, queue, quarantine, logs) is removed first
+unless ``--keep`` is given.  Nothing is written into the application's
+directory.  Ctrl-C (or SIGTERM) stops exactly what it started.  Needs root
+(Postfix's master runs as root) and Debian's postfix package.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from .localpostfix import PrivatePostfix, RigUnavailable, free_port, port_accepts, wait_for
 
-__all__ = ["Demo", "DemoError", "MAIL_DOMAINS"]
+__all__ = ["Demo", "DemoError", "MAIL_DOMAINS", "new_workdir", "command_name"]
 
 MAIL_DOMAINS = ("example.com", "example.net", "example.org")
 NOBODY = 65534
@@ -53,9 +58,36 @@ def _service_lines(snippet: str, old_port: str, new_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: What a demo run leaves in its work directory (removed at the start of the next run unless kept).
+WORK_ENTRIES = ("mail", "postfix", "quarantine", "attempts", "state.db", "state.db-journal",
+                "state.db-wal", "state.db-shm", "milter.sock", "lamsonfilter.log")
+
+
+def new_workdir() -> Path:
+    """A fresh work directory under /tmp, searchable by Postfix's unprivileged users."""
+    path = Path(tempfile.mkdtemp(prefix="lamsonfilter-demo-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def command_name() -> str:
+    """How to run ``lamsonfilter`` from a shell: the script next to the running interpreter
+    (``.venv/bin/lamsonfilter`` after ``make run``), or plain ``lamsonfilter`` when that is on PATH."""
+    script = Path(sys.executable).parent / "lamsonfilter"
+    if not script.is_file():
+        return f"{sys.executable} -m lamsonfilter"
+    found = shutil.which("lamsonfilter")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "lamsonfilter"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 class Demo:
     def __init__(self, app_dir: Path, workdir: Path, mode: str = "milter", port: int = 2525,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, keep: bool = False) -> None:
         if mode not in ("milter", "content-filter"):
             raise DemoError(f"unknown mode {mode!r}: milter or content-filter")
         self.app_dir = app_dir.resolve()
@@ -63,6 +95,7 @@ class Demo:
         self.mode = mode
         self.port = port
         self.echo = echo
+        self.keep = keep
         self.reinject_port = free_port()
         self.filter_port = free_port()
         self.policy_port = free_port()
@@ -80,6 +113,8 @@ class Demo:
         if port_accepts(self.port):
             raise DemoError(f"127.0.0.1:{self.port} is in use; choose another --port")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.keep:
+            self._wipe()
         for d in [self.workdir, *self.workdir.parents]:
             if d.exists() and not d.stat().st_mode & 0o001:
                 raise DemoError(f"{d} is not searchable by the postfix user; use a --dir under /tmp")
@@ -87,6 +122,15 @@ class Demo:
         mail.mkdir(exist_ok=True)
         os.chown(mail, NOBODY, NOBODY)
         self._lamsonfilter("db", "init", "--app", str(self.app_dir), "--database", self.database)
+
+    def _wipe(self) -> None:
+        """Remove what an earlier run left in the work directory (only the demo's own entries)."""
+        for name in WORK_ENTRIES:
+            path = self.workdir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
     def _lamsonfilter(self, *args: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "lamsonfilter", *args],  # noqa: S603 -- argv list, no message data
@@ -144,7 +188,7 @@ class Demo:
         else:
             args = ["smtpproxy", "--app", str(self.app_dir), "--listen", f"127.0.0.1:{self.filter_port}",
                     "--reinject", f"127.0.0.1:{self.reinject_port}", "--policy", f"127.0.0.1:{self.policy_port}",
-                    "--database", self.database]
+                    "--database", self.database, "--quarantine", str(self.workdir / "quarantine")]
         self.daemon = subprocess.Popen(base + args, stdout=log, stderr=log, start_new_session=True)  # noqa: S603
         log.close()
 
@@ -183,11 +227,13 @@ class Demo:
         hosts = self._app_hosts()
         mode = "milter (pre-queue)" if self.mode == "milter" else "content filter (after-queue)"
         mail = self.workdir / "mail"
+        cmd = command_name()
         return f"""\
 lamsonfilter demo: {self.app_dir.name} as a {mode} behind a private Postfix
 
   Postfix listens on   127.0.0.1:{self.port}
   the application owns {', '.join(hosts)}
+  work directory       {self.workdir}
   mailbox              {mail}/inbox/new/   (all mail to any user at {', '.join(MAIL_DOMAINS)})
   logs                 {self.workdir / 'lamsonfilter.log'}
                        {self.postfix.maillog_path if self.postfix else ''}
@@ -196,9 +242,9 @@ Try it (in another terminal):
 
   swaks --server 127.0.0.1:{self.port} --from alice@example.com --to python-subscribe@{hosts[0]}
   ls {mail}/inbox/new/                       # the confirmation request
-  lamsonfilter send --server 127.0.0.1:{self.port} --from alice@example.com \\
+  {cmd} send --server 127.0.0.1:{self.port} --from alice@example.com \\
       --to python-confirm-TOKEN@{hosts[0]}   # TOKEN from that message: you are a member
-  lamsonfilter send --server 127.0.0.1:{self.port} --from alice@example.com --to python@{hosts[0]}
+  {cmd} send --server 127.0.0.1:{self.port} --from alice@example.com --to python@{hosts[0]}
   swaks --server 127.0.0.1:{self.port} --from bob@example.net --to nosuchlist@{hosts[0]}   # 550 at RCPT
 
 Ctrl-C stops Postfix and lamsonfilter.

@@ -15,6 +15,7 @@ event, stateless functions as boxes.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 from .fsm import START, Handler, is_stateless
 
-__all__ = ["transitions", "to_dot", "render", "GraphError"]
+__all__ = ["transitions", "unknown_returns", "to_dot", "render", "GraphError"]
 
 
 class GraphError(Exception):
@@ -70,6 +71,58 @@ def _returns(func: Callable[..., Any], states: set[str], depth: int = 1) -> set[
             if callable(helper) and helper is not func:
                 found |= _returns(helper, states, depth - 1)
     return found
+
+
+def _bad_returns(func: Callable[..., Any], states: set[str], depth: int = 1) -> set[str]:
+    """Returned names that cannot be states: ``return GREETEDX`` (undefined) or ``return "NOPE"``.
+
+    Only what the source makes certain is reported: a bare name that is
+    neither a local variable nor defined in the module (nor a builtin), a
+    module-level function or string that is not a state, and a string
+    literal that is not a state.  Anything computed is left alone.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    code = getattr(func, "__code__", None)
+    local = set(code.co_varnames + code.co_cellvars + code.co_freevars) if code is not None else set()
+    globals_: dict[str, Any] = getattr(func, "__globals__", {})
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Return) or node.value is None:
+            continue
+        value = node.value
+        if isinstance(value, ast.Name) and value.id not in states and value.id not in local:
+            if value.id in globals_:
+                target = globals_[value.id]
+                name = target if isinstance(target, str) else getattr(target, "__name__", None)
+                if (isinstance(target, str) or inspect.isfunction(target)) and name not in states:
+                    found.add(value.id)
+            elif not hasattr(builtins, value.id):
+                found.add(value.id)
+        elif isinstance(value, ast.Constant) and isinstance(value.value, str) and value.value not in states:
+            found.add(repr(value.value))
+        elif depth > 0 and isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
+            helper = globals_.get(value.func.id)
+            if inspect.isfunction(helper) and helper is not func:
+                found |= _bad_returns(helper, states, depth - 1)
+    return found
+
+
+def unknown_returns(handler: Handler) -> dict[str, set[str]]:
+    """For each state of `handler`, what it returns that is not a state of the handler (read from the source).
+
+    Such a return fails at run time (a ``NameError``, or "returned unknown
+    state"), deferring every message that reaches it.
+    """
+    names = set(handler.states)
+    out = {}
+    for name, func in handler.states.items():
+        bad = _bad_returns(func, names)
+        if bad:
+            out[name] = bad
+    return out
 
 
 def transitions(handler: Handler) -> dict[str, set[str]]:

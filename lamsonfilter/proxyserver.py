@@ -203,7 +203,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     mode = "LMTP" if config.lmtp else "SMTP"
     status = f"listening on {config.listen[0]}:{config.listen[1]} ({mode}), reinjecting to " \
              f"{config.reinject[0]}:{config.reinject[1]}"
-    log.warning("smtpproxy (pid %d) %s", os.getpid(), status)
+    log.info("smtpproxy (pid %d) %s", os.getpid(), status)
     if service is not None:
         service.ready(status)
         service.start_watchdog(lambda: time.monotonic() - last_tick[0] < 10.0)
@@ -216,7 +216,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     if service is not None:
         service.stopping()
     await proxy.stop()
-    log.warning("smtpproxy (pid %d) stopped", os.getpid())
+    log.info("smtpproxy (pid %d) stopped", os.getpid())
 
 
 # ---------------------------------------------------------------------- several workers

@@ -20,15 +20,19 @@ the whole address, case-insensitively.
 Mistakes fail at start-up with `RoutingError` naming the route: a duplicate
 pattern, an unknown capture regex that does not compile, a pattern with
 nested unbounded quantifiers (``(a+)+``: catastrophic backtracking on a
-hostile RCPT), or a route added after `freeze`.  At run time an address
-longer than `lamsonfilter.mail.MAX_ADDRESS_LENGTH` matches nothing.
+hostile RCPT), or a route added after `freeze`.  `handler_signature_problems`
+lists the routes that do not capture a parameter their state functions
+require (a typo such as ``(lsit)`` for ``list``); `App.start` refuses them.
+At run time an address longer than `lamsonfilter.mail.MAX_ADDRESS_LENGTH`
+matches nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import importlib
 
@@ -37,7 +41,13 @@ sre_parse: Any = importlib.import_module("re._parser")
 
 from .mail import MAX_ADDRESS_LENGTH
 
-__all__ = ["Route", "RouteMatch", "Router", "RoutingError", "DEFAULT_CAPTURE", "check_regex"]
+if TYPE_CHECKING:
+    from .fsm import Handler
+
+__all__ = [
+    "Route", "RouteMatch", "Router", "RoutingError", "DEFAULT_CAPTURE", "check_regex",
+    "capture_names", "unbound_parameters", "route_signature_problems", "handler_signature_problems",
+]
 
 #: What a capture matches when nobody declared a regex for it: one or more
 #: characters that are not ``@`` or white space (linear-time to match).
@@ -129,12 +139,77 @@ def _nested_quantifier(items: Any, inside_unbounded: bool) -> str | None:
     return None
 
 
+def capture_names(pattern: str) -> list[str]:
+    """The capture names of a route pattern, in order: ``(list)-x@(host)`` -> ``["list", "host"]``."""
+    return _CAPTURE.findall(pattern)
+
+
+def unbound_parameters(func: Callable[..., Any], pattern: str) -> list[str]:
+    """Required parameters of `func` (after the context) that the route `pattern` does not capture.
+
+    A state function receives the context and the captures its signature
+    accepts; a required parameter no capture fills is a ``TypeError`` on
+    every message the route leads to (a typo such as ``(lsit)`` for
+    ``(list)``), so start-up refuses it.  Parameters with a default,
+    ``*args`` and ``**kwargs`` need no capture.
+    """
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    captured = set(capture_names(pattern))
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        p.name for p in params[1:]
+        if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in captured
+    ]
+
+
+def route_signature_problems(
+    handler_name: str, pattern: str, functions: Iterable[tuple[str, Callable[..., Any]]]
+) -> list[str]:
+    """One problem per parameter that functions reachable through `pattern` require but it does not capture."""
+    needers: dict[str, list[str]] = {}
+    for name, func in functions:
+        for missing in unbound_parameters(func, pattern):
+            needers.setdefault(missing, []).append(name)
+    captured = ", ".join(capture_names(pattern)) or "none"
+    return [
+        f"handler {handler_name}: route {pattern!r} does not capture {param!r}, which "
+        f"{'state' if len(names) == 1 else 'states'} {', '.join(names)} "
+        f"{'requires' if len(names) == 1 else 'require'} (the route captures: {captured})"
+        for param, names in needers.items()
+    ]
+
+
+def handler_signature_problems(handler: "Handler") -> list[str]:
+    """The routes of `handler` that do not capture what the functions they lead to require.
+
+    A route to a stateless function leads to that function only; a route to
+    a state leads to whichever state the conversation is in, so to every
+    stateful function of the handler.  `App.start` refuses these.
+    """
+    from .fsm import is_stateless
+
+    problems: list[str] = []
+    stateful = [(n, f) for n, f in handler.states.items() if callable(f) and not is_stateless(f)]
+    for spec in handler.routes:
+        routed = handler.states.get(spec.function)
+        if routed is None:
+            continue  # Handler.check reports it
+        funcs = [(spec.function, routed)] if is_stateless(routed) else stateful
+        for problem in route_signature_problems(handler.name, spec.pattern, funcs):
+            if problem not in problems:
+                problems.append(problem)
+    return problems
+
+
 def compile_pattern(pattern: str, captures: dict[str, str], defaults: dict[str, str]) -> tuple[re.Pattern[str], tuple[tuple[str, str], ...]]:
     """Turn ``(name)-x@(host)`` into a compiled full-match regex."""
     where = f"route {pattern!r}"
     if not pattern or "@" not in pattern:
         raise RoutingError(f"{where}: a route pattern is an address and needs an '@'")
-    names = _CAPTURE.findall(pattern)
+    names = capture_names(pattern)
     if len(names) != len(set(names)):
         raise RoutingError(f"{where}: a capture name is used twice")
     unknown = set(captures) - set(names)

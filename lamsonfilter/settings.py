@@ -55,10 +55,17 @@ from typing import Any, Mapping
 from .app import App, StartupError
 from .fsm import Handler
 from .guards import ReplyBudget, ReplyRateLimit
-from .state import MemoryStorage, StateStorage
+from .state import MemoryStorage, SchemaMissingError, StateStorage
 from .views import Views, ViewError
 
-__all__ = ["load_app", "load_settings", "SettingsError", "make_storage", "DEFAULTS", "parse_hostport"]
+__all__ = [
+    "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",
+    "parse_hostport",
+]
+
+
+class DatabaseMissingError(SchemaMissingError, StartupError):
+    """The SQLite file of DATABASE_URL does not exist: the application cannot start until ``db init``."""
 
 
 class SettingsError(StartupError):
@@ -261,6 +268,12 @@ def load_app(
     except ViewError as exc:
         raise SettingsError(f"{root}/config/settings.py: TEMPLATES: {exc}") from exc
     if storage is None:
+        missing = sqlite_path(settings["DATABASE_URL"], root)
+        if missing is not None and not missing.exists():
+            # connecting would leave an empty file behind, which later reads as "no schema"
+            raise DatabaseMissingError(
+                f"the state database {missing} does not exist yet; run `lamsonfilter db init --app {root}`"
+            )
         storage = make_storage(settings["DATABASE_URL"], root)
     limit, period = settings["REPLY_LIMIT"]
     app = App(

@@ -125,3 +125,101 @@ def test_milter_socket_must_match_smtpd_milters(tmp_path):
     bad = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf,
                  "--milter-socket", "inet:8891@127.0.0.1")
     assert "PF203" in ids(bad.output) and bad.exit_code == 1
+
+
+def _example_copy(tmp_path, *edits):
+    app = tmp_path / "ml"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("var", "__pycache__"))
+    handler = app / "app/handlers/mailinglist.py"
+    source = handler.read_text()
+    for old, new in edits:
+        assert old in source
+        source = source.replace(old, new, 1)
+    handler.write_text(source)
+    return app
+
+
+def test_a_route_capture_typo_is_refused_by_routes_and_check(tmp_path):
+    app = _example_copy(tmp_path, ('"(list)-subscribe@(host)"', '"(lsit)-subscribe@(host)"'))
+    r = invoke("routes", "--app", app)
+    assert r.exit_code == 2
+    assert "(lsit)-subscribe@(host)" in r.output and "does not capture 'list'" in r.output
+    assert "Traceback" not in r.output
+    r = invoke("check", "--app", app, "--database", "memory:")
+    assert r.exit_code == 1 and ids(r.output) == ["APP001"] and "'list'" in r.output
+
+
+def test_a_returned_name_that_is_no_state_is_app006(tmp_path):
+    app = _example_copy(
+        tmp_path,
+        ("        return MEMBER\n", "        return MEMBERX\n"),       # NameError at run time
+        ("    return START\n", '    return "STRAT"\n'),              # in the helper _leave
+    )
+    r = invoke("check", "--app", app, "--database", "memory:")
+    assert r.exit_code == 1 and ids(r.output) == ["APP006"]
+    lines = [l for l in r.output.splitlines() if l.startswith("APP006")]
+    pending = next(l for l in lines if "state PENDING" in l)
+    assert "MEMBERX" in pending and "'STRAT'" in pending
+    assert any("state MEMBER " in l and "'STRAT'" in l for l in lines)  # through _leave
+    assert not any("MEMBERX" in l for l in lines if "state PENDING" not in l)
+
+
+MILTER_MASTER = GOOD_MASTER.replace("lamsonfilter unix", "x unix")
+OURS = "unix:/lamsonfilter/milter.sock"
+SPOOL_SOCKET = "unix:/var/spool/postfix/lamsonfilter/milter.sock"
+
+
+@pytest.mark.parametrize(
+    "milters, global_action, expected, fix",
+    [
+        # OpenDKIM may fail open; lamsonfilter's own entry says tempfail: nothing wrong
+        (f"{{ inet:127.0.0.1:8891, default_action=accept }}, {{ {OURS}, default_action=tempfail }}",
+         "tempfail", set(), None),
+        (f"{{ inet:127.0.0.1:8891, default_action=accept }} {OURS}", "tempfail", set(), None),
+        # lamsonfilter's entry fails open: the fix names that entry
+        (f"inet:127.0.0.1:8891, {{ {OURS}, default_action=accept }}", "tempfail", {"PF201"},
+         f"default_action=tempfail in its {{ {OURS}, ... }} entry"),
+        # the global default applies to lamsonfilter's entry when it has no option of its own
+        (f"{{ inet:127.0.0.1:8891, default_action=tempfail }}, {OURS}", "accept", {"PF201"},
+         "set milter_default_action = tempfail"),
+        (f"inet:127.0.0.1:8891, {{ {OURS}, default_action=tempfail }}", "accept", set(), None),
+    ],
+)
+def test_pf201_judges_only_lamsonfilters_milter_entry(tmp_path, milters, global_action, expected, fix):
+    need_postconf()
+    main_cf = f"smtpd_milters = {milters}\nmilter_default_action = {global_action}\n"
+    pf = write_postfix(tmp_path / "pf", main_cf, MILTER_MASTER)
+    r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf,
+               "--milter-socket", SPOOL_SOCKET)
+    found = {i for i in ids(r.output) if i.startswith("PF2")}
+    assert found == expected, r.output
+    assert r.exit_code == (1 if expected else 0), r.output
+    if fix:
+        assert fix in r.output
+
+
+def test_app010_says_when_the_database_cannot_be_reached(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = invoke("check", "--app", APP, "--database", f"postgresql://127.0.0.1:{port}/test")
+    assert r.exit_code == 1 and ids(r.output) == ["APP010"]
+    assert "cannot connect to the state database" in r.output and "refused" in r.output.lower()
+    assert "db init" not in r.output
+
+
+def test_check_leaves_no_empty_state_database_behind(tmp_path):
+    app = _example_copy(tmp_path)
+    r = invoke("check", "--app", app)
+    assert r.exit_code == 1 and ids(r.output) == ["APP010"]
+    assert "does not exist yet" in r.output and f"db init --app {app}" in r.output
+    assert not (app / "var" / "state.db").exists()
+    r = invoke("test", "--app", app, app / "samples" / "01-subscribe.eml")
+    assert r.exit_code == 0 and "does not exist yet" in r.output
+    (app / "var").mkdir()
+    (app / "var" / "state.db").write_bytes(b"")  # an empty file: no schema
+    r = invoke("test", "--app", app, app / "samples" / "01-subscribe.eml")
+    assert "has no lamsonfilter schema" in r.output and "--app DIR" not in r.output
+    assert f"--app {app}" in r.output

@@ -250,3 +250,75 @@ def test_send_talks_smtp_and_reports_refusals(tmp_path):
         ctl.stop()
     r = invoke("send", "--server", f"127.0.0.1:{port}", "--from", "a@x.example", "--to", "b@y.example")
     assert r.exit_code == 1 and "cannot send through" in r.output
+
+
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        (b"", "empty input"),
+        (b"\r\n\r\n", "empty input"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "NUL bytes"),
+        (b"To: help@lists.example.org\r\n\r\nnul \x00 in the body\r\n", "NUL bytes"),
+        (b"just some text\nwith no header at all\n", "does not start with a header field"),
+    ],
+)
+def test_input_that_is_not_a_message_is_refused_naming_the_file(tmp_path, raw, why):
+    bad = tmp_path / "junk.bin"
+    bad.write_bytes(raw)
+    for args, input, name in (([bad], None, str(bad)), ([], raw, "<stdin>")):
+        r = invoke("test", "--app", APP, "--database", "memory:", *args, input=input)
+        assert r.exit_code == 1, r.output
+        assert f"lamsonfilter: {name}: not a mail message: " in r.output and why in r.output
+        assert "===" not in r.output and "Traceback" not in r.output
+
+
+def test_a_message_without_from_warns_that_the_sender_is_null(tmp_path):
+    raw = b"To: help@lists.example.org\r\nSubject: x\r\n\r\nhi\r\n"
+    r = invoke("test", "--app", APP, "--database", "memory:", input=raw)
+    assert r.exit_code == 0
+    warnings = [l for l in r.output.splitlines() if "warning:" in l]
+    assert len(warnings) == 1 and "<stdin>" in warnings[0] and "sender is <>" in warnings[0]
+    # a deliberate null sender (Return-Path: <>) or --sender: no warning
+    for extra, args in ((b"Return-Path: <>\r\n", ()), (b"", ("--sender", "a@example.com"))):
+        r = invoke("test", "--app", APP, "--database", "memory:", *args, input=extra + raw)
+        assert r.exit_code == 0 and "warning:" not in r.output
+
+
+def test_the_route_is_shown_when_the_handler_fails(tmp_path):
+    app = tmp_path / "crashy"
+    invoke("gen", "crashy", "--dest", app)
+    (app / "app/handlers/crashy.py").write_text(
+        "from lamsonfilter import Handler\nhandler = Handler('crashy')\n"
+        "@handler.route('hello@(host)')\ndef START(ctx, host):\n    raise RuntimeError('bug')\n"
+    )
+    raw = b"From: a@x.example\r\nTo: hello@crashy.example.org\r\n\r\nx\r\n"
+    r = invoke("test", "--app", app, "--database", "memory:", input=raw)
+    assert r.exit_code == 1
+    assert "  route:   crashy.START" in r.output and "(none)" not in r.output
+    assert "decision:  tempfail" in r.output
+    o = json.loads(invoke("test", "--app", app, "--database", "memory:", "--json", input=raw).output)
+    assert o["recipients"][0]["route"] == "crashy.START"
+
+
+def test_a_maildir_is_streamed_not_loaded_at_once(tmp_path):
+    import tracemalloc
+
+    md = tmp_path / "Maildir"
+    for d in ("cur", "new", "tmp"):
+        (md / d).mkdir(parents=True)
+    body = (b"x" * 998 + b"\r\n") * 1024  # 1 MiB
+    count = 40
+    for i in range(count):
+        (md / "new" / f"{i:03d}.eml").write_bytes(
+            f"From: a@example.com\r\nTo: b@elsewhere.example\r\nSubject: {i}\r\n\r\n".encode() + body)
+    tracemalloc.start()
+    try:
+        r = invoke("test", "--app", APP, "--database", "memory:", "-q", md)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().endswith(
+        f"summary: {count} message(s); decisions: deliver {count}; outbox: 0 message(s); errors: 0")
+    # every message at once would be >= 40 MiB; one at a time (and its working copies) far below
+    assert peak < 16 * 1024 * 1024, f"peak {peak} bytes"

@@ -117,3 +117,53 @@ def test_starts_and_stops_cleanly_on_sigterm(app: Path, tmp_path: Path) -> None:
     text = log.read_text()
     assert "SIGTERM: stopping" in text and "milter stopped" in text
     assert not path.exists()
+
+
+def test_an_inet_socket_in_use_is_refused_with_the_reason(app: Path) -> None:
+    need_pymilter()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = lamsonfilter("milter", "--app", str(app), "--socket", f"inet:{port}@127.0.0.1")
+    assert r.returncode == 2, r.stderr
+    assert "address already in use" in r.stderr and f"port {port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_socket_path_that_is_not_a_socket_is_refused_with_the_reason(app: Path, tmp_path: Path) -> None:
+    need_pymilter()
+    taken = tmp_path / "taken.sock"
+    taken.mkdir()
+    r = lamsonfilter("milter", "--app", str(app), "--socket", f"unix:{taken}")
+    assert r.returncode == 2 and f"{taken} exists and is not a socket" in r.stderr, r.stderr
+    r = lamsonfilter("milter", "--app", str(app), "--socket", "unix:/proc/no-such-dir/m.sock")
+    assert r.returncode == 2 and "/proc/no-such-dir" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_content_filter_logs_start_and_stop_at_info_like_the_milter(app: Path, tmp_path: Path) -> None:
+    if not in_ci():
+        pytest.importorskip("aiosmtpd")
+    from tests.rig.postfix import free_port
+
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lamsonfilter.cli", "smtpproxy", "--app", str(app),
+                                 "--listen", f"127.0.0.1:{free_port()}", "--reinject", f"127.0.0.1:{free_port()}"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = log.read_text().splitlines()
+    started = [l for l in lines if "smtpproxy (pid" in l and "listening on" in l]
+    stopped = [l for l in lines if "smtpproxy (pid" in l and l.endswith("stopped")]
+    assert len(started) == 1 and len(stopped) == 1, lines
+    assert " INFO smtpproxy (pid" in started[0] and " INFO smtpproxy (pid" in stopped[0]

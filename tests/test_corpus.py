@@ -75,6 +75,10 @@ def test_cpython_email_data_never_crashes_the_application():
     out = run(files, "--sender", "tester@example.net")
     code = out.pop()["exit_code"]
     errors = [(o["file"], o.get("error")) for o in out if o.get("error")]
-    assert errors == []
-    assert code == 0
+    # a file with no header at all (msg_19.txt: a digest's body text) is refused as "not a mail
+    # message" -- a clear error, not a crash; nothing else may fail
+    refused = [f for f, e in errors if e.startswith("not a mail message: it does not start with a header")]
+    assert all(b":" not in Path(f).read_bytes().split(b"\n", 1)[0] for f in refused)
+    assert len(refused) <= 2 and [e for e in errors if e[0] not in refused] == []
+    assert code == (1 if refused else 0)
     assert len(out) == len(files)

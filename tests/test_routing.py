@@ -4,7 +4,9 @@ import time
 
 import pytest
 
-from lamsonfilter.routing import Router, RoutingError, check_regex
+from lamsonfilter import App, Handler, stateless
+from lamsonfilter.app import StartupError
+from lamsonfilter.routing import Router, RoutingError, check_regex, unbound_parameters
 
 
 def make():
@@ -78,3 +80,68 @@ def test_hostile_recipient_is_answered_quickly():
 
 def test_overlong_address_matches_nothing():
     assert make().match("a" * 400 + "@lists.example.org") is None
+
+
+# ---------------------------------------------------------------- route captures vs. state signatures
+
+
+def _typo_handler(pattern):
+    h = Handler("lists")
+
+    @h.route(pattern)
+    def START(ctx, list):
+        return None
+
+    @h.state
+    def MEMBER(ctx, list, token=""):
+        return None
+
+    return h
+
+
+def test_a_capture_typo_is_refused_at_startup_naming_route_and_parameter():
+    app = App(hosts=["example.org"], handlers=[_typo_handler("(lsit)-subscribe@(host)")])
+    with pytest.raises(StartupError) as err:
+        app.start()
+    text = str(err.value)
+    assert "(lsit)-subscribe@(host)" in text and "'list'" in text
+    assert "START" in text and "MEMBER" in text  # every state the route can reach
+
+
+def test_matching_captures_start_and_are_passed():
+    app = App(hosts=["example.org"], handlers=[_typo_handler("(list)-subscribe@(host)")]).start()
+    assert app.match("py-subscribe@example.org").args["list"] == "py"
+
+
+def test_stateless_route_is_checked_against_its_own_function_only():
+    h = Handler("help")
+
+    @h.route("(list)-help@(host)")
+    @stateless
+    def HELP(ctx, list):
+        return None
+
+    @h.route("bounce-(member)@(host)")
+    @stateless
+    def BOUNCE(ctx, member, **rest):
+        return None
+
+    App(handlers=[h]).start()  # neither needs what the other route captures
+
+    h2 = Handler("help2")
+
+    @h2.route("help@(host)")
+    @stateless
+    def HELP2(ctx, list):
+        return None
+
+    with pytest.raises(StartupError, match="'help@\\(host\\)' does not capture 'list'"):
+        App(handlers=[h2]).start()
+
+
+def test_unbound_parameters_ignores_defaults_and_var_arguments():
+    def f(ctx, a, b="", *args, c, d=1, **kw):
+        return None
+
+    assert unbound_parameters(f, "(a)@(host)") == ["c"]
+    assert unbound_parameters(f, "(a)-(c)@(host)") == []
