@@ -306,18 +306,25 @@ class App:
             state_after=None if stateless else state_after,
         )
 
-    def purge_replays(self, older_than: float, now: float | None = None) -> int:
+    def purge_replays(self, older_than: float, now: float | None = None, batch: int = 500) -> int:
         """Forget replay records (`MailRequest.replay_key`) older than `older_than` seconds.
 
         Keep them longer than the MTA retries a message (Postfix's
-        ``maximal_queue_lifetime``, 5 days by default).  Returns how many.
+        ``maximal_queue_lifetime``, 5 days by default).  Works in batches of
+        `batch` records: each is read without a write lock and its old
+        records forgotten in one short transaction (one DELETE), so mail is
+        never kept waiting behind the purge.  Returns how many.
         """
         limit = (time.time() if now is None else now) - older_than
-        with self.storage.transaction() as tx:
-            old = [k for k, rec in tx.find(REPLAY_PREFIX) if float(rec.data.get("at", 0)) < limit]
-            for key in old:
-                tx.clear(key)
-        return len(old)
+        removed, after = 0, ""
+        while True:  # bounded: `after` moves forward through a finite key range
+            records = self.storage.scan(REPLAY_PREFIX, after=after, limit=batch)
+            old = [k for k, rec in records if float(rec.data.get("at", 0)) < limit]
+            if old:
+                removed += self.storage.delete_keys(old)
+            if len(records) < batch:
+                return removed
+            after = records[-1][0]
 
     def _move_to_error(self, ctx: Context, commit: bool) -> None:
         try:

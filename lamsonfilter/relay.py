@@ -4,9 +4,9 @@ Handlers never send mail.  `App.process` commits the outbox together with
 the state change; the transports then wake an `OutboxWorker`, which reads
 the committed messages from the state store, hands each to the `Relay`
 (Postfix's reinjection listener, which does not filter again, so generated
-mail is never handled twice) and marks it sent.  A message that could not
-be handed over stays pending and is tried again later, also after a restart
-(the outbox is in the database, not in memory).
+mail is never handled twice) and records, per recipient, what the relay
+said.  The outbox is in the database, not in memory: whatever was not
+handed over is tried again later, also after a restart.
 
     relay = Relay("127.0.0.1", 10026)
     worker = OutboxWorker(app.storage, relay)
@@ -15,73 +15,189 @@ be handed over stays pending and is tried again later, also after a restart
     worker.wake()            # after each processed message
     worker.stop()
 
-Errors: a 4xx, a refused connection or a timeout leaves the message pending
-(logged once per attempt); a permanent 5xx for every recipient marks it
-sent and logs the refusal, so a bad message cannot block the queue.
+Nothing lost, nothing repeated -- how errors surface:
+
+* The relay is unreachable (refused connection, no greeting, EHLO
+  refused): nothing was attempted; the batch stops, every message stays
+  pending as it was (one WARNING line) and is tried at the next wake-up.
+* Each recipient is accounted for on its own.  Recipients the relay
+  accepted are taken out of the message for good (recorded after every
+  SMTP transaction), so they are never sent it again.  A 5xx drops that
+  recipient with one ERROR line naming the message and the recipient,
+  and keeps a failed copy of the message for the refused recipients.
+  A 4xx, a broken connection or a timeout in the middle of a transaction
+  keeps the recipient for the next attempt.
+* At most `Relay.max_recipients` (500) recipients go into one SMTP
+  transaction, below Postfix's ``smtpd_recipient_limit`` (1000 by
+  default; past it smtpd answers ``452 4.5.3 Error: too many recipients``).
+* A message with recipients left counts a failed attempt and backs off on
+  its own (`OutboxWorker.min_backoff`, by default the worker's interval,
+  30 s, doubling up to `max_backoff`, 4000 s like Postfix's
+  ``maximal_backoff_time``); the messages behind it go on.  After
+  `max_age` (5 days, Postfix's ``maximal_queue_lifetime``) or
+  `max_attempts` (200), it is given up: one ERROR line, and the row stays
+  in the outbox table marked failed, with the recipients that never got it
+  (`StateStorage.failed_outbox`; housekeeping deletes only sent rows).
+* An envelope address that is not ASCII needs SMTPUTF8 (RFC 6531).  When
+  the relay does not offer it, that recipient (or, for a non-ASCII sender,
+  the whole message) is refused for good, as a 5xx would be.
+* Any other exception is a failed attempt of that message; the worker
+  thread logs it (one line, the traceback at DEBUG) and keeps running.
 """
 
 from __future__ import annotations
 
 import logging
 import smtplib
-import socket
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .decisions import OutboxMessage
-from .state import StateStorage
+from .state import PendingOutbox, StateStorage
 
-__all__ = ["Relay", "RelayError", "PermanentRelayError", "OutboxWorker"]
+__all__ = ["MAX_ATTEMPTS", "MAX_RECIPIENTS", "OUTBOX_LIFETIME", "Delivery", "OutboxWorker", "Relay", "RelayError"]
 
 log = logging.getLogger("lamsonfilter.relay")
 
+#: Recipients per SMTP transaction: half of Postfix's smtpd_recipient_limit default (1000).
+MAX_RECIPIENTS = 500
+#: Give up on an outbox message after this many seconds: Postfix's maximal_queue_lifetime (5d).
+OUTBOX_LIFETIME = 5 * 24 * 3600.0
+#: ... or after this many failed attempts (with the default backoff, 5 days hold about 110).
+MAX_ATTEMPTS = 200
+
 
 class RelayError(Exception):
-    """The relay did not take the message; try again later."""
+    """The relay could not be reached at all: nothing was attempted; try again later."""
 
 
-class PermanentRelayError(RelayError):
-    """The relay refused the message for good (5xx for every recipient)."""
+@dataclass(frozen=True)
+class Delivery:
+    """What the relay said about each recipient of one `Relay.send`.
+
+    `deferred` and `refused` pair each recipient with the reason (the SMTP
+    reply, or what went wrong): deferred ones are to be tried again,
+    refused ones never.
+    """
+
+    accepted: tuple[str, ...] = ()
+    deferred: tuple[tuple[str, str], ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def __add__(self, other: Delivery) -> Delivery:
+        return Delivery(
+            self.accepted + other.accepted, self.deferred + other.deferred, self.refused + other.refused
+        )
 
 
 class Relay:
     """An SMTP client for the reinjection listener (loopback by default)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 10026, timeout: float = 60.0,
-                 helo: str | None = None) -> None:
+                 helo: str | None = None, max_recipients: int = MAX_RECIPIENTS) -> None:
+        if max_recipients < 1:
+            raise ValueError("max_recipients must be at least 1")
         self.host = host
         self.port = port
         self.timeout = timeout
         self.helo = helo or "lamsonfilter.localhost"
+        self.max_recipients = max_recipients
 
     def __repr__(self) -> str:
         return f"Relay({self.host}:{self.port})"
 
-    def send(self, message: OutboxMessage) -> None:
-        """Hand one message over; raise `RelayError` unless every recipient was accepted."""
-        options: list[str] = ["BODY=8BITMIME"] if _has_8bit(message.raw) else []
-        if not (message.sender.isascii() and all(r.isascii() for r in message.recipients)):
+    def send(self, message: OutboxMessage) -> Delivery:
+        """Hand one message over, `max_recipients` per SMTP transaction, on one connection.
+
+        Returns what happened to each recipient; raises `RelayError` only when
+        the relay cannot be reached (then nothing was sent).
+        """
+        recipients = list(dict.fromkeys(message.recipients))  # each once
+        try:
+            smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.helo, timeout=self.timeout)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise RelayError(f"{self.host}:{self.port}: {exc}") from exc
+        try:
+            try:
+                code, reply = smtp.ehlo()
+            except (smtplib.SMTPException, OSError) as exc:
+                raise RelayError(f"{self.host}:{self.port}: {exc}") from exc
+            if not 200 <= code < 300:
+                raise RelayError(f"{self.host}:{self.port}: EHLO answered {code} {reply!r}")
+            done = Delivery()
+            for start in range(0, len(recipients), self.max_recipients):
+                chunk = recipients[start : start + self.max_recipients]
+                result, alive = self._transaction(smtp, message, chunk)
+                done += result
+                if not alive:  # the connection is gone: the rest waits for the next attempt
+                    why = result.deferred[-1][1] if result.deferred else "connection lost"
+                    rest = recipients[start + len(chunk) :]
+                    return done + Delivery(deferred=tuple((r, why) for r in rest))
+            return done
+        finally:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+
+    def _transaction(
+        self, smtp: smtplib.SMTP, message: OutboxMessage, recipients: list[str]
+    ) -> tuple[Delivery, bool]:
+        """One MAIL/RCPT.../DATA; returns the outcome and whether the connection still works."""
+        utf8 = smtp.has_extn("smtputf8")
+        if not utf8:
+            if not message.sender.isascii():
+                why = "the sender needs SMTPUTF8 (RFC 6531) but the relay does not offer it"
+                return Delivery(refused=tuple((r, why) for r in recipients)), True
+            why = "the recipient needs SMTPUTF8 (RFC 6531) but the relay does not offer it"
+            refused = tuple((r, why) for r in recipients if not r.isascii())
+            recipients = [r for r in recipients if r.isascii()]
+            if not recipients:
+                return Delivery(refused=refused), True
+        else:
+            refused = ()
+        options: list[str] = []
+        if _has_8bit(message.raw) and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if utf8 and not (message.sender.isascii() and all(r.isascii() for r in recipients)):
             options.append("SMTPUTF8")
         try:
-            with smtplib.SMTP(self.host, self.port, local_hostname=self.helo, timeout=self.timeout) as smtp:
-                smtp.ehlo()
-                mail_options = [o for o in options if smtp.has_extn(o.split("=")[0].lower())]
-                refused = smtp.sendmail(message.sender, list(message.recipients), message.raw, mail_options)
+            rejected = smtp.sendmail(message.sender, recipients, message.raw, options)
         except smtplib.SMTPRecipientsRefused as exc:
-            codes = [code for code, _ in exc.recipients.values()]
-            if all(500 <= c < 600 for c in codes):
-                raise PermanentRelayError(f"every recipient refused: {exc.recipients}") from exc
-            raise RelayError(f"recipients refused: {exc.recipients}") from exc
-        except smtplib.SMTPResponseException as exc:
-            if 500 <= exc.smtp_code < 600:
-                raise PermanentRelayError(f"{exc.smtp_code} {exc.smtp_error!r}") from exc
-            raise RelayError(f"{exc.smtp_code} {exc.smtp_error!r}") from exc
-        except (smtplib.SMTPException, OSError, socket.timeout) as exc:
-            raise RelayError(f"{self.host}:{self.port}: {exc}") from exc
-        if refused:
-            # some recipients refused: smtplib does not raise; the message is only partly out
-            raise RelayError(f"recipients refused: {refused}")
+            # every recipient refused -- or a 421 closed the connection part-way
+            # through RCPT, and the recipients after it were never asked
+            answers = {r: exc.recipients.get(r, (421, b"connection closed before RCPT")) for r in recipients}
+            return Delivery(refused=refused) + _split(answers), smtp.sock is not None
+        except smtplib.SMTPServerDisconnected as exc:
+            return Delivery(refused=refused) + _all(recipients, f"connection lost: {exc}", 400), False
+        except smtplib.SMTPResponseException as exc:  # MAIL FROM or DATA refused: every recipient
+            reply = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+            return Delivery(refused=refused) + _all(recipients, reply, exc.smtp_code), exc.smtp_code != 421
+        except (smtplib.SMTPException, OSError) as exc:  # a timeout or reset mid-transaction
+            return Delivery(refused=refused) + _all(recipients, f"{type(exc).__name__}: {exc}", 400), False
+        accepted = tuple(r for r in recipients if r not in rejected)
+        return Delivery(accepted=accepted, refused=refused) + _split(rejected), True
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _split(replies: dict[str, tuple[int, bytes]]) -> Delivery:
+    """smtplib's {recipient: (code, text)} as a `Delivery`: 5xx refused, anything else deferred."""
+    deferred: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
+    for rcpt, (code, reply) in replies.items():
+        entry = (rcpt, f"{code} {_text(reply)}")
+        (refused if 500 <= code < 600 else deferred).append(entry)
+    return Delivery(deferred=tuple(deferred), refused=tuple(refused))
+
+
+def _all(recipients: Sequence[str], why: str, code: int) -> Delivery:
+    entries = tuple((r, why) for r in recipients)
+    return Delivery(refused=entries) if 500 <= code < 600 else Delivery(deferred=entries)
 
 
 def _has_8bit(raw: bytes) -> bool:
@@ -89,10 +205,12 @@ def _has_8bit(raw: bytes) -> bool:
 
 
 class OutboxWorker:
-    """Sends committed outbox messages in a background thread."""
+    """Sends committed outbox messages in a background thread (see the module docstring)."""
 
     def __init__(self, storage: StateStorage, relay: Relay, interval: float = 30.0, batch: int = 100,
-                 housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0) -> None:
+                 housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0,
+                 *, min_backoff: float | None = None, max_backoff: float = 4000.0,
+                 max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS) -> None:
         self.storage = storage
         self.housekeeping = housekeeping
         self.housekeeping_interval = housekeeping_interval
@@ -100,39 +218,100 @@ class OutboxWorker:
         self.relay = relay
         self.interval = interval
         self.batch = batch
+        self.min_backoff = interval if min_backoff is None else min_backoff
+        self.max_backoff = max_backoff
+        self.max_age = max_age
+        self.max_attempts = max_attempts
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
 
     def flush(self) -> int:
-        """Send what is pending now; returns how many were handed over (or refused for good)."""
+        """Try every message due now, each once; returns how many were tried.
+
+        Raises only what the store raises while recording an outcome (the
+        thread logs it and goes on); a relay that cannot be reached ends
+        the round early and leaves the rest pending.
+        """
         with self._flush_lock:
-            done = 0
+            tried: set[int] = set()
+            # bounded: every round tries at least one message not tried before
             while True:
                 try:
-                    pending = self.storage.pending_outbox(self.batch)
+                    pending = self.storage.pending_outbox(self.batch, due_before=time.time())
                 except Exception as exc:  # noqa: BLE001 -- the store may be down; try later
                     log.error("outbox: cannot read pending messages: %s", exc)
-                    return done
-                if not pending:
-                    return done
-                sent: list[int] = []
-                failed = False
-                for item in pending:
+                    return len(tried)
+                fresh = [item for item in pending if item.id not in tried]
+                if not fresh:
+                    return len(tried)
+                for item in fresh:
+                    tried.add(item.id)
                     try:
-                        self.relay.send(item.message)
-                    except PermanentRelayError as exc:
-                        log.error("outbox: message %d refused for good, dropped: %s", item.id, exc)
+                        self._deliver(item)
                     except RelayError as exc:
-                        log.warning("outbox: message %d not sent, will retry: %s", item.id, exc)
-                        failed = True
-                        break
-                    sent.append(item.id)
-                self._mark(sent)
-                done += len(sent)
-                if failed or len(pending) < self.batch:
-                    return done
+                        log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
+                        return len(tried)
+                if len(pending) < self.batch:
+                    return len(tried)
+
+    def _deliver(self, item: PendingOutbox) -> None:
+        """Send one message, recording after every transaction which recipients are done."""
+        message = item.message
+        remaining = list(message.recipients)
+        accepted: list[str] = []
+        deferred: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
+        step = max(1, self.relay.max_recipients)
+        for start in range(0, len(remaining), step):
+            chunk = remaining[start : start + step]
+            try:
+                result = self.relay.send(replace(message, recipients=tuple(chunk)))
+            except RelayError:
+                if refused:
+                    self.storage.fail_recipients(item.id, [r for r, _ in refused], refused[-1][1])
+                if start:  # earlier chunks went out: never send them again
+                    self.storage.outbox_progress(item.id, [r for r, _ in deferred] + remaining[start:])
+                raise
+            except Exception as exc:  # noqa: BLE001 -- an unexpected error fails this attempt only
+                log.error("outbox: message %d: unexpected error from the relay, will retry: %s: %s",
+                          item.id, type(exc).__name__, exc)
+                log.debug("outbox: message %d: traceback", item.id, exc_info=True)
+                result = Delivery(deferred=tuple((r, f"{type(exc).__name__}: {exc}") for r in chunk))
+            accepted.extend(result.accepted)
+            deferred.extend(result.deferred)
+            refused.extend(result.refused)
+            for rcpt, why in result.refused:
+                log.error("outbox: message %d to <%s> refused for good, recipient dropped: %s", item.id, rcpt, why)
+            rest = [r for r, _ in deferred] + remaining[start + step :]
+            if rest and start + step < len(remaining) and (result.accepted or result.refused):
+                self.storage.outbox_progress(item.id, rest)
+        if not deferred:
+            if not refused:
+                self._mark([item.id])
+                return
+            # done, but not for everyone: keep it, marked failed, with who never got it
+            self.storage.fail_outbox(item.id, [r for r, _ in refused], refused[-1][1])
+            log.error("outbox: message %d kept as failed: %d recipient(s) accepted, %d refused for good: %s",
+                      item.id, len(accepted), len(refused), refused[-1][1])
+            return
+        if refused:  # kept, as a failed row of their own; the message goes on for the others
+            self.storage.fail_recipients(item.id, [r for r, _ in refused], refused[-1][1])
+        left = [r for r, _ in deferred]
+        why = deferred[-1][1]
+        attempts = item.attempts + 1
+        age = time.time() - item.created_at if item.created_at else 0.0
+        if age >= self.max_age or attempts >= self.max_attempts:
+            self.storage.fail_outbox(item.id, left, why)
+            log.error("outbox: message %d given up after %d attempt(s) over %.0fs, kept as failed; "
+                      "%d recipient(s) never got it (%s): %s",
+                      item.id, attempts, age, len(left), ", ".join(left[:5]), why)
+            return
+        delay = min(self.max_backoff, self.min_backoff * 2 ** min(item.attempts, 30))
+        self.storage.defer_outbox(item.id, left, time.time() + delay, why)
+        log.warning("outbox: message %d: %d recipient(s) deferred, attempt %d, next in %.0fs: %s",
+                    item.id, len(left), attempts, delay, why)
 
     def _housekeep(self) -> None:
         now = time.monotonic()
@@ -168,12 +347,25 @@ class OutboxWorker:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the background thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
             if self._stop.is_set():
                 break
+            self._round()
+        self._round()  # last chance before exit: nothing is lost either way, it is in the store
+
+    def _round(self) -> None:
+        """One flush and housekeeping; an exception is logged, never the end of the thread."""
+        try:
             self.flush()
             self._housekeep()
-        self.flush()  # last chance before exit: nothing is lost either way, it is in the store
+        except Exception as exc:  # noqa: BLE001 -- the outbox must keep running
+            log.error("outbox: round failed, will try again: %s: %s", type(exc).__name__, exc)
+            log.debug("outbox: round failed", exc_info=True)

@@ -32,6 +32,9 @@ __all__ = ["Runtime", "REPLAY_TTL"]
 
 #: How long a committed decision is kept for replay: longer than Postfix retries (5 days).
 REPLAY_TTL = 7 * 24 * 3600.0
+#: Sent outbox messages deleted per statement, and at most this many statements per housekeeping.
+OUTBOX_PURGE_BATCH = 500
+OUTBOX_PURGE_BATCHES = 200
 
 log = logging.getLogger("lamsonfilter")
 
@@ -96,10 +99,20 @@ class Runtime:
             self.worker.wake()  # whatever a previous run left pending
 
     def _housekeeping(self) -> None:
+        """Hourly (from the outbox thread): forget replay records and sent outbox
+        messages older than REPLAY_TTL, in batches of one DELETE each."""
         ttl = float(self.app.settings.get("REPLAY_TTL", REPLAY_TTL))
         n = self.app.purge_replays(ttl)
         if n:
             log.info("housekeeping: forgot %d replay record(s) older than %gs", n, ttl)
+        cutoff, sent = time.time() - ttl, 0
+        for _ in range(OUTBOX_PURGE_BATCHES):  # bounded: what is left goes next time
+            purged = self.app.storage.purge_outbox(cutoff, OUTBOX_PURGE_BATCH)
+            sent += purged
+            if purged < OUTBOX_PURGE_BATCH:
+                break
+        if sent:
+            log.info("housekeeping: deleted %d sent outbox message(s) older than %gs", sent, ttl)
 
     def serve_metrics(self, host: str, port: int, allow_remote: bool = False) -> None:
         """Start the Prometheus endpoint (raises `MetricsError`)."""

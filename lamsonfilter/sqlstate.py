@@ -2,9 +2,9 @@
 
 The state machines' records, the outbox and the idempotency tokens live in
 four tables (all prefixed ``lamsonfilter_``): ``state`` (one row per key:
-state name, JSON data, a version counter), ``outbox`` (messages committed
-but not yet handed to the relay), ``tokens`` (what `claim` has recorded)
-and ``meta`` (the schema version).  A single-host deployment uses a SQLite
+state name, JSON data, a version counter), ``outbox`` (messages committed:
+pending, sent -- purged after a while -- or failed and kept), ``tokens``
+(what `claim` has recorded) and ``meta`` (the schema version).  A single-host deployment uses a SQLite
 file; several filter hosts that must share state use PostgreSQL:
 
     storage = SQLAlchemyStorage("sqlite:////var/lib/lamsonfilter/state.db")
@@ -83,6 +83,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     inspect,
     insert,
     select,
@@ -109,7 +110,9 @@ __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "META
 log = logging.getLogger(__name__)
 
 #: The schema version this code creates and expects in ``lamsonfilter_meta``.
-SCHEMA_VERSION = 1
+#: 2: the outbox's ``next_attempt_at``, ``failed_at`` and ``last_error``
+#: (`create_schema` adds them to a version 1 database).
+SCHEMA_VERSION = 2
 
 #: Longest key, state name and claim token accepted (the column sizes).
 MAX_KEY_LENGTH = 512
@@ -136,12 +139,19 @@ OUTBOX_TABLE = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("sender", Text, nullable=False),
-    Column("recipients", Text, nullable=False),  # JSON list as text
+    Column("recipients", Text, nullable=False),  # JSON list as text: the recipients still to do
     Column("raw", LargeBinary, nullable=False),
     Column("kind", String(32), nullable=False),  # "reply" or "message"
     Column("attempts", Integer, nullable=False, default=0),
     Column("sent_at", DateTime(timezone=True), nullable=True, index=True),
+    # schema version 2 (added by `create_schema` to older databases; all nullable)
+    Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("failed_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
 )
+
+#: Columns added after version 1, in the order `create_schema` adds them.
+_ADDED_COLUMNS = {OUTBOX_TABLE.name: ("next_attempt_at", "failed_at", "last_error")}
 
 TOKENS_TABLE = Table(
     "lamsonfilter_tokens",
@@ -173,6 +183,19 @@ _MARK_SENT_CHUNK = 500
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _from_unix(t: float) -> datetime:
+    return datetime.fromtimestamp(t, timezone.utc)
+
+
+def _to_unix(value: datetime | None) -> float | None:
+    """SQLite gives back naive datetimes: they were written in UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
 
 
 def _lock_id(name: str) -> int:
@@ -444,6 +467,7 @@ class SQLAlchemyStorage:
             self._check_version(version, upgrading=True)
             with self._errors("creating the schema"):
                 METADATA.create_all(conn, checkfirst=True)
+                self._add_columns(conn)
                 if version is None:
                     conn.execute(
                         insert(META_TABLE).values(name=_VERSION_NAME, value=str(SCHEMA_VERSION))
@@ -454,6 +478,27 @@ class SQLAlchemyStorage:
                         .where(META_TABLE.c.name == _VERSION_NAME)
                         .values(value=str(SCHEMA_VERSION))
                     )
+
+    def _add_columns(self, conn: Connection) -> None:
+        """Upgrade: add the columns a table created by an older version lacks.
+
+        Every added column is nullable, so ``ALTER TABLE ... ADD COLUMN``
+        works on SQLite and PostgreSQL alike and keeps the rows.
+        """
+        inspector = inspect(conn)
+        for table_name, names in _ADDED_COLUMNS.items():
+            have = {c["name"] for c in inspector.get_columns(table_name)}
+            table = METADATA.tables[table_name]
+            for name in names:
+                if name in have:
+                    continue
+                column = table.c[name]
+                ddl = column.type.compile(dialect=conn.dialect)
+                preparer = conn.dialect.identifier_preparer
+                conn.execute(text(
+                    f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(name)} {ddl}"
+                ))
+                log.info("schema upgrade: added %s.%s", table_name, name)
 
     def _read_version(self, conn: Connection) -> int | None:
         value = conn.execute(
@@ -489,32 +534,54 @@ class SQLAlchemyStorage:
                 f"{INIT_HINT} to upgrade it"
             )
 
-    def pending_outbox(self, limit: int = 100) -> list[PendingOutbox]:
-        """Committed outbox messages not yet marked sent, oldest first."""
+    def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
+        """Committed outbox messages neither sent nor failed, oldest first; with
+        `due_before` (a Unix time) only those whose next attempt is due by then."""
         if limit <= 0:
             return []
         o = OUTBOX_TABLE.c
+        stmt = select(
+            o.id, o.sender, o.recipients, o.raw, o.kind, o.attempts, o.created_at,
+            o.next_attempt_at, o.last_error,
+        ).where(o.sent_at.is_(None), o.failed_at.is_(None))
+        if due_before is not None:
+            stmt = stmt.where(
+                (o.next_attempt_at.is_(None)) | (o.next_attempt_at <= _from_unix(due_before))
+            )
         with self._begin("reading the outbox", read_only=True) as conn:
             with self._errors("reading the outbox"):
-                rows = conn.execute(
-                    select(o.id, o.sender, o.recipients, o.raw, o.kind, o.attempts)
-                    .where(o.sent_at.is_(None))
-                    .order_by(o.id)
-                    .limit(limit)
-                ).all()
-        return [
-            PendingOutbox(
-                id=row.id,
-                message=OutboxMessage(
-                    sender=row.sender,
-                    recipients=tuple(json.loads(row.recipients)),
-                    raw=bytes(row.raw),
-                    kind=row.kind,
-                ),
-                attempts=row.attempts,
-            )
-            for row in rows
-        ]
+                rows = conn.execute(stmt.order_by(o.id).limit(limit)).all()
+        return [self._outbox_item(row) for row in rows]
+
+    def failed_outbox(self, limit: int = 100) -> list[PendingOutbox]:
+        """Outbox messages given up on, oldest first (for the operator)."""
+        if limit <= 0:
+            return []
+        o = OUTBOX_TABLE.c
+        stmt = select(
+            o.id, o.sender, o.recipients, o.raw, o.kind, o.attempts, o.created_at,
+            o.next_attempt_at, o.last_error,
+        ).where(o.failed_at.is_not(None))
+        with self._begin("reading the outbox", read_only=True) as conn:
+            with self._errors("reading the outbox"):
+                rows = conn.execute(stmt.order_by(o.id).limit(limit)).all()
+        return [self._outbox_item(row) for row in rows]
+
+    @staticmethod
+    def _outbox_item(row: Any) -> PendingOutbox:
+        return PendingOutbox(
+            id=row.id,
+            message=OutboxMessage(
+                sender=row.sender,
+                recipients=tuple(json.loads(row.recipients)),
+                raw=bytes(row.raw),
+                kind=row.kind,
+            ),
+            attempts=row.attempts,
+            created_at=_to_unix(row.created_at) or 0.0,
+            next_attempt=_to_unix(row.next_attempt_at),
+            last_error=row.last_error or "",
+        )
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         """Mark outbox messages as handed to the relay (unknown ids are ignored)."""
@@ -532,6 +599,137 @@ class SQLAlchemyStorage:
                         .where(o.id.in_(chunk), o.sent_at.is_(None))
                         .values(sent_at=now)
                     )
+
+    def _update_outbox(self, action: str, id: int, values: Mapping[str, Any]) -> None:
+        o = OUTBOX_TABLE.c
+        with self._begin(action) as conn:
+            with self._errors(action):
+                conn.execute(
+                    update(OUTBOX_TABLE)
+                    .where(o.id == int(id), o.sent_at.is_(None), o.failed_at.is_(None))
+                    .values(**values)
+                )
+
+    @staticmethod
+    def _recipients(remaining: Sequence[str]) -> str:
+        if not remaining:
+            raise ValueError("an outbox message needs recipients")
+        return json.dumps(list(remaining), ensure_ascii=False)
+
+    def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
+        """Some recipients are done: only `remaining` are ever sent the message again."""
+        self._update_outbox(
+            "recording outbox progress", id, {"recipients": self._recipients(remaining)}
+        )
+
+    def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
+        """A failed attempt: count it, keep only `remaining`, try again at `next_attempt`."""
+        self._update_outbox(
+            "deferring an outbox message",
+            id,
+            {
+                "recipients": self._recipients(remaining),
+                "attempts": OUTBOX_TABLE.c.attempts + 1,
+                "next_attempt_at": _from_unix(next_attempt),
+                "last_error": error,
+            },
+        )
+
+    def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
+        """Give up: count the attempt, keep the message marked failed with `remaining`."""
+        self._update_outbox(
+            "marking an outbox message failed",
+            id,
+            {
+                "recipients": self._recipients(remaining),
+                "attempts": OUTBOX_TABLE.c.attempts + 1,
+                "next_attempt_at": None,
+                "failed_at": _now(),
+                "last_error": error,
+            },
+        )
+
+    def fail_recipients(self, id: int, recipients: Sequence[str], error: str) -> None:
+        """Keep a failed copy of message `id` for `recipients`: a new row; `id` goes on."""
+        o = OUTBOX_TABLE.c
+        action = "keeping refused outbox recipients"
+        with self._begin(action) as conn:
+            with self._errors(action):
+                row = conn.execute(
+                    select(o.created_at, o.sender, o.raw, o.kind, o.attempts).where(
+                        o.id == int(id), o.sent_at.is_(None), o.failed_at.is_(None)
+                    )
+                ).first()
+                if row is None:
+                    return
+                conn.execute(
+                    insert(OUTBOX_TABLE).values(
+                        created_at=row.created_at,
+                        sender=row.sender,
+                        recipients=self._recipients(recipients),
+                        raw=row.raw,
+                        kind=row.kind,
+                        attempts=row.attempts + 1,
+                        failed_at=_now(),
+                        last_error=error,
+                    )
+                )
+
+    def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
+        """Delete at most `limit` messages marked sent before `sent_before` (a Unix
+        time) in one DELETE; returns how many.  Failed and pending messages stay."""
+        if limit <= 0:
+            return 0
+        o = OUTBOX_TABLE.c
+        oldest = (
+            select(o.id)
+            .where(o.sent_at.is_not(None), o.sent_at < _from_unix(sent_before))
+            .order_by(o.id)
+            .limit(limit)
+            .scalar_subquery()
+        )
+        with self._begin("purging sent outbox messages") as conn:
+            with self._errors("purging sent outbox messages"):
+                result = conn.execute(
+                    delete(OUTBOX_TABLE).where(o.id.in_(oldest)),
+                    execution_options={"preserve_rowcount": True},
+                )
+        return int(result.rowcount)
+
+    def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
+        """At most `limit` records whose key starts with `prefix` and sorts after
+        `after`, in key order; a read-only transaction that locks no key (and on
+        SQLite does not take the write lock)."""
+        _check_text("key prefix", prefix, MAX_KEY_LENGTH)
+        if limit <= 0:
+            return []
+        s = STATE_TABLE.c
+        stmt = (
+            select(s.key, s.state, s.data)
+            # substr, not LIKE: exact and case-sensitive on both back ends
+            .where(func.substr(s.key, 1, len(prefix)) == prefix, s.key > after)
+            .order_by(s.key)
+            .limit(limit)
+        )
+        with self._begin("scanning state", read_only=True) as conn:
+            with self._errors("scanning state"):
+                rows = conn.execute(stmt).all()
+        return [(row.key, SQLAlchemyTransaction._decode(row.state, row.data)) for row in rows]
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        """Forget these keys in one DELETE (one short transaction); returns how many existed."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return 0
+        for key in wanted:
+            _check_text("state key", key, MAX_KEY_LENGTH)
+        with self._begin("deleting state") as conn:
+            with self._errors("deleting state"):
+                result = conn.execute(
+                    delete(STATE_TABLE).where(STATE_TABLE.c.key.in_(wanted)),
+                    execution_options={"preserve_rowcount": True},
+                )
+        return int(result.rowcount)
 
     def close(self) -> None:
         """Close all pooled connections (the storage reconnects if used again).

@@ -27,7 +27,7 @@ import itertools
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from .decisions import OutboxMessage
@@ -64,11 +64,21 @@ class StateRecord:
 
 @dataclass(frozen=True)
 class PendingOutbox:
-    """An outbox message committed but not yet handed to the relay."""
+    """An outbox message committed but not yet handed to the relay (or, from
+    `StateStorage.failed_outbox`, one given up on).
+
+    `message.recipients` are the recipients still to do: those a relay has
+    accepted (or refused for good) are taken out as it goes.  `attempts`
+    counts failed attempts; `created_at` and `next_attempt` are Unix times
+    (`next_attempt` None: due now); `last_error` says why the last attempt failed.
+    """
 
     id: int
     message: OutboxMessage
     attempts: int = 0
+    created_at: float = 0.0
+    next_attempt: float | None = None
+    last_error: str = ""
 
 
 class StateTransaction(Protocol):
@@ -102,11 +112,40 @@ class StateStorage(Protocol):
     def create_schema(self) -> None:
         """Create (or upgrade) the tables; idempotent."""
 
-    def pending_outbox(self, limit: int = 100) -> list[PendingOutbox]:
-        """Committed outbox messages not yet marked sent, oldest first."""
+    def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
+        """Committed outbox messages neither sent nor failed, oldest first; with
+        `due_before` (a Unix time) only those whose next attempt is due by then."""
 
     def mark_sent(self, ids: Sequence[int]) -> None:
-        """Mark outbox messages as handed to the relay."""
+        """Mark outbox messages as handed to the relay (every recipient done)."""
+
+    def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
+        """Some recipients are done: only `remaining` are ever sent the message again."""
+
+    def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
+        """A failed attempt: count it, keep only `remaining`, try again at `next_attempt`."""
+
+    def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
+        """Give up: count the attempt and keep the message, marked failed, with the
+        recipients that never got it (never deleted by `purge_outbox`)."""
+
+    def fail_recipients(self, id: int, recipients: Sequence[str], error: str) -> None:
+        """Keep a failed copy of message `id` for `recipients` (refused for good): a new
+        row, as `fail_outbox` leaves one; the message itself goes on for the others."""
+
+    def failed_outbox(self, limit: int = 100) -> list[PendingOutbox]:
+        """Outbox messages given up on, oldest first (for the operator)."""
+
+    def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
+        """Delete at most `limit` messages marked sent before the Unix time `sent_before`
+        (one statement); returns how many.  Failed and pending messages stay."""
+
+    def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
+        """At most `limit` records whose key starts with `prefix` and sorts after
+        `after`, in key order; reads outside any transaction and locks nothing."""
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        """Forget these keys in one short transaction (one statement); returns how many existed."""
 
     def close(self) -> None:
         """Release connections."""
@@ -118,7 +157,9 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._records: dict[str, StateRecord] = {}
         self._tokens: set[str] = set()
-        self._outbox: dict[int, PendingOutbox] = {}
+        self._outbox: dict[int, PendingOutbox] = {}  # pending
+        self._sent: dict[int, float] = {}  # id -> when marked sent
+        self._failed: dict[int, PendingOutbox] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -130,9 +171,10 @@ class MemoryStorage:
             if commit:
                 self._records = tx.records
                 self._tokens = tx.tokens
+                now = time.time()
                 for msg in tx.outbox:
                     i = next(self._ids)
-                    self._outbox[i] = PendingOutbox(i, msg)
+                    self._outbox[i] = PendingOutbox(i, msg, created_at=now)
 
     def check_schema(self) -> None:
         return None
@@ -140,14 +182,76 @@ class MemoryStorage:
     def create_schema(self) -> None:
         return None
 
-    def pending_outbox(self, limit: int = 100) -> list[PendingOutbox]:
+    def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
         with self._lock:
-            return [self._outbox[i] for i in sorted(self._outbox)][:limit]
+            items = [self._outbox[i] for i in sorted(self._outbox)]
+        if due_before is not None:
+            items = [p for p in items if p.next_attempt is None or p.next_attempt <= due_before]
+        return items[: max(0, limit)]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         with self._lock:
+            now = time.time()
             for i in ids:
-                self._outbox.pop(i, None)
+                if self._outbox.pop(i, None) is not None:
+                    self._sent[i] = now
+
+    def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
+        with self._lock:
+            item = self._outbox.get(id)
+            if item is not None:
+                self._outbox[id] = replace(item, message=replace(item.message, recipients=tuple(remaining)))
+
+    def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
+        with self._lock:
+            item = self._outbox.get(id)
+            if item is not None:
+                self._outbox[id] = replace(
+                    item, message=replace(item.message, recipients=tuple(remaining)),
+                    attempts=item.attempts + 1, next_attempt=next_attempt, last_error=error,
+                )
+
+    def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
+        with self._lock:
+            item = self._outbox.pop(id, None)
+            if item is not None:
+                self._failed[id] = replace(
+                    item, message=replace(item.message, recipients=tuple(remaining)),
+                    attempts=item.attempts + 1, next_attempt=None, last_error=error,
+                )
+
+    def fail_recipients(self, id: int, recipients: Sequence[str], error: str) -> None:
+        with self._lock:
+            item = self._outbox.get(id)
+            if item is not None:
+                i = next(self._ids)
+                self._failed[i] = replace(
+                    item, id=i, message=replace(item.message, recipients=tuple(recipients)),
+                    attempts=item.attempts + 1, next_attempt=None, last_error=error,
+                )
+
+    def failed_outbox(self, limit: int = 100) -> list[PendingOutbox]:
+        with self._lock:
+            return [self._failed[i] for i in sorted(self._failed)][: max(0, limit)]
+
+    def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
+        with self._lock:
+            old = sorted(i for i, at in self._sent.items() if at < sent_before)[: max(0, limit)]
+            for i in old:
+                del self._sent[i]
+            return len(old)
+
+    def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
+        with self._lock:
+            found = sorted((k, r) for k, r in self._records.items() if k.startswith(prefix) and k > after)
+        return [(k, StateRecord(r.state, copy.deepcopy(dict(r.data)))) for k, r in found[: max(0, limit)]]
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            records = dict(self._records)
+            n = sum(1 for k in set(keys) if records.pop(k, None) is not None)
+            self._records = records
+            return n
 
     def close(self) -> None:
         return None

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -320,6 +321,77 @@ def test_outbox_pending_and_mark_sent(storage: StateStorage) -> None:
     assert storage.pending_outbox() == [pending[1]]
     storage.mark_sent([pending[1].id])
     assert storage.pending_outbox() == []
+
+
+def test_outbox_progress_defer_fail_and_purge(storage: StateStorage) -> None:
+    """The outbox's life: recipients taken out as they are done, failed attempts
+    counted and due later, a failure kept, sent rows purged in bounded batches."""
+    with storage.transaction() as tx:
+        tx.add_outbox([msg(1), msg(2), msg(3)])
+    one, two, three = storage.pending_outbox()
+    assert all(p.created_at > 0 and p.next_attempt is None and p.last_error == "" for p in (one, two, three))
+
+    storage.outbox_progress(one.id, ["other@example.net"])
+    storage.defer_outbox(two.id, ["user2@example.org"], next_attempt=time.time() + 3600, error="451 4.3.0 later")
+    storage.defer_outbox(two.id, ["user2@example.org"], next_attempt=time.time() + 3600, error="452 4.2.2 full")
+    pending = {p.id: p for p in storage.pending_outbox()}
+    assert pending[one.id].message.recipients == ("other@example.net",) and pending[one.id].attempts == 0
+    deferred = pending[two.id]
+    assert deferred.message.recipients == ("user2@example.org",) and deferred.attempts == 2
+    assert deferred.last_error == "452 4.2.2 full" and deferred.message.raw == msg(2).raw
+    assert deferred.next_attempt is not None and deferred.next_attempt > time.time() + 3500
+    assert [p.id for p in storage.pending_outbox(due_before=time.time())] == [one.id, three.id]
+    assert [p.id for p in storage.pending_outbox(due_before=time.time() + 7200)] == [one.id, two.id, three.id]
+
+    storage.fail_outbox(three.id, ["other@example.net"], "550 5.1.1 no such user")
+    [failed] = storage.failed_outbox()
+    assert failed.id == three.id and failed.attempts == 1 and failed.last_error == "550 5.1.1 no such user"
+    assert failed.message.recipients == ("other@example.net",)
+    storage.defer_outbox(three.id, ["x@example.org"], time.time(), "late")  # a failed one stays failed
+    assert storage.failed_outbox() == [failed]
+    assert [p.id for p in storage.pending_outbox()] == [one.id, two.id]
+
+    storage.fail_recipients(two.id, ["other@example.net"], "550 5.1.1 unknown")  # a failed copy
+    assert storage.failed_outbox()[0] == failed
+    copy = storage.failed_outbox()[1]
+    assert copy.id not in (one.id, two.id, three.id) and copy.message.raw == msg(2).raw
+    assert copy.message.recipients == ("other@example.net",) and copy.attempts == 3
+    assert copy.last_error == "550 5.1.1 unknown"
+    assert storage.pending_outbox(due_before=time.time() + 7200)[1] == deferred  # the message goes on
+    storage.fail_recipients(three.id, ["x@example.org"], "no")  # failed already: nothing
+    storage.fail_outbox(99_999, ["x@example.org"], "no")  # unknown: nothing
+    assert len(storage.failed_outbox()) == 2
+    failed_rows = storage.failed_outbox()
+
+    storage.mark_sent([one.id])
+    assert storage.purge_outbox(sent_before=time.time() - 60) == 0  # too recent
+    with storage.transaction() as tx:
+        tx.add_outbox([msg(n) for n in range(4, 9)])
+    storage.mark_sent([p.id for p in storage.pending_outbox() if p.id != two.id])
+    assert storage.purge_outbox(sent_before=time.time() + 1, limit=4) == 4
+    assert storage.purge_outbox(sent_before=time.time() + 1, limit=4) == 2
+    assert storage.purge_outbox(sent_before=time.time() + 1) == 0
+    assert [p.id for p in storage.pending_outbox()] == [two.id]  # pending and failed never purged
+    assert storage.failed_outbox() == failed_rows
+
+
+def test_scan_and_delete_keys(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        for i in range(7):
+            tx.set(f"done:{i}", "DONE", {"at": i})
+        tx.set("DONE:upper", "X")  # SQLite's LIKE would match this; scan must not
+        tx.set("done_not", "X")
+        tx.set("other", "X")
+    first = storage.scan("done:", limit=3)
+    assert [k for k, _ in first] == ["done:0", "done:1", "done:2"]
+    assert first[1][1] == StateRecord("DONE", {"at": 1})
+    rest = storage.scan("done:", after=first[-1][0], limit=100)
+    assert [k for k, _ in rest] == [f"done:{i}" for i in range(3, 7)]
+    assert storage.scan("done:", after="done:6") == []
+    assert storage.delete_keys(["done:1", "done:5", "missing"]) == 2
+    assert storage.delete_keys([]) == 0
+    assert [k for k, _ in storage.scan("done:")] == ["done:0", "done:2", "done:3", "done:4", "done:6"]
+    assert get(storage, "other") == StateRecord("X", {}) and get(storage, "DONE:upper") == StateRecord("X", {})
 
 
 def test_claim_is_idempotent_across_transactions(storage: StateStorage) -> None:
@@ -664,3 +736,81 @@ def test_transaction_object_is_dead_after_the_block(sql_storage: SQLAlchemyStora
         pass
     with pytest.raises(RuntimeError, match="ended"):
         tx.get("k")
+
+
+# ---------------------------------------------------------------- upgrades
+#: The tables as lamsonfilter's schema version 1 created them on SQLite (outbox
+#: without next_attempt_at, failed_at, last_error).
+SCHEMA_1_SQLITE = """
+CREATE TABLE lamsonfilter_meta (name VARCHAR(64) NOT NULL, value VARCHAR(255) NOT NULL, PRIMARY KEY (name));
+CREATE TABLE lamsonfilter_outbox (
+    id INTEGER NOT NULL, created_at DATETIME NOT NULL, sender TEXT NOT NULL, recipients TEXT NOT NULL,
+    raw BLOB NOT NULL, kind VARCHAR(32) NOT NULL, attempts INTEGER NOT NULL, sent_at DATETIME,
+    PRIMARY KEY (id));
+CREATE INDEX ix_lamsonfilter_outbox_sent_at ON lamsonfilter_outbox (sent_at);
+CREATE TABLE lamsonfilter_state ("key" VARCHAR(512) NOT NULL, state VARCHAR(64) NOT NULL, data TEXT NOT NULL,
+    version INTEGER NOT NULL, updated_at DATETIME NOT NULL, PRIMARY KEY ("key"));
+CREATE TABLE lamsonfilter_tokens (token VARCHAR(512) NOT NULL, created_at DATETIME NOT NULL, PRIMARY KEY (token));
+INSERT INTO lamsonfilter_meta VALUES ('schema_version', '1');
+INSERT INTO lamsonfilter_state VALUES ('k', 'KEEP', '{"v":1}', 3, '2026-01-01 00:00:00.000000');
+INSERT INTO lamsonfilter_outbox VALUES
+    (1, '2026-01-01 00:00:00.000000', '', '["a@example.org"]', X'5375626a6563743a20310d0a0d0a', 'reply', 0,
+     '2026-01-01 00:00:01.000000'),
+    (2, '2026-01-01 00:00:00.000000', '', '["b@example.org"]', X'5375626a6563743a20320d0a0d0a', 'reply', 0, NULL);
+"""
+
+
+def test_db_init_upgrades_a_schema_1_sqlite_file(tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from lamsonfilter.cli import main
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SCHEMA_1_SQLITE)
+    url = f"sqlite:///{db}"
+    st = _open(url)
+    try:
+        with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs"):
+            st.check_schema()
+        app = tmp_path / "app"
+        shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "mailinglist", app,
+                        ignore=shutil.ignore_patterns("var", "__pycache__"))
+        result = CliRunner().invoke(main, ["db", "init", "--app", str(app), "--database", url])
+        assert result.exit_code == 0, result.output
+        st.check_schema()
+        assert get(st, "k") == StateRecord("KEEP", {"v": 1})
+        [pending] = st.pending_outbox()  # the sent one stays sent
+        assert pending.id == 2 and pending.message.recipients == ("b@example.org",) and pending.attempts == 0
+        st.defer_outbox(2, ["b@example.org"], time.time() + 60, "451 later")
+        assert st.pending_outbox(due_before=time.time()) == []
+        assert st.purge_outbox(sent_before=time.time()) == 1
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT value FROM lamsonfilter_meta").fetchone() == (str(SCHEMA_VERSION),)
+            assert conn.execute("SELECT count(*) FROM lamsonfilter_outbox").fetchone() == (1,)
+    finally:
+        st.close()
+
+
+@pytest.mark.postgres
+def test_create_schema_upgrades_a_schema_1_postgresql_database(pg_url: str) -> None:
+    st = _open(pg_url)
+    try:
+        st.create_schema()
+        with st.transaction() as tx:
+            tx.add_outbox([msg(1)])
+        _execute(pg_url, "ALTER TABLE lamsonfilter_outbox DROP COLUMN next_attempt_at, "
+                         "DROP COLUMN failed_at, DROP COLUMN last_error")
+        _execute(pg_url, "UPDATE lamsonfilter_meta SET value = '1'")
+        with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs"):
+            st.check_schema()
+        st.create_schema()
+        st.check_schema()
+        [pending] = st.pending_outbox()
+        assert pending.message == msg(1)
+        st.fail_outbox(pending.id, ["user1@example.org"], "550 no")
+        assert [f.last_error for f in st.failed_outbox()] == ["550 no"]
+    finally:
+        st.close()
