@@ -213,10 +213,10 @@ class ScriptedSMTP:
                     data += chunk[1:] if chunk.startswith(b".") else chunk
                 if self.script.end_of_data == "drop":
                     return
-                say(self.script.end_of_data)
-                if self.script.end_of_data.startswith("250"):
+                if self.script.end_of_data.startswith("250"):  # recorded before the client can see the 250
                     with self._lock:
                         self.messages.append(Received(list(tx), bytes(data)))
+                say(self.script.end_of_data)
             elif verb == "QUIT":
                 say("221 bye")
                 return
