@@ -228,11 +228,11 @@ def smtp_dialogue(port: int, lines: list[bytes], timeout: float = 20.0) -> list[
     """Send raw lines one at a time (each answered before the next) and return every reply."""
     replies: list[str] = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        f = s.makefile("rb")
-        replies.append(read_reply(f))
-        for line in lines:
-            s.sendall(line)
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
             replies.append(read_reply(f))
+            for line in lines:
+                s.sendall(line)
+                replies.append(read_reply(f))
     return replies
 
 

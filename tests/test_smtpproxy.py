@@ -283,23 +283,23 @@ def test_overlong_line_without_crlf_is_cut_off_early(proxy: ProxyThread, scripte
     sent = 0
     reply = ""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as s:
-        f = s.makefile("rb")
-        read_reply(f)
-        for line in (b"EHLO client.test\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<b@example.net>\r\n",
-                     b"DATA\r\n"):
-            s.sendall(line)
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
             read_reply(f)
-        block = b"x" * 65536
-        try:
-            while sent < total:
-                s.sendall(block)
-                sent += len(block)
-        except OSError:
-            pass
-        try:
-            reply = read_reply(f)
-        except OSError:
-            reply = "(reset)"
+            for line in (b"EHLO client.test\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<b@example.net>\r\n",
+                         b"DATA\r\n"):
+                s.sendall(line)
+                read_reply(f)
+            block = b"x" * 65536
+            try:
+                while sent < total:
+                    s.sendall(block)
+                    sent += len(block)
+            except OSError:
+                pass
+            try:
+                reply = read_reply(f)
+            except OSError:
+                reply = "(reset)"
     assert sent < total // 4, f"the server kept reading: {sent} bytes"
     assert reply.startswith("500 5.5.2") or reply in ("", "(reset)")
     assert scripted.messages == []
@@ -320,15 +320,15 @@ def test_oversize_message_refused(app_dir: Path, scripted: ScriptedSMTP) -> None
 
 def test_pipelined_quit_after_the_dot_is_served(proxy: ProxyThread, scripted: ScriptedSMTP) -> None:
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as s:
-        f = s.makefile("rb")
-        read_reply(f)
-        s.sendall(b"EHLO client.test\r\n")
-        read_reply(f)
-        s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert [read_reply(f)[:3] for _ in range(3)] == ["250", "250", "354"]
-        s.sendall(MSG + b".\r\nQUIT\r\n")
-        assert read_reply(f)[:3] == "250"
-        assert read_reply(f)[:3] == "221"
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
+            read_reply(f)
+            s.sendall(b"EHLO client.test\r\n")
+            read_reply(f)
+            s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            assert [read_reply(f)[:3] for _ in range(3)] == ["250", "250", "354"]
+            s.sendall(MSG + b".\r\nQUIT\r\n")
+            assert read_reply(f)[:3] == "250"
+            assert read_reply(f)[:3] == "221"
     assert len(scripted.messages) == 1
 
 
@@ -343,29 +343,29 @@ def test_reinjection_connection_is_reused(proxy: ProxyThread, scripted: Scripted
 def test_half_close_after_pipelined_quit_still_gets_the_reply(proxy: ProxyThread, scripted: ScriptedSMTP) -> None:
     # Exim pipelines QUIT after the final dot and shuts down its sending side
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as s:
-        f = s.makefile("rb")
-        read_reply(f)
-        s.sendall(b"EHLO exim.test\r\n")
-        read_reply(f)
-        s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert [read_reply(f)[:3] for _ in range(3)] == ["250", "250", "354"]
-        s.sendall(MSG + b".\r\nQUIT\r\n")
-        s.shutdown(socket.SHUT_WR)
-        assert read_reply(f)[:3] == "250"
-        assert read_reply(f)[:3] == "221"
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
+            read_reply(f)
+            s.sendall(b"EHLO exim.test\r\n")
+            read_reply(f)
+            s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            assert [read_reply(f)[:3] for _ in range(3)] == ["250", "250", "354"]
+            s.sendall(MSG + b".\r\nQUIT\r\n")
+            s.shutdown(socket.SHUT_WR)
+            assert read_reply(f)[:3] == "250"
+            assert read_reply(f)[:3] == "221"
     assert len(scripted.messages) == 1
 
 
 def test_half_close_without_quit_ends_the_session(proxy: ProxyThread, scripted: ScriptedSMTP) -> None:
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as s:
-        f = s.makefile("rb")
-        read_reply(f)
-        s.sendall(b"EHLO exim.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert [read_reply(f)[:3] for _ in range(4)] == ["250", "250", "250", "354"]
-        s.sendall(MSG + b".\r\n")
-        s.shutdown(socket.SHUT_WR)
-        assert read_reply(f)[:3] == "250"
-        assert f.read() == b""  # then closed, not a stream of error replies
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
+            read_reply(f)
+            s.sendall(b"EHLO exim.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            assert [read_reply(f)[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+            s.sendall(MSG + b".\r\n")
+            s.shutdown(socket.SHUT_WR)
+            assert read_reply(f)[:3] == "250"
+            assert f.read() == b""  # then closed, not a stream of error replies
     assert len(scripted.messages) == 1
 
 
@@ -399,21 +399,21 @@ def test_policy_service_refuses_unknown_app_addresses(app_dir: Path, scripted: S
     policy = ("127.0.0.1", free_port())
     with ProxyThread(_config(app_dir, scripted.port, policy=policy)):
         with socket.create_connection(policy, timeout=10) as s:
-            f = s.makefile("rb")
+            with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
 
-            def ask(rcpt: str, state: str = "RCPT") -> str:
-                s.sendall(f"request=smtpd_access_policy\nprotocol_state={state}\nprotocol_name=ESMTP\n"
-                          f"sender=alice@example.com\nrecipient={rcpt}\n\n".encode())
-                answer = f.readline().decode().strip()
-                assert f.readline() == b"\n"
-                return answer
+                def ask(rcpt: str, state: str = "RCPT") -> str:
+                    s.sendall(f"request=smtpd_access_policy\nprotocol_state={state}\nprotocol_name=ESMTP\n"
+                              f"sender=alice@example.com\nrecipient={rcpt}\n\n".encode())
+                    answer = f.readline().decode().strip()
+                    assert f.readline() == b"\n"
+                    return answer
 
-            assert ask("nobody@lists.example.org").startswith("action=550 5.1.1")
-            assert ask("python@lists.example.org") == "action=DUNNO"
-            assert ask("bob@example.net") == "action=DUNNO"
-            assert ask("nobody@lists.example.org", state="DATA") == "action=DUNNO"
-            s.sendall(b"garbage without equals sign\n\n")
-            assert f.readline() == b""  # malformed: the connection is closed
+                assert ask("nobody@lists.example.org").startswith("action=550 5.1.1")
+                assert ask("python@lists.example.org") == "action=DUNNO"
+                assert ask("bob@example.net") == "action=DUNNO"
+                assert ask("nobody@lists.example.org", state="DATA") == "action=DUNNO"
+                s.sendall(b"garbage without equals sign\n\n")
+                assert f.readline() == b""  # malformed: the connection is closed
 
 
 # --------------------------------------------------------------------------- the command

@@ -467,27 +467,27 @@ def test_200_mib_line_without_crlf_is_cut_off_early(dep: LimitsDeployment) -> No
     chunk = b"x" * MiB
     sent, reply = 0, b""
     with socket.create_connection(("127.0.0.1", dep.filter_port), timeout=30) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"EHLO probe.example.test\r\n")
-        for _ in range(50):  # the EHLO reply, bounded
-            if f.readline()[3:4] in (b" ", b""):
-                break
-        for cmd in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"):
-            s.sendall(cmd + b"\r\n")
-            assert f.readline()[:1] in (b"2", b"3")
-        s.settimeout(5)
-        try:
-            while sent < 200 * MiB:  # bounded: at most 200 sends of 1 MiB
-                s.sendall(chunk)
-                sent += len(chunk)
-        except (TimeoutError, BrokenPipeError, ConnectionResetError):
-            pass
-        s.settimeout(10)
-        try:
-            reply = f.readline()
-        except (TimeoutError, ConnectionResetError):
-            reply = b""
+        with s.makefile("rb") as f:  # closed here: an open file keeps the socket's fd
+            f.readline()
+            s.sendall(b"EHLO probe.example.test\r\n")
+            for _ in range(50):  # the EHLO reply, bounded
+                if f.readline()[3:4] in (b" ", b""):
+                    break
+            for cmd in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"):
+                s.sendall(cmd + b"\r\n")
+                assert f.readline()[:1] in (b"2", b"3")
+            s.settimeout(5)
+            try:
+                while sent < 200 * MiB:  # bounded: at most 200 sends of 1 MiB
+                    s.sendall(chunk)
+                    sent += len(chunk)
+            except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                pass
+            s.settimeout(10)
+            try:
+                reply = f.readline()
+            except (TimeoutError, ConnectionResetError):
+                reply = b""
     rss_after, hwm_after = dep.filter_rss()
     print(f"R7: 200 MiB line: sent {sent / MiB:.0f} MiB before the filter closed; reply {reply[:60]!r}; "
           f"RSS {rss_before / MiB:.1f} -> {rss_after / MiB:.1f} MiB, peak {hwm_before / MiB:.1f} -> "
