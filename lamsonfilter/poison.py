@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from .decisions import Decision
+from .quarantine import write_durably
 
 __all__ = ["DEFAULT_LIMIT", "AttemptLog", "counts_as_crash"]
 
@@ -115,21 +116,5 @@ class AttemptLog:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self._file(key)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(f"{n} {key[:400]}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
-        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        line = f"{n} {key[:400]}\n".encode("utf-8", "surrogateescape")
+        write_durably(tmp, final, lambda f: f.write(line))

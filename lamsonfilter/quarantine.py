@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .spool import Spool
 
@@ -61,25 +62,16 @@ class Quarantine:
             f"X-Lamsonfilter-Quarantine: {_header_text(reason)}\r\n"
             f"X-Lamsonfilter-Queue-Id: {_header_text(queue_id or 'unknown')}\r\n"
         ).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                if isinstance(content, bytes):
-                    f.write(content)
-                else:
-                    for block in content.chunks():
-                        f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path / "new" / name)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
-        _fsync_dir(self.path / "new")
+
+        def write(f: BinaryIO) -> None:
+            f.write(head)
+            if isinstance(content, bytes):
+                f.write(content)
+            else:
+                for block in content.chunks():
+                    f.write(block)
+
+        write_durably(tmp, self.path / "new" / name, write, exclusive=True)
         return name
 
 
@@ -99,9 +91,24 @@ def _unique_name() -> str:
     return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{n}.{host}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False) -> None:
+    """Write `tmp` with `write`, fsync it, rename it to `final`, fsync the directory: after
+    this returns the file survives a crash or power loss (R6); on failure `tmp` is removed."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
     try:
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
     finally:
-        os.close(fd)
+        os.close(dfd)
