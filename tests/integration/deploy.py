@@ -34,6 +34,7 @@ wait is bounded; only the PIDs this object started are signalled.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -44,13 +45,15 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.policy import SMTP
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
 from tests.rig.postfix import CapturedMessage, CaptureServer, PrivatePostfix, free_port, wait_for
 
-__all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT"]
+__all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT", "smtp_transaction"]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
@@ -289,30 +292,18 @@ class Deployment(ABC):
         for name, value in (headers or {}).items():
             msg[name] = value
         msg.set_content(body)
-        raw = msg.as_bytes()
+        return self.send_raw(sender, rcpts, msg.as_bytes(policy=SMTP))
+
+    def send_raw(self, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
+        """One SMTP transaction with Postfix's smtpd carrying `raw` as is; never raises for SMTP errors."""
+        assert self.postfix is not None, "Postfix is not running"
         result = SendResult()
         try:
             with smtplib.SMTP("127.0.0.1", self.postfix.smtpd_port,
                               local_hostname="client.example.test", timeout=60) as smtp:
                 code, text = smtp.ehlo()
                 result.replies.append(Reply("EHLO", code, _text(text)))
-                code, text = smtp.mail(sender)
-                result.replies.append(Reply("MAIL", code, _text(text)))
-                if code != 250:
-                    return result
-                accepted = 0
-                for rcpt in rcpts:
-                    code, text = smtp.rcpt(rcpt)
-                    result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
-                    accepted += code in (250, 251)
-                if not accepted:
-                    return result
-                try:
-                    code, text = smtp.data(raw)
-                except smtplib.SMTPDataError as exc:
-                    result.replies.append(Reply("DATA", exc.smtp_code, _text(exc.smtp_error)))
-                    return result
-                result.replies.append(Reply(".", code, _text(text)))
+                smtp_transaction(smtp, sender, rcpts, raw, result)
         except (smtplib.SMTPException, OSError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         return result
@@ -369,6 +360,36 @@ class Deployment(ABC):
             parts.append(f"--- maillog (tail) ---\n{self.postfix.maillog_tail(40)}")
         parts.append(f"--- captured: {[(m.rcpt_tos, m.message.get('Subject')) for m in self.capture.messages]}")
         return "\n".join(parts)
+
+
+def smtp_transaction(smtp: smtplib.SMTP, sender: str, rcpts: Sequence[str], raw: bytes,
+                     result: SendResult) -> bool:
+    """MAIL, RCPT..., DATA, the message, dot; every reply into `result`.  True if the dot got 2xx.
+
+    The message goes as it is (only dot-stuffed and given a final CRLF):
+    smtplib's ``data()`` would rewrite bare line ends."""
+    code, text = smtp.mail(sender)
+    result.replies.append(Reply("MAIL", code, _text(text)))
+    if code != 250:
+        return False
+    accepted = 0
+    for rcpt in rcpts:
+        code, text = smtp.rcpt(rcpt)
+        result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
+        accepted += code in (250, 251)
+    if not accepted:
+        return False
+    code, text = smtp.docmd("DATA")
+    if code != 354:
+        result.replies.append(Reply("DATA", code, _text(text)))
+        return False
+    data = re.sub(rb"(?m)^\.", b"..", raw)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    smtp.send(data + b".\r\n")
+    code, text = smtp.getreply()
+    result.replies.append(Reply(".", code, _text(text)))
+    return 200 <= code < 300
 
 
 def _text(value: bytes | str) -> str:

@@ -12,7 +12,6 @@ import smtplib
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest

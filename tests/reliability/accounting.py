@@ -66,7 +66,7 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Any
 
-from tests.integration.deploy import Deployment, Reply, SendResult
+from tests.integration.deploy import Deployment, Reply, SendResult, smtp_transaction
 from tests.rig.postfix import CapturedMessage, find_binary
 
 __all__ = [
@@ -257,39 +257,13 @@ class Injector:
                 code, text = smtp.ehlo()
                 for result, raw in zip(results, raws):
                     result.replies.append(Reply("EHLO", code, _text(text)))
-                    if not _transaction(smtp, sender, rcpts, raw, result):
+                    if not smtp_transaction(smtp, sender, rcpts, raw, result):
                         smtp.rset()
                     done += 1
         except (smtplib.SMTPException, OSError) as exc:
             for result in results[done:]:
                 result.error = f"{type(exc).__name__}: {exc}"
         return results
-
-
-def _transaction(smtp: smtplib.SMTP, sender: str, rcpts: Sequence[str], raw: bytes, result: SendResult) -> bool:
-    """MAIL, RCPT..., DATA, the message, dot; every reply into `result`.  True if the dot got 2xx."""
-    code, text = smtp.mail(sender)
-    result.replies.append(Reply("MAIL", code, _text(text)))
-    if code != 250:
-        return False
-    accepted = 0
-    for rcpt in rcpts:
-        code, text = smtp.rcpt(rcpt)
-        result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
-        accepted += code in (250, 251)
-    if not accepted:
-        return False
-    code, text = smtp.docmd("DATA")
-    if code != 354:
-        result.replies.append(Reply("DATA", code, _text(text)))
-        return False
-    data = re.sub(rb"(?m)^\.", b"..", raw)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    smtp.send(data + b".\r\n")
-    code, text = smtp.getreply()
-    result.replies.append(Reply(".", code, _text(text)))
-    return 200 <= code < 300
 
 
 def _text(value: bytes | str) -> str:

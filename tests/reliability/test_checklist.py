@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import smtplib
 import socket
 import subprocess
 import sys
@@ -44,7 +43,6 @@ from tests.integration.deploy import (
     MAIL_TIMEOUT,
     ROOT,
     Deployment,
-    Reply,
     SendResult,
 )
 from tests.integration.deploy_milter import MilterDeployment, require_pymilter
@@ -179,37 +177,7 @@ def build(sender: str, to: str, subject: str, *headers: str | bytes, body: bytes
 
 def send_raw(dep: Deployment, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
     """One SMTP transaction with Postfix's smtpd carrying `raw` as is; never raises for SMTP errors."""
-    assert dep.postfix is not None
-    result = SendResult()
-    try:
-        with smtplib.SMTP("127.0.0.1", dep.postfix.smtpd_port, local_hostname="client.example.test",
-                          timeout=60) as smtp:
-            code, text = smtp.ehlo()
-            result.replies.append(Reply("EHLO", code, _text(text)))
-            code, text = smtp.mail(sender)
-            result.replies.append(Reply("MAIL", code, _text(text)))
-            if code != 250:
-                return result
-            accepted = 0
-            for rcpt in rcpts:
-                code, text = smtp.rcpt(rcpt)
-                result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
-                accepted += code in (250, 251)
-            if not accepted:
-                return result
-            try:
-                code, text = smtp.data(raw)
-            except smtplib.SMTPDataError as exc:
-                result.replies.append(Reply("DATA", exc.smtp_code, _text(exc.smtp_error)))
-                return result
-            result.replies.append(Reply(".", code, _text(text)))
-    except (smtplib.SMTPException, OSError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return dep.send_raw(sender, rcpts, raw)
 
 
 def queue_id(result: SendResult) -> str:
