@@ -91,15 +91,19 @@ def _unique_name() -> str:
     return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{n}.{host}"
 
 
-def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False) -> None:
+def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False,
+                  sync: bool = True) -> None:
     """Write `tmp` with `write`, fsync it, rename it to `final`, fsync the directory: after
-    this returns the file survives a crash or power loss (R6); on failure `tmp` is removed."""
+    this returns the file survives a crash or power loss (R6); on failure `tmp` is removed.
+    With `sync=False` the file is whole or absent after a process crash (the rename is
+    atomic), but a power loss may lose it: no fsync."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         try:
@@ -107,6 +111,8 @@ def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], e
         except OSError:
             pass
         raise
+    if not sync:
+        return
     dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -292,9 +292,9 @@ class Deployment(ABC):
         for name, value in (headers or {}).items():
             msg[name] = value
         msg.set_content(body)
-        return self.send_raw(sender, rcpts, msg.as_bytes(policy=SMTP))
+        return self.send_message_bytes(sender, rcpts, msg.as_bytes(policy=SMTP))
 
-    def send_raw(self, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
+    def send_message_bytes(self, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
         """One SMTP transaction with Postfix's smtpd carrying `raw` as is; never raises for SMTP errors."""
         assert self.postfix is not None, "Postfix is not running"
         result = SendResult()

@@ -177,7 +177,7 @@ def build(sender: str, to: str, subject: str, *headers: str | bytes, body: bytes
 
 def send_raw(dep: Deployment, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
     """One SMTP transaction with Postfix's smtpd carrying `raw` as is; never raises for SMTP errors."""
-    return dep.send_raw(sender, rcpts, raw)
+    return dep.send_message_bytes(sender, rcpts, raw)
 
 
 def queue_id(result: SendResult) -> str:
