@@ -2,7 +2,7 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test run dry-run check
+.PHONY: bootstrap test run dry-run check soak
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -22,3 +22,11 @@ dry-run: bootstrap
 
 check: bootstrap
 	$(VENV)/bin/mypy --explicit-package-bases lamsonfilter tests/rig
+
+# the O2 soak with random SIGKILLs of the filter (tests/reliability/soak.py), bounded by
+# MINUTES; MODE=smtpproxy (or content-filter) or milter; e.g. SOAK_ARGS="--seed 7 --kill-every 120".
+# Exit status 1 when an invariant breaks; the summary is also appended to $LF_RELIABILITY_FIGURES.
+MINUTES ?= 60
+SOAK_ARGS ?=
+soak: bootstrap
+	$(VENV)/bin/python -m tests.reliability.soak --mode $(MODE) --minutes $(MINUTES) $(SOAK_ARGS)
