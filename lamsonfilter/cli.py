@@ -771,11 +771,16 @@ def _hostport_option(value: str, flag: str) -> tuple[str, int]:
 @click.option("--threads", type=int, default=8, show_default=True, help="Threads running the application.")
 @click.option("--policy", default=None, metavar="HOST:PORT",
               help="Also answer Postfix's check_policy_service here: unknown app addresses refused before queueing.")
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_POSTFIX_CONFIG",
+              help="Refuse to start when `lamsonfilter check` finds an error in this Postfix configuration "
+                   "(e.g. a reinjection listener without -o content_filter=: a mail loop).  "
+                   "Env LAMSONFILTER_POSTFIX_CONFIG.")
 @click.pass_context
 def smtpproxy_cmd(
     ctx: click.Context, app_dir: Path, listen: str, reinject: str, lmtp: bool, workers: int,
     database: str | None, allow_remote: bool, max_size: int, deadline: float, quarantine: Path | None,
-    spool_dir: str | None, threads: int, policy: str | None,
+    spool_dir: str | None, threads: int, policy: str | None, postfix_config: Path | None,
 ) -> None:
     """Run as Postfix's after-queue content filter (reinjecting to --reinject).
 
@@ -801,6 +806,7 @@ def smtpproxy_cmd(
         allow_remote=allow_remote, max_size=max_size, deadline=deadline, quarantine=quarantine,
         spool_dir=spool_dir, threads=max(1, threads),
         policy=_hostport_option(policy, "--policy") if policy else None,
+        postfix_config=postfix_config,
     )
     try:
         sys.exit(serve(config))

@@ -97,6 +97,8 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
     overrides = {"RELAY": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                  "DATABASE_URL": config.database}
     runtime = Runtime.from_directory(config.app_dir, overrides, outbox_interval=outbox_interval)
+    if config.postfix_config is not None:
+        _refuse_broken_postfix(config, runtime)
     try:
         quarantine = config.quarantine_path
         quarantine.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,20 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
         runtime.stop()
         raise StartupError(f"quarantine {config.quarantine_path}: {exc}") from None
     return runtime
+
+
+def _refuse_broken_postfix(config: ProxyConfig, runtime: Runtime) -> None:
+    """L1: with --postfix-config, the errors `lamsonfilter check` would report stop the start
+    (a reinjection listener that filters again loops mail; one that is missing loses it)."""
+    from .check import check_postfix
+
+    errors = [f for f in check_postfix(str(config.postfix_config), runtime.app.settings) if f.severity == "error"]
+    if errors:
+        runtime.stop()
+        raise StartupError(
+            f"the Postfix configuration in {config.postfix_config} is not safe to run with: "
+            + "; ".join(f"{f.id}: {f.message} (fix: {f.fix})" for f in errors)
+        )
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:

@@ -89,6 +89,7 @@ class ProxyConfig:
     threads: int = 8
     hostname: str = "lamsonfilter.localhost"
     policy: tuple[str, int] | None = None  # the RCPT-time policy listener (lamsonfilter.policy)
+    postfix_config: Path | None = None  # checked at start-up (L1): refuse a looping set-up
 
     @property
     def quarantine_path(self) -> Path:

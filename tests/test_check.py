@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,26 @@ def test_check_leaves_no_empty_state_database_behind(tmp_path):
     r = invoke("test", "--app", app, app / "samples" / "01-subscribe.eml")
     assert "has no lamsonfilter schema" in r.output and "--app DIR" not in r.output
     assert f"--app {app}" in r.output
+
+
+def test_smtpproxy_refuses_to_start_on_a_looping_postfix_configuration(tmp_path):
+    """L1: with --postfix-config the daemon runs the same checks and will not start on an error."""
+    pytest.importorskip("aiosmtpd")
+    need_postconf()
+    from lamsonfilter.proxyserver import build_runtime
+    from lamsonfilter.smtpproxy import ProxyConfig
+
+    looping = write_postfix(tmp_path / "loop", GOOD_MAIN, GOOD_MASTER.replace("    -o content_filter=\n", ""))
+    from tests.rig.postfix import free_port
+
+    proc = subprocess.run(  # a subprocess with a timeout: should the check not run, it would serve
+        [sys.executable, "-m", "lamsonfilter", "smtpproxy", "--app", str(APP), "--database", "memory:",
+         "--listen", f"127.0.0.1:{free_port()}", "--quarantine", str(tmp_path / "q"),
+         "--postfix-config", str(looping)],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "PF111" in proc.stderr and "not safe to run with" in proc.stderr
+    good = write_postfix(tmp_path / "good", GOOD_MAIN, GOOD_MASTER)
+    runtime = build_runtime(ProxyConfig(app_dir=Path(APP), database="memory:", quarantine=tmp_path / "q",
+                                        postfix_config=good))
+    runtime.stop()
