@@ -46,9 +46,12 @@ __all__ = [
 #: line ends (RFC 5321 §2.3.8), lines folded at 78.
 POLICY = email.policy.SMTP
 
-#: RFC 5321 §4.5.3.1.3: a path is at most 256 octets; we allow a little more
-#: for the angle brackets and refuse anything longer before routing it.
-MAX_ADDRESS_LENGTH = 320
+#: RFC 5321 §4.5.3.1.3: a path is at most 256 octets, angle brackets included, so
+#: an address is at most 254 octets (UTF-8 for SMTPUTF8 addresses); anything
+#: longer is refused before it is routed.  The 255-octet domain limit follows from
+#: it; the 64-octet local-part limit is deliberately not enforced (SRS and VERP
+#: addresses exceed it and Postfix relays them).
+MAX_ADDRESS_LENGTH = 254
 
 #: Budget for the top-level header block, checked on the raw bytes before the
 #: email package parses any header (`MailRequest.oversized_header`).  CPython's
@@ -97,13 +100,15 @@ def normalize_address(address: str) -> str:
     """Return the bare envelope address: no angle brackets, no surrounding space.
 
     ``<>`` (the null sender) becomes ``""``.  Raises `AddressError` for an
-    address longer than `MAX_ADDRESS_LENGTH` or carrying control characters.
+    address longer than `MAX_ADDRESS_LENGTH` octets or carrying control characters.
     """
     addr = address.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1].strip()
-    if len(addr) > MAX_ADDRESS_LENGTH:
-        raise AddressError(f"address longer than {MAX_ADDRESS_LENGTH} characters")
+    if len(addr) > MAX_ADDRESS_LENGTH or (
+        not addr.isascii() and len(addr.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_LENGTH
+    ):
+        raise AddressError(f"address longer than {MAX_ADDRESS_LENGTH} octets (RFC 5321: a path of 256)")
     if _CONTROL.search(addr):
         raise AddressError("address contains control characters")
     return addr

@@ -27,6 +27,21 @@ def test_hostile_addresses_are_refused(bad):
         normalize_address(bad)
 
 
+def test_the_path_limit_is_256_octets_with_the_angle_brackets():
+    """RFC 5321 §4.5.3.1.3: a 254-octet address (256 with <>) passes, 255 octets do not -- counted
+    in UTF-8 octets, so 130 two-octet characters are over the limit although they are 140 characters."""
+    domain = "@example.org"
+    assert normalize_address("<" + "a" * (254 - len(domain)) + domain + ">").endswith(domain)
+    with pytest.raises(AddressError, match="254 octets"):
+        normalize_address("a" * (255 - len(domain)) + domain)
+    utf8 = "ö" * 128 + domain  # 140 characters, 268 octets
+    assert len(utf8) <= 254 < len(utf8.encode())
+    with pytest.raises(AddressError):
+        normalize_address(utf8)
+    long_local = "SRS0=HHH=TT=example.net=" + "x" * 60 + domain  # local part over 64: accepted (SRS)
+    assert normalize_address(long_local) == long_local
+
+
 def test_split_address_lowercases_domain_only():
     assert split_address("Foo@Example.ORG") == ("Foo", "example.org")
     assert split_address("postmaster") == ("postmaster", "")

@@ -25,7 +25,7 @@ directory (`FAULT_HANDLER`).  It adds:
   RCPT ``boom-match@lists.example.org``  ``Router.match`` (RCPT check, DATA, EOM)
   =====================================  ==========================================
 
-  (A sender longer than 320 characters is refused at MAIL FROM with
+  (A sender longer than 254 octets is refused at MAIL FROM with
   ``501 5.1.7``: a permanent problem of the client's, not an exception.)
   Every injected exception carries `SECRET`, so a test can prove that no
   reply text leaks it.  Mail to any other address is untouched;
