@@ -38,7 +38,7 @@ from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Ou
 from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
 from .mail import MailRequest, normalize_address
 from .state import StateRecord, StateTransaction
-from .views import Response, check_decoded_header_value
+from .views import Response, check_decoded_header_value, serialise
 
 if TYPE_CHECKING:
     from .app import App
@@ -273,9 +273,7 @@ class Context:
             message[GENERATED_HEADER] = self.app.name
             for name, value in message.items():
                 check_decoded_header_value(name, str(value))
-            from .mail import POLICY
-
-            raw = message.as_bytes(policy=POLICY)
+            raw = serialise(message)
             msg = message
         else:
             raw = _crlf(message)

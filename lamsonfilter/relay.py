@@ -161,8 +161,9 @@ class Relay:
         options: list[str] = []
         if _has_8bit(message.raw) and smtp.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
-        if utf8 and not (message.sender.isascii() and all(r.isascii() for r in recipients)):
-            options.append("SMTPUTF8")
+        if utf8 and not (message.sender.isascii() and all(r.isascii() for r in recipients)
+                         and _header_block(message.raw).isascii()):
+            options.append("SMTPUTF8")  # RFC 6531: UTF-8 addresses, or RFC 6532 UTF-8 headers
         try:
             rejected = smtp.sendmail(message.sender, recipients, message.raw, options)
         except smtplib.SMTPRecipientsRefused as exc:
@@ -201,7 +202,12 @@ def _all(recipients: Sequence[str], why: str, code: int) -> Delivery:
 
 
 def _has_8bit(raw: bytes) -> bool:
-    return any(b > 127 for b in raw)
+    return not raw.isascii()
+
+
+def _header_block(raw: bytes) -> bytes:
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[:end]
 
 
 class OutboxWorker:

@@ -54,7 +54,7 @@ from mako.template import Template  # type: ignore[import-untyped]
 from .decisions import HeaderValueError, check_header_value
 from .mail import POLICY
 
-__all__ = ["Views", "ViewError", "Response", "check_decoded_header_value", "HTML_SUFFIXES"]
+__all__ = ["Views", "ViewError", "Response", "check_decoded_header_value", "serialise", "HTML_SUFFIXES"]
 
 
 class ViewError(Exception):
@@ -407,9 +407,38 @@ class Response:
         value into an extra header) and `ValueError` for a line over 998 octets.
         """
         msg = self.to_message()
-        raw = msg.as_bytes(policy=POLICY)
+        raw = serialise(msg)
         _verify_serialised(raw, [k.lower() for k in msg.keys()])
         return raw
+
+
+#: `POLICY` with RFC 6532 UTF-8 header fields, for mail to or from a non-ASCII mailbox.
+UTF8_POLICY = POLICY.clone(utf8=True)
+
+#: The header fields that name mailboxes.
+_MAILBOX_FIELDS = ("From", "Sender", "Reply-To", "To", "Cc", "Bcc")
+
+
+def serialise(msg: EmailMessage) -> bytes:
+    """`msg` as bytes with `POLICY` (CRLF line ends).
+
+    When a mailbox field names a non-ASCII address (``jörg@bücher.example``),
+    the header is written in UTF-8 (RFC 6532): RFC 2047 encoded words may not
+    stand in an address (§5), and the relay sends such mail with SMTPUTF8.
+    """
+    return msg.as_bytes(policy=UTF8_POLICY if _names_utf8_mailbox(msg) else POLICY)
+
+
+def _names_utf8_mailbox(msg: EmailMessage) -> bool:
+    for name in _MAILBOX_FIELDS:
+        values = [str(v) for v in msg.get_all(name, [])]
+        if values and not all(v.isascii() for v in values):
+            try:
+                if any(not addr.isascii() for _n, addr in getaddresses(values)):
+                    return True
+            except Exception:  # noqa: BLE001 -- unreadable: written as usual, checked later
+                continue
+    return False
 
 
 def _msgid_domain(from_value: str) -> str:

@@ -479,8 +479,12 @@ def test_utf8_local_parts_and_idn_domains(t: AppTester) -> None:
     assert r.outcome("python@lists.exämple.org").action is Action.DELIVER
     assert r.outcome("python@xn--lists-exmple-q5a.org").action is Action.DELIVER
     assert r.outcome(LIST.upper()).route == "mailinglist.post"
+    assert r.outbox
     for m in r.outbox:
         assert m.recipients == ("jörg@bücher.example",)
+        # RFC 6532 UTF-8 header, not RFC 2047 words inside the address (RFC 2047 §5 forbids them)
+        to = [line for line in m.raw.split(b"\r\n\r\n")[0].split(b"\r\n") if line.lower().startswith(b"to:")]
+        assert to == ["To: jörg@bücher.example".encode()], to
 
 
 def test_control_characters_that_survive_normalisation(t: AppTester) -> None:

@@ -339,6 +339,17 @@ def test_smtputf8_is_used_when_the_relay_offers_it(smtp_relay: SMTPRelay) -> Non
     assert sender == "jörg@exämple.org" and rcpts == ("jürgen@example.org",) and "SMTPUTF8" in options
 
 
+def test_utf8_header_fields_are_sent_with_smtputf8_and_ascii_mail_without(smtp_relay: SMTPRelay) -> None:
+    """RFC 6532 headers (a reply's ``To: jörg@bücher.example``) need SMTPUTF8 even when the envelope
+    is ASCII (an SRS or VERP sender); plain ASCII mail is sent without it."""
+    storage = MemoryStorage()
+    commit(storage, message(["joerg@example.org"], subject="Grüße"), message(["anna@example.org"]))
+    worker(storage, smtp_relay).flush()
+    options = {rcpts: opts for _s, rcpts, _raw, opts in smtp_relay.handler.received}
+    assert "SMTPUTF8" in options[("joerg@example.org",)]
+    assert "SMTPUTF8" not in options[("anna@example.org",)]
+
+
 def test_the_worker_survives_an_unexpected_exception_from_the_relay(smtp_relay: SMTPRelay,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     class Flaky(Relay):
