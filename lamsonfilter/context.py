@@ -244,6 +244,7 @@ class Context:
         *,
         sender: str | None = None,
         recipients: tuple[str, ...] | list[str] | None = None,
+        confirmed: bool = False,
     ) -> None:
         """Queue a new message (not an auto-reply: no reply guards, but still marked as generated).
 
@@ -253,8 +254,16 @@ class Context:
         Sender header (other than the envelope sender, outside the
         application's hosts) is dropped and the refusal noted: handlers
         never relay for whoever wrote those headers (reliability S2).
+
+        ``confirmed=True`` says the application has its own proof that the
+        `recipients` asked for this mail -- members of a list who confirmed
+        their subscription, read from the state store -- so that the header
+        rule does not drop a member whose address the post happens to name
+        (``Reply-To: another-member``).  Never pass it for addresses taken
+        from the message.
         """
-        self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message")
+        self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message",
+                    confirmed=confirmed)
 
     def _queue(
         self,
@@ -263,6 +272,7 @@ class Context:
         sender: str | None,
         recipients: tuple[str, ...] | None,
         kind: str,
+        confirmed: bool = False,
     ) -> None:
         if isinstance(message, Response):
             message[GENERATED_HEADER] = self.app.name
@@ -290,7 +300,7 @@ class Context:
                 a for _n, a in getaddresses([str(v) for h in ("To", "Cc") for v in msg.get_all(h, [])]) if a
             )
         recipients = tuple(normalize_address(r) for r in recipients)
-        relayed = [(r, f) for r in recipients if (f := self._answer_field(r)) is not None]
+        relayed = [] if confirmed else [(r, f) for r in recipients if (f := self._answer_field(r)) is not None]
         if relayed:  # S2: never write to a forgeable header's address for a stranger
             self._note("; ".join(
                 f"{kind} to {r} blocked: the address comes from the {f} header, not the envelope sender"

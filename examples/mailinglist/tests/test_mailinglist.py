@@ -101,6 +101,18 @@ def test_member_post_goes_to_every_member_through_the_outbox(t):
     assert msg["Subject"] == "Hello all"
 
 
+def test_a_post_naming_a_member_in_its_headers_still_reaches_that_member(t):
+    """The relay guard (reliability S2) drops recipients taken from From/Reply-To/Sender; confirmed
+    members are not taken from there, so a post with ``Reply-To: carol`` still reaches carol."""
+    for who in ("alice@example.com", "bob@example.net", "carol@example.org"):
+        subscribe(t, who)
+    r = t.send("bob@example.net", LIST, subject="Ask Carol", headers={"Reply-To": "carol@example.org",
+                                                                     "Sender": "alice@example.com"})
+    posts = [m for m in r.outbox if m.kind == "message"]
+    assert sorted(m.recipients[0] for m in posts) == ["alice@example.com", "bob@example.net", "carol@example.org"]
+    assert not any("blocked" in n for n in r.decision.notes)
+
+
 def test_other_list_members_do_not_get_the_post(t):
     subscribe(t, "alice@example.com")
     r = t.send("dora@example.org", f"announce-subscribe@{HOST}")

@@ -149,7 +149,8 @@ def _post(ctx: Context, list: str) -> None:
     copy = list_headers + ctx.request.raw
     for member in members:
         verp = f"{info['list']}-bounce-{member.replace('@', '=')}@{info['host']}"
-        ctx.send(copy, sender=verp, recipients=[member])
+        # confirmed: members opted in; a post naming one of them (Reply-To) still reaches them
+        ctx.send(copy, sender=verp, recipients=[member], confirmed=True)
 
 
 @handler.route("(list)-bounce-(member)@(host)", member=r"[^@\s]+=[^@\s=]+")
