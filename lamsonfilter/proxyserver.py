@@ -8,9 +8,10 @@ One process serves every connection on one asyncio loop; the application
 runs in a small thread pool so a slow database does not stall other
 connections.  ``--workers N`` (N > 1) starts N such processes sharing the
 port through ``SO_REUSEPORT`` (the kernel spreads connections over them);
-the parent process then only supervises them (restarting one that dies)
-and runs the single outbox worker, which the workers wake with ``SIGUSR1``
-after a message that produced mail.  One outbox sender per state database
+the parent process then only supervises them (restarting one that dies),
+serves the metrics summed over the workers (``METRICS``), and runs the
+single outbox worker, which the workers wake with ``SIGUSR1`` after a
+message that produced mail.  One outbox sender per state database
 means an outbox message is never sent twice by two processes.
 
 Start-up refuses, naming the problem: a listener off loopback without
@@ -27,6 +28,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -34,6 +36,7 @@ import time
 from typing import Callable
 
 from .app import StartupError
+from .metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
 from .policy import PolicyServer
 from .reinjector import Reinjector
 from .runtime import Runtime
@@ -239,16 +242,29 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
 def _supervise(config: ProxyConfig) -> int:
     """Parent of N workers: starts them, restarts a dead one, runs the outbox, stops them all."""
     probe = build_runtime(config)  # fails here, before any fork, on bad settings or schema
+    want_metrics = bool(probe.app.settings.get("METRICS"))
     probe.stop()
     bind_socket(*config.listen, reuse_port=True).close()  # the port is free and ours
     if config.policy:
         bind_socket(*config.policy, reuse_port=True).close()
+    # before prometheus-client is imported here or in a worker: the workers count into files there
+    metrics_dir = multiprocess_directory() if want_metrics else None
     parent = os.getpid()
     children: dict[int, int] = {}  # pid -> worker index
     for index in range(config.workers):
         children[_fork_worker(config, index, parent)] = index
     runtime = build_runtime(config, outbox_interval=5.0)
-    runtime.start()
+    try:
+        runtime.start()  # the metrics endpoint (a taken port fails here) and the outbox worker
+    except BaseException:
+        for pid in children:  # our own children only, by PID
+            os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.waitpid(pid, 0)
+        runtime.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise
     stopping = False
 
     def on_stop(signum: int, frame: object) -> None:
@@ -309,6 +325,8 @@ def _supervise(config: ProxyConfig) -> int:
         for pid in children:  # our own children only, by PID
             os.kill(pid, signal.SIGKILL)
         runtime.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -322,6 +340,8 @@ def _fork_worker(config: ProxyConfig, index: int, parent: int) -> int:
             signal.signal(sig, signal.SIG_DFL)
         runtime = build_runtime(config)
         runtime.worker = None  # the parent sends the outbox
+        if os.environ.get(MULTIPROC_ENV):  # the parent serves the metrics, summed over the workers
+            runtime.metrics = Metrics(None, recording_only=True)
 
         def wake_parent() -> None:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import smtplib
 import socket
@@ -464,6 +465,65 @@ def test_cli_workers_share_the_port_and_stop_on_sigterm(app_dir: Path) -> None:
             assert proc.stderr is not None
             proc.stderr.close()
     assert sorted(m.rcpt_tos[0] for m in capture.messages)[:1] == ["alice@example.com"]
+
+
+def test_cli_workers_metrics_are_summed_over_the_workers_and_survive_a_restart(tmp_path: Path) -> None:
+    """--workers 2 with METRICS: the parent's endpoint counts what both workers processed (the
+    kernel spreads connections over them), and the counts of a worker killed with SIGKILL stay."""
+    import urllib.request
+
+    metrics_port = free_port()
+    app = make_app(tmp_path / "app", f'\nMETRICS = "127.0.0.1:{metrics_port}"\n')
+    port = free_port()
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("lamsonfilter_") and " " in line}
+
+    def delivered() -> float:
+        return scrape().get('lamsonfilter_messages_total{decision="deliver"}', 0.0)
+
+    with CaptureServer() as capture:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lamsonfilter.cli", "smtpproxy", "--app", str(app), "--listen",
+             f"127.0.0.1:{port}", "--reinject", f"127.0.0.1:{capture.port}", "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: proc.poll() is not None or _children(proc.pid) == 2 and _accepts(port)
+                     and _accepts(metrics_port), 30, message="two workers and the metrics endpoint")
+            assert proc.poll() is None
+            workers = set(_child_pids(proc.pid))
+            for i in range(12):
+                send(port, "alice@example.com", [f"bob{i}@example.net"])
+            capture.wait_for_count(12, timeout=30)
+            assert delivered() == 12.0
+            victim = sorted(workers)[0]
+            os.kill(victim, signal.SIGKILL)  # a worker this test's daemon started, by PID
+            wait_for(lambda: len(set(_child_pids(proc.pid)) - {victim}) == 2 and _accepts(port), 30,
+                     message="the dead worker replaced")
+            for i in range(3):
+                send(port, "alice@example.com", [f"carol{i}@example.net"])
+            capture.wait_for_count(15, timeout=30)
+            assert delivered() == 15.0  # what the killed worker had counted is still there
+            assert scrape()["lamsonfilter_processing_seconds_count"] == 15.0
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(40) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return []
+    return [int(p) for p in out.split()]
 
 
 def _children(pid: int) -> int:
