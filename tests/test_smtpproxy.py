@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -441,29 +442,36 @@ def test_cli_refuses_bad_configuration(app_dir: Path, tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@contextlib.contextmanager
+def _workers(app: Path, port: int, reinject_port: int, n: int = 2) -> Iterator[subprocess.Popen[bytes]]:
+    """``lamsonfilter smtpproxy --workers n`` as a process of this test; killed (by PID) if still
+    running when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter.cli", "smtpproxy", "--app", str(app), "--listen",
+         f"127.0.0.1:{port}", "--reinject", f"127.0.0.1:{reinject_port}", "--workers", str(n)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def test_cli_workers_share_the_port_and_stop_on_sigterm(app_dir: Path) -> None:
     port = free_port()
-    with CaptureServer() as capture:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lamsonfilter.cli", "smtpproxy", "--app", str(app_dir), "--listen",
-             f"127.0.0.1:{port}", "--reinject", f"127.0.0.1:{capture.port}", "--workers", "2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: proc.poll() is not None or _children(proc.pid) == 2 and _accepts(port), 30,
-                     message="two workers")
-            assert proc.poll() is None
-            for i in range(8):
-                send(port, "alice@example.com", [f"bob{i}@example.net"])
-            send(port, "alice@example.com", ["reply@lists.example.org"])  # outbox sent by the parent
-            capture.wait_for_count(9, timeout=30)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(40) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            assert proc.stderr is not None
-            proc.stderr.close()
+    with CaptureServer() as capture, _workers(app_dir, port, capture.port) as proc:
+        wait_for(lambda: proc.poll() is not None or _children(proc.pid) == 2 and _accepts(port), 30,
+                 message="two workers")
+        assert proc.poll() is None
+        for i in range(8):
+            send(port, "alice@example.com", [f"bob{i}@example.net"])
+        send(port, "alice@example.com", ["reply@lists.example.org"])  # outbox sent by the parent
+        capture.wait_for_count(9, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
     assert sorted(m.rcpt_tos[0] for m in capture.messages)[:1] == ["alice@example.com"]
 
 
@@ -485,37 +493,26 @@ def test_cli_workers_metrics_are_summed_over_the_workers_and_survive_a_restart(t
     def delivered() -> float:
         return scrape().get('lamsonfilter_messages_total{decision="deliver"}', 0.0)
 
-    with CaptureServer() as capture:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lamsonfilter.cli", "smtpproxy", "--app", str(app), "--listen",
-             f"127.0.0.1:{port}", "--reinject", f"127.0.0.1:{capture.port}", "--workers", "2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: proc.poll() is not None or _children(proc.pid) == 2 and _accepts(port)
-                     and _accepts(metrics_port), 30, message="two workers and the metrics endpoint")
-            assert proc.poll() is None
-            workers = set(_child_pids(proc.pid))
-            for i in range(12):
-                send(port, "alice@example.com", [f"bob{i}@example.net"])
-            capture.wait_for_count(12, timeout=30)
-            assert delivered() == 12.0
-            victim = sorted(workers)[0]
-            os.kill(victim, signal.SIGKILL)  # a worker this test's daemon started, by PID
-            wait_for(lambda: len(set(_child_pids(proc.pid)) - {victim}) == 2 and _accepts(port), 30,
-                     message="the dead worker replaced")
-            for i in range(3):
-                send(port, "alice@example.com", [f"carol{i}@example.net"])
-            capture.wait_for_count(15, timeout=30)
-            assert delivered() == 15.0  # what the killed worker had counted is still there
-            assert scrape()["lamsonfilter_processing_seconds_count"] == 15.0
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(40) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            assert proc.stderr is not None
-            proc.stderr.close()
+    with CaptureServer() as capture, _workers(app, port, capture.port) as proc:
+        wait_for(lambda: proc.poll() is not None or _children(proc.pid) == 2 and _accepts(port)
+                 and _accepts(metrics_port), 30, message="two workers and the metrics endpoint")
+        assert proc.poll() is None
+        workers = set(_child_pids(proc.pid))
+        for i in range(12):
+            send(port, "alice@example.com", [f"bob{i}@example.net"])
+        capture.wait_for_count(12, timeout=30)
+        assert delivered() == 12.0
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)  # a worker this test's daemon started, by PID
+        wait_for(lambda: len(set(_child_pids(proc.pid)) - {victim}) == 2 and _accepts(port), 30,
+                 message="the dead worker replaced")
+        for i in range(3):
+            send(port, "alice@example.com", [f"carol{i}@example.net"])
+        capture.wait_for_count(15, timeout=30)
+        assert delivered() == 15.0  # what the killed worker had counted is still there
+        assert scrape()["lamsonfilter_processing_seconds_count"] == 15.0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -527,11 +524,7 @@ def _child_pids(pid: int) -> list[int]:
 
 
 def _children(pid: int) -> int:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return 0
-    return len(out.split())
+    return len(_child_pids(pid))
 
 
 def _accepts(port: int) -> bool:
