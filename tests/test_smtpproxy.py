@@ -515,6 +515,19 @@ def test_cli_workers_metrics_are_summed_over_the_workers_and_survive_a_restart(t
         assert proc.wait(40) == 0
 
 
+def test_cli_workers_with_a_taken_metrics_port_exit_2_and_leave_no_worker(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = make_app(tmp_path / "app", f'\nMETRICS = "127.0.0.1:{taken.getsockname()[1]}"\n')
+        port = free_port()
+        r = _cli("smtpproxy", "--app", str(app), "--listen", f"127.0.0.1:{port}", "--reinject",
+                 f"127.0.0.1:{free_port()}", "--workers", "2")
+    assert r.returncode == 2 and "for metrics" in r.stderr and "Address already in use" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not _accepts(port)  # the workers forked before the endpoint failed are gone
+
+
 def _child_pids(pid: int) -> list[int]:
     try:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
