@@ -15,6 +15,7 @@ run ``lamsonfilter db init``).  `process` never raises.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -29,6 +30,9 @@ from .relay import OutboxWorker, Relay
 from .state import StorageError
 
 __all__ = ["Runtime", "REPLAY_TTL"]
+
+#: Every this many messages the process gives the C heap's free pages back to the system.
+TRIM_EVERY = 2000
 
 #: How long a committed decision is kept for replay: longer than Postfix retries (5 days).
 REPLAY_TTL = 7 * 24 * 3600.0
@@ -52,6 +56,7 @@ class Runtime:
         self.overrides = dict(overrides or {})
         self._reload_lock = threading.Lock()
         self.metrics: Metrics | None = None
+        self._processed = 0  # approximate (not locked): only paces release_free_memory
 
     @classmethod
     def from_directory(
@@ -155,7 +160,36 @@ class Runtime:
             self.metrics.observe(decision, took / 1000)
         if decision.outbox and self.worker is not None:
             self.worker.wake()
+        self._processed += 1
+        if self._processed % TRIM_EVERY == 0:
+            release_free_memory()
         return decision
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of the C heap back to the system (glibc's ``malloc_trim``).
+
+    A long-running filter allocates and frees a message's buffers all day;
+    glibc keeps the freed memory in its heap, where it is reused but never
+    returned, so the resident size creeps although nothing is alive there:
+    in a soak of the content filter the heap's bytes in use stayed flat
+    (+8.5 kB over 9,000 messages) while its size grew by 676 kB.  Takes a
+    few milliseconds.  Returns False where there is no ``malloc_trim``
+    (another C library).
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None
 
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
