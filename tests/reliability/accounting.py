@@ -327,6 +327,7 @@ def replies(messages: Iterable[CapturedMessage]) -> list[CapturedMessage]:
 # --------------------------------------------------------------------------- the maillog (O4)
 
 _STATUS = re.compile(r" ([0-9A-Za-z]{6,}): to=<([^>]*)>,.* status=(\w+)")
+_REMOVED = re.compile(r" ([0-9A-Za-z]{6,}): removed$")
 
 
 def maillog_anomalies(maillog: str, queue_ids: dict[str, str], still_queued: set[str],
@@ -335,20 +336,29 @@ def maillog_anomalies(maillog: str, queue_ids: dict[str, str], still_queued: set
 
     `queue_ids` maps queue id -> seq; ids in `still_queued` may have none yet
     (deferred is not final); seqs in `excused` (discarded by an explicit
-    decision) may have none at all.
+    decision) may have none at all.  Postfix reuses short queue ids once a
+    queue file is gone (the id is the file's inode and a microsecond count),
+    so status lines are counted per life of an id: a life ends at its
+    ``QID: removed`` line.  Two final statuses within one life are an anomaly.
     """
-    finals: Counter[tuple[str, str]] = Counter()
+    finals: Counter[tuple[str, int, str]] = Counter()
+    life: Counter[str] = Counter()
     seen: set[str] = set()
-    for m in _STATUS.finditer(maillog):
-        qid, rcpt, status = m.groups()
-        if qid not in queue_ids:
+    for line in maillog.splitlines():
+        m = _STATUS.search(line)
+        if m:
+            qid, rcpt, status = m.groups()
+            if qid in queue_ids:
+                seen.add(qid)
+                if status in ("sent", "bounced"):
+                    finals[(qid, life[qid], rcpt.lower())] += 1
             continue
-        seen.add(qid)
-        if status in ("sent", "bounced"):
-            finals[(qid, rcpt.lower())] += 1
+        r = _REMOVED.search(line)
+        if r and r.group(1) in queue_ids:
+            life[r.group(1)] += 1
     problems = [f"{qid} ({queue_ids[qid]}) to=<{rcpt}>: {n} final status lines"
-                for (qid, rcpt), n in sorted(finals.items()) if n > 1]
-    final_ids = {q for q, _ in finals}
+                for (qid, _life, rcpt), n in sorted(finals.items()) if n > 1]
+    final_ids = {q for q, _l, _r in finals}
     for qid, seq in sorted(queue_ids.items()):
         if qid in still_queued or seq in excused:
             continue

@@ -133,6 +133,22 @@ def test_maillog_cross_check() -> None:
     assert any("4CCCCCC" in p for p in problems) and any("4DDDDDD" in p for p in problems)
 
 
+def test_maillog_cross_check_counts_per_life_of_a_reused_queue_id() -> None:
+    """Postfix reuses a short queue id once its queue file is removed: a final status in each life
+    is fine; two in one life are not."""
+    reused = (
+        "Nov 22 postfix/smtp[1]: 4EEEEEE: to=<tag@x.example>, relay=filter, status=sent (250)\n"
+        "Nov 22 postfix/qmgr[2]: 4EEEEEE: removed\n"
+        "Nov 22 postfix/cleanup[3]: 4EEEEEE: message-id=<other@x.example>\n"
+        "Nov 22 postfix/smtp[1]: 4EEEEEE: to=<tag@x.example>, relay=sink, status=sent (250)\n"
+        "Nov 22 postfix/qmgr[2]: 4EEEEEE: removed\n"
+    )
+    assert maillog_anomalies(reused, {"4EEEEEE": "e"}, still_queued=set(), excused=set()) == []
+    twice = reused.replace("Nov 22 postfix/qmgr[2]: 4EEEEEE: removed\nNov 22 postfix/cleanup", "Nov 22 postfix/cleanup")
+    [problem] = maillog_anomalies(twice, {"4EEEEEE": "e"}, still_queued=set(), excused=set())
+    assert "4EEEEEE (e) to=<tag@x.example>: 2 final status lines" in problem
+
+
 def test_figures_are_appended_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "figures.jsonl"
     monkeypatch.setenv("LF_RELIABILITY_FIGURES", str(path))
