@@ -219,14 +219,19 @@ class ReplyRateLimit:
         The limit is per (responder, sender) as RFC 3834 §2 asks (the
         framework passes the handler's name as the responder); without a
         responder it is per sender.  Refused replies are not counted.  The
-        null sender never gets a reply.  A clock that went backwards starts
-        a new window.
+        null sender never gets a reply.
+
+        `now` is when the message's processing began, so concurrent messages
+        reach this point out of order: a `now` a little before the window's
+        start (a message that began first but commits second) is inside the
+        window.  Only a clock that went back by a whole period or more
+        starts a new one.
         """
         if not sender.strip():
             return False
         key = self.key(sender, responder)
         start, count = self._window(tx.get(key))
-        if start is None or now < start or now - start >= self.period:
+        if start is None or abs(now - start) >= self.period:
             start, count = now, 0
         if count >= self.limit:
             return False
@@ -270,7 +275,9 @@ class ReplyBudget:
         minute = int(now // 60)
         domain = recipient.rpartition("@")[2].lower()
         with self._lock:
-            if minute != self._minute:
+            # only forward: a message that began in the previous minute but gets here after
+            # one of this minute counts against this minute (no reset back and forth)
+            if minute > self._minute or minute < self._minute - 1:
                 self._minute, self._total, self._domains = minute, 0, {}
             if self._total >= self.per_minute or self._domains.get(domain, 0) >= self.per_domain:
                 return False

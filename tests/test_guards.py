@@ -7,6 +7,7 @@ import pytest
 from lamsonfilter.decisions import check_header_value
 from lamsonfilter.guards import (
     GENERATED_HEADER,
+    ReplyBudget,
     ReplyRateLimit,
     autoreply_refusal,
     is_automated_sender,
@@ -369,6 +370,32 @@ def test_rate_limit_clock_going_backwards_starts_a_new_window() -> None:
         assert limit.allow(tx, "a@example.org", 10)
         record = tx.get(limit.key("a@example.org"))
     assert record is not None and record.data == {"start": 10, "count": 1}
+
+
+def test_reply_budget_does_not_reset_back_and_forth_at_a_minute_boundary() -> None:
+    """Messages processed at once straddle a minute boundary out of order: 59.99 after 60.01 must
+    not start the previous minute again (each switch back and forth would reset the count)."""
+    budget = ReplyBudget(2, 2)
+    assert budget.allow("a@x.example", 60.01)
+    assert budget.allow("b@x.example", 59.99)
+    assert not budget.allow("c@x.example", 60.02)  # 2 in this minute already
+    assert not budget.allow("d@x.example", 59.98)
+    assert budget.allow("e@x.example", 120.0)  # the next minute starts afresh
+
+
+def test_rate_limit_counts_a_message_that_began_earlier_but_commits_later() -> None:
+    """Two messages from one sender processed at once: the one that began first (now=999.8) commits
+    second, after the other started the window at 1000.0.  It is inside the window: no second reply
+    (seen under load in tests/reliability/test_checklist.py::test_a3..., two replies for five
+    messages, when `now < start` still counted as a clock going backwards)."""
+    storage = MemoryStorage()
+    limit = ReplyRateLimit(1, 7 * 24 * 3600)
+    with storage.transaction() as tx:
+        assert limit.allow(tx, "a@example.org", 1000.0)
+    with storage.transaction() as tx:
+        assert not limit.allow(tx, "a@example.org", 999.8)
+    with storage.transaction() as tx:
+        assert not limit.allow(tx, "a@example.org", 1000.0 - 7 * 24 * 3600 + 1)  # less than a period back
 
 
 @pytest.mark.parametrize(
