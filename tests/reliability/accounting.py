@@ -357,6 +357,7 @@ def maillog_anomalies(maillog: str, queue_ids: dict[str, str], still_queued: set
         if r and r.group(1) in queue_ids:
             life[r.group(1)] += 1
     problems = [f"{qid} ({queue_ids[qid]}) to=<{rcpt}>: {n} final status lines"
+                + "".join(f"\n      | {line}" for line in maillog.splitlines() if f" {qid}: " in line)
                 for (qid, _life, rcpt), n in sorted(finals.items()) if n > 1]
     final_ids = {q for q, _l, _r in finals}
     for qid, seq in sorted(queue_ids.items()):
