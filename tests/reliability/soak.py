@@ -93,6 +93,7 @@ from tests.reliability.accounting import (
     Injector,
     bounced_seqs,
     delivered_seqs,
+    maillog_anomalies,
     replies,
     seqs_in_header,
     wait_settled,
@@ -334,7 +335,6 @@ def make_deployment(mode: str) -> Deployment:
 # --------------------------------------------------------------------------- accounting at soak size
 
 _MILTER_DISCARD = re.compile(r" ([0-9A-Za-z]+): milter-discard")
-_FINAL = re.compile(r" ([0-9A-Za-z]{6,}): to=<([^>]*)>,.* status=(sent|bounced)\b")
 
 
 def account_soak(dep: Deployment, injected: Sequence[Injected], *, timeout: float, scenario: str) -> Accounting:
@@ -376,17 +376,9 @@ def account_soak(dep: Deployment, injected: Sequence[Injected], *, timeout: floa
         mode=dep.mode,
         scenario=scenario,
     )
-    # O4: every injected queue id's recipient reaches exactly one final status (deferred is not final)
-    finals: Counter[tuple[str, str]] = Counter()
-    for m in _FINAL.finditer(maillog):
-        if m.group(1) in by_queue_id:
-            finals[(m.group(1), m.group(2).lower())] += 1
-    final_ids = {qid for qid, _ in finals}
-    acc.anomalies = [f"{qid} ({by_queue_id[qid]}) to=<{rcpt}>: {n} final status lines"
-                     for (qid, rcpt), n in sorted(finals.items()) if n > 1]
-    acc.anomalies += [f"{qid} ({seq}): no final status=sent|bounced and not queued"
-                      for qid, seq in sorted(by_queue_id.items())
-                      if qid not in final_ids and qid not in queue_ids and seq not in acc.discarded]
+    # O4: every injected queue id's recipient reaches exactly one final status (deferred is not final),
+    # counted per life of a queue id (Postfix reuses short ids)
+    acc.anomalies = maillog_anomalies(maillog, by_queue_id, queue_ids, acc.discarded)
     return acc
 
 
