@@ -453,9 +453,13 @@ def _workers(app: Path, port: int, reinject_port: int, n: int = 2) -> Iterator[s
     try:
         yield proc
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test: its workers would outlive a killed parent
+            workers = _child_pids(proc.pid)
             proc.kill()
             proc.wait(10)
+            for pid in workers:  # this daemon's own workers, by PID
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         assert proc.stderr is not None
         proc.stderr.close()
 
