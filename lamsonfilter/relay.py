@@ -55,6 +55,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .decisions import OutboxMessage
+from .mail import _header_end
 from .state import PendingOutbox, StateStorage
 
 __all__ = ["MAX_ATTEMPTS", "MAX_RECIPIENTS", "OUTBOX_LIFETIME", "Delivery", "OutboxWorker", "Relay", "RelayError"]
@@ -162,7 +163,7 @@ class Relay:
         if _has_8bit(message.raw) and smtp.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
         if utf8 and not (message.sender.isascii() and all(r.isascii() for r in recipients)
-                         and _header_block(message.raw).isascii()):
+                         and message.raw[:_header_end(message.raw)].isascii()):
             options.append("SMTPUTF8")  # RFC 6531: UTF-8 addresses, or RFC 6532 UTF-8 headers
         try:
             rejected = smtp.sendmail(message.sender, recipients, message.raw, options)
@@ -205,9 +206,6 @@ def _has_8bit(raw: bytes) -> bool:
     return not raw.isascii()
 
 
-def _header_block(raw: bytes) -> bytes:
-    end = raw.find(b"\r\n\r\n")
-    return raw if end < 0 else raw[:end]
 
 
 class OutboxWorker:
