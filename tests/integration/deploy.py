@@ -41,6 +41,7 @@ import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from lamsonfilter.settings import load_settings, make_storage
+from lamsonfilter.state import StateStorage
 from tests.rig.postfix import CapturedMessage, CaptureServer, PrivatePostfix, free_port, wait_for
 
 __all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT", "smtp_transaction"]
@@ -148,6 +151,7 @@ class Deployment(ABC):
         self._prepared = False
         self._capture_started = False
         self._terminated = False  # SIGTERM already sent to the filter
+        self._storage: StateStorage | None = None  # the app's state database, read by `outbox_due`
         #: extra environment for the filter process, e.g. lamsonfilter/faults.py's
         #: LAMSONFILTER_FAULT_POINTS; read at each start_filter()
         self.filter_env: dict[str, str] = {}
@@ -198,6 +202,9 @@ class Deployment(ABC):
                 if self._capture_started:
                     self.capture.stop()
                     self._capture_started = False
+                if self._storage is not None:
+                    self._storage.close()
+                    self._storage = None
                 if os.environ.get("LF_RIG_KEEP") != "1":
                     shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -327,18 +334,41 @@ class Deployment(ABC):
         )
 
     def settle(self, timeout: float = MAIL_TIMEOUT) -> None:
-        """Send a marker through the same path (to an address no route takes) and wait for it.
+        """Wait until the mail accepted so far has gone where it was going.
 
-        Mail accepted before the marker and still not at the destination
-        afterwards was not going to arrive through this path: a bounded way
-        to check that something did *not* happen, without sleeping.
+        1. The filter's outbox holds nothing due (its replies and list posts
+           were handed to Postfix; skipped while the filter is not running).
+        2. A marker is sent through the same path (to an address no route
+           takes) and reaches the destination.
+        3. Postfix holds nothing in ``incoming`` or ``active``: what it took
+           before the marker is delivered or deferred.
+
+        Mail accepted before and still not at the destination afterwards was
+        not going to arrive: a bounded way to check that something did *not*
+        happen, without sleeping.  (Without step 1 a reply the filter was
+        still handing to Postfix could arrive just after the marker.)
         """
+        if self.filter_proc is not None and self.filter_proc.poll() is None:
+            wait_for(lambda: self.outbox_due() == 0, timeout,
+                     message=lambda: f"the filter's outbox to drain; {self.diagnostics()}")
         marker = f"marker {uuid.uuid4().hex}"
         result = self.send("marker@example.test", ["sink@example.net"], marker)
         assert result.accepted, f"marker not accepted: {result}"
         self.wait_for_mail("sink@example.net", marker, timeout=timeout)
         if self.messages_to("marker@example.test"):
             raise AssertionError("the marker bounced")
+        if self.postfix is not None:
+            postfix = self.postfix
+            wait_for(lambda: not [m for m in postfix.queue() if m["queue_name"] in ("incoming", "active")],
+                     timeout, message=lambda: f"Postfix's incoming and active queues to empty; {self.diagnostics()}")
+
+    def outbox_due(self) -> int:
+        """Outbox messages of the application that are due and neither sent nor failed
+        (read from its state database, as the filter's outbox worker does)."""
+        if self._storage is None:
+            settings = load_settings(self.app_dir)
+            self._storage = make_storage(settings["DATABASE_URL"], settings["APP_DIR"])
+        return len(self._storage.pending_outbox(1, due_before=time.time()))
 
     # ------------------------------------------------------------ mode-specific assertions
     def assert_accepted(self, result: SendResult) -> None:
