@@ -381,6 +381,32 @@ def test_the_application_runs_in_the_executors_threads_not_libmilters() -> None:
     assert ctx.named("addheader")[0][:2] == ("X-Tag", " tagged")
 
 
+def test_an_application_past_its_deadline_is_451(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The callback stops waiting at APP_DEADLINE + COMMIT_GRACE: 451 while the application still runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = threading.Event()
+    spy = Spy()
+    spy.process = lambda request, *, transport="": gate.wait(5)  # type: ignore[assignment,method-assign]
+    monkeypatch.setattr(milter_mode, "APP_DEADLINE", 0.05)
+    monkeypatch.setattr(milter_mode, "COMMIT_GRACE", 0.0)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="t")
+    try:
+        m = LamsonMilter(spy, executor=pool)
+        ctx = RecordingCtx({"i": "5QID"})
+        m._setctx(ctx)
+        m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+        with caplog.at_level(logging.ERROR, logger="lamsonfilter.milter"):
+            assert feed(m, [f"tag@{HOST}"], [("Subject", b" x")], [b"x\r\n"]) == Milter.TEMPFAIL
+        assert ctx.named("setreply")[-1] == ("451", "4.3.0", "Temporary failure, try again later")
+        assert not gate.is_set()  # answered while the application was still running
+        assert "queue_id=5QID milter eom failed" in caplog.text and "took more than 0.05 s" in caplog.text
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+
+
 def test_a_failing_action_is_also_451(monkeypatch: pytest.MonkeyPatch) -> None:
     m, ctx = connect(make_runtime())
 
