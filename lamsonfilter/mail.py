@@ -380,6 +380,8 @@ _STRUCTURED = frozenset(n.encode("ascii") for n in POLICY.header_factory.registr
 
 def _oversized_header(raw: bytes) -> str | None:
     """See `MailRequest.oversized_header`; linear in the size of the header block."""
+    if _header_end(raw) <= MAX_STRUCTURED_FIELD:
+        return None  # the usual case: the whole block is smaller than either limit
     pos = total = field = 0
     name = b""
     while pos < len(raw):
