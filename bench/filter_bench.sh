@@ -13,6 +13,8 @@
 #   a    Postfix alone: smtp-source -> smtpd -> smtp-sink
 #   mu   + lamsonfilter milter on a unix socket   (smtpd_milters = unix:...)
 #   mi   + lamsonfilter milter on loopback TCP    (smtpd_milters = inet:127.0.0.1:PORT)
+#   mp   mu with the milter process on one CPU (taskset -c BENCH_PIN_CPU, default the last
+#        CPU): what systemd's CPUAffinity= in conf/systemd/lamsonfilter-milter.service does
 #   s    + lamsonfilter smtpproxy as after-queue content filter (content_filter -> filter ->
 #        reinjection smtpd -> smtp-sink); the mode flag for content-filter mode
 #   s2   the same with --workers 2 (two processes on one port, SO_REUSEPORT)
@@ -29,7 +31,7 @@
 # mode.  "proc" counts the per-message log lines of the filter: every message was processed.
 # Knobs: BENCH_DIR (under /tmp) BENCH_REPS BENCH_SESSIONS BENCH_SMALL_N BENCH_SMALL_L
 #        BENCH_LARGE_N BENCH_LARGE_L BENCH_WARMUP BENCH_CONFIGS BENCH_RCPT BENCH_REP_TIMEOUT
-#        BENCH_SMTPD_PORT BENCH_MILTER_ARGS (extra options for `lamsonfilter milter`)
+#        BENCH_SMTPD_PORT BENCH_PIN_CPU BENCH_MILTER_ARGS (extra options for `lamsonfilter milter`)
 #        BENCH_SOURCE_ARGS (extra smtp-source options, e.g. -d: several messages per connection)
 #        BENCH_APP (another application directory; default examples/mailinglist)
 #        BENCH_TAG=1 adds a handler for tag@lists.example.org that adds a header and delivers
@@ -55,15 +57,16 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 SMTPD_PORT=${BENCH_SMTPD_PORT:-2600} SINK_PORT=2625 MILTER_PORT=8893
 OUTBOX_PORT=10036 FILTER_PORT=10035 REINJECT_PORT=10038 POLICY_PORT=10037
 FILTER2_PORT=10045 POLICY2_PORT=10047  # s2: its own listeners (all filters run for the whole run)
-MILTER_SOCK=$RUN/milter.sock TRIVIAL_SOCK=$RUN/trivial.sock CONNECT_SOCK=$RUN/connect.sock
+MILTER_SOCK=$RUN/milter.sock PINNED_SOCK=$RUN/milter-pinned.sock TRIVIAL_SOCK=$RUN/trivial.sock CONNECT_SOCK=$RUN/connect.sock
 HZ=$(getconf CLK_TCK)
+PIN_CPU=${BENCH_PIN_CPU:-$(( $(nproc) - 1 ))}
 export PATH=$PATH:/usr/sbin
 
 case "$BASE" in /tmp/?*) ;; *) echo "BENCH_DIR must be under /tmp" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "run as root (postfix master, smtp-sink -u)" >&2; exit 2; }
 for c in postfix smtp-source smtp-sink; do command -v $c >/dev/null || { echo "missing $c (scripts/bootstrap.sh)" >&2; exit 2; }; done
 "$PY" -c 'import Milter, lamsonfilter' || { echo "run scripts/bootstrap.sh first (pymilter)" >&2; exit 2; }
-for cfg in $CONFIGS; do case $cfg in a|mu|mi|s|s2|tu|tc) ;; *) echo "unknown config $cfg (a mu mi s s2 tu tc)" >&2; exit 2 ;; esac; done
+for cfg in $CONFIGS; do case $cfg in a|mu|mi|mp|s|s2|tu|tc) ;; *) echo "unknown config $cfg (a mu mi mp s s2 tu tc)" >&2; exit 2 ;; esac; done
 
 log() { printf '[filter-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 now() { date +%s.%N; }
@@ -177,6 +180,7 @@ smtpd_banner = \$myhostname ESMTP
 EOF
   case $1 in
     mu) sed "s#unix:/lamsonfilter/milter.sock#unix:$MILTER_SOCK#" <<<"$MILTER_MAIN" >> "$ETC/main.cf" ;;
+    mp) sed "s#unix:/lamsonfilter/milter.sock#unix:$PINNED_SOCK#" <<<"$MILTER_MAIN" >> "$ETC/main.cf" ;;
     mi) sed "s#unix:/lamsonfilter/milter.sock#inet:127.0.0.1:$MILTER_PORT#" <<<"$MILTER_MAIN" >> "$ETC/main.cf" ;;
     tu) sed "s#unix:/lamsonfilter/milter.sock#unix:$TRIVIAL_SOCK#" <<<"$MILTER_MAIN" >> "$ETC/main.cf" ;;
     tc) sed "s#unix:/lamsonfilter/milter.sock#unix:$CONNECT_SOCK#" <<<"$MILTER_MAIN" >> "$ETC/main.cf" ;;
@@ -227,7 +231,7 @@ start_postfix() {
 
 # ---------------------------------------------------------------- the filters (kept for the run)
 start_filter() {  # start_filter CONFIG
-  local args
+  local args prefix=()
   case $1 in
     a) return 0 ;;
     tu) "$PY" "$HERE/trivial_milter.py" "unix:$TRIVIAL_SOCK" >> "$LOG/filter-tu.log" 2>&1 &
@@ -236,14 +240,16 @@ start_filter() {  # start_filter CONFIG
         FPID[tc]=$!; wait_up "$CONNECT_SOCK" 30; return 0 ;;
     mu) args=(milter --socket "unix:$MILTER_SOCK" --relay "127.0.0.1:$OUTBOX_PORT" ${BENCH_MILTER_ARGS:-}) ;;
     mi) args=(milter --socket "inet:$MILTER_PORT@127.0.0.1" --relay "127.0.0.1:$OUTBOX_PORT" ${BENCH_MILTER_ARGS:-}) ;;
+    mp) prefix=(taskset -c "$PIN_CPU")
+        args=(milter --socket "unix:$PINNED_SOCK" --relay "127.0.0.1:$OUTBOX_PORT" ${BENCH_MILTER_ARGS:-}) ;;
     s)  args=(smtpproxy --listen "127.0.0.1:$FILTER_PORT" --reinject "127.0.0.1:$REINJECT_PORT"
               --policy "127.0.0.1:$POLICY_PORT") ;;
     s2) args=(smtpproxy --listen "127.0.0.1:$FILTER2_PORT" --reinject "127.0.0.1:$REINJECT_PORT"
               --policy "127.0.0.1:$POLICY2_PORT" --workers 2) ;;
   esac
-  "$PY" -m lamsonfilter.cli "${args[@]}" --app "$APP" >> "$LOG/filter-$1.log" 2>&1 &
+  "${prefix[@]}" "$PY" -m lamsonfilter.cli "${args[@]}" --app "$APP" >> "$LOG/filter-$1.log" 2>&1 &
   FPID[$1]=$!
-  case $1 in mu) wait_up "$MILTER_SOCK" 30 ;; mi) wait_up "$MILTER_PORT" 30 ;; s) wait_up "$FILTER_PORT" 30 ;; s2) wait_up "$FILTER2_PORT" 30 ;; esac
+  case $1 in mu) wait_up "$MILTER_SOCK" 30 ;; mp) wait_up "$PINNED_SOCK" 30 ;; mi) wait_up "$MILTER_PORT" 30 ;; s) wait_up "$FILTER_PORT" 30 ;; s2) wait_up "$FILTER2_PORT" 30 ;; esac
   sleep 0.5  # the unix socket gets its mode just after it appears
 }
 proc_cpu() {  # utime+stime ticks of PID and its children, 0 if none
@@ -340,6 +346,7 @@ done
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 names = {"a": "Postfix alone -> smtp-sink", "mu": "+ lamsonfilter milter, unix socket",
+         "mp": "+ lamsonfilter milter, unix, one CPU",
          "mi": "+ lamsonfilter milter, inet 127.0.0.1", "s": "+ lamsonfilter smtpproxy (content_filter)",
          "s2": "+ the same, --workers 2",
          "tu": "+ trivial pymilter milter, hdr+body, unix",
