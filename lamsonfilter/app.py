@@ -122,14 +122,14 @@ class App:
         """Compile routes, check handlers, freeze.  Raises `StartupError` naming the problem."""
         if self._started:
             return self
-        router = Router(self.route_defaults) if self.route_defaults else Router()
         problems: list[str] = []
         for handler in self.handlers:
             problems.extend(handler.check())
             problems.extend(handler_signature_problems(handler))
         if problems:
             raise StartupError("; ".join(problems))
-        try:
+        try:  # a bad ROUTE_DEFAULTS regex is refused by Router() itself
+            router = Router(self.route_defaults) if self.route_defaults else Router()
             for handler in self.handlers:
                 for spec in handler.routes:
                     target = RouteTarget(handler, spec.function, spec.event_name)

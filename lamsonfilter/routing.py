@@ -86,9 +86,11 @@ class RouteMatch:
 def check_regex(regex: str, where: str) -> None:
     """Refuse a regex that cannot compile or that nests unbounded quantifiers.
 
-    A quantifier with no upper bound around a sub-pattern that itself holds
-    one (``(a+)+``, ``(a*b?)*``, ``(\\w+\\.?)+``) backtracks exponentially on
-    a near-miss; so does an unbounded repeat of an alternation whose
+    A quantifier with no upper bound around a sub-pattern that itself
+    repeats a variable number of times (``(a+)+``, ``(a*b?)*``,
+    ``(\\w+\\.?)+``, and bounded ones too: ``(\\w{1,30}\\.?)+`` splits a
+    39-character near miss in 2**38 ways) backtracks exponentially on a
+    near-miss; a fixed count such as ``(\\w{2})+`` is linear.  So does an unbounded repeat of an alternation whose
     branches can match the same text, which is approximated here by any
     alternation inside an unbounded repeat whose branches are not all single
     fixed strings of the same length.

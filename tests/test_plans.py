@@ -96,3 +96,18 @@ def test_a_rejected_recipient_among_consumed_ones_is_still_refused_in_the_milter
     mp = milter_plan(d, r)
     assert mp.result == "REJECT" and mp.reply == ("550", "5.7.1", "You are not subscribed")
     assert any("other@y.example" in n for n in mp.notes)
+
+
+def test_a_recipient_rejected_after_data_among_delivered_ones_is_removed_with_delrcpt():
+    # After DATA a milter cannot refuse one recipient of several; without delrcpt
+    # Postfix would deliver to the address the application refused.
+    r = req("b@y.example", "closed@y.example", "c@y.example")
+    d = Decision((Outcome("b@y.example", Action.DELIVER),
+                  Outcome("closed@y.example", Action.REJECT, 550, "5.7.1", "This list is closed"),
+                  Outcome("c@y.example", Action.DELIVER)))
+    mp = milter_plan(d, r)
+    assert mp.result == "ACCEPT" and mp.reply is None
+    assert [str(a) for a in mp.actions] == ["delrcpt('<closed@y.example>')"]
+    assert any("closed@y.example" in n and "delrcpt" in n for n in mp.notes)
+    # the content filter: reinjected to the delivered ones only
+    assert reinjection_plan(d, r).recipients == ("b@y.example", "c@y.example")

@@ -1,5 +1,7 @@
 """Routes: compiled once, captures as arguments, mistakes refused at start-up."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -42,6 +44,48 @@ def test_catastrophic_patterns_are_refused(rx):
     r = Router()
     with pytest.raises(RoutingError, match="catastrophic backtracking"):
         r.add("(user)@example.org", target=1, user=rx)
+
+
+# A bounded inner repeat is as variable as an unbounded one: `(\w{1,30}\.?)+` splits a
+# 39-character near miss in 2**38 ways (seconds per address), so it is refused too.
+BOUNDED_INSIDE = [r"(\w{1,30}\.?)+", r"(a{1,3})*", r"(?:x\w?){2,}", r"([a-z0-9]{1,63}-?)+", r"(\d{0,3}\.?)*"]
+
+
+@pytest.mark.parametrize("rx", BOUNDED_INSIDE)
+def test_a_bounded_repeat_inside_an_unbounded_one_is_refused(rx):
+    with pytest.raises(RoutingError, match="catastrophic backtracking"):
+        Router().add("(user)@example.org", target=1, user=rx)
+
+
+def test_a_bounded_inner_repeat_in_route_defaults_stops_app_start():
+    h = Handler("users")
+
+    @h.route("(user)@example.org")
+    @stateless
+    def ANY(ctx, user):
+        ctx.deliver()
+
+    app = App(hosts=["example.org"], handlers=[h], route_defaults={"user": r"(\w{1,30}\.?)+"})
+
+    with pytest.raises(StartupError, match=r"route default 'user'.*catastrophic backtracking"):
+        app.start()
+
+
+def test_a_dangerous_route_default_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+    lf = [sys.executable, "-m", "lamsonfilter"]
+    app = tmp_path / "demo"
+    subprocess.run([*lf, "gen", "demo", "--dest", str(app)], check=True, capture_output=True, timeout=60)
+    with (app / "config" / "settings.py").open("a") as f:
+        f.write('\nROUTE_DEFAULTS = {"host": r"(\\w{1,30}\\.?)+"}\n')
+    r = subprocess.run([*lf, "routes", "--app", str(app)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("lamsonfilter: route default 'host':") and "catastrophic backtracking" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_fixed_repeats_inside_a_repeat_pass():
+    for rx in [r"(\w{2})+", r"(?:[0-9a-f]{4}-)+[0-9a-f]{4}", r"(\w{1,30}\.){1,4}x"]:
+        check_regex(rx, "test")
 
 
 def test_safe_patterns_pass():
