@@ -90,10 +90,11 @@ def check_regex(regex: str, where: str) -> None:
     repeats a variable number of times (``(a+)+``, ``(a*b?)*``,
     ``(\\w+\\.?)+``, and bounded ones too: ``(\\w{1,30}\\.?)+`` splits a
     39-character near miss in 2**38 ways) backtracks exponentially on a
-    near-miss; a fixed count such as ``(\\w{2})+`` is linear.  So does an unbounded repeat of an alternation whose
-    branches can match the same text, which is approximated here by any
-    alternation inside an unbounded repeat whose branches are not all single
-    fixed strings of the same length.
+    near-miss; a fixed count such as ``(\\w{2})+`` is linear.  So does an
+    unbounded repeat of an alternation whose branches can match the same
+    text, which is approximated here by any alternation inside an unbounded
+    repeat whose branches are not all single fixed strings of the same
+    length.
     """
     try:
         parsed = sre_parse.parse(regex)
