@@ -20,11 +20,12 @@ with the edits applied textually and the body replaced if asked.
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass, field
 from email.header import Header
 from enum import Enum
 from typing import Any, Iterable, Mapping
+
+from .headercheck import HeaderValueError, check_encoded_words, check_header_value, valid_header_name
 
 __all__ = [
     "Action",
@@ -48,27 +49,6 @@ class Action(str, Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class HeaderValueError(ValueError):
-    """A header name or value that would inject lines into the message."""
-
-
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §2.2: printable, no colon
-
-
-def check_header_value(name: str, value: str) -> None:
-    """Refuse a header whose name is not a field name or whose value holds CR, LF or NUL.
-
-    This is the framework's guard against header injection (reliability S3):
-    values come from templates and handlers, often with user text in them.
-    """
-    if not _HEADER_NAME.match(name):
-        raise HeaderValueError(f"invalid header name {name!r}")
-    if any(c in value for c in "\r\n\x00"):
-        raise HeaderValueError(f"header {name} contains CR, LF or NUL")
-    if len(name) + 2 + len(value.encode("utf-8", "surrogateescape")) > 998:
-        raise HeaderValueError(f"header {name} is longer than 998 octets")
 
 
 @dataclass(frozen=True)
@@ -127,7 +107,8 @@ class HeaderChange:
             if self.value is None:
                 raise ValueError(f"{self.op} needs a value")
             check_header_value(self.name, self.value)
-        elif not _HEADER_NAME.match(self.name):
+            check_encoded_words(self.name, self.value)  # README: checked after RFC 2047 decoding
+        elif not valid_header_name(self.name):
             raise HeaderValueError(f"invalid header name {self.name!r}")
         if self.index < 1:
             raise ValueError("header index is 1-based")

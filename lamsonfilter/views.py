@@ -21,9 +21,9 @@ ends in ``.html``/``.htm`` are HTML-escaped by default (``${name}`` escapes,
 ``${name | n}`` does not); the others (``.msg``, ``.txt``...) are plain text.
 
 Header injection: header values often carry text from the incoming mail
-(``"Re: " + subject``).  Every value set on a `Response` is checked with
-`lamsonfilter.decisions.check_header_value` *and* once more after decoding
-its RFC 2047 encoded-words, because ``=?UTF-8?Q?x=0D=0ABcc:_v@x.test?=``
+(``"Re: " + subject``).  Every value set on a `Response` is checked as typed
+*and* once more after decoding its RFC 2047 encoded-words (both checks live
+in `lamsonfilter.headercheck`), because ``=?UTF-8?Q?x=0D=0ABcc:_v@x.test?=``
 contains no CR or LF as typed yet decodes to a line break, and the email
 package of some CPython versions (3.11.7 among them, CVE-2024-6923) writes
 such a value out as a real ``Bcc:`` line.  `Response.to_bytes` finally
@@ -37,11 +37,8 @@ inject lines raises `HeaderValueError`, at the moment it is set.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
-from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
@@ -51,7 +48,7 @@ from mako import exceptions as mako_exceptions  # type: ignore[import-untyped]
 from mako.lookup import TemplateLookup  # type: ignore[import-untyped]
 from mako.template import Template  # type: ignore[import-untyped]
 
-from .decisions import HeaderValueError, check_header_value
+from .headercheck import HeaderValueError, check_encoded_words, check_header_value
 from .mail import POLICY
 
 __all__ = ["Views", "ViewError", "Response", "check_decoded_header_value", "serialise", "HTML_SUFFIXES"]
@@ -173,11 +170,6 @@ def _valid_name(name: str) -> bool:
 
 
 # --------------------------------------------------------------------- header checks
-#: Characters that end a line for the email package (str.splitlines) or the MTA.
-_LINE_BREAKS = "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
-_ENCODED_WORD = re.compile(r"=\?([^?]*)\?([qQbB])\?(.*?)\?=", re.DOTALL)
-
-
 def check_decoded_header_value(name: str, value: str) -> None:
     """`check_header_value`, also applied to every decoding of `value`'s RFC 2047 words.
 
@@ -188,11 +180,7 @@ def check_decoded_header_value(name: str, value: str) -> None:
     (or cannot write it at all).
     """
     check_header_value(name, value)
-    for reading in _readings(name, value):
-        if any(c in reading for c in _LINE_BREAKS):
-            raise HeaderValueError(
-                f"header {name} contains a line break or NUL once RFC 2047 words are decoded"
-            )
+    check_encoded_words(name, value)
     _check_folding(name, value)
 
 
@@ -210,52 +198,6 @@ def _check_folding(name: str, value: str) -> None:
         raise HeaderValueError(f"header {name} would be written as more than one header field")
     if any(b"\r" in line or b"\n" in line or len(line) > 998 for line in lines):
         raise HeaderValueError(f"header {name} would be written with a bare CR/LF or a long line")
-
-
-def _readings(name: str, value: str) -> Iterator[str]:
-    """The value as typed, as this module decodes it, and as the email package decodes it."""
-    yield value
-    yield from _decode_words(value, depth=0)
-    try:
-        yield str(POLICY.header_factory(name, value))
-    except Exception:
-        pass  # the email package cannot read it; to_message refuses it later
-    try:
-        yield str(make_header(decode_header(value)))
-    except Exception:
-        pass
-
-
-def _decode_words(value: str, depth: int) -> Iterator[str]:
-    """Each encoded-word's bytes (as latin-1) and text, leniently; nested words too."""
-    if depth > 2 or "=?" not in value:
-        return
-    for m in _ENCODED_WORD.finditer(value):
-        charset, encoding, text = m.groups()
-        data = _q_bytes(text) if encoding in "qQ" else _b_bytes(text)
-        as_bytes = data.decode("latin-1")
-        yield as_bytes
-        try:
-            as_text = data.decode(charset.split("*", 1)[0].strip() or "ascii", "replace")
-        except (LookupError, ValueError):
-            as_text = as_bytes
-        yield as_text
-        yield from _decode_words(as_text, depth + 1)
-
-
-def _q_bytes(text: str) -> bytes:
-    raw = text.replace("_", " ").encode("utf-8", "surrogateescape")
-    return re.sub(rb"=([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), raw)
-
-
-def _b_bytes(text: str) -> bytes:
-    compact = re.sub(r"[^A-Za-z0-9+/]", "", text)
-    if len(compact) % 4 == 1:
-        compact = compact[:-1]
-    try:
-        return base64.b64decode(compact + "=" * (-len(compact) % 4))
-    except (binascii.Error, ValueError):
-        return b""
 
 
 # --------------------------------------------------------------------- responses

@@ -53,3 +53,50 @@ def test_kind_summarises():
     assert Decision((Outcome("a@b", Action.DROP),)).kind == "drop"
     assert Decision((Outcome("a@b", Action.REJECT, 550),)).kind == "reject"
     assert Decision((Outcome("a@b", Action.DELIVER),), body=b"x").kind == "modify"
+
+
+# The value as typed holds no CR or LF; decoded (RFC 2047) it is "x\r\nBcc: v@x.test".
+ENCODED_CRLF = [
+    "=?UTF-8?Q?x=0D=0ABcc:_v@x.test?=",
+    "=?UTF-8?B?eA0KQmNjOiB2QHgudGVzdA==?=",
+    "Re: =?ISO-8859-1?Q?a=0Ab?= tail",
+]
+
+
+@pytest.mark.parametrize("value", ENCODED_CRLF)
+def test_header_changes_are_checked_after_rfc2047_decoding(value):
+    for op in ("add", "change"):
+        with pytest.raises(HeaderValueError, match="once RFC 2047 words are decoded"):
+            HeaderChange(op, "X-Original-Subject", value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("Content-Disposition", "attachment; filename*=utf-8''a%0D%0ABcc%3A%20v@x.test"),  # RFC 2231
+    ("X-Note", "a\u2028b"),  # a line break for str.splitlines, typed as is
+])
+def test_header_changes_refuse_other_readings_with_a_line_break(name, value):
+    with pytest.raises(HeaderValueError, match="line break"):
+        HeaderChange("add", name, value)
+
+
+def test_ctx_add_header_refuses_an_encoded_line_break():
+    from lamsonfilter import App, Handler, MailRequest, stateless
+
+    h = Handler("copy")
+    refused: list[str] = []
+
+    @h.route("copy@app.example")
+    @stateless
+    def COPY(ctx):
+        try:
+            ctx.add_header("X-Original-Subject", "=?UTF-8?Q?x=0D=0ABcc:_v@x.test?=")
+        except HeaderValueError as exc:
+            refused.append(str(exc))
+        ctx.add_header("X-Copied", "=?UTF-8?Q?caf=C3=A9?=")  # an ordinary encoded word passes
+        ctx.deliver()
+
+    app = App(hosts=["app.example"], handlers=[h]).start()
+    raw = b"From: a@x.example\r\nTo: copy@app.example\r\nSubject: s\r\n\r\nbody\r\n"
+    d = app.process(MailRequest.from_bytes(raw, sender="a@x.example", recipients=("copy@app.example",)))
+    assert refused and "X-Original-Subject" in refused[0]
+    assert d.header_changes == (HeaderChange("add", "X-Copied", "=?UTF-8?Q?caf=C3=A9?="),)
