@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from lamsonfilter.decisions import OutboxMessage
@@ -296,6 +296,76 @@ def test_exception_rolls_back_state_outbox_and_tokens(storage: StateStorage) -> 
     assert storage.pending_outbox() == []
     with storage.transaction() as tx:
         assert tx.claim("token-1") is True  # the failed attempt recorded nothing
+
+
+# ---------------------------------------------------------------- the App's one transaction
+def _confirming_app(storage: StateStorage) -> Any:
+    """An application whose first message for a key sends a confirmation and moves to CONFIRMING."""
+    from lamsonfilter import App, Handler
+
+    h = Handler("subscribe")
+
+    @h.route("join@lists.example.org")
+    def START(ctx: Any) -> Any:
+        ctx.reply(subject="Confirm your subscription", body="Reply to confirm.\n")
+        return CONFIRMING
+
+    @h.state
+    def CONFIRMING(ctx: Any) -> None:
+        return None  # already asked: no second confirmation
+
+    return App(hosts=["lists.example.org"], handlers=[h], storage=storage).start()
+
+
+def _fail_outbox_insert_once(storage: SQLAlchemyStorage) -> list[str]:
+    """Make the database refuse the next INSERT into the outbox table, once, as a driver error."""
+    fired: list[str] = []
+    dbapi = storage._engine.dialect.loaded_dbapi
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if not fired and statement.lstrip().upper().startswith("INSERT INTO LAMSONFILTER_OUTBOX"):
+            fired.append(statement)
+            raise dbapi.OperationalError("injected: could not write the outbox (disk full)")
+
+    event.listen(storage._engine, "before_cursor_execute", before)
+    return fired
+
+
+def test_a_failed_outbox_write_commits_no_state_and_the_retry_sends_the_confirmation(
+    sql_storage: SQLAlchemyStorage,
+) -> None:
+    """State, replay record and outbox commit together (D3): never a state change without its mail.
+
+    Were the outbox written in a transaction of its own after the state
+    commit, the first attempt would leave the key in CONFIRMING (and its
+    decision recorded for replay) with no confirmation queued, and the
+    retry would send nothing.
+    """
+    from lamsonfilter import MailRequest
+    from lamsonfilter.testing import make_message
+
+    app = _confirming_app(sql_storage)
+    sender, rcpt = "alice@example.com", "join@lists.example.org"
+
+    def attempt() -> Any:
+        raw = make_message(sender, (rcpt,), subject="subscribe")
+        request = MailRequest.from_bytes(raw, sender=sender, recipients=(rcpt,), queue_id="4ABC")
+        request.replay_key = "ident:4ABC"  # the transport's key: the retry is the same message
+        return app.process(request)
+
+    fired = _fail_outbox_insert_once(sql_storage)
+    first = attempt()
+    assert len(fired) == 1 and first.is_tempfail
+    assert get(sql_storage, f"subscribe:{sender}:{rcpt}") is None  # nothing committed
+    assert sql_storage.pending_outbox() == []
+
+    second = attempt()  # the MTA's retry
+    assert not second.is_tempfail and "retry: decision replayed" not in second.notes
+    assert (second.outcomes[0].state_before, second.outcomes[0].state_after) == ("START", "CONFIRMING")
+    assert get(sql_storage, f"subscribe:{sender}:{rcpt}") == StateRecord("CONFIRMING", {})
+    pending = sql_storage.pending_outbox()
+    assert [p.message.recipients for p in pending] == [(sender,)]
+    assert b"Subject: Confirm your subscription" in pending[0].message.raw
 
 
 # ---------------------------------------------------------------- outbox, claim
