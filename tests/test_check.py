@@ -1,6 +1,5 @@
 """lamsonfilter check: application findings and Postfix findings, each with a stable ID."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from lamsonfilter.cli import main
+from tests.rig.fixtures import require_module, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "mailinglist"
@@ -21,9 +21,7 @@ def invoke(*args):
 
 def need_postconf():
     if shutil.which("postconf") is None and not Path("/usr/sbin/postconf").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("postconf (Debian's postfix package) is required in CI")
-        pytest.skip("postconf not installed")
+        skip_or_fail("postconf (Debian's postfix package) is not installed")
 
 
 def write_postfix(d: Path, main: str, master: str) -> Path:
@@ -229,7 +227,7 @@ def test_check_leaves_no_empty_state_database_behind(tmp_path):
 
 def test_smtpproxy_refuses_to_start_on_a_looping_postfix_configuration(tmp_path):
     """L1: with --postfix-config the daemon runs the same checks and will not start on an error."""
-    pytest.importorskip("aiosmtpd")
+    require_module("aiosmtpd")
     need_postconf()
     from lamsonfilter.proxyserver import build_runtime
     from lamsonfilter.smtpproxy import ProxyConfig

@@ -6,6 +6,7 @@ import socket
 import pytest
 
 from lamsonfilter.service import Service
+from tests.rig.fixtures import skip_or_fail
 
 
 @pytest.fixture
@@ -13,9 +14,7 @@ def notify_socket(tmp_path, monkeypatch):
     try:
         import systemd.daemon  # noqa: F401
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-python is required in CI (the systemd extra)")
-        pytest.skip("systemd-python not installed")
+        skip_or_fail("systemd-python (the systemd extra) is not installed")
     path = str(tmp_path / "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)

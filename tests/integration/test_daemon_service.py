@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.settings import make_storage
+from tests.rig.fixtures import require, skip_or_fail
 from tests.rig.postfix import CaptureServer, free_port, port_accepts, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,9 +105,7 @@ def test_smtpproxy_notifies_systemd_and_reloads_with_a_message_in_flight(tmp_pat
     try:
         import systemd.daemon  # noqa: F401
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-python is required in CI")
-        pytest.skip("systemd-python not installed")
+        skip_or_fail("systemd-python is not installed")
     app = make_app(tmp_path)
     notify = Notifications(tmp_path / "notify")
     capture = CaptureServer().start()
@@ -177,9 +176,7 @@ def require_milter_and_systemd() -> None:
         import Milter  # noqa: F401
         import systemd.daemon  # noqa: F401
     except ImportError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc.name} is required in CI")
-        pytest.skip(f"{exc.name} not installed")
+        skip_or_fail(f"{exc.name} is not installed")
 
 
 def start_milter(tmp_path, notify, sock, log, **env_extra):
@@ -267,12 +264,7 @@ def test_the_units_command_runs_with_a_read_only_application_directory(tmp_path,
     must put everything the daemon writes there (the smtpproxy's quarantine used to default to
     APP/var/quarantine and the daemon exited at start).  The application directory is made
     read-only with a bind mount in a private mount namespace, as systemd's sandbox does."""
-    if shutil.which("unshare") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("unshare (util-linux) is required in CI")
-        pytest.skip("unshare not installed")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace")
+    require("unshare", root=True)  # root: a private mount namespace
     require_milter_and_systemd()
     app = make_app(tmp_path)
     state = tmp_path / "state"  # stands in for /var/lib/lamsonfilter (StateDirectory)

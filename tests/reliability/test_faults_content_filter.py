@@ -52,7 +52,7 @@ from tests.reliability.accounting import Accounting, Injected, Injector, account
 from tests.rig.fixtures import (
     _CALL_FAILED as CALL_FAILED,  # set by the rig's report hook
 )
-from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.fixtures import POSTFIX_BINARIES, require, require_module
 from tests.rig.postfix import find_binary, port_accepts, wait_for
 
 pytestmark = pytest.mark.postfix
@@ -213,7 +213,7 @@ class FaultDeployment(SmtpproxyDeployment):
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[FaultDeployment]:
     require(*POSTFIX_BINARIES, "smtp-sink", "postcat", root=True)
-    pytest.importorskip("aiosmtpd")
+    require_module("aiosmtpd")
     dep = FaultDeployment()
     try:
         dep.start()

@@ -9,18 +9,23 @@
     all stopped (and their directories removed; ``LF_RIG_KEEP=1`` keeps them) at
     teardown.  When the test failed, the maillog tail is printed at teardown.
 
-:func:`require` skips a test whose binaries are missing -- and fails it instead when
-``CI=true``, so CI never skips silently.
+One rule for everything a test needs from the machine: without it the test is
+skipped with the reason -- and fails instead under CI (:func:`in_ci`: ``CI`` set to
+``true``, ``1`` or ``yes``), so CI never skips silently.  :func:`require` checks
+binaries (and root), :func:`require_module` a Python module (use it, not
+``pytest.importorskip``), :func:`skip_or_fail` anything else.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, NoReturn, Protocol
 
 import pytest
 
@@ -30,7 +35,23 @@ POSTFIX_BINARIES = ("postfix", "postconf", "postqueue", "postsuper")
 
 
 def in_ci() -> bool:
+    """The one CI predicate: ``CI`` is ``true``, ``1`` or ``yes`` (any case)."""
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test for `reason`; under CI (`in_ci`) fail it instead."""
+    if in_ci():
+        pytest.fail(f"{reason} -- CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str) -> ModuleType:
+    """Import and return module `name`; when it is missing, `skip_or_fail`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        skip_or_fail(f"the Python module {name} is not installed ({exc}); pip install -e '.[test]' has it")
 
 
 def require(*binaries: str, root: bool = False) -> None:
@@ -42,10 +63,7 @@ def require(*binaries: str, root: bool = False) -> None:
     if root and os.geteuid() != 0:
         problems.append("needs root (a private Postfix master runs as root)")
     if problems:
-        reason = "; ".join(problems)
-        if in_ci():
-            pytest.fail(f"{reason} -- CI=true, so this is a failure, not a skip", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("; ".join(problems))
 
 
 class PostfixFactory(Protocol):
@@ -131,4 +149,5 @@ def postfix_factory(request: pytest.FixtureRequest) -> Iterator[PostfixFactory]:
         pytest.fail("could not stop: " + "; ".join(errors), pytrace=False)
 
 
-__all__ = ["POSTFIX_BINARIES", "PostfixFactory", "capture", "in_ci", "postfix_factory", "require"]
+__all__ = ["POSTFIX_BINARIES", "PostfixFactory", "capture", "in_ci", "postfix_factory", "require", "require_module",
+           "skip_or_fail"]
