@@ -227,7 +227,25 @@ def test_deadline_answers_451(app_dir: Path, scripted: ScriptedSMTP) -> None:
     assert scripted.messages == []
 
 
-def test_session_exception_is_451_not_500(proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_session_exception_is_451_not_500(proxy: ProxyThread, scripted: ScriptedSMTP,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """R2: a handler that raises is one fixed 451 4.3.0 (no internals) and one ERROR line with the queue id."""
+    with caplog.at_level(logging.INFO, logger="lamsonfilter"):
+        replies = smtp_dialogue(proxy.port, [
+            b"EHLO x.test\r\n", b"XFORWARD IDENT=4R2CRASH\r\n", b"MAIL FROM:<alice@example.com>\r\n",
+            b"RCPT TO:<crash@lists.example.org>\r\n", b"RCPT TO:<bob@example.net>\r\n", b"DATA\r\n",
+            MSG + b".\r\n", b"QUIT\r\n",
+        ])
+    assert [r[:3] for r in replies[3:7]] == ["250", "250", "250", "354"]
+    final = replies[7]
+    assert final.startswith("451 4.3.0") and "boom" not in final and "Error" not in final, final
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "queue_id=4R2CRASH" in errors[0] and "boom" in errors[0], errors
+    assert scripted.messages == []  # the answer came after the run: nothing was reinjected
+
+
+def test_an_exception_in_an_smtp_hook_is_451_not_500(proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R2 below the application: aiosmtpd would answer ``500 Error: (ValueError) ...``."""
     assert proxy.server is not None
 
     async def broken(*args: object) -> str:
