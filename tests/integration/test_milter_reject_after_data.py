@@ -1,0 +1,70 @@
+"""Milter mode, through a real Postfix: a recipient the application rejects after DATA among delivered ones.
+
+After DATA a milter cannot refuse one recipient of several, so the milter
+plan removes the rejected one with ``delrcpt`` (lamsonfilter/actions.py);
+without it Postfix would deliver the message to the address the
+application refused.  The unit test of the plan is in tests/test_plans.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.deploy import LIST_HOST
+from tests.integration.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.fixtures import POSTFIX_BINARIES, require
+
+pytestmark = pytest.mark.postfix
+
+CLOSED_HANDLER = '''\
+"""A route that refuses every message (tests/integration/test_milter_reject_after_data.py)."""
+from lamsonfilter import Handler, stateless
+
+handler = Handler("lfclosed")
+
+
+@handler.route("closed@(host)")
+@stateless
+def CLOSED(ctx, host):
+    ctx.reject("This address takes no mail", code=550, enhanced="5.7.1")
+'''
+
+
+class ClosedAddressDeployment(MilterDeployment):
+    """The usual milter deployment plus the ``closed@`` route."""
+
+    def prepare_app(self) -> None:
+        if self._prepared:
+            return
+        super().prepare_app()
+        (self.app_dir / "app" / "handlers" / "lfclosed.py").write_text(CLOSED_HANDLER)
+        with open(self.app_dir / "config" / "settings.py", "a") as f:
+            f.write('HANDLERS = HANDLERS + ["lfclosed"]\n')
+
+
+@pytest.fixture
+def deployment() -> Iterator[ClosedAddressDeployment]:
+    require(*POSTFIX_BINARIES, root=True)
+    require_pymilter()
+    dep = ClosedAddressDeployment()
+    try:
+        dep.start()
+        yield dep
+    finally:
+        print(dep.diagnostics())  # shown only when the test fails
+        dep.stop()
+
+
+def test_a_recipient_rejected_after_data_is_not_delivered_while_the_other_is(
+    deployment: ClosedAddressDeployment,
+) -> None:
+    tag, closed = f"tag@{LIST_HOST}", f"closed@{LIST_HOST}"
+    result = deployment.send("alice@example.com", [tag, closed], "one refused, one delivered")
+    assert result.rcpt(closed) is not None and result.rcpt(closed).code == 250, str(result)  # routed: taken at RCPT
+    deployment.assert_accepted(result)  # the other recipient still gets it
+    [delivered] = deployment.wait_for_mail(tag, "one refused")
+    assert [r.lower() for r in delivered.rcpt_tos] == [tag]
+    deployment.settle()
+    assert deployment.messages_to(closed) == []
