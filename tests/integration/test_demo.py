@@ -181,8 +181,9 @@ def test_demo_stops_everything_it_started_when_its_output_is_a_broken_pipe(sig, 
         assert record["processes"]["demo"][0] == proc.pid
         proc.stdout.close()  # the reader is gone: the next write raises BrokenPipeError (EPIPE)
         os.killpg(proc.pid, sig)  # as the terminal does: to the whole foreground process group
-        assert proc.wait(90) == 0
+        status = proc.wait(90)
         _assert_all_gone(record, work)
+        assert status == 0
     finally:
         _clean_up(proc, work)
 
