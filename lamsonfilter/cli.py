@@ -448,6 +448,7 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
     click.echo(f"created {target}/")
     click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
     click.echo(f"  its tests: python -m pytest {target}/tests")
+    click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
 
 
 # ---------------------------------------------------------------- db

@@ -99,6 +99,7 @@ def test_demo_runs_the_example_list_and_stops_cleanly_on_ctrl_c(mode):
     assert not port_accepts(port)
     assert not (workdir / "w" / "postfix" / "spool" / "pid" / "master.pid").exists() or \
         not _alive(int((workdir / "w" / "postfix" / "spool" / "pid" / "master.pid").read_text().strip() or 0))
+    shutil.rmtree(workdir)
 
 
 def _alive(pid: int) -> bool:
@@ -228,6 +229,8 @@ def test_demo_of_a_generated_app_next_to_a_clone():
     gen = subprocess.run([script, "gen", "helpdesk"], cwd=here, capture_output=True, text=True, timeout=60,
                          check=False)
     assert gen.returncode == 0, gen.stderr
+    printed = next(l.split(":", 1)[1] for l in gen.stdout.splitlines() if l.strip().startswith("demo:"))
+    assert printed.split("(")[0].split() == ["lamsonfilter", "demo", "--app", "helpdesk"]
     proc, work, port = _start(here, "--app", "helpdesk", argv=[script])
     try:
         _wait_ready(proc, work, port)
