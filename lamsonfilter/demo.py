@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from . import procinfo
-from .demobanner import banner
+from .demobanner import banner, command_path
 from .demostop import (
     STATE_FILE,
     STOP_WAIT,
@@ -59,6 +59,7 @@ from .demostop import (
     end_session,
     port_in_use_message,
     remove_workdir,
+    running_from,
     stop_leftovers,
     wipe,
 )
@@ -147,6 +148,10 @@ class Demo:
             raise DemoError("Postfix is not installed: apt-get install postfix (or run scripts/bootstrap.sh)")
         if port_accepts(self.port):
             raise DemoError(port_in_use_message(self.port))
+        busy = running_from(self.workdir)
+        if busy:  # an earlier demo killed with SIGKILL: its record must not be wiped
+            raise DemoError(f"an earlier demo in {self.workdir} left {busy} running; stop them with: "
+                            f"{command_path()} demo --stop {self.workdir}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._owns_workdir = True
         if not self.keep:

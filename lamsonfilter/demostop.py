@@ -33,7 +33,7 @@ from .demobanner import command_path
 from .localpostfix import find_binary
 
 __all__ = ["STATE_FILE", "STOP_WAIT", "WORK_ENTRIES", "DemoError", "end_session", "port_in_use_message",
-           "remove_workdir", "stop_leftovers", "wipe"]
+           "remove_workdir", "running_from", "stop_leftovers", "wipe"]
 
 
 class DemoError(Exception):
@@ -114,6 +114,17 @@ def port_in_use_message(port: int) -> str:
     return f"127.0.0.1:{port} is in use by {who}; stop it (kill {pids[0]}) or choose another --port"
 
 
+def running_from(workdir: Path) -> str | None:
+    """What an earlier demo recorded in WORK/demo.json and is still running, as a phrase; else None."""
+    try:
+        record = json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    alive = [f"{name} (pid {entry[0]})" for name, entry in record.get("processes", {}).items()
+             if entry and procinfo.same_process(*entry)]
+    return ", ".join(alive) or None
+
+
 def stop_leftovers(workdir: Path, keep: bool = False) -> list[str]:
     """Stop what a demo that is gone (killed with SIGKILL) left running, from its WORK/demo.json.
 
@@ -125,7 +136,7 @@ def stop_leftovers(workdir: Path, keep: bool = False) -> list[str]:
     except (OSError, ValueError) as exc:
         raise DemoError(f"{workdir}: no demo record ({STATE_FILE}: {exc}); nothing to stop") from None
     done = []
-    demo_pid, demo_started = record["processes"].get("demo", [None, None])
+    demo_pid, demo_started = record["processes"].get("demo") or [None, None]
     if demo_pid is not None and procinfo.same_process(demo_pid, demo_started):
         raise DemoError(f"the demo in {workdir} is still running (pid {demo_pid}): stop it with kill {demo_pid}")
     postfix = record["processes"].get("postfix")

@@ -205,6 +205,14 @@ def test_a_killed_demo_is_named_by_the_next_run_and_stop_cleans_up():
         assert len(message.splitlines()) == 1, message
         assert f"127.0.0.1:{port} is in use by the Postfix of an earlier demo" in message
         assert f"master pid {record['processes']['postfix'][0]}" in message
+        # the same work directory on another port: its record is not wiped, the leftovers are named
+        other = subprocess.run([sys.executable, "-m", "lamsonfilter", "demo", "--dir", str(work),
+                                "--port", str(free_port())],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert other.returncode == 2
+        assert f"an earlier demo in {work} left postfix (pid {record['processes']['postfix'][0]}), " \
+               f"lamsonfilter (pid {record['processes']['lamsonfilter'][0]}) running" in other.stderr
+        assert f"demo --stop {work}" in other.stderr and (work / STATE_FILE).exists()
         command = message.split("with: ", 1)[1].split("  (", 1)[0]
         argv = shlex.split(command)
         assert Path(argv[0]).is_absolute() and argv[1:] == ["demo", "--stop", str(work)]
