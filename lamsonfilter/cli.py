@@ -566,7 +566,8 @@ def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path | None, keep: bo
                 click.echo(line)
             return
         demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text), keep=keep)
-        demo.run_until_interrupted()
+        if not demo.run_until_interrupted():
+            sys.exit(1)  # lamsonfilter exited on its own; the demo said where its log is
     except DemoError as exc:
         _fail(str(exc))
 

@@ -331,14 +331,17 @@ class Demo:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
 
-    def run_until_interrupted(self) -> None:
-        """Start, print the banner, wait for Ctrl-C, SIGTERM or SIGHUP, stop; then say so."""
+    def run_until_interrupted(self) -> bool:
+        """Start, print the banner, wait for Ctrl-C, SIGTERM or SIGHUP, stop; then say so.
+
+        False when lamsonfilter exited on its own while the demo ran (its log is kept).
+        """
         def handler(signum: int, frame: object) -> None:
             self.interrupted = True
 
         watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         old = {sig: signal.signal(sig, handler) for sig in watched}
-        outcome = ""
+        outcome = exited = ""
         failure: BaseException | None = None
         try:
             self.start()
@@ -347,8 +350,8 @@ class Demo:
             while not self.interrupted:
                 if self.daemon is not None and self.daemon.poll() is not None:
                     self._failed = True
-                    self.say(f"lamsonfilter exited (status {self.daemon.returncode}); "
-                             f"see {self.workdir}/lamsonfilter.log")
+                    exited = (f"lamsonfilter exited (status {self.daemon.returncode}); "
+                              f"see {self.workdir}/lamsonfilter.log")
                     break
                 time.sleep(0.2)
         except BaseException as exc:
@@ -365,6 +368,9 @@ class Demo:
         if failure is not None:
             if self.interrupted and isinstance(failure, DemoError):
                 self.say(f"stopped while starting; {outcome}")
-                return
+                return True
             raise failure
+        if exited:
+            self.say(exited)
         self.say(f"stopped; {outcome}" if outcome else "stopped")
+        return not exited

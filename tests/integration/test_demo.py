@@ -269,3 +269,27 @@ def test_demo_of_a_generated_app_next_to_a_clone():
     finally:
         _clean_up(proc, work)
         shutil.rmtree(here)
+
+
+def test_when_lamsonfilter_dies_the_demo_stops_postfix_and_keeps_the_log():
+    require("postfix", "postconf", root=True)
+    proc, work, port = _start(ROOT)
+    try:
+        record = _wait_ready(proc, work, port)
+        os.kill(record["processes"]["lamsonfilter"][0], signal.SIGKILL)  # ours: recorded with its start time
+        status = proc.wait(90)
+        out = proc.stdout.read().decode()
+        assert status == 1, out
+        lines = out.rstrip().splitlines()
+        assert lines[-2].startswith("lamsonfilter exited (status -9); see ")
+        assert lines[-1] == f"stopped; kept {work} for its logs"
+        assert (work / "lamsonfilter.log").exists()
+        assert not procinfo.same_process(*record["processes"]["postfix"])
+        assert not port_accepts(port)
+    finally:
+        _clean_up(proc, work)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.parent.rmdir()
+        except OSError:
+            pass
