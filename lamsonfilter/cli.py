@@ -531,8 +531,9 @@ def _storage_finding(exc: StorageError, app_dir: Path) -> Any:
 
 # ---------------------------------------------------------------- demo
 @main.command("demo")
-@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("examples/mailinglist"), show_default=True, help="The application to run.")
+@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The application to run.  Default: the example mailing list of this checkout "
+                   "(examples/mailinglist), whatever the current directory.")
 @click.option("--mode", type=click.Choice(["milter", "content-filter"]), default="milter", show_default=True,
               help="Where lamsonfilter sits: in Postfix's SMTP session, or after its queue.")
 @click.option("--port", type=int, default=2525, show_default=True, help="Loopback port Postfix listens on.")
@@ -547,7 +548,8 @@ def _storage_finding(exc: StorageError, app_dir: Path) -> Any:
 @click.option("--stop", "stop_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR", help="Stop what a demo killed with SIGKILL left running in work directory DIR "
                                   "(from DIR/demo.json), remove DIR unless --keep, and exit.")
-def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path | None, keep: bool, stop_dir: Path | None) -> None:
+def demo_cmd(app_dir: Path | None, mode: str, port: int, workdir: Path | None, keep: bool,
+             stop_dir: Path | None) -> None:
     """Run an application behind a private Postfix on loopback, to try it by hand.
 
     Postfix delivers mail for example.com, example.net and example.org into
@@ -565,6 +567,8 @@ def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path | None, keep: bo
             for line in stop_leftovers(stop_dir, keep=keep):
                 click.echo(line)
             return
+        if app_dir is None:
+            app_dir = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
         demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text), keep=keep)
         if not demo.run_until_interrupted():
             sys.exit(1)  # lamsonfilter exited on its own; the demo said where its log is

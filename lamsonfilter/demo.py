@@ -142,6 +142,7 @@ class Demo:
 
     # ------------------------------------------------------------ set-up
     def _prepare(self) -> None:
+        self._app()  # a missing or broken application: its one-line error, before anything starts
         if os.geteuid() != 0:
             raise DemoError("the demo runs a private Postfix, whose master must start as root")
         if shutil.which("postfix") is None and not Path("/usr/sbin/postfix").exists():
@@ -168,7 +169,8 @@ class Demo:
         proc = subprocess.run([*lamsonfilter_argv(), *args],
                               capture_output=True, text=True, timeout=120, start_new_session=True)
         if proc.returncode != 0:
-            raise DemoError(f"lamsonfilter {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+            said = (proc.stderr.strip() or proc.stdout.strip()).removeprefix("lamsonfilter: ")
+            raise DemoError(f"lamsonfilter {' '.join(args)}: {said}")
 
     def _postfix(self) -> PrivatePostfix:
         hosts = self._app_hosts()

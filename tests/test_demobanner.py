@@ -109,3 +109,20 @@ def test_command_path_is_the_absolute_script_next_to_this_python():
     path = command_path()
     assert path == shlex.quote(str(Path(sys.executable).absolute().parent / "lamsonfilter"))
     assert Path(shlex.split(path)[0]).is_absolute()
+
+
+def test_demo_of_a_missing_application_is_one_line_and_leaves_no_work_directory(monkeypatch, tmp_path):
+    import lamsonfilter.demo as demo
+
+    made = []
+    real = demo.new_workdir
+
+    def spy():
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(demo, "new_workdir", spy)
+    result = CliRunner().invoke(main, ["demo", "--app", str(tmp_path / "nowhere"), "--port", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"lamsonfilter: {tmp_path / 'nowhere'}: no such application directory"
+    assert len(made) == 1 and not made[0].exists()

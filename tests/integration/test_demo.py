@@ -175,7 +175,7 @@ def test_demo_stops_everything_it_started_when_its_output_is_a_broken_pipe(sig, 
     """`make run 2>&1 | tee run.log`, then Ctrl-C: tee dies with the demo, so every write the
     demo makes while stopping hits a broken pipe; closing the terminal sends SIGHUP."""
     require("postfix", "postconf", root=True)
-    proc, work, port = _start(ROOT, "--mode", mode)
+    proc, work, port = _start("/", "--mode", mode)  # from any directory: --app defaults to the example list
     try:
         record = _wait_ready(proc, work, port)
         assert {"demo", "postfix", "lamsonfilter"} <= {k for k, v in record["processes"].items() if v}
