@@ -5,7 +5,9 @@ Unit-level: the extras each mode of scripts/bootstrap.sh installs, resolved
 through setup.cfg, and the targets the Makefile wires to each mode.  Running
 bootstrap in run mode into a scratch virtualenv needs the package index
 (the tests use loopback only) and a minute of compiling, so it is not done
-here; it was measured by hand (see the commit that added this file).
+here.  Measured by hand into scratch copies of the repository (2026-12-06,
+pymilter's wheel already in pip's cache): run mode installed 10 packages
+(a 59 MB virtualenv) in 32 s, test mode 29 packages (319 MB) in 34 s.
 """
 
 import configparser
