@@ -2,22 +2,28 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test run dry-run check soak
+.PHONY: bootstrap bootstrap-run test run dry-run check soak
 
+# everything, the test toolchain included (mypy, hypothesis, atheris, docutils, ruff, pytest)
 bootstrap:
-	@bash scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh test
+
+# only what running needs (pymilter, aiosmtpd, Postfix, swaks); a line per step
+bootstrap-run:
+	@bash scripts/bootstrap.sh run
 
 # pytest exit status is passed on unchanged (5 = no tests collected is a failure too)
 test: bootstrap
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # the example mailing list behind a private Postfix on loopback (MODE=content-filter for
-# the after-queue set-up); Ctrl-C stops it.  `make dry-run` needs no Postfix at all.
+# the after-queue set-up); Ctrl-C stops it and everything it started.  `make dry-run`
+# needs no Postfix at all.
 MODE ?= milter
-run: bootstrap
+run: bootstrap-run
 	$(VENV)/bin/lamsonfilter demo --app examples/mailinglist --mode $(MODE)
 
-dry-run: bootstrap
+dry-run: bootstrap-run
 	$(VENV)/bin/lamsonfilter test --app examples/mailinglist examples/mailinglist/samples/
 
 check: bootstrap

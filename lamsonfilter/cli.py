@@ -448,6 +448,7 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
     click.echo(f"created {target}/")
     click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
     click.echo(f"  its tests: python -m pytest {target}/tests")
+    click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
 
 
 # ---------------------------------------------------------------- db
@@ -530,30 +531,47 @@ def _storage_finding(exc: StorageError, app_dir: Path) -> Any:
 
 # ---------------------------------------------------------------- demo
 @main.command("demo")
-@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("examples/mailinglist"), show_default=True, help="The application to run.")
+@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The application to run.  Default: the example mailing list of this checkout "
+                   "(examples/mailinglist), whatever the current directory.")
 @click.option("--mode", type=click.Choice(["milter", "content-filter"]), default="milter", show_default=True,
               help="Where lamsonfilter sits: in Postfix's SMTP session, or after its queue.")
 @click.option("--port", type=int, default=2525, show_default=True, help="Loopback port Postfix listens on.")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work directory: Postfix's configuration and queue, the state database, the mailboxes, "
-                   "the quarantine.  Default: a new /tmp/lamsonfilter-demo-XXXXXX for each run.")
+                   "the quarantine.  Default: a new /tmp/lamsonfilter-demo-XXXXXX for each run.  What an "
+                   "earlier run left there is removed first, and the demo's files at exit (then DIR itself, "
+                   "if nothing else is in it).")
 @click.option("--keep", is_flag=True,
-              help="With --dir: keep what an earlier run left there (state, mail); by default it is removed.")
-def demo_cmd(app_dir: Path, mode: str, port: int, workdir: Path | None, keep: bool) -> None:
+              help="Keep the work directory at exit (to read the mail and logs); with --dir, also start "
+                   "from what an earlier run left there.")
+@click.option("--stop", "stop_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Stop what a demo killed with SIGKILL left running in work directory DIR "
+                                  "(from DIR/demo.json), remove DIR unless --keep, and exit.")
+def demo_cmd(app_dir: Path | None, mode: str, port: int, workdir: Path | None, keep: bool,
+             stop_dir: Path | None) -> None:
     """Run an application behind a private Postfix on loopback, to try it by hand.
 
     Postfix delivers mail for example.com, example.net and example.org into
     one Maildir, DIR/mail/inbox; send mail with swaks or `lamsonfilter send`
-    and watch the replies arrive.  Ctrl-C stops everything it started.
-    Needs root and Debian's postfix package (make run sets them up).
+    and watch the replies arrive.  The banner shows the application's
+    routes and what to try (the application's demo.txt, if it has one).
+    Ctrl-C, SIGTERM or closing the terminal stops everything it started and
+    removes the work directory (unless --keep).  Needs root and Debian's
+    postfix package (make run sets them up).
     """
-    from .demo import Demo, DemoError, new_workdir
+    from .demo import Demo, DemoError, stop_leftovers
 
-    demo = Demo(app_dir, workdir if workdir is not None else new_workdir(), mode, port,
-                echo=lambda text: click.echo(text), keep=keep)
     try:
-        demo.run_until_interrupted()
+        if stop_dir is not None:
+            for line in stop_leftovers(stop_dir, keep=keep):
+                click.echo(line)
+            return
+        if app_dir is None:
+            app_dir = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
+        demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text), keep=keep)
+        if not demo.run_until_interrupted():
+            sys.exit(1)  # lamsonfilter exited on its own; the demo said where its log is
     except DemoError as exc:
         _fail(str(exc))
 

@@ -270,6 +270,9 @@ class PrivatePostfix:
             text=True,
             timeout=COMMAND_TIMEOUT,
             check=False,
+            # not in our process group: a Ctrl-C at the terminal reaches us, not a half-done
+            # `postfix start` (which could leave a master behind before it wrote its pid file)
+            start_new_session=True,
         )
         if check and proc.returncode != 0:
             raise RuntimeError(
