@@ -4,6 +4,7 @@
     lamsonfilter routes --app DIR [--test ADDRESS]   the routes, and who gets ADDRESS
     lamsonfilter gen NAME                            a new application skeleton
     lamsonfilter db init --app DIR                   create the state schema
+    lamsonfilter state list|show --app DIR ...       the state of keys (lamsonfilter.statecmd)
 
 Every command that loads an application refuses bad configuration at once,
 with a message naming the file and setting, and exits with status 2.
@@ -691,6 +692,15 @@ def smtpproxy_cmd(
         sys.exit(serve(config))
     except (StartupError, StorageError) as exc:
         _fail(str(exc))
+
+
+def _add_state_command() -> None:
+    from .statecmd import state_cmd
+
+    main.add_command(state_cmd)
+
+
+_add_state_command()
 
 
 if __name__ == "__main__":  # pragma: no cover
