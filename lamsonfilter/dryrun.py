@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import mailbox
 import re
 import sys
 from pathlib import Path
@@ -69,47 +68,68 @@ def list_sources(paths: tuple[Path, ...]) -> list[Path | None]:
     return out
 
 
-_FROM_LINE = re.compile(rb"(?m)^From ")
+#: An mbox separator (RFC 4155): ``From SENDER DATE`` where DATE is asctime-like, e.g.
+#: ``From alice@example.com Sat Dec  5 10:00:00 2026``; it starts a message only at the start of
+#: the file or after an empty line, so a stray ``From `` line in a message never splits it.
+_FROM_LINE = re.compile(rb"From \S*\s+[A-Za-z]{3} [A-Za-z]{3} +\d{1,2} \d{1,2}:\d{2}(?::\d{2})?(?: \S+)? \d{4}\s*$")
 
 
 def read_messages(source: Path | None) -> Iterator[tuple[str, bytes | Exception]]:
     """(name, raw bytes or the error reading it) for each message of one source.
 
-    An mbox yields one item per message, named ``FILE (message N)``.
+    A source whose first line is an mbox ``From `` line is an mbox: one
+    item per message, named ``FILE (message N)``, read one message at a
+    time (an mbox of one message keeps the plain name).
     """
-    if source is None:
-        raw = sys.stdin.buffer.read()
-        if raw.startswith(b"From ") and len(_FROM_LINE.findall(raw)) > 1:
-            yield from _split_mbox("<stdin>", raw)
-        else:
-            yield "<stdin>", raw
+    name = "<stdin>" if source is None else str(source)
+    try:
+        stream = sys.stdin.buffer if source is None else source.open("rb")
+    except OSError as exc:
+        yield name, exc
         return
     try:
-        with source.open("rb") as f:
-            start = f.read(5)
-        if start != b"From ":
-            yield str(source), source.read_bytes()
+        first = stream.readline()
+        if not first:  # at a terminal, another read after Ctrl-D would wait for more
+            yield name, b""
             return
-        box = mailbox.mbox(source, create=False)
-        try:
-            keys = box.keys()
-            if len(keys) <= 1:
-                yield str(source), source.read_bytes()
-                return
-            for n, key in enumerate(keys, 1):
-                yield f"{source} (message {n})", box.get_bytes(key)
-        finally:
-            box.close()
+        if not _FROM_LINE.match(first):
+            yield name, first + stream.read()
+            return
+        yield from _mbox_messages(name, stream)
     except OSError as exc:
-        yield str(source), exc
+        yield name, exc
+    finally:
+        if source is not None:
+            stream.close()
 
 
-def _split_mbox(name: str, raw: bytes) -> Iterator[tuple[str, bytes]]:
-    """Split mbox bytes at ``From `` lines (as `mailbox.mbox` does), dropping those lines."""
-    starts = [m.start() for m in _FROM_LINE.finditer(raw)]
-    for n, (a, b) in enumerate(zip(starts, [*starts[1:], len(raw)]), 1):
-        chunk = raw[a:b]
-        yield f"{name} (message {n})", chunk.split(b"\n", 1)[1] if b"\n" in chunk else b""
+def _mbox_messages(name: str, stream: Any) -> Iterator[tuple[str, bytes]]:
+    """The messages of an mbox whose first ``From `` line was read already, one at a time."""
+    current: list[bytes] = []
+    held: bytes | None = None  # the first message, until we know whether there is a second
+    done = 0
+    previous_blank = False
+    for line in stream:
+        if previous_blank and _FROM_LINE.match(line):
+            message, current, previous_blank = b"".join(current), [], False
+            done += 1
+            if done == 1:
+                held = message
+                continue
+            if held is not None:
+                yield f"{name} (message 1)", held
+                held = None
+            yield f"{name} (message {done})", message
+            continue
+        previous_blank = line in (b"\n", b"\r\n")
+        current.append(line)
+    last = b"".join(current)
+    if done == 0:
+        yield name, last  # an mbox of one message: the plain name
+        return
+    if held is not None:
+        yield f"{name} (message 1)", held
+    yield f"{name} (message {done + 1})", last
 
 
 def check_address(value: str, option: str, allow_null: bool = False) -> str | None:

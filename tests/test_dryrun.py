@@ -194,4 +194,7 @@ def test_at_a_terminal_it_says_it_is_reading_standard_input() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         os.close(master)
