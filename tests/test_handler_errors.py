@@ -69,3 +69,51 @@ def test_one_log_line_names_file_and_line_the_traceback_only_at_debug(
     assert debug.startswith("queue_id=4XyZ handler=broken.START rcpt=hello@broken.example.org traceback:\n"
                             "Traceback (most recent call last):")
     assert 'return data["count"] + 1' in debug and "KeyError: 'count'" in debug
+
+
+def _run_smtpproxy_and_send(app_dir: Path, verbose: bool) -> str:
+    """Start the real content filter, send one message to the failing route, stop it; its log."""
+    import select
+    import signal
+    import smtplib
+    import subprocess
+    import sys
+
+    from tests.rig.postfix import free_port
+
+    port = free_port()
+    args = [sys.executable, "-m", "lamsonfilter", *(["-v"] if verbose else []), "smtpproxy", "--app", str(app_dir),
+            "--listen", f"127.0.0.1:{port}", "--reinject", f"127.0.0.1:{free_port()}", "--database", "memory:"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = b""
+    try:
+        while b"listening on" not in log:  # bounded: 60 s, then the test fails
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready and proc.poll() is None, log.decode()
+            log += proc.stderr.readline()
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail("alice@example.com", ["hello@broken.example.org"],
+                              b"From: alice@example.com\r\nTo: hello@broken.example.org\r\n\r\nhi\r\n")
+        assert refused.value.smtp_code == 451
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        proc.stderr.close()
+    return (log + rest).decode()
+
+
+def test_the_daemon_logs_one_line_with_file_and_line_and_the_traceback_at_v(app_dir: Path) -> None:
+    quiet = _run_smtpproxy_and_send(app_dir, verbose=False)
+    [line] = [x for x in quiet.splitlines() if " ERROR " in x]
+    assert line.endswith("handler=broken.START rcpt=hello@broken.example.org "
+                         "tempfail: KeyError: 'count' at app/handlers/broken.py:12 in helper")
+    assert "Traceback" not in quiet
+    verbose = _run_smtpproxy_and_send(app_dir, verbose=True)
+    assert "tempfail: KeyError: 'count' at app/handlers/broken.py:12 in helper" in verbose
+    assert "traceback:\nTraceback (most recent call last):" in verbose
+    assert 'return data["count"] + 1' in verbose
