@@ -29,17 +29,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .context import Context, MessageChanges
-from .diagnostics import StateWrite, Trace, describe_failure, format_traceback
-from .decisions import Action, Decision, Outcome, OutboxMessage
+from .diagnostics import Trace, describe_failure, format_traceback
+from .decisions import Action, Decision, Outcome
 from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
-from .state import ConflictError, MemoryStorage, StateRecord, StateStorage
+from .state import ConflictError, MemoryStorage, StateStorage
+from .transaction import DeadlinePassed, LazyTransaction, Replayed
 from .views import Views
 
 __all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
@@ -266,7 +266,7 @@ class App:
         current: Context | None = None
         replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
         try:
-            with _LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
+            with LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -284,7 +284,7 @@ class App:
                     tx.add_outbox(changes.outbox)
                 if commit and replay_key is not None and tx.opened:  # a decision with side effects
                     tx.set(replay_key, "DONE", {**decision.to_record(), "at": now}, bookkeeping=True)
-        except _Replayed as replayed:  # a retry of a message whose decision committed
+        except Replayed as replayed:  # a retry of a message whose decision committed
             log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
                      request.queue_id or "-", request.replay_key)
             done = replayed.decision
@@ -393,108 +393,6 @@ def _where(ctx: Context) -> str:
     if func is not None and is_stateless(func):
         return f"{ctx.handler.name}.{target.function}"
     return f"{ctx.handler.name}.{ctx.state}"
-
-
-class DeadlinePassed(Exception):
-    """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
-
-
-class _Replayed(Exception):
-    """The replay key has a committed decision: use it, run nothing (raised by `_LazyTransaction`)."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__("decision replayed")
-        self.decision = decision
-
-
-class _LazyTransaction:
-    """The state transaction of one message, opened only when a handler first needs it.
-
-    Mail whose handlers touch neither state nor the outbox (a stateless
-    route that adds a header, say) costs no database round trip at all; its
-    decision has no side effects, so running it again on a retry is harmless
-    and no replay record is kept.  When the transaction does open, the
-    replay record is looked up *first*: if this message's decision was
-    already committed, `_Replayed` aborts the run before anything the
-    handlers did can be committed a second time (R13, M4).
-    """
-
-    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None,
-                 deadline: float | None = None, trace: Trace | None = None) -> None:
-        self._storage = storage
-        self._commit = commit
-        self._replay_key = replay_key
-        self._deadline = deadline
-        self._trace = trace
-        self._cm: Any = None
-        self._tx: Any = None
-
-    @property
-    def opened(self) -> bool:
-        return self._tx is not None
-
-    def _open(self) -> Any:
-        if self._tx is None:
-            cm = self._storage.transaction(commit=self._commit)
-            tx = cm.__enter__()
-            self._cm, self._tx = cm, tx
-            if self._replay_key is not None:
-                done = tx.get(self._replay_key)
-                if done is not None:
-                    raise _Replayed(Decision.from_record(done.data))
-        return self._tx
-
-    def __enter__(self) -> _LazyTransaction:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
-        if self._cm is None:
-            return None
-        cm, self._cm = self._cm, None
-        if exc_type is None and self._deadline is not None and time.monotonic() > self._deadline:
-            # the transport answered 4xx already: the MTA sends the message again, so
-            # nothing of this run may be committed (no reply for a message not accepted)
-            late = DeadlinePassed("the transport's deadline passed before the commit; rolled back")
-            cm.__exit__(DeadlinePassed, late, None)
-            raise late
-        return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
-
-    def get(self, key: str) -> StateRecord | None:
-        return self._open().get(key)  # type: ignore[no-any-return]
-
-    def set(self, key: str, state: str, data: Mapping[str, Any] | None = None, *, bookkeeping: bool = False) -> None:
-        tx = self._open()
-        before = self._before(tx, key) if not bookkeeping else None
-        tx.set(key, state, data)
-        if self._trace is not None and not bookkeeping:
-            stored = tx.get(key)
-            self._trace.record(StateWrite(key, "set", before, state, dict(stored.data) if stored else {}))
-
-    def clear(self, key: str) -> None:
-        tx = self._open()
-        before = self._before(tx, key)
-        tx.clear(key)
-        if self._trace is not None:
-            self._trace.record(StateWrite(key, "clear", before, None))
-
-    def _before(self, tx: Any, key: str) -> str | None:
-        """The state of `key` before this write, read only when tracing."""
-        if self._trace is None:
-            return None
-        record = tx.get(key)
-        return record.state if record is not None else None
-
-    def find(self, prefix: str, state: str | None = None) -> list[tuple[str, StateRecord]]:
-        return self._open().find(prefix, state)  # type: ignore[no-any-return]
-
-    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        self._open().add_outbox(messages)
-
-    def claim(self, token: str) -> bool:
-        claimed: bool = self._open().claim(token)
-        if claimed and self._trace is not None:
-            self._trace.record(StateWrite(token, "claim", None, "CLAIMED"))
-        return claimed
 
 
 class _HandlerTempfail(Exception):

@@ -73,6 +73,7 @@ def test_one_log_line_names_file_and_line_the_traceback_only_at_debug(
 
 def _run_smtpproxy_and_send(app_dir: Path, verbose: bool) -> str:
     """Start the real content filter, send one message to the failing route, stop it; its log."""
+    import os
     import select
     import signal
     import smtplib
@@ -88,10 +89,12 @@ def _run_smtpproxy_and_send(app_dir: Path, verbose: bool) -> str:
     assert proc.stderr is not None
     log = b""
     try:
-        while b"listening on" not in log:  # bounded: 60 s, then the test fails
-            ready, _, _ = select.select([proc.stderr], [], [], 60)
-            assert ready and proc.poll() is None, log.decode()
-            log += proc.stderr.readline()
+        fd = proc.stderr.fileno()
+        while b"listening on" not in log:  # bounded: 60 s without output, then the test fails
+            ready, _, _ = select.select([fd], [], [], 60)
+            chunk = os.read(fd, 65536) if ready else b""
+            assert chunk, log.decode()
+            log += chunk
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 smtp.sendmail("alice@example.com", ["hello@broken.example.org"],
