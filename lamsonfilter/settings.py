@@ -137,7 +137,7 @@ def _refuse_misspelt_names(namespace: Mapping[str, Any], path: Path) -> None:
     Names far from every setting are the application's own (``LISTS``);
     names the application lists in ``OWN_SETTINGS`` are never refused.  A
     name in mixed case that is a setting in capitals (``Hosts``) is refused
-    too: it would be ignored.
+    too: it would be ignored.  Lower-case names are the file's own helpers.
     """
     known = known_settings()
     own = namespace.get("OWN_SETTINGS", ())
@@ -147,7 +147,7 @@ def _refuse_misspelt_names(namespace: Mapping[str, Any], path: Path) -> None:
         if name.startswith("_") or name in known or name in own:
             continue
         if not name.isupper():
-            if name.upper() in known:
+            if not name.islower() and name.upper() in known:  # "Hosts"; "hosts" is a helper variable
                 raise SettingsError(f"{path}: {name} is not a setting (settings are in capitals); "
                                     f"did you mean {name.upper()}?")
             continue

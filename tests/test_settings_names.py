@@ -41,7 +41,7 @@ def test_the_start_up_error_is_one_line_and_exit_status_2(tmp_path: Path) -> Non
 
 def test_an_applications_own_settings_are_kept(tmp_path: Path) -> None:
     text = ('HANDLERS = ["x"]\nLISTS = {"python": "Python"}\nCONFIRM_TTL = 60\nBOUNCE_LIMIT = 3\n'
-            'import re\nHOST = "a.example"\nOWN_SETTINGS = ["HOST"]\n')
+            'import re\nhosts = ["a.example"]\nHOST = "a.example"\nOWN_SETTINGS = ["HOST"]\n')
     values = load_settings(app_with(tmp_path, text))
     assert values["LISTS"] == {"python": "Python"} and values["HOST"] == "a.example"
     with pytest.raises(SettingsError, match="did you mean HOSTS"):
