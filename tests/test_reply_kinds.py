@@ -89,3 +89,20 @@ def test_bad_reply_settings_are_refused(tmp_path: Path) -> None:
         AppTester.from_directory(make_app(tmp_path, "REPLY_LIMIT = {'desks': (3, 3600)}\n"))
     with pytest.raises(HandlerError, match="replies must be 'service' or 'responder'"):
         Handler("x", replies="vacation")
+
+
+def test_the_skeleton_says_which_limit_applies_and_greets_a_sender_only_once_a_reply_went(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lamsonfilter.cli import main
+
+    app = tmp_path / "hello"
+    assert CliRunner().invoke(main, ["gen", "hello", "--dest", str(app)]).exit_code == 0
+    handler = (app / "app" / "handlers" / "hello.py").read_text()
+    assert 'Handler("hello", replies="service")' in handler and 'replies="responder"' in handler
+    assert "REPLY_LIMIT" in (app / "config" / "settings.py").read_text()
+    t = AppTester.from_directory(app)
+    robot = t.send("alice@example.com", "hello@hello.example.org", headers={"Auto-Submitted": "auto-generated"})
+    assert robot.outbox == () and robot.state_after == "START"  # no reply went: not GREETED yet
+    person = t.send("alice@example.com", "hello@hello.example.org")
+    assert len(person.replies) == 1 and person.state_after == "GREETED"
