@@ -12,8 +12,13 @@ refuse unroutable addresses early.
 route to a missing state, a route that does not capture a parameter its state
 functions require, or a template directory that does not exist.
 `process()` never raises: any unexpected error becomes a tempfail decision
-(451 4.3.0) with one log line carrying the queue id and the handler, and
-nothing of that message (state, outbox) is committed.
+(451 4.3.0) with one log line carrying the queue id, the handler and where
+in the application's code it failed (``KeyError: 'count' at
+app/handlers/list.py:42 in START``; the whole traceback follows at DEBUG,
+``-v`` for the daemons), and nothing of that message (state, outbox) is
+committed.  ``process(request, trace=Trace())`` also hands back the
+exception and every state key the run wrote (`lamsonfilter.diagnostics`),
+for dry runs and tests.
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .context import Context, MessageChanges
-from .decisions import Action, Decision, Outcome, OutboxMessage
+from .diagnostics import Trace, describe_failure, format_traceback
+from .decisions import Action, Decision, Outcome
 from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
-from .guards import ReplyBudget, ReplyRateLimit
+from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
-from .state import ConflictError, MemoryStorage, StateRecord, StateStorage
+from .state import ConflictError, MemoryStorage, StateStorage
+from .transaction import DeadlinePassed, LazyTransaction, Replayed
 from .views import Views
 
 __all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
@@ -76,6 +82,7 @@ class App:
         route_defaults: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
         reply_limit: ReplyRateLimit | None = None,
+        reply_limits: Mapping[str, ReplyRateLimit] | None = None,
         reply_budget: ReplyBudget | None = None,
         max_hops: int = MAX_HOPS,
     ) -> None:
@@ -86,8 +93,13 @@ class App:
         self._views = views
         self.route_defaults = dict(route_defaults or {})
         self.settings: Mapping[str, Any] = dict(settings or {})
-        # RFC 3834 §2: one reply per (responder, sender) per 7 days unless the app says otherwise
-        self.reply_limit = reply_limit or ReplyRateLimit(1, 7 * 24 * 3600.0)
+        # per (handler, sender): `reply_limit` for every handler, else `reply_limits` by handler
+        # name or kind, else the kind's default (a service 10 an hour, a responder 1 a week)
+        self.reply_limit = reply_limit
+        self.reply_limits: dict[str, ReplyRateLimit] = {
+            kind: ReplyRateLimit(n, period) for kind, (n, period) in REPLY_KINDS.items()
+        }
+        self.reply_limits.update(reply_limits or {})
         self.reply_budget = reply_budget or ReplyBudget(300, 30)
         self.max_hops = max_hops
         self.router = Router()
@@ -142,6 +154,12 @@ class App:
         return self
 
     # ------------------------------------------------------------ questions
+    def reply_limit_for(self, handler: Handler) -> ReplyRateLimit:
+        """The reply limit of `handler`: the app-wide one, else its own, else its kind's."""
+        if self.reply_limit is not None:
+            return self.reply_limit
+        return self.reply_limits.get(handler.name) or self.reply_limits[handler.replies]
+
     def owns(self, address: str) -> bool:
         """True when the address is at one of the application's hosts."""
         return split_address(address)[1] in self.hosts
@@ -161,18 +179,41 @@ class App:
             raise StartupError("call App.start() before processing mail")
 
     # ------------------------------------------------------------ the one flow
-    def process(self, request: MailRequest, *, commit: bool = True, now: float | None = None) -> Decision:
-        """Decide about one message.  Never raises; see the module docstring."""
+    def process(
+        self,
+        request: MailRequest,
+        *,
+        commit: bool = True,
+        now: float | None = None,
+        outbox: bool = True,
+        trace: Trace | None = None,
+    ) -> Decision:
+        """Decide about one message.  Never raises; see the module docstring.
+
+        `commit` False rolls the state transaction back (a dry run).
+        `outbox` False commits the state but never stores the outbox, so no
+        daemon ever sends it (``lamsonfilter test --commit``); the decision
+        still lists it.  `trace` collects the keys written and the failure.
+        """
         try:
             self._require_started()
-            return self._process(request, commit, time.time() if now is None else now)
+            return self._process(request, commit, time.time() if now is None else now, outbox, trace)
         except Exception as exc:  # noqa: BLE001 -- the contract: never raise, tempfail instead
-            log.error(
-                "queue_id=%s tempfail: %s: %s", request.queue_id or "-", type(exc).__name__, exc
-            )
+            self._log_failure(f"queue_id={request.queue_id or '-'}", exc, trace)
             return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}")
 
-    def _process(self, request: MailRequest, commit: bool, now: float) -> Decision:
+    def _log_failure(self, prefix: str, exc: BaseException, trace: Trace | None) -> str:
+        """Log one ERROR line naming where `exc` happened, the traceback at DEBUG; return the line's tail."""
+        where = describe_failure(exc, self.settings.get("APP_DIR"))
+        log.error("%s tempfail: %s", prefix, where)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s traceback:\n%s", prefix, format_traceback(exc))
+        if trace is not None:
+            trace.error = exc
+        return where
+
+    def _process(self, request: MailRequest, commit: bool, now: float, outbox: bool = True,
+                 trace: Trace | None = None) -> Decision:
         routed: list[tuple[str, RouteMatch]] = []
         fixed: dict[str, Outcome] = {}
         for rcpt in request.recipients:
@@ -202,8 +243,10 @@ class App:
                 )
             return Decision(tuple(fixed[r] for r in request.recipients), notes=("mail loop: handlers not run",))
         for attempt in range(CONFLICT_RETRIES):
+            if trace is not None:
+                trace.reset()
             try:
-                return self._run_handlers(request, routed, fixed, commit, now)
+                return self._run_handlers(request, routed, fixed, commit, now, outbox, trace)
             except ConflictError:
                 log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
         raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
@@ -215,13 +258,15 @@ class App:
         fixed: dict[str, Outcome],
         commit: bool,
         now: float,
+        outbox: bool = True,
+        trace: Trace | None = None,
     ) -> Decision:
         changes = MessageChanges()
         outcomes = dict(fixed)
         current: Context | None = None
         replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
         try:
-            with _LazyTransaction(self.storage, commit, replay_key, request.deadline) as tx:
+            with LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -235,11 +280,11 @@ class App:
                     outbox=tuple(changes.outbox),
                     notes=tuple(changes.notes),
                 )
-                if commit and changes.outbox:
+                if commit and outbox and changes.outbox:
                     tx.add_outbox(changes.outbox)
                 if commit and replay_key is not None and tx.opened:  # a decision with side effects
-                    tx.set(replay_key, "DONE", {**decision.to_record(), "at": now})
-        except _Replayed as replayed:  # a retry of a message whose decision committed
+                    tx.set(replay_key, "DONE", {**decision.to_record(), "at": now}, bookkeeping=True)
+        except Replayed as replayed:  # a retry of a message whose decision committed
             log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
                      request.queue_id or "-", request.replay_key)
             done = replayed.decision
@@ -258,14 +303,13 @@ class App:
             )
         except Exception as exc:
             where = _where(current) if current else "-"
-            log.error(
-                "queue_id=%s handler=%s rcpt=%s tempfail: %s: %s",
-                request.queue_id or "-", where, current.recipient if current else "-",
-                type(exc).__name__, exc,
+            line = self._log_failure(
+                f"queue_id={request.queue_id or '-'} handler={where} rcpt={current.recipient if current else '-'}",
+                exc, trace,
             )
             if current is not None and ERROR in current.handler.states and current.key:
                 self._move_to_error(current, commit)
-            return Decision.tempfail(request.recipients, f"{where}: {type(exc).__name__}: {exc}")
+            return Decision.tempfail(request.recipients, f"{where}: {line}")
         return decision
 
     def _run_state(self, ctx: Context, target: RouteTarget, match: RouteMatch, tx: Any) -> Outcome:
@@ -349,88 +393,6 @@ def _where(ctx: Context) -> str:
     if func is not None and is_stateless(func):
         return f"{ctx.handler.name}.{target.function}"
     return f"{ctx.handler.name}.{ctx.state}"
-
-
-class DeadlinePassed(Exception):
-    """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
-
-
-class _Replayed(Exception):
-    """The replay key has a committed decision: use it, run nothing (raised by `_LazyTransaction`)."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__("decision replayed")
-        self.decision = decision
-
-
-class _LazyTransaction:
-    """The state transaction of one message, opened only when a handler first needs it.
-
-    Mail whose handlers touch neither state nor the outbox (a stateless
-    route that adds a header, say) costs no database round trip at all; its
-    decision has no side effects, so running it again on a retry is harmless
-    and no replay record is kept.  When the transaction does open, the
-    replay record is looked up *first*: if this message's decision was
-    already committed, `_Replayed` aborts the run before anything the
-    handlers did can be committed a second time (R13, M4).
-    """
-
-    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None,
-                 deadline: float | None = None) -> None:
-        self._storage = storage
-        self._commit = commit
-        self._replay_key = replay_key
-        self._deadline = deadline
-        self._cm: Any = None
-        self._tx: Any = None
-
-    @property
-    def opened(self) -> bool:
-        return self._tx is not None
-
-    def _open(self) -> Any:
-        if self._tx is None:
-            cm = self._storage.transaction(commit=self._commit)
-            tx = cm.__enter__()
-            self._cm, self._tx = cm, tx
-            if self._replay_key is not None:
-                done = tx.get(self._replay_key)
-                if done is not None:
-                    raise _Replayed(Decision.from_record(done.data))
-        return self._tx
-
-    def __enter__(self) -> _LazyTransaction:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
-        if self._cm is None:
-            return None
-        cm, self._cm = self._cm, None
-        if exc_type is None and self._deadline is not None and time.monotonic() > self._deadline:
-            # the transport answered 4xx already: the MTA sends the message again, so
-            # nothing of this run may be committed (no reply for a message not accepted)
-            late = DeadlinePassed("the transport's deadline passed before the commit; rolled back")
-            cm.__exit__(DeadlinePassed, late, None)
-            raise late
-        return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
-
-    def get(self, key: str) -> StateRecord | None:
-        return self._open().get(key)  # type: ignore[no-any-return]
-
-    def set(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
-        self._open().set(key, state, data)
-
-    def clear(self, key: str) -> None:
-        self._open().clear(key)
-
-    def find(self, prefix: str, state: str | None = None) -> list[tuple[str, StateRecord]]:
-        return self._open().find(prefix, state)  # type: ignore[no-any-return]
-
-    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        self._open().add_outbox(messages)
-
-    def claim(self, token: str) -> bool:
-        return self._open().claim(token)  # type: ignore[no-any-return]
 
 
 class _HandlerTempfail(Exception):

@@ -4,6 +4,7 @@
     lamsonfilter routes --app DIR [--test ADDRESS]   the routes, and who gets ADDRESS
     lamsonfilter gen NAME                            a new application skeleton
     lamsonfilter db init --app DIR                   create the state schema
+    lamsonfilter state list|show --app DIR ...       the state of keys (lamsonfilter.statecmd)
 
 Every command that loads an application refuses bad configuration at once,
 with a message naming the file and setting, and exits with status 2.
@@ -11,7 +12,6 @@ with a message naming the file and setting, and exits with status 2.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import re
@@ -23,11 +23,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .actions import milter_plan
 from .app import App, StartupError
-from .decisions import Decision
 from .mail import AddressError, MailRequest
-from .reinjection import reinjection_plan
 from .state import MemoryStorage, SchemaMissingError, StateStorage, StorageError
 
 __all__ = ["main"]
@@ -82,36 +79,6 @@ def main(verbose: int) -> None:
 
 
 # ---------------------------------------------------------------- test (dry run)
-def _sources(paths: tuple[Path, ...]) -> list[Path | None]:
-    """The messages to read, in order: files, the files of directories and Maildirs, None for stdin.
-
-    Only names are listed here; each message is read when its turn comes
-    (`_read`), so a Maildir of 100,000 messages is never in memory at once.
-    """
-    if not paths:
-        return [None]
-    out: list[Path | None] = []
-    for path in paths:
-        if str(path) == "-":
-            out.append(None)
-        elif path.is_dir():
-            subdirs = [path / d for d in ("new", "cur")] if (path / "cur").is_dir() else [path]
-            out.extend(sorted(f for d in subdirs if d.is_dir() for f in d.iterdir() if f.is_file()))
-        else:
-            out.append(path)
-    return out
-
-
-def _read(source: Path | None) -> tuple[str, bytes | Exception]:
-    """(name, raw bytes or the error reading it)."""
-    if source is None:
-        return "<stdin>", sys.stdin.buffer.read()
-    try:
-        return str(source), source.read_bytes()
-    except OSError as exc:
-        return str(source), exc
-
-
 #: A header field at the start of a message (RFC 5322 §2.2: printable ASCII but ':' in the name).
 _FIRST_FIELD = re.compile(rb"\A(?:From [^\r\n]*\r?\n)?[!-9;-~]+[ \t]*:")
 
@@ -169,7 +136,9 @@ def _with_app_dir(text: str, app_dir: Path) -> str:
 @click.option("--sender", help="Envelope sender (MAIL FROM). Default: Return-Path, else From. Use '' for <>.")
 @click.option("--rcpt", multiple=True, help="Envelope recipient (RCPT TO); repeat for several. Default: To, Cc, Bcc.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts.")
-@click.option("--commit", is_flag=True, help="Commit state changes and the outbox (default: read state, change nothing).")
+@click.option("--commit", is_flag=True,
+              help="Commit the state changes (default: read state, change nothing).  The outbox is never "
+                   "stored, so no daemon on this database will ever send it.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary (and errors).")
 @_database_option
 def test_cmd(
@@ -178,85 +147,98 @@ def test_cmd(
 ) -> None:
     """Dry run: show what the application would do with each message.
 
-    MESSAGES are files, directories of files, or Maildirs; with none, one
-    message is read from standard input.  For each recipient: the route,
-    the state before and after, the outcome; then the decision as milter
-    actions and as what the content filter would do, header changes as a
-    diff, and the rendered outbox.  Nothing is changed or sent unless
-    --commit is given (and even then nothing is sent).
+    MESSAGES are files, directories of files, Maildirs or mbox files (one
+    message per From_ line); with none, standard input.  For each
+    recipient: the route, the state before and after, the outcome; then the
+    decision as milter actions and as what the content filter would do,
+    header changes as a diff, every state key the handlers wrote, and the
+    rendered outbox.  A handler that failed is shown with its file and line
+    (the traceback with lamsonfilter -v test).
+
+    Nothing is ever sent.  Nothing is changed unless --commit is given;
+    --commit commits the state only: the outbox is not stored, so a daemon
+    started later on the same database sends none of it.
 
     Input that is not a mail message (empty, NUL bytes, no header at the
     start) is refused, naming the file; a message with no usable From (and
     no Return-Path) gets a warning, since its sender becomes <>.
 
     Exit status: 0 when every message was handled, 1 when a handler failed
-    or a message could not be read, 2 for bad usage or configuration.
+    or a message could not be read, 2 for bad usage or configuration
+    (including a directory with no messages and a --rcpt that is not an address).
     """
+    from .diagnostics import Trace
+    from .dryrun import STDIN_HINT, DryRunInputError, as_json as json_of, check_address, list_sources
+    from .dryrun import read_messages, report, routes_of
+
+    for value in rcpt:
+        why_not = check_address(value, "--rcpt")
+        if why_not:
+            _fail(why_not)
+    if sender is not None and (why_not := check_address(sender, "--sender", allow_null=True)):
+        _fail(why_not)
+    try:
+        sources = list_sources(messages)
+    except DryRunInputError as exc:
+        _fail(str(exc))
+        return
     overrides = {"DATABASE_URL": database}
     storage, note = _dry_run_storage(app_dir, overrides, commit)
     app = _load(app_dir, overrides, storage=storage)
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    sources = _sources(messages)
+    if sources == [None] and sys.stdin.isatty():
+        click.echo(f"lamsonfilter: {STDIN_HINT}", err=True)
+    verbose = int(click.get_current_context().find_root().params.get("verbose") or 0)
     show_bar = len(sources) > 1 and not as_json and sys.stderr.isatty()
     kinds: Counter[str] = Counter()
-    replies = errors = 0
+    count = replies = errors = 0
     with click.progressbar(sources, label="messages", file=sys.stderr) if show_bar else _nullbar(sources) as bar:
-        for index, source in enumerate(bar, 1):
-            name, raw = _read(source)
-            if isinstance(raw, Exception):
-                errors += 1
-                _emit_error(name, f"cannot read: {raw}", as_json)
-                continue
-            why = _not_a_message(raw)
-            if why is not None:
-                errors += 1
-                _emit_error(name, f"not a mail message: {why}", as_json)
-                continue
-            try:
-                request = MailRequest.from_bytes(
-                    raw, sender=sender, recipients=rcpt or None,
-                )
-            except AddressError as exc:
-                errors += 1
-                _emit_error(name, f"bad envelope address: {exc}", as_json)
-                continue
-            if not request.recipients:
-                errors += 1
-                _emit_error(name, "no recipients: give --rcpt (the message has no To, Cc or Bcc)", as_json)
-                continue
-            if sender is None and not request.sender and not _RETURN_PATH.search(request.header_block):
-                click.echo(f"lamsonfilter: warning: {name}: no usable From (and no Return-Path): "
-                           "the sender is <>, as for a bounce; give --sender to choose one", err=True)
-            decision = app.process(request, commit=commit)
-            kinds[decision.kind] += 1
-            replies += len(decision.outbox)
-            if decision.error:
-                errors += 1
-            routes = _routes_of(app, decision)
-            if as_json:
-                click.echo(json.dumps(_as_json(name, request, decision, routes), sort_keys=True))
-            elif not quiet:
-                click.echo(_report(index, name, request, decision, commit, routes))
-    if not as_json and len(sources) > 1 or quiet:
+        for source in bar:
+            for name, raw in read_messages(source):
+                count += 1
+                if isinstance(raw, Exception):
+                    errors += 1
+                    _emit_error(name, f"cannot read: {raw}", as_json)
+                    continue
+                why = _not_a_message(raw)
+                if why is not None:
+                    errors += 1
+                    _emit_error(name, f"not a mail message: {why}", as_json)
+                    continue
+                try:
+                    request = MailRequest.from_bytes(
+                        raw, sender=sender, recipients=rcpt or None,
+                    )
+                except AddressError as exc:
+                    errors += 1
+                    _emit_error(name, f"bad envelope address: {exc}", as_json)
+                    continue
+                if not request.recipients:
+                    errors += 1
+                    _emit_error(name, "no recipients: give --rcpt (the message has no To, Cc or Bcc)", as_json)
+                    continue
+                if sender is None and not request.sender and not _RETURN_PATH.search(request.header_block):
+                    click.echo(f"lamsonfilter: warning: {name}: no usable From (and no Return-Path): "
+                               "the sender is <>, as for a bounce; give --sender to choose one", err=True)
+                trace = Trace()
+                decision = app.process(request, commit=commit, outbox=False, trace=trace)
+                kinds[decision.kind] += 1
+                replies += len(decision.outbox)
+                if decision.error:
+                    errors += 1
+                routes = routes_of(app, decision)
+                if as_json:
+                    click.echo(json.dumps(json_of(name, request, decision, routes, trace, commit), sort_keys=True))
+                elif not quiet:
+                    click.echo(report(count, name, request, decision, commit, routes, trace, verbose))
+    if not as_json and count > 1 or quiet:
         summary = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
         click.echo(
-            f"summary: {len(sources)} message(s); decisions: {summary}; "
+            f"summary: {count} message(s); decisions: {summary}; "
             f"outbox: {replies} message(s); errors: {errors}"
         )
     sys.exit(1 if errors else 0)
-
-
-def _routes_of(app: App, decision: Decision) -> dict[str, str]:
-    """The route of each recipient: the outcome's, else the one that matched (a failed handler's
-    tempfail outcome carries none)."""
-    out = {}
-    for o in decision.outcomes:
-        match = None if o.route else app.match(o.recipient)
-        route = o.route or (str(match.route) if match is not None else "")
-        if route:
-            out[o.recipient] = route
-    return out
 
 
 class _nullbar:
@@ -275,108 +257,6 @@ def _emit_error(name: str, text: str, as_json: bool) -> None:
         click.echo(json.dumps({"file": name, "error": text}, sort_keys=True))
     else:
         click.echo(f"lamsonfilter: {name}: {text}", err=True)
-
-
-def _as_json(name: str, request: MailRequest, decision: Decision,
-             routes: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "file": name,
-        "envelope": {"sender": request.sender, "recipients": list(request.recipients),
-                     "queue_id": request.queue_id},
-        "decision": decision.kind,
-        "recipients": [
-            {"recipient": o.recipient, "route": o.route or (routes or {}).get(o.recipient), "handler": o.handler,
-             "state_before": o.state_before, "state_after": o.state_after,
-             "action": o.action.value, "reply": o.reply if o.code else None,
-             "redirect_to": list(o.redirect_to)}
-            for o in decision.outcomes
-        ],
-        "header_changes": [
-            {"op": h.op, "name": h.name, "value": h.value, "index": h.index} for h in decision.header_changes
-        ],
-        "body_replaced": decision.body is not None,
-        "sender_changed_to": decision.sender,
-        "quarantine": decision.quarantine,
-        "outbox": len(decision.outbox),
-        "outbox_messages": [
-            {"kind": m.kind, "sender": m.sender, "recipients": list(m.recipients), "size": len(m.raw)}
-            for m in decision.outbox
-        ],
-        "milter": str(milter_plan(decision, request)),
-        "content_filter": str(reinjection_plan(decision, request)),
-        "defects": list(request.defects),
-        "notes": list(decision.notes),
-        "error": decision.error,
-    }
-
-
-def _report(index: int, name: str, request: MailRequest, decision: Decision, commit: bool,
-            routes: dict[str, str] | None = None) -> str:
-    out: list[str] = []
-    add = out.append
-    add(f"=== message {index}: {name}")
-    add(f"envelope:  MAIL FROM:<{request.sender}>  RCPT TO:"
-        + " ".join(f"<{r}>" for r in request.recipients))
-    subject = request.header("Subject")
-    if subject:
-        add(f"subject:   {subject}")
-    if request.defects:
-        add(f"defects:   {', '.join(sorted(set(request.defects)))}"
-            + ("  (ambiguous MIME)" if request.ambiguous_mime else ""))
-    for o in decision.outcomes:
-        add(f"recipient: {o.recipient}")
-        add(f"  route:   {o.route or (routes or {}).get(o.recipient) or '(none)'}")
-        if o.handler:
-            add(f"  state:   {o.state_before} -> {o.state_after}" if o.state_before else "  state:   (stateless)")
-        what = o.action.value
-        if o.code:
-            what += f" ({o.reply})"
-        if o.redirect_to:
-            what += " to " + ", ".join(o.redirect_to)
-        add(f"  outcome: {what}")
-    add(f"decision:  {decision.kind}" + (f"  error: {decision.error}" if decision.error else ""))
-    mp = milter_plan(decision, request)
-    add(f"milter:    {mp}")
-    add(f"content filter: {reinjection_plan(decision, request)}")
-    for n in (*decision.notes, *mp.notes):
-        add(f"note:      {n}")
-    if decision.changes_message:
-        before = request.header_block.decode("utf-8", "replace").splitlines()
-        after_raw = decision.apply(request.raw)
-        after = MailRequest(request.envelope, after_raw).header_block.decode("utf-8", "replace").splitlines()
-        diff = list(difflib.unified_diff(before, after, "headers before", "headers after", lineterm="", n=0))
-        add("header changes:")
-        out.extend("  " + line for line in diff)
-        if decision.body is not None:
-            add(f"  body replaced ({len(decision.body)} bytes)")
-    if decision.sender is not None:
-        add(f"sender changed to: <{decision.sender}>")
-    add(f"outbox:    {len(decision.outbox)} message(s)" + ("" if commit or not decision.outbox else " (not sent: dry run)"))
-    for i, m in enumerate(decision.outbox, 1):
-        add(f"  --- {i}: {m.kind}, MAIL FROM:<{m.sender}> RCPT TO:" + " ".join(f"<{r}>" for r in m.recipients))
-        out.extend("  | " + line for line in _readable(m.raw).splitlines())
-    return "\n".join(out) + "\n"
-
-
-def _readable(raw: bytes) -> str:
-    """An outbox message for people: headers decoded, text parts decoded, attachments named."""
-    from .testing import parse
-
-    msg = parse(raw)
-    lines = [f"{k}: {v}" for k, v in msg.items()]
-    lines.append("")
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        if part.get_content_maintype() == "text" and not part.get_filename():
-            try:
-                lines.append(part.get_content().rstrip("\n"))
-            except (LookupError, ValueError):
-                payload = part.get_payload(decode=True)
-                lines.append(payload.decode("utf-8", "replace") if isinstance(payload, bytes) else "")
-        else:
-            lines.append(f"[{part.get_content_type()} {part.get_filename() or ''}]")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- routes
@@ -830,6 +710,15 @@ def smtpproxy_cmd(
         sys.exit(serve(config))
     except (StartupError, StorageError) as exc:
         _fail(str(exc))
+
+
+def _add_state_command() -> None:
+    from .statecmd import state_cmd
+
+    main.add_command(state_cmd)
+
+
+_add_state_command()
 
 
 if __name__ == "__main__":  # pragma: no cover

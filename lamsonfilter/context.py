@@ -185,20 +185,24 @@ class Context:
     ) -> bool:
         """Queue an automatic reply to the envelope sender, from this recipient.
 
-        Returns False (and records why in the decision's notes) when the
-        guards refuse: the sender is ``<>`` or a daemon, the message is a
-        bounce, a list or bulk message, an auto-reply, mail lamsonfilter
-        generated, or the sender already had its share of replies this
-        period.  The reply comes From `from_addr` (default: this recipient)
-        and goes out with envelope sender `sender` (default ``<>``).  A reply whose headers would carry CR/LF (a hostile Subject
-        copied into the reply) is refused the same way, never sent.
+        Returns True when the reply is queued, and False (recording why in
+        the decision's notes) when the guards refuse: the sender is ``<>``
+        or a daemon, the message is a bounce, a list or bulk message, an
+        auto-reply, mail lamsonfilter generated, or the sender already had
+        its share of replies this period (the handler's reply limit:
+        ``Handler(replies="service"|"responder")``, ``REPLY_LIMIT``).  A
+        handler whose next state depends on the reply arriving (a token it
+        mails) checks the result, or asks `can_reply` first.  The reply
+        comes From `from_addr` (default: this recipient) and goes out with
+        envelope sender `sender` (default ``<>``).  A reply whose headers
+        would carry CR/LF (a hostile Subject copied into the reply) is
+        refused the same way, never sent.
         """
-        refusal = autoreply_refusal(self.request)
-        if refusal is None and not _one_mailbox(self.sender):
-            refusal = "the envelope sender is not one mailbox a To header can name"
+        refusal = self.reply_refusal(count_limits=False)
         if refusal is None:
             to_addr = self.sender
-            if not self.app.reply_limit.allow(self._tx, to_addr, self.now, responder=self.handler.name):
+            if not self.app.reply_limit_for(self.handler).allow(self._tx, to_addr, self.now,
+                                                                 responder=self.handler.name):
                 refusal = f"reply rate limit reached for {to_addr}"
             elif not self.app.reply_budget.allow(to_addr, self.now):
                 refusal = "the reply budget of this minute is spent (REPLY_BUDGET)"
@@ -232,6 +236,32 @@ class Context:
             return False
         self._queue(response, sender=sender if sender is not None else "", recipients=(self.sender,), kind="reply")
         return True
+
+    def reply_refusal(self, *, count_limits: bool = True) -> str | None:
+        """Why an automatic reply to this message would not be sent now, or None if it would.
+
+        Asks the same guards as `reply`, including the reply limit and the
+        budget (unless `count_limits` is False), but counts nothing.
+        """
+        refusal = autoreply_refusal(self.request)
+        if refusal is None and not _one_mailbox(self.sender):
+            refusal = "the envelope sender is not one mailbox a To header can name"
+        if refusal is None and count_limits:
+            limit = self.app.reply_limit_for(self.handler)
+            if not limit.would_allow(self._tx, self.sender, self.now, responder=self.handler.name):
+                refusal = f"reply rate limit reached for {self.sender}"
+            elif not self.app.reply_budget.would_allow(self.sender, self.now):
+                refusal = "the reply budget of this minute is spent (REPLY_BUDGET)"
+        return refusal
+
+    def can_reply(self) -> bool:
+        """True when `reply` would send a reply now (see `reply_refusal` for why not)."""
+        return self.reply_refusal() is None
+
+    def note(self, text: str) -> None:
+        """Add a line to the decision's notes (shown by the dry run, logged at INFO)."""
+        check_header_value("X-Note", text)
+        self._note(text)
 
     def respond(self, template: str, **headers: str) -> Response:
         """Render `template` into a `Response` with the given headers (To, From, Subject...)."""

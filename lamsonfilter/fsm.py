@@ -102,6 +102,14 @@ class Handler:
     the key (default: sender and recipient, lower-cased).  `default_action`
     is the fate of a recipient whose state function chose none: ``drop``
     (the application consumed the mail, Lamson's model) or ``deliver``.
+
+    `replies` says what kind of automatic replies (``ctx.reply``) the
+    handler sends, which sets how many a sender may get
+    (`lamsonfilter.guards.REPLY_KINDS`, overridable with ``REPLY_LIMIT``):
+    ``"service"`` (the default: it answers requests, such as confirmations
+    or tickets; 10 per hour per sender) or ``"responder"`` (it answers on a
+    person's behalf, such as a vacation notice; one per sender per 7 days,
+    as RFC 3834 asks).
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class Handler:
         name: str,
         key: KeyFunction | None = None,
         default_action: str = "drop",
+        replies: str = "service",
     ) -> None:
         if not name or ":" in name:
             raise HandlerError(f"handler name {name!r}: must be non-empty and contain no ':'")
@@ -116,7 +125,10 @@ class Handler:
             raise HandlerError("handler name 'lamsonfilter' is reserved for the framework's own state keys")
         if default_action not in ("drop", "deliver"):
             raise HandlerError(f"handler {name}: default_action must be 'drop' or 'deliver'")
+        if replies not in ("service", "responder"):
+            raise HandlerError(f"handler {name}: replies must be 'service' or 'responder', not {replies!r}")
         self.name = name
+        self.replies = replies
         self.key_function = key
         self.default_action = default_action
         self.states: dict[str, StateFunction] = {}

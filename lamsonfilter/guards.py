@@ -184,6 +184,17 @@ def reply_headers(request: MailRequest) -> dict[str, str]:
     return headers
 
 
+#: The reply limit of each kind of handler, ``Handler(replies=KIND)``: (replies, seconds) per
+#: (handler, sender).  A **service** answers requests -- confirmations, tickets, "help" -- and the
+#: person who wrote is waiting for each answer, so several an hour go out (the per-minute
+#: `ReplyBudget` still caps a flood of forged senders).  A **responder** answers on a person's
+#: behalf (a vacation notice); RFC 3834 §2 asks for one reply per sender per 7 days at most.
+REPLY_KINDS: dict[str, tuple[int, float]] = {
+    "service": (10, 3600.0),
+    "responder": (1, 7 * 24 * 3600.0),
+}
+
+
 class ReplyRateLimit:
     """At most `limit` automatic replies per sender per `period_seconds`.
 
@@ -230,13 +241,24 @@ class ReplyRateLimit:
         if not sender.strip():
             return False
         key = self.key(sender, responder)
-        start, count = self._window(tx.get(key))
-        if start is None or abs(now - start) >= self.period:
-            start, count = now, 0
+        start, count = self._current(tx, key, now)
         if count >= self.limit:
             return False
         tx.set(key, self.STATE, {"start": start, "count": count + 1})
         return True
+
+    def would_allow(self, tx: StateTransaction, sender: str, now: float, responder: str = "") -> bool:
+        """Whether `allow` would let a reply go now, counting nothing (``Context.can_reply``)."""
+        if not sender.strip():
+            return False
+        return self._current(tx, self.key(sender, responder), now)[1] < self.limit
+
+    def _current(self, tx: StateTransaction, key: str, now: float) -> tuple[float, int]:
+        """(window start, replies in it) as of `now`: a new window when the old one is over."""
+        start, count = self._window(tx.get(key))
+        if start is None or abs(now - start) >= self.period:
+            return now, 0
+        return start, count
 
     def _window(self, record: Any) -> tuple[float | None, int]:
         if record is None or record.state != self.STATE:
@@ -284,6 +306,15 @@ class ReplyBudget:
             self._total += 1
             self._domains[domain] = self._domains.get(domain, 0) + 1
             return True
+
+    def would_allow(self, recipient: str, now: float) -> bool:
+        """Whether `allow` would say yes now, counting nothing."""
+        minute = int(now // 60)
+        domain = recipient.rpartition("@")[2].lower()
+        with self._lock:
+            if minute > self._minute or minute < self._minute - 1:
+                return True
+            return self._total < self.per_minute and self._domains.get(domain, 0) < self.per_domain
 
     def __repr__(self) -> str:
         return f"ReplyBudget({self.per_minute}, {self.per_domain})"

@@ -27,7 +27,9 @@ DATABASE_URL       SQLAlchemy URL of the state store; ``memory:``   ``sqlite:///
                    relative SQLite paths are relative to the app
 RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1:10026``
 TEMPLATES          template directories, relative to the app        ``["app/templates"]``
-REPLY_LIMIT        (replies, seconds) per handler and sender        ``(1, 604800)``: RFC 3834
+REPLY_LIMIT        (replies, seconds) per handler and sender: a     by the handler's kind:
+                   pair for every handler, or a dict by handler     ``service`` (10, 3600),
+                   name or kind (``Handler(replies=...)``)          ``responder`` (1, 604800)
 REPLY_BUDGET       (replies, replies to one domain) per minute      ``(300, 30)``
 MAX_HOPS           Received: headers before a loop is assumed       ``30``
                    (below Postfix's hopcount_limit of 50)
@@ -39,10 +41,18 @@ POISON_LIMIT       content filter: attempts at one message that     ``5``
                    crashed or timed out before it is quarantined
                    (``0``: never; reliability R15, lamsonfilter.poison)
 =================  ===============================================  ==========================
+
+Names in capitals are settings.  An application may add its own (the
+example list has ``LISTS``); a name that is close to one of lamsonfilter's
+(``HANDLRES``, ``REPLY_LIMITS``, ``Hosts``) is refused at start-up with
+"did you mean HANDLERS?", because a misspelt setting would otherwise be
+ignored in silence.  An application setting that must have such a name is
+listed in ``OWN_SETTINGS = ["HOST"]``.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -54,7 +64,7 @@ from typing import Any, Mapping
 
 from .app import App, StartupError
 from .fsm import Handler
-from .guards import ReplyBudget, ReplyRateLimit
+from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .state import MemoryStorage, SchemaMissingError, StateStorage
 from .views import Views, ViewError
 
@@ -78,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "sqlite:///var/state.db",
     "RELAY": "127.0.0.1:10026",
     "TEMPLATES": ["app/templates"],
-    "REPLY_LIMIT": (1, 7 * 24 * 3600),
+    "REPLY_LIMIT": dict(REPLY_KINDS),
     "REPLY_BUDGET": (300, 30),
     "MAX_HOPS": 30,
     "REPLAY_TTL": 7 * 24 * 3600,
@@ -102,6 +112,7 @@ def load_settings(directory: str | Path, overrides: Mapping[str, Any] | None = N
         exec(code, namespace)  # noqa: S102 -- the application's own configuration file
     except Exception as exc:
         raise SettingsError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    _refuse_misspelt_names(namespace, path)
     values = dict(DEFAULTS)
     values["NAME"] = root.name
     values.update({k: v for k, v in namespace.items() if k.isupper()})
@@ -109,6 +120,43 @@ def load_settings(directory: str | Path, overrides: Mapping[str, Any] | None = N
     values["APP_DIR"] = str(root)
     _validate(values, path)
     return values
+
+
+#: Setting names lamsonfilter reads besides `DEFAULTS`.
+OTHER_SETTINGS = ("NAME", "HANDLERS", "OWN_SETTINGS")
+
+
+def known_settings() -> list[str]:
+    """Every setting name lamsonfilter itself reads."""
+    return sorted({*DEFAULTS, *OTHER_SETTINGS})
+
+
+def _refuse_misspelt_names(namespace: Mapping[str, Any], path: Path) -> None:
+    """Refuse a name in capitals that is not a setting but close to one (``HANDLRES``).
+
+    Names far from every setting are the application's own (``LISTS``);
+    names the application lists in ``OWN_SETTINGS`` are never refused.  A
+    name in mixed case that is a setting in capitals (``Hosts``) is refused
+    too: it would be ignored.  Lower-case names are the file's own helpers.
+    """
+    known = known_settings()
+    own = namespace.get("OWN_SETTINGS", ())
+    if isinstance(own, str) or not isinstance(own, (list, tuple)) or not all(isinstance(x, str) for x in own):
+        raise SettingsError(f"{path}: OWN_SETTINGS must be a list of setting names, not {own!r}")
+    for name in namespace:
+        if name.startswith("_") or name in known or name in own:
+            continue
+        if not name.isupper():
+            if not name.islower() and name.upper() in known:  # "Hosts"; "hosts" is a helper variable
+                raise SettingsError(f"{path}: {name} is not a setting (settings are in capitals); "
+                                    f"did you mean {name.upper()}?")
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:
+            raise SettingsError(
+                f"{path}: unknown setting {name}; did you mean {close[0]}? "
+                f"(if {name} is the application's own, list it in OWN_SETTINGS)"
+            )
 
 
 def _validate(values: dict[str, Any], path: Path) -> None:
@@ -138,8 +186,14 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         except ValueError as exc:
             fail("METRICS", str(exc))
     rl = values["REPLY_LIMIT"]
-    if not (isinstance(rl, (list, tuple)) and len(rl) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in rl)):
-        fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, not {rl!r}")
+    for what, pair in (rl.items() if isinstance(rl, dict) else [("", rl)]):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)):
+            fail("REPLY_LIMIT", f"must be (replies, seconds) with positive numbers, or a dict of them by "
+                                f"handler name or kind (service, responder), not {pair!r}"
+                                + (f" for {what!r}" if what else ""))
+        if what and not isinstance(what, str):
+            fail("REPLY_LIMIT", f"keys are handler names or kinds (service, responder), not {what!r}")
     rb = values["REPLY_BUDGET"]
     if not (isinstance(rb, (list, tuple)) and len(rb) == 2 and all(isinstance(x, int) and x > 0 for x in rb)):
         fail("REPLY_BUDGET", f"must be (replies per minute, replies per minute to one domain), not {rb!r}")
@@ -275,7 +329,7 @@ def load_app(
                 f"the state database {missing} does not exist yet; run `lamsonfilter db init --app {root}`"
             )
         storage = make_storage(settings["DATABASE_URL"], root)
-    limit, period = settings["REPLY_LIMIT"]
+    reply_limit, reply_limits = _reply_limits(settings["REPLY_LIMIT"], handlers)
     app = App(
         name=settings["NAME"],
         hosts=settings["HOSTS"],
@@ -284,8 +338,26 @@ def load_app(
         views=views,
         route_defaults=route_defaults,
         settings=settings,
-        reply_limit=ReplyRateLimit(int(limit), float(period)),
+        reply_limit=reply_limit,
+        reply_limits=reply_limits,
         reply_budget=ReplyBudget(*settings["REPLY_BUDGET"]),
         max_hops=settings["MAX_HOPS"],
     )
     return app.start()
+
+
+def _reply_limits(
+    setting: Any, handlers: list[Handler]
+) -> tuple[ReplyRateLimit | None, dict[str, ReplyRateLimit]]:
+    """REPLY_LIMIT as (one limit for every handler, limits by handler name or kind)."""
+    if not isinstance(setting, dict):
+        limit, period = setting
+        return ReplyRateLimit(int(limit), float(period)), {}
+    names = {h.name for h in handlers} | set(REPLY_KINDS)
+    for key in setting:
+        if key not in names:
+            raise SettingsError(
+                f"REPLY_LIMIT names {key!r}, which is neither a handler of this application "
+                f"({', '.join(sorted(h.name for h in handlers))}) nor a kind (service, responder)"
+            )
+    return None, {key: ReplyRateLimit(int(n), float(period)) for key, (n, period) in setting.items()}

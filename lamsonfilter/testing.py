@@ -11,8 +11,16 @@
 
 No server, no socket: `AppTester.send` builds a message, runs
 `App.process` exactly as the transports do, and returns a `Result` to
-assert on (routes, states, decision, outbox).  State is committed, so a
-conversation continues across calls; the clock only moves when you say so.
+assert on (routes, states, decision, outbox, the state keys written).
+State is committed, so a conversation continues across calls; the clock
+only moves when you say so.
+
+A handler that raises makes `send` raise that exception, with its
+traceback, so a test fails where the bug is.  (The daemons turn it into a
+``451 4.3.0`` tempfail.)  To see that tempfail instead, as the MTA would::
+
+    r = t.send(sender, rcpt, expect_tempfail=True)       # or AppTester(..., raise_errors=False)
+    assert r.decision.is_tempfail and isinstance(r.error, KeyError)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any, Iterable, Mapping
 
 from .app import App
 from .decisions import Action, Decision, OutboxMessage, Outcome
+from .diagnostics import StateWrite, Trace
 from .mail import POLICY, MailRequest
 from .state import MemoryStorage, StateStorage
 from .views import _verify_serialised
@@ -74,6 +83,17 @@ class Result:
 
     request: MailRequest
     decision: Decision
+    trace: Trace | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception a handler raised (the decision is then a tempfail), or None."""
+        return self.trace.error if self.trace is not None else None
+
+    @property
+    def writes(self) -> list[StateWrite]:
+        """Every state key this message wrote (its own, `ctx.set_state`, claims, rate counters)."""
+        return list(self.trace.writes) if self.trace is not None else []
 
     def outcome(self, recipient: str | None = None) -> Outcome:
         """The outcome for `recipient` (or the only one)."""
@@ -123,11 +143,17 @@ class Result:
 
 
 class AppTester:
-    """Drive an `App` in process with a clock you control."""
+    """Drive an `App` in process with a clock you control.
 
-    def __init__(self, app: App, now: float | None = None) -> None:
+    `raise_errors` (default True): a handler's exception is raised from
+    `send`; False returns the tempfail `Result` instead (its `Result.error`
+    is the exception).
+    """
+
+    def __init__(self, app: App, now: float | None = None, *, raise_errors: bool = True) -> None:
         self.app = app
         self.now = time.time() if now is None else now
+        self.raise_errors = raise_errors
         self.results: list[Result] = []
 
     @classmethod
@@ -137,12 +163,14 @@ class AppTester:
         storage: StateStorage | None = None,
         overrides: Mapping[str, Any] | None = None,
         now: float | None = None,
+        *,
+        raise_errors: bool = True,
     ) -> "AppTester":
         """Load an application directory with in-memory state (or the given storage)."""
         from .settings import load_app
 
         app = load_app(directory, overrides, storage=storage if storage is not None else MemoryStorage())
-        return cls(app, now)
+        return cls(app, now, raise_errors=raise_errors)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -158,14 +186,23 @@ class AppTester:
         raw: bytes | None = None,
         queue_id: str | None = None,
         commit: bool = True,
+        expect_tempfail: bool = False,
     ) -> Result:
-        """Process one message from `sender` to `to` (a raw message may be given instead)."""
+        """Process one message from `sender` to `to` (a raw message may be given instead).
+
+        Raises the handler's exception when one raised, unless
+        `expect_tempfail` (or ``raise_errors=False``): then the result is
+        the tempfail decision the MTA would get.
+        """
         rcpts = (to,) if isinstance(to, str) else tuple(to)
         if raw is None:
             raw = make_message(sender, rcpts, subject, body, headers)
         request = MailRequest.from_bytes(raw, sender=sender, recipients=rcpts, queue_id=queue_id)
-        result = Result(request, self.app.process(request, commit=commit, now=self.now))
+        trace = Trace()
+        result = Result(request, self.app.process(request, commit=commit, now=self.now, trace=trace), trace)
         self.results.append(result)
+        if trace.error is not None and self.raise_errors and not expect_tempfail:
+            raise trace.error
         return result
 
     def state(self, handler: str, key: str) -> str | None:

@@ -153,14 +153,15 @@ def test_a_returned_name_that_is_no_state_is_app006(tmp_path):
     app = _example_copy(
         tmp_path,
         ("        return MEMBER\n", "        return MEMBERX\n"),       # NameError at run time
-        ("    return START\n", '    return "STRAT"\n'),              # in the helper _leave
+        ("    return START\n", '    return "STRAT"\n'),              # in the helper _confirm_leaving
     )
     r = invoke("check", "--app", app, "--database", "memory:")
     assert r.exit_code == 1 and ids(r.output) == ["APP006"]
     lines = [l for l in r.output.splitlines() if l.startswith("APP006")]
     pending = next(l for l in lines if "state PENDING" in l)
-    assert "MEMBERX" in pending and "'STRAT'" in pending
-    assert any("state MEMBER " in l and "'STRAT'" in l for l in lines)  # through _leave
+    assert "MEMBERX" in pending
+    assert any("state MEMBER " in l and "'STRAT'" in l for l in lines)  # through _confirm_leaving
+    assert any("state DISABLED " in l and "'STRAT'" in l for l in lines)
     assert not any("MEMBERX" in l for l in lines if "state PENDING" not in l)
 
 

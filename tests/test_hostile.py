@@ -542,7 +542,9 @@ def test_forged_generated_header_does_not_skip_handling(t: AppTester) -> None:
     """L4: a forged X-Lamsonfilter-Generated header only silences the reply; the message is still handled."""
     r = t.send("eve@example.net", f"python-subscribe@{HOST}", headers={GENERATED_HEADER: "mailinglist"})
     assert_clean(r)
-    assert (r.state_before, r.state_after) == ("START", "PENDING")
+    # the handler ran (it saw no confirmation could go out, so it kept the sender in START)
+    assert r.route == "mailinglist.subscribe" and (r.state_before, r.state_after) == ("START", "START")
+    assert any("no confirmation sent" in n for n in r.decision.notes)
     assert r.outbox == ()
 
 

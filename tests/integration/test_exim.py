@@ -177,7 +177,7 @@ def test_subscribe_confirm_post_through_exim(exim_setup: tuple[EximSetup, Captur
     assert request.mail_from in ("", "<>") and request.rcpt_tos == (alice,)  # type: ignore[attr-defined]
     confirm = parseaddr(str(request.message["From"]))[1]  # type: ignore[attr-defined]
     exim.send(alice, [confirm], "count me in")
-    wait_subject("Re: count me in")
+    wait_subject(f"Welcome to python@{LIST_HOST}")
     exim.send(alice, [f"python@{LIST_HOST}"], "first post", "to the list\n")
     post = wait_subject("first post")
     assert post.rcpt_tos == (alice,)  # type: ignore[attr-defined]

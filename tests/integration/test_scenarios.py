@@ -81,7 +81,7 @@ def join(dep: Deployment, member: str) -> None:
     """Subscribe and confirm; the welcome message must arrive."""
     confirm = subscribe(dep, member)
     dep.assert_accepted(dep.send(member, [confirm], "count me in", "yes\n"))
-    (welcome,) = dep.wait_for_mail(member, subject_contains="Re: count me in")
+    (welcome,) = dep.wait_for_mail(member, subject_contains="Welcome to python@")
     assert "Welcome to python@lists.example.org" in welcome.message.get_content()
 
 

@@ -28,6 +28,12 @@ def subscribe(t, who):
     assert t.state("mailinglist", f"python:{who}") == "MEMBER"
 
 
+def unsubscribe(t, who):
+    r = t.send(who, f"python-unsubscribe@{HOST}", subject="unsubscribe")
+    assert r.state_after == "MEMBER"  # not yet: a confirmation first
+    return t.send(who, confirm_address(r), subject="Re: confirm leaving")
+
+
 def test_subscribe_sends_a_confirmation_request(t):
     r = t.send("alice@example.com", f"python-subscribe@{HOST}", subject="please")
     assert r.route == "mailinglist.subscribe"
@@ -45,10 +51,34 @@ def test_subscribe_sends_a_confirmation_request(t):
 
 def test_confirming_makes_a_member_and_welcomes(t):
     r = t.send("alice@example.com", f"python-subscribe@{HOST}")
-    c = t.send("alice@example.com", confirm_address(r))
+    c = t.send("alice@example.com", confirm_address(r), subject="Re: Confirm your subscription")
     assert c.route == "mailinglist.confirm"
     assert (c.state_before, c.state_after) == ("PENDING", "MEMBER")
-    assert "Welcome" in c.replies[0].get_content()
+    [welcome] = c.replies
+    assert "Welcome" in welcome.get_content()
+    # a message of its own, from the list, not "Re: ..." from the used confirmation address
+    assert welcome["Subject"] == f"Welcome to python@{HOST}"
+    assert welcome["From"].addresses[0].addr_spec == LIST
+
+
+def test_a_subscribe_whose_confirmation_is_not_sent_stays_in_start(t):
+    """No PENDING (waiting for a token) when the token was never mailed: here the reply limit is spent."""
+    for _ in range(5):  # REPLY_LIMIT of the example: 5 replies per sender per hour
+        assert t.send("eager@example.com", f"help@{HOST}").replies
+    r = t.send("eager@example.com", f"python-subscribe@{HOST}")
+    assert r.replies == []
+    assert (r.state_before, r.state_after) == ("START", "START")
+    assert t.state("mailinglist", "python:eager@example.com") is None
+    assert any("no confirmation sent" in n and "stays in START" in n for n in r.decision.notes)
+    assert any("reply rate limit" in n for n in r.decision.notes)
+    t.advance(3601)  # the next hour: it works
+    assert t.send("eager@example.com", f"python-subscribe@{HOST}").state_after == "PENDING"
+
+
+def test_a_robot_subscribe_gets_no_token_and_no_state(t):
+    r = t.send("alice@example.com", f"python-subscribe@{HOST}", headers={"Auto-Submitted": "auto-generated"})
+    assert r.replies == [] and r.state_after == "START"
+    assert t.state("mailinglist", "python:alice@example.com") is None
 
 
 def test_token_is_single_use_and_bound_to_the_sender(t):
@@ -60,8 +90,9 @@ def test_token_is_single_use_and_bound_to_the_sender(t):
     assert t.state("mailinglist", "python:mallory@example.net") is None
     t.send("alice@example.com", addr)
     # after unsubscribing, the old token does not work again
-    t.send("alice@example.com", f"python-unsubscribe@{HOST}")
+    assert unsubscribe(t, "alice@example.com").state_after == "START"
     t.send("alice@example.com", f"python-subscribe@{HOST}")
+    t.advance(3601)  # past the example's reply limit of 5 an hour
     again = t.send("alice@example.com", addr)
     assert again.state_after == "PENDING"
     assert "unknown, already used, or" in again.replies[0].get_content()
@@ -129,15 +160,48 @@ def test_non_member_post_gets_a_polite_refusal_and_is_not_distributed(t):
     assert "only members of the list may post" in " ".join(r.replies[0].get_content().split())
 
 
-def test_unsubscribe_leaves_the_list(t):
+def test_unsubscribe_asks_the_member_to_confirm_then_leaves_the_list(t):
     subscribe(t, "alice@example.com")
     r = t.send("alice@example.com", f"python-unsubscribe@{HOST}")
-    assert (r.state_before, r.state_after) == ("MEMBER", "START")
+    assert (r.state_before, r.state_after) == ("MEMBER", "MEMBER")
+    [ask] = r.replies
+    assert ask["To"] == "alice@example.com" and ask["Subject"] == f"Confirm leaving python@{HOST}"
+    leave = confirm_address(r)
+    assert leave.startswith("python-leave-") and leave in ask.get_content()
+    # still a member until confirmed: gets posts
+    assert [m.recipients for m in t.send("alice@example.com", LIST).outbox] == [("alice@example.com",)]
+    c = t.send("alice@example.com", leave, subject="Re: Confirm leaving")
+    assert c.route == "mailinglist.leave"
+    assert (c.state_before, c.state_after) == ("MEMBER", "START")
     assert t.state("mailinglist", "python:alice@example.com") is None
-    assert "no longer subscribed" in r.replies[0].get_content()
+    [bye] = c.replies
+    assert "no longer subscribed" in bye.get_content()
+    assert bye["Subject"] == f"You left python@{HOST}" and bye["From"].addresses[0].addr_spec == LIST
+    # the token works once
+    t.advance(3601)
+    subscribe(t, "alice@example.com")
+    assert t.send("alice@example.com", leave).state_after == "MEMBER"
     subscribe(t, "bob@example.net")
     post = t.send("bob@example.net", LIST)
-    assert [m.recipients for m in post.outbox] == [("bob@example.net",)]
+    assert sorted(m.recipients for m in post.outbox) == [("alice@example.com",), ("bob@example.net",)]
+
+
+def test_a_forged_unsubscribe_unsubscribes_nobody(t):
+    """Anyone can forge alice's envelope sender; only alice receives the token that makes her leave."""
+    subscribe(t, "alice@example.com")
+    forged = t.send("alice@example.com", f"python-unsubscribe@{HOST}")  # from mallory, really
+    assert forged.state_after == "MEMBER"
+    assert [m.recipients for m in forged.outbox] == [("alice@example.com",)]  # the token goes to alice
+    # mallory guesses: a wrong token, another member's token, an expired token
+    guess = f"python-leave-{'0' * 32}@{HOST}"
+    assert t.send("alice@example.com", guess).state_after == "MEMBER"
+    subscribe(t, "bob@example.net")
+    bobs = confirm_address(t.send("bob@example.net", f"python-unsubscribe@{HOST}"))
+    assert t.send("alice@example.com", bobs).state_after == "MEMBER"
+    t.advance(3 * 24 * 3600 + 1)
+    assert t.send("alice@example.com", confirm_address(forged)).state_after == "MEMBER"
+    assert t.state("mailinglist", "python:alice@example.com") == "MEMBER"
+    assert t.state("mailinglist", "python:bob@example.net") == "MEMBER"
 
 
 def test_unsubscribe_when_not_subscribed_says_so(t):

@@ -17,3 +17,8 @@ DATABASE_URL = "sqlite:///var/state.db"
 RELAY = "127.0.0.1:10026"
 
 TEMPLATES = ["app/templates"]
+
+# Automatic replies (ctx.reply) per handler and sender: a handler declared with
+# Handler(..., replies="service") -- the default -- may send 10 an hour, one with
+# replies="responder" one per 7 days (RFC 3834).  To change them:
+# REPLY_LIMIT = {"service": (5, 3600)}      # or {"{{NAME}}": (5, 3600)}, or (5, 3600) for all

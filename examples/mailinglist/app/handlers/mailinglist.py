@@ -7,7 +7,10 @@ LIST-subscribe@HOST            asks for a confirmation (a reply to
                                LIST-confirm-TOKEN@HOST, 128-bit token,
                                single use, expires after CONFIRM_TTL)
 LIST-confirm-TOKEN@HOST        confirms: the sender becomes a member
-LIST-unsubscribe@HOST          leaves the list
+LIST-unsubscribe@HOST          asks a member to confirm leaving (a reply
+                               to LIST-leave-TOKEN@HOST, as above), so a
+                               forged sender unsubscribes nobody
+LIST-leave-TOKEN@HOST          confirms: the member leaves the list
 LIST@HOST                      a post: members' posts go to every member;
                                others get a polite refusal
 LIST-bounce-MEMBER@HOST        VERP bounce address of list mail: permanent
@@ -17,7 +20,13 @@ LIST-anything@HOST, help@HOST  a help reply
 =============================  ===========================================
 
 One conversation per (list, sender): START → PENDING → MEMBER, back to
-START on unsubscribe, DISABLED after too many bounces.
+START on a confirmed unsubscribe, DISABLED after too many bounces.
+
+Every step that mails a token checks that the mail will be sent
+(``ctx.reply`` returns False when the sender had its share of replies, or
+is a robot): a subscribe whose confirmation is not sent leaves the sender
+where it was, with a note in the decision, instead of waiting for a token
+nobody received.
 """
 
 from __future__ import annotations
@@ -46,24 +55,57 @@ def _list_info(ctx: Context, list: str) -> dict[str, Any]:
 
 
 def _ask_confirmation(ctx: Context, list: str) -> Any:
+    """Mail a subscription token and wait in PENDING; stay put when the mail cannot go."""
     info = _list_info(ctx, list)
     token = secrets.token_hex(16)  # 128 bits
-    ctx.data.update(token=token, expires=ctx.now + ctx.settings["CONFIRM_TTL"])
     confirm_addr = f"{info['list']}-confirm-{token}@{info['host']}"
-    ctx.reply(
+    sent = ctx.reply(
         "confirm.msg",
         subject=f"Confirm your subscription to {info['list']}@{info['host']}",
         from_addr=confirm_addr,
         confirm_addr=confirm_addr,
         **info,
     )
+    if not sent:  # the reason is in the decision's notes already
+        ctx.note(f"no confirmation sent: {ctx.sender or '<>'} stays in {ctx.state}")
+        return None
+    ctx.data.update(token=token, expires=ctx.now + ctx.settings["CONFIRM_TTL"])
     return PENDING
 
 
-def _leave(ctx: Context, list: str) -> Any:
-    """Unsubscribe: forget the conversation's data, say goodbye, back to START."""
+def _ask_to_leave(ctx: Context, list: str) -> Any:
+    """Mail a token for leaving to the member: only the member can confirm it."""
+    info = _list_info(ctx, list)
+    token = secrets.token_hex(16)
+    leave_addr = f"{info['list']}-leave-{token}@{info['host']}"
+    sent = ctx.reply(
+        "confirm_leave.msg",
+        subject=f"Confirm leaving {info['list']}@{info['host']}",
+        from_addr=leave_addr,
+        leave_addr=leave_addr,
+        **info,
+    )
+    if not sent:
+        ctx.note(f"no confirmation sent: {ctx.sender} stays subscribed")
+        return None
+    ctx.data.update(leave_token=token, leave_expires=ctx.now + ctx.settings["CONFIRM_TTL"])
+    return None
+
+
+def _confirm_leaving(ctx: Context, list: str, token: str) -> Any:
+    """LIST-leave-TOKEN: the member's own token, unexpired, once: forget them, say goodbye."""
+    valid = (
+        secrets.compare_digest(token.lower(), str(ctx.data.get("leave_token", "")))
+        and ctx.now < float(ctx.data.get("leave_expires", 0))
+        and ctx.claim(f"leave:{token.lower()}")
+    )
+    if not valid:
+        _refuse(ctx, list, "bad_confirm.msg")
+        return None
+    info = _list_info(ctx, list)
     ctx.data = {}
-    ctx.reply("goodbye.msg", **_list_info(ctx, list))
+    ctx.reply("goodbye.msg", subject=f"You left {info['list']}@{info['host']}",
+              from_addr=info["post_addr"], **info)
     return START
 
 
@@ -75,6 +117,7 @@ def _refuse(ctx: Context, list: str, template: str) -> None:
 @handler.route("(list)-subscribe@(host)", event="subscribe")
 @handler.route("(list)-unsubscribe@(host)", event="unsubscribe")
 @handler.route("(list)-confirm-(token)@(host)", event="confirm", token=TOKEN)
+@handler.route("(list)-leave-(token)@(host)", event="leave", token=TOKEN)
 def START(ctx: Context, list: str) -> Any:
     """Not a member."""
     if ctx.event == "subscribe":
@@ -83,7 +126,7 @@ def START(ctx: Context, list: str) -> Any:
         _refuse(ctx, list, "not_member.msg")
     elif ctx.event == "unsubscribe":
         _refuse(ctx, list, "not_subscribed.msg")
-    elif ctx.event == "confirm":
+    elif ctx.event in ("confirm", "leave"):
         _refuse(ctx, list, "bad_confirm.msg")
     return None
 
@@ -101,35 +144,46 @@ def PENDING(ctx: Context, list: str, token: str = "") -> Any:
             _refuse(ctx, list, "bad_confirm.msg")
             return None
         ctx.data = {"joined": ctx.now, "bounces": 0}
-        ctx.reply("welcome.msg", **_list_info(ctx, list))
+        info = _list_info(ctx, list)
+        # a message of its own, from the list's address (not "Re:" from the used token address)
+        ctx.reply("welcome.msg", subject=f"Welcome to {info['list']}@{info['host']}",
+                  from_addr=info["post_addr"], **info)
         return MEMBER
     if ctx.event == "subscribe":
-        return _ask_confirmation(ctx, list)  # a new token; the old one is dead
+        return _ask_confirmation(ctx, list)  # a new token; the old one is dead once it is sent
     if ctx.event == "unsubscribe":
-        return _leave(ctx, list)
+        _refuse(ctx, list, "not_subscribed.msg")  # the request expires by itself
+        return None
+    if ctx.event == "leave":
+        _refuse(ctx, list, "bad_confirm.msg")
+        return None
     _refuse(ctx, list, "not_member.msg")
     return None
 
 
 @handler.state
-def MEMBER(ctx: Context, list: str) -> Any:
+def MEMBER(ctx: Context, list: str, token: str = "") -> Any:
     """Subscribed: may post."""
     if ctx.event == "post":
         _post(ctx, list)
         return None
     if ctx.event == "unsubscribe":
-        return _leave(ctx, list)
+        return _ask_to_leave(ctx, list)
+    if ctx.event == "leave":
+        return _confirm_leaving(ctx, list, token)
     _refuse(ctx, list, "already_member.msg")
     return None
 
 
 @handler.state
-def DISABLED(ctx: Context, list: str) -> Any:
+def DISABLED(ctx: Context, list: str, token: str = "") -> Any:
     """Too many bounces: receives nothing, may subscribe again."""
     if ctx.event == "subscribe":
         return _ask_confirmation(ctx, list)
     if ctx.event == "unsubscribe":
-        return _leave(ctx, list)
+        return _ask_to_leave(ctx, list)
+    if ctx.event == "leave":
+        return _confirm_leaving(ctx, list, token)
     _refuse(ctx, list, "disabled.msg")
     return None
 

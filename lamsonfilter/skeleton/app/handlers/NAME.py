@@ -11,13 +11,19 @@ from typing import Any
 
 from lamsonfilter import Context, Handler
 
-handler = Handler("{{NAME}}")
+# replies="service": this handler answers requests, so a sender may get up to 10
+# automatic replies an hour (REPLY_LIMIT in config/settings.py changes it).  For a
+# personal responder (a vacation notice) say replies="responder": one reply per
+# sender per 7 days, as RFC 3834 asks.  ctx.reply() returns False when a reply
+# will not be sent (limit reached, or the sender is a robot, a list, a bounce).
+handler = Handler("{{NAME}}", replies="service")
 
 
 @handler.route("hello@(host)")
 def START(ctx: Context, host: str) -> Any:
     """First message from this sender to this address: reply, then remember them."""
-    ctx.reply("hello.msg", host=host)
+    if not ctx.reply("hello.msg", host=host):
+        return None  # no reply went out (the decision's notes say why): greet them next time
     return GREETED
 
 

@@ -1,0 +1,128 @@
+"""The state transaction of one message, opened only when a handler first needs it.
+
+`App.process` runs every handler of a message inside one `LazyTransaction`:
+
+    with LazyTransaction(storage, commit, replay_key, deadline, trace) as tx:
+        ...state functions read and write through tx...
+    # committed here, or rolled back on an exception
+
+Mail whose handlers touch neither state nor the outbox opens no database
+transaction at all.  When it does open, the message's replay record is
+read first, and a decision committed before is replayed (`Replayed`).  A
+commit after the transport's deadline is refused (`DeadlinePassed`): the
+MTA was already told 4xx and sends the message again.  With a
+`lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+from .decisions import Decision, OutboxMessage
+from .diagnostics import StateWrite, Trace
+from .state import StateRecord, StateStorage
+
+__all__ = ["LazyTransaction", "DeadlinePassed", "Replayed"]
+
+
+class DeadlinePassed(Exception):
+    """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
+
+
+class Replayed(Exception):
+    """The replay key has a committed decision: use it, run nothing (raised by `LazyTransaction`)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("decision replayed")
+        self.decision = decision
+
+
+class LazyTransaction:
+    """The state transaction of one message, opened only when a handler first needs it.
+
+    Mail whose handlers touch neither state nor the outbox (a stateless
+    route that adds a header, say) costs no database round trip at all; its
+    decision has no side effects, so running it again on a retry is harmless
+    and no replay record is kept.  When the transaction does open, the
+    replay record is looked up *first*: if this message's decision was
+    already committed, `_Replayed` aborts the run before anything the
+    handlers did can be committed a second time (R13, M4).
+    """
+
+    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None,
+                 deadline: float | None = None, trace: Trace | None = None) -> None:
+        self._storage = storage
+        self._commit = commit
+        self._replay_key = replay_key
+        self._deadline = deadline
+        self._trace = trace
+        self._cm: Any = None
+        self._tx: Any = None
+
+    @property
+    def opened(self) -> bool:
+        return self._tx is not None
+
+    def _open(self) -> Any:
+        if self._tx is None:
+            cm = self._storage.transaction(commit=self._commit)
+            tx = cm.__enter__()
+            self._cm, self._tx = cm, tx
+            if self._replay_key is not None:
+                done = tx.get(self._replay_key)
+                if done is not None:
+                    raise Replayed(Decision.from_record(done.data))
+        return self._tx
+
+    def __enter__(self) -> LazyTransaction:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if self._cm is None:
+            return None
+        cm, self._cm = self._cm, None
+        if exc_type is None and self._deadline is not None and time.monotonic() > self._deadline:
+            # the transport answered 4xx already: the MTA sends the message again, so
+            # nothing of this run may be committed (no reply for a message not accepted)
+            late = DeadlinePassed("the transport's deadline passed before the commit; rolled back")
+            cm.__exit__(DeadlinePassed, late, None)
+            raise late
+        return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    def get(self, key: str) -> StateRecord | None:
+        return self._open().get(key)  # type: ignore[no-any-return]
+
+    def set(self, key: str, state: str, data: Mapping[str, Any] | None = None, *, bookkeeping: bool = False) -> None:
+        tx = self._open()
+        before = self._before(tx, key) if not bookkeeping else None
+        tx.set(key, state, data)
+        if self._trace is not None and not bookkeeping:
+            stored = tx.get(key)
+            self._trace.record(StateWrite(key, "set", before, state, dict(stored.data) if stored else {}))
+
+    def clear(self, key: str) -> None:
+        tx = self._open()
+        before = self._before(tx, key)
+        tx.clear(key)
+        if self._trace is not None:
+            self._trace.record(StateWrite(key, "clear", before, None))
+
+    def _before(self, tx: Any, key: str) -> str | None:
+        """The state of `key` before this write, read only when tracing."""
+        if self._trace is None:
+            return None
+        record = tx.get(key)
+        return record.state if record is not None else None
+
+    def find(self, prefix: str, state: str | None = None) -> list[tuple[str, StateRecord]]:
+        return self._open().find(prefix, state)  # type: ignore[no-any-return]
+
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        self._open().add_outbox(messages)
+
+    def claim(self, token: str) -> bool:
+        claimed: bool = self._open().claim(token)
+        if claimed and self._trace is not None:
+            self._trace.record(StateWrite(token, "claim", None, "CLAIMED"))
+        return claimed
