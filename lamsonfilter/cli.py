@@ -117,11 +117,14 @@ _FIRST_FIELD = re.compile(rb"\A(?:From [^\r\n]*\r?\n)?[!-9;-~]+[ \t]*:")
 
 
 def _not_a_message(raw: bytes) -> str | None:
-    """Why `raw` is not a mail message, or None when it looks like one."""
+    """Why `raw` cannot be a mail message at all, or None when it starts with a header block.
+
+    Only input with no header block is refused.  NUL bytes, bare CR or LF, 8-bit
+    header values and over-long lines are not reasons: Postfix accepts and passes on
+    such mail, so the daemons get it, and the dry run shows what they would decide.
+    """
     if not raw.strip():
         return "empty input"
-    if b"\0" in raw:
-        return "it contains NUL bytes (binary data?)"
     if not _FIRST_FIELD.match(raw):
         return "it does not start with a header field (such as 'From: ...')"
     return None
