@@ -194,6 +194,12 @@ AUTO_REPLY_SUBJECT = re.compile(
     r")",
     re.IGNORECASE,
 )
+#: Display names only mail systems use.
+_MTA_NAME = re.compile(
+    r"mail delivery (?:sub)?system|mail(?:er)? delivery service|delivery status notification"
+    r"|mail administrator|mailer[-_ ]daemon",
+    re.IGNORECASE,
+)
 _BULK_PRECEDENCE = frozenset({"bulk", "junk"})
 _SUPPRESS = frozenset({"all", "autoreply", "oof"})
 _BOUNCEISH_SUBJECT = re.compile(
@@ -222,6 +228,9 @@ def _from_robot(request: MailRequest, headers: Headers) -> Automated | None:
         for addr in _addresses(value):
             if addr and is_automated_sender(addr):
                 return Automated(ROBOT, f"automated sender From: {addr}")
+        name = _MTA_NAME.search(value)  # "Mail Delivery Subsystem <root@...>": nobody is called that
+        if name is not None:
+            return Automated(ROBOT, f"automated sender From: {name.group(0)}")
     return None
 
 
