@@ -188,8 +188,9 @@ def test_cmd(
     diff, and the rendered outbox.  Nothing is changed or sent unless
     --commit is given (and even then nothing is sent).
 
-    Input that is not a mail message (empty, NUL bytes, no header at the
-    start) is refused, naming the file; a message with no usable From (and
+    Input that cannot be a mail message (empty, no header at the start) is
+    refused, naming the file; NUL bytes, bare CR/LF, 8-bit headers and long
+    lines are processed, as Postfix passes them on.  A message with no usable From (and
     no Return-Path) gets a warning, since its sender becomes <>.
 
     Exit status: 0 when every message was handled, 1 when a handler failed

@@ -1,7 +1,7 @@
 """The checklist IDs A1-A5, L1-L4, S1-S10, X1-X4 and O4 through a real Postfix, in both modes.
 
-Each test names the checklist ID(s) of /work/shared/reference/reliability.md
-it proves in its docstring; docs/reliability.rst maps every ID to its test.
+Each test names the checklist ID(s) it proves in its docstring;
+docs/reliability.rst maps every ID to its test.
 Most of these rules also have fast in-process tests (tests/test_guards.py,
 test_hostile.py, test_properties.py ...); here the same rules are checked
 end to end: a private Postfix on loopback, the real ``lamsonfilter milter``
