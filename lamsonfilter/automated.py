@@ -56,25 +56,9 @@ from .bounce import BounceReport, detect_bounce
 from .mail import MailRequest
 
 __all__ = [
-    "Automated",
-    "classify",
-    "first_sign",
-    "DETECTORS",
-    "KINDS",
-    "BOUNCE",
-    "FEEDBACK",
-    "AUTO_REPLY",
-    "LIST",
-    "BULK",
-    "ROBOT",
-    "AUTOMATED_SENDERS",
-    "GENERATED_HEADER",
-    "LIST_HEADERS",
-    "AUTO_REPLY_HEADERS",
-    "LIST_SERVER_HEADERS",
-    "AUTO_REPLY_SUBJECT",
-    "is_automated_sender",
-    "header_map",
+    "Automated", "classify", "first_sign", "header_map", "is_automated_sender", "DETECTORS", "KINDS",
+    "BOUNCE", "FEEDBACK", "AUTO_REPLY", "LIST", "BULK", "ROBOT", "AUTOMATED_SENDERS", "GENERATED_HEADER",
+    "LIST_HEADERS", "LIST_SERVER_HEADERS", "AUTO_REPLY_HEADERS", "AUTO_REPLY_SUBJECT",
 ]
 
 BOUNCE = "bounce"

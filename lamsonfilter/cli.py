@@ -190,8 +190,9 @@ def test_cmd(
 
     Input that cannot be a mail message (empty, no header at the start) is
     refused, naming the file; NUL bytes, bare CR/LF, 8-bit headers and long
-    lines are processed, as Postfix passes them on.  A message with no usable From (and
-    no Return-Path) gets a warning, since its sender becomes <>.
+    lines are processed, as Postfix passes them on.  A message with no
+    usable From (and no Return-Path) gets a warning, since its sender
+    becomes <>.
 
     Exit status: 0 when every message was handled, 1 when a handler failed
     or a message could not be read, 2 for bad usage or configuration.
