@@ -22,13 +22,13 @@ ALICE = "alice@example.com"
 
 def odd_message(to: str, subject: str) -> bytes:
     """NUL bytes in a header and the body (and as the last byte), 8-bit header bytes, a bare LF,
-    a line of 5,000 octets."""
+    a bare CR, a line of 5,000 octets."""
     return (
         f"From: Alice <{ALICE}>\r\nTo: {to}\r\nSubject: {subject}\r\n".encode()
         + b"X-Odd: nul \x00 in a header\r\n"
         + "X-Name: J\u00fcrgen M\u00fcller\r\n".encode()
         + f"Message-ID: <{uuid.uuid4().hex}@example.com>\r\n\r\n".encode()
-        + b"a NUL \x00 in the body\r\nbare LF\nnext\r\n" + b"y" * 5000 + b"\r\nlast line\r\n\x00"
+        + b"a NUL \x00 in the body\r\nbare LF\nbare CR\rnext\r\n" + b"y" * 5000 + b"\r\nlast line\r\n\x00"
     )
 
 
