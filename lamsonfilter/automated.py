@@ -41,7 +41,8 @@ The detectors live in `DETECTORS`, a dict of name to function, in the order
 `first_sign` tries them; `classify` runs them all and keeps the most
 specific kind (`KINDS` order).  A test can take one out to show what it
 catches.  Nothing here raises: header values are read raw, the report
-detectors are defensive, and a detector that fails anyway counts as no sign.
+detectors are defensive, and a detector that fails anyway counts as a sign
+(``ROBOT``, "looks automated"): when in doubt, no automatic reply.
 """
 
 from __future__ import annotations
