@@ -214,3 +214,30 @@ def test_a_suppressed_reply_is_noted_in_the_decision() -> None:
     r = t.send("kijitora@icloud.example", "help@lists.example.org", raw=raw)
     assert r.route == "mailinglist.help" and r.replies == []
     assert "reply to kijitora@icloud.example suppressed: auto-responder (X-Apple-Action: VACATION)" in r.decision.notes
+
+
+@pytest.mark.parametrize("name, kind, has_report", [
+    ("apple-vacation-01.eml", AUTO_REPLY, False),
+    ("fml-loop-alert-01.eml", LIST, False),
+    ("outlook-jmrp-01.eml", FEEDBACK, True),
+])
+def test_a_handler_reads_the_kind_from_ctx_automated(name: str, kind: str, has_report: bool) -> None:
+    from lamsonfilter import App, Handler, stateless
+    from lamsonfilter.state import MemoryStorage
+
+    seen: list[object] = []
+    h = Handler("robots")
+
+    @h.route("help@app.example")
+    @stateless
+    def HELP(ctx):  # type: ignore[no-untyped-def]
+        seen.append(ctx.automated)
+        ctx.reply(body="hello")
+
+    app = App(hosts=["app.example"], handlers=[h], storage=MemoryStorage()).start()
+    decision = app.process(MailRequest.from_bytes((ROBOTS / name).read_bytes(), sender="someone@example.net",
+                                                  recipients=["help@app.example"]))
+    (found,) = seen
+    assert isinstance(found, automated.Automated) and found.kind == kind
+    assert (found.report is not None) == has_report
+    assert decision.outbox == () and any("suppressed" in n for n in decision.notes)
