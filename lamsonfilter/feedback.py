@@ -22,8 +22,8 @@ act on it like a bounce: stop mailing the user who complained.
     >>> report.kind, report.addresses               # doctest: +SKIP
     ('fbl', ('complainer@hotmail.example',))
 
-Signs, any one of which makes a report (sisimai's ``Sisimai::ARF`` and
-Mailman's ``flufl.bounce`` use the same ones):
+Signs, any one of which makes a report (sisimai's ``Sisimai::ARF`` keys on
+the same sender and subject; bounce handlers such as CiviCRM's on the header):
 
 * ``X-HmXmrOriginalRecipient`` in the top-level headers or in the headers of
   an attached message (JMRP);
