@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # filter_bench.sh - throughput of lamsonfilter (milter and content filter) through a real
 # private Postfix, as a ratio to Postfix alone measured in the same run (follows
-# ../shared/bench/anchor-bench.sh; a measurement tool, not product code).  The one harness:
+# bench/anchor/anchor-bench.sh; a measurement tool, not product code).  The one harness:
 # bench/milter_bench.sh and bench/smtpproxy_bench.sh only choose its configurations.
 #
 #   bench/filter_bench.sh                          # as root, Debian 12, after scripts/bootstrap.sh

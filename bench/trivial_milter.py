@@ -11,7 +11,7 @@ negotiates and says goodbye -- what any pymilter milter costs per SMTP
 session before it does anything.  No application, no log line.
 milter_bench.sh runs them in the same rounds as lamsonfilter, so that
 "what pymilter itself costs" and "what lamsonfilter adds" can be told
-apart (after ../shared/bench/anchor_milter.py).  A measurement tool, not
+apart (after bench/anchor/anchor_milter.py).  A measurement tool, not
 product code.
 """
 

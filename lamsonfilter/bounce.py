@@ -24,6 +24,9 @@ address bounces permanently.
     ``report-type=delivery-status`` whose status part is broken);
 ``"arf"``
     an RFC 5965 ``message/feedback-report``;
+``"fbl"``
+    a complaint report of a feedback loop that does not use ARF, such as
+    Outlook.com's JMRP (`lamsonfilter.feedback`);
 ``"heuristic"``
     a non-standard bounce recognised from its sender (null sender,
     ``MAILER-DAEMON``, ``postmaster``, "Mail Delivery System") together
@@ -104,7 +107,7 @@ class BounceReport:
     headers (``text/rfc822-headers``) when the report includes them.
     """
 
-    kind: str  # "dsn" | "arf" | "heuristic"
+    kind: str  # "dsn" | "arf" | "fbl" | "heuristic"
     recipients: tuple[BounceRecipient, ...] = ()
     original_message_id: str | None = None
     original_sender: str | None = None
@@ -114,6 +117,11 @@ class BounceReport:
     def permanent(self) -> bool:
         """True when any recipient failed permanently (status 5.x.x or action ``failed``)."""
         return any(r.permanent for r in self.recipients)
+
+    @property
+    def complaint(self) -> bool:
+        """True for a complaint (feedback) report, ARF or not, rather than a bounce."""
+        return self.kind in ("arf", "fbl")
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -251,7 +259,9 @@ def _detect(request: MailRequest) -> BounceReport | None:
         t in _MDN_TYPES for t in types
     ):
         return None  # a read receipt, not a bounce
-    return _heuristic(request, parts, types)
+    from .feedback import detect_feedback_loop  # here: feedback.py builds on this module
+
+    return detect_feedback_loop(request) or _heuristic(request, parts, types)
 
 
 def _dsn(request: MailRequest, parts: list[Message], types: list[str]) -> BounceReport:

@@ -84,11 +84,14 @@ _FIRST_FIELD = re.compile(rb"\A(?:From [^\r\n]*\r?\n)?[!-9;-~]+[ \t]*:")
 
 
 def _not_a_message(raw: bytes) -> str | None:
-    """Why `raw` is not a mail message, or None when it looks like one."""
+    """Why `raw` cannot be a mail message at all, or None when it starts with a header block.
+
+    Only input with no header block is refused.  NUL bytes, bare CR or LF, 8-bit
+    header values and over-long lines are not reasons: Postfix accepts and passes on
+    such mail, so the daemons get it, and the dry run shows what they would decide.
+    """
     if not raw.strip():
         return "empty input"
-    if b"\0" in raw:
-        return "it contains NUL bytes (binary data?)"
     if not _FIRST_FIELD.match(raw):
         return "it does not start with a header field (such as 'From: ...')"
     return None
@@ -159,9 +162,11 @@ def test_cmd(
     --commit commits the state only: the outbox is not stored, so a daemon
     started later on the same database sends none of it.
 
-    Input that is not a mail message (empty, NUL bytes, no header at the
-    start) is refused, naming the file; a message with no usable From (and
-    no Return-Path) gets a warning, since its sender becomes <>.
+    Input that cannot be a mail message (empty, no header at the start) is
+    refused, naming the file; NUL bytes, bare CR/LF, 8-bit headers and long
+    lines are processed, as Postfix passes them on.  A message with no
+    usable From (and no Return-Path) gets a warning, since its sender
+    becomes <>.
 
     Exit status: 0 when every message was handled, 1 when a handler failed
     or a message could not be read, 2 for bad usage or configuration

@@ -33,6 +33,7 @@ from email.message import EmailMessage
 from email.utils import formataddr, getaddresses, parseaddr
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
 from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
 from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
@@ -114,6 +115,13 @@ class Context:
     def bounce(self) -> BounceReport | None:
         """The delivery report this message is, if it is one (`lamsonfilter.bounce`)."""
         return detect_bounce(self.request)
+
+    @property
+    def automated(self) -> Automated | None:
+        """Which kind of automated mail this is, if any (`lamsonfilter.automated.classify`):
+        ``kind`` is ``"bounce"``, ``"feedback-report"``, ``"auto-reply"``, ``"list"``,
+        ``"bulk"`` or ``"robot"``; ``report`` holds a bounce's or complaint's details."""
+        return classify(self.request)
 
     def header(self, name: str, default: str = "") -> str:
         return self.request.header(name, default)

@@ -181,7 +181,11 @@ class MailRequest:
         """Build a request from raw bytes; a missing envelope comes from the headers.
 
         The sender defaults to ``Return-Path`` then ``From``; the recipients
-        to ``To``, ``Cc`` and ``Bcc``.  This is what the dry run uses.
+        to ``To``, ``Cc`` and ``Bcc``.  This is what the dry run uses.  A header
+        address that could not be an envelope address (a NUL or another control
+        character in it, too long) is passed over, as if it were not there: the
+        mail still gets a decision.  An explicit `sender` or `recipients` is
+        checked as given (`AddressError`).
         """
         headers = BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
         if sender is None:
@@ -195,7 +199,7 @@ class MailRequest:
                 for _name, a in getaddresses(
                     [str(v) for h in ("To", "Cc", "Bcc") for v in headers.get_all(h, [])]
                 )
-                if "@" in a
+                if "@" in a and _usable(a)
             )
         return cls(Envelope(sender, tuple(recipients), **client), raw)
 
@@ -367,9 +371,18 @@ def _ambiguities(part: Message) -> list[str]:
 def _first_address(headers: Message, name: str) -> str:
     values = headers.get_all(name, [])
     for _display, addr in getaddresses([str(v) for v in values]):
-        if addr:
+        if addr and _usable(addr):
             return addr
     return ""
+
+
+def _usable(address: str) -> bool:
+    """True when `address` passes `normalize_address` (no control characters, not too long)."""
+    try:
+        normalize_address(address)
+    except AddressError:
+        return False
+    return True
 
 
 #: A line the email package's feed parser takes for a header line (its ``headerRE``).

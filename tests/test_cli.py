@@ -257,8 +257,8 @@ def test_send_talks_smtp_and_reports_refusals(tmp_path):
     [
         (b"", "empty input"),
         (b"\r\n\r\n", "empty input"),
-        (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "NUL bytes"),
-        (b"To: help@lists.example.org\r\n\r\nnul \x00 in the body\r\n", "NUL bytes"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "does not start with a header field"),
+        (b"\r\nFrom: a@example.com\r\n\r\na body with no header block\r\n", "does not start with a header field"),
         (b"just some text\nwith no header at all\n", "does not start with a header field"),
     ],
 )
@@ -270,6 +270,27 @@ def test_input_that_is_not_a_message_is_refused_naming_the_file(tmp_path, raw, w
         assert r.exit_code == 1, r.output
         assert f"lamsonfilter: {name}: not a mail message: " in r.output and why in r.output
         assert "===" not in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: a@example.com\r\nTo: help@lists.example.org\r\n\r\nnul \x00 in the body\r\n\x00",
+        b"From: a@example.com\r\nTo: help@lists.example.org\r\nSubject: nul \x00 here\r\n\r\nbody\r\n",
+        b"From: a\x00b@example.com\r\nTo: help@lists.example.org, x\x00y@example.org\r\n\r\nbody\r\n",
+        b"From: a@example.com\nTo: help@lists.example.org\rSubject: bare CR\r\n\nbare LF\nbare CR\rend",
+        b"From: J\xc3\xbcrgen <j@example.de>\r\nTo: help@lists.example.org\r\nSubject: Gr\xfc\xdfe\r\n\r\nx\r\n",
+        b"From: a@example.com\r\nTo: help@lists.example.org\r\nX-Long: " + b"x" * 5000 + b"\r\n\r\n" + b"y" * 200000,
+    ],
+    ids=["nul-in-body", "nul-in-header", "nul-in-addresses", "bare-cr-lf", "8bit-headers", "long-lines"],
+)
+def test_odd_bytes_get_a_decision_not_a_refusal(raw):
+    """What Postfix passes on, the daemons get: the dry run decides it too."""
+    r = invoke("test", "--app", APP, "--database", "memory:", "--json", input=raw)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.splitlines()[-1])
+    assert out["error"] is None and out["decision"] == "drop"
+    assert [o["route"] for o in out["recipients"]] == ["mailinglist.help"]
 
 
 def test_a_message_without_from_warns_that_the_sender_is_null(tmp_path):

@@ -8,7 +8,7 @@ CORE = [
     "lamsonfilter.state", "lamsonfilter.decisions", "lamsonfilter.views", "lamsonfilter.app",
     "lamsonfilter.context", "lamsonfilter.guards", "lamsonfilter.bounce", "lamsonfilter.settings",
     "lamsonfilter.actions", "lamsonfilter.reinjection", "lamsonfilter.testing", "lamsonfilter.sqlstate",
-    "lamsonfilter.cli",
+    "lamsonfilter.cli", "lamsonfilter.automated", "lamsonfilter.feedback", "lamsonfilter.robotsigns",
 ]
 
 

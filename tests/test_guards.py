@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lamsonfilter.automated import classify
 from lamsonfilter.decisions import check_header_value
 from lamsonfilter.guards import (
     GENERATED_HEADER,
@@ -228,7 +229,11 @@ def test_a_non_standard_bounce_is_refused() -> None:
         b"Delivery has failed to these recipients: gone@example.net\r\n"
     )
     request = MailRequest(Envelope("x@mx.example.net", ("alice@example.org",)), raw)
-    assert autoreply_refusal(request) == "bounce (heuristic)"
+    # the display name already gives it away; the body makes it a bounce with a report
+    assert autoreply_refusal(request) == "automated sender From: Mail Delivery System"
+    found = classify(request)
+    assert found is not None and found.reason == "bounce (heuristic)"
+    assert found.report is not None and found.report.addresses == ("gone@example.net",)
 
 
 def test_garbage_never_raises() -> None:

@@ -1,6 +1,6 @@
 """Hostile mail, case by case, through the example mailing-list application.
 
-Each test names the requirement of ``reliability.md`` it covers in its
+Each test names the requirement of ``docs/reliability.rst`` it covers in its
 docstring (X: MIME parsing, S: security, A: automatic replies, L: loops,
 F: verified findings).  The common oracle: `App.process` answers with a
 clean decision (never an exception, never a tempfail for a message that

@@ -1,4 +1,4 @@
-"""Message accounting for the fault suite: nothing lost (docs/reliability.rst, reliability.md §1).
+"""Message accounting for the fault suite: nothing lost (docs/reliability.rst).
 
 Every message a test injects carries ``X-Test-Seq: RUN-I`` and a unique
 Message-ID; after the fault and the recovery, `account` finds each seq in

@@ -1,4 +1,4 @@
-"""Bounded soak with random SIGKILLs, both modes (reliability.md O2; issue #5).
+"""Bounded soak with random SIGKILLs, both modes (docs/reliability.rst O2; issue #5).
 
 A real deployment (`SmtpproxyDeployment` or `MilterDeployment` of
 tests/integration: the example application plus a stateful ``lfsoak``
@@ -20,7 +20,7 @@ What runs:
   (default `RECIPIENTS`: unrouted pass-through, the ``tag@`` route that
   adds a header, the stateful ``soak@`` route that writes the state store
   on every message).  Paced to ``--rate`` new messages a second (default
-  30: about 10^5 an hour, the size reliability.md O2 names).  Bounded: new
+  30: about 10^5 an hour, the size docs/reliability.rst O2 names).  Bounded: new
   mail stops at the time limit or after ``--max-messages``; while
   Postfix's queue holds more than ``--max-queue`` entries the injectors
   pause.

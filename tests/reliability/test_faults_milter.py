@@ -1,4 +1,4 @@
-"""Milter mode under faults: M1-M4 and R4/R14 of reliability.md, counted message by message.
+"""Milter mode under faults: M1-M4 and R4/R14 of docs/reliability.rst, counted message by message.
 
 Each test runs the real thing: ``lamsonfilter milter`` (its own process, the
 example mailing list plus the ``lffault`` handler of milterrig.py), a private

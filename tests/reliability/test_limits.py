@@ -1,6 +1,6 @@
 """Content-filter limits and the poison-message quarantine, through a real private Postfix.
 
-Issue #5, checklist IDs (/work/shared/reference/reliability.md §3):
+Issue #5, checklist IDs (docs/reliability.rst):
 
 =====  =========================================================================
 R15    a message whose handler always raises (and one that kills the filter

@@ -258,6 +258,29 @@ def test_temporary_bounces_and_forged_bounces_do_not_count(t):
     assert t.data("mailinglist", "python:alice@example.com")["bounces"] == 0
 
 
+def complaint_for(member):
+    """An Outlook.com JMRP complaint (no ARF) about a list post to `member`, sent to its VERP address."""
+    verp = f"python-bounce-{member.replace('@', '=')}@{HOST}"
+    robot = Path(__file__).resolve().parents[3] / "tests" / "corpus" / "robots" / "outlook-jmrp-02.eml"
+    raw = robot.read_bytes().replace(b"tora@outlook.example", member.encode())
+    return verp, raw
+
+
+def test_complaints_count_like_bounces(t):
+    subscribe(t, "alice@example.com")
+    verp, raw = complaint_for("alice@example.com")
+    r = t.send("staff@hotmail.com", verp, raw=raw)
+    assert r.route == "mailinglist.BOUNCE" and r.outbox == ()  # never answer a complaint
+    assert t.data("mailinglist", "python:alice@example.com")["bounces"] == 1
+    # a complaint about somebody else does not count
+    _, other = complaint_for("zed@example.com")
+    t.send("staff@hotmail.com", verp, raw=other)
+    assert t.data("mailinglist", "python:alice@example.com")["bounces"] == 1
+    t.send("staff@hotmail.com", verp, raw=raw)
+    t.send("staff@hotmail.com", verp, raw=raw)
+    assert t.state("mailinglist", "python:alice@example.com") == "DISABLED"
+
+
 def test_anything_else_at_the_host_gets_help(t):
     for addr in (f"python-info@{HOST}", f"help@{HOST}", f"announce-whatever@{HOST}"):
         r = t.send("dan@example.org", addr)

@@ -14,8 +14,9 @@ LIST-leave-TOKEN@HOST          confirms: the member leaves the list
 LIST@HOST                      a post: members' posts go to every member;
                                others get a polite refusal
 LIST-bounce-MEMBER@HOST        VERP bounce address of list mail: permanent
-                               bounces count against MEMBER, who is
-                               disabled after BOUNCE_LIMIT of them
+                               bounces and complaint reports count against
+                               MEMBER, who is disabled after BOUNCE_LIMIT
+                               of them
 LIST-anything@HOST, help@HOST  a help reply
 =============================  ===========================================
 
@@ -210,11 +211,13 @@ def _post(ctx: Context, list: str) -> None:
 @handler.route("(list)-bounce-(member)@(host)", member=r"[^@\s]+=[^@\s=]+")
 @stateless
 def BOUNCE(ctx: Context, list: str, member: str) -> None:
-    """A bounce of list mail: count permanent failures against the member."""
+    """A bounce of list mail, or a complaint about it: count permanent failures and
+    complaints (ARF or a feedback loop such as Outlook.com's) against the member."""
     address = "@".join(member.rsplit("=", 1)).lower()
-    report = ctx.bounce
-    if report is None or not report.permanent:
-        return  # not a (permanent) delivery report: ignore, never reply
+    found = ctx.automated  # what kind of automated mail: "bounce", "feedback-report", ...
+    report = found.report if found is not None else None
+    if report is None or not (report.permanent or found.kind == "feedback-report"):
+        return  # neither a permanent failure nor a complaint: ignore, never reply
     failed = {r.address.lower() for r in report.recipients}
     if failed and address not in failed:
         return  # the report is about somebody else
