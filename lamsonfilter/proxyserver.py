@@ -216,7 +216,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
             service.reloading()
         error = runtime.reload()
         if service is not None:
-            service.status(f"reload refused, old application running: {error}" if error else status)
+            service.reloaded(f"reload refused, old application running: {error}" if error else status)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(proxy.executor, reload))
     mode = "LMTP" if config.lmtp else "SMTP"
