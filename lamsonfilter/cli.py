@@ -814,5 +814,9 @@ def smtpproxy_cmd(
         _fail(str(exc))
 
 
+from .cli_quarantine import quarantine_cmd  # noqa: E402 -- lamsonfilter quarantine list|show|release|delete
+main.add_command(quarantine_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -7,7 +7,8 @@ Exim's) accept the message for **every** recipient:
     reinjector = Reinjector("127.0.0.1", 10026)
     await reinjector.send(Transaction(sender="", recipients=("bob@example.net",),
                                       data=spool, xforward={"IDENT": "4Xyz"}))
-    # returned: accepted.  ReinjectionError: answer 451 upstream.
+    # returned: accepted, with the listener's reply ("250 2.0.0 Ok: queued as 5AbcD");
+    # ReinjectionError: answer 451 upstream.
     await reinjector.close()
 
 What "careful" means (reliability R1, R9, R11, R12):
@@ -162,8 +163,9 @@ class Reinjector:
     def __repr__(self) -> str:
         return f"Reinjector({self.host}:{self.port})"
 
-    async def send(self, tx: Transaction) -> None:
-        """Hand one message over; raise `ReinjectionError` unless every recipient was accepted.
+    async def send(self, tx: Transaction) -> str:
+        """Hand one message over; return the listener's reply to the final dot (Postfix's says
+        ``queued as ID``); raise `ReinjectionError` unless every recipient was accepted.
 
         Cancelling (the caller's deadline) drops the connection without the
         final ``.``.
@@ -176,7 +178,7 @@ class Reinjector:
             if conn is None:
                 conn = await self._connect()
             try:
-                await self._transaction(conn, tx)
+                reply = await self._transaction(conn, tx)
             except _StaleConnection:
                 conn.abort()
                 if fresh or attempt:
@@ -187,7 +189,8 @@ class Reinjector:
                 raise
             conn.used = time.monotonic()
             self._give_back(conn)
-            return
+            return reply
+        raise ReinjectionError("the reinjection listener closed the connection")  # not reached
 
     async def close(self) -> None:
         """QUIT the kept connections (politely, briefly)."""
@@ -275,7 +278,7 @@ class Reinjector:
         return conn
 
     # ------------------------------------------------------------------ one transaction
-    async def _transaction(self, conn: _Connection, tx: Transaction) -> None:
+    async def _transaction(self, conn: _Connection, tx: Transaction) -> str:
         ext = conn.extensions
         size = tx.data.size if isinstance(tx.data, Spool) else len(tx.data)
         commands = self._xforward_commands(tx.xforward, ext.get("XFORWARD"))
@@ -307,6 +310,7 @@ class Reinjector:
         code, text = await conn.reply()
         if code != 250:
             raise ReinjectionError(f"end of data answered {code} {text}")
+        return f"{code} {text}"
 
     @staticmethod
     def _xforward_commands(attrs: Mapping[str, str], supported: str | None) -> list[bytes]:

@@ -54,7 +54,7 @@ from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session, syntax
 from . import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
-from .poison import DEFAULT_LIMIT, AttemptLog, counts_as_crash
+from .poison import DEFAULT_LIMIT, AttemptLog
 from .quarantine import Quarantine
 from .reinjection import TEMPFAIL_REPLY, reinjection_plan
 from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction, xtext_decode
@@ -332,6 +332,10 @@ class ProxyHandler:
             return f"501 5.1.3 Bad recipient address: {exc}"
         outcome = self.runtime.check_recipient(addr)
         if outcome is not None and outcome.action is Action.REJECT:
+            xf = envelope.xforward if isinstance(envelope, _FilterEnvelope) else {}
+            log.info("queue_id=%s client=%s[%s] from=<%s> rcpt=<%s> refused at RCPT: %s",
+                     xf.get("IDENT", "-"), xf.get("NAME", "unknown"), xf.get("ADDR", "-"),
+                     envelope.mail_from or "", addr, outcome.reply)
             return outcome.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -349,20 +353,22 @@ class ProxyHandler:
         queue_id = envelope.xforward.get("IDENT", "-")
         self.in_flight += 1
         envelope.deadline = time.monotonic() + self.config.deadline
+        final = False
         try:
             replies = await asyncio.wait_for(self._deliver(envelope, spool), self.config.deadline)
-            if envelope.attempt is not None and not replies[0].startswith("4"):
-                self.attempts.clear(envelope.attempt[0])  # a final answer: forget the attempts
+            final = not replies[0].startswith("4")
             return replies
-        except asyncio.TimeoutError:  # counted against the message (R15): the next try may quarantine it
+        except asyncio.TimeoutError:
             log.warning("queue_id=%s deadline of %gs passed, answered 451", queue_id, self.config.deadline)
         except ReinjectionError as exc:
             log.warning("queue_id=%s reinjection failed, answered 451: %s", queue_id, exc)
-            self._forgive(envelope)
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.reinjection_failures.inc()
         except Exception as exc:  # noqa: BLE001 -- the contract: a 4xx, never a 5xx or a traceback
             log.error("queue_id=%s error, answered 451: %s: %s", queue_id, type(exc).__name__, exc)
         finally:
             self.in_flight -= 1
+            self._end_attempt(envelope, final)
         return [TEMPFAIL_REPLY] * count
 
     async def _deliver(self, envelope: _FilterEnvelope, spool: Spool) -> list[str]:
@@ -400,18 +406,13 @@ class ProxyHandler:
             self.on_outbox()
         plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
         replies = [r for _, r in plan.rcpt_replies] if self.config.lmtp else [plan.reply]
-        if decision.is_tempfail:
-            if envelope.attempt is None:
-                return replies
-            if not counts_as_crash(decision):
-                self._forgive(envelope)
-            elif envelope.attempt[1] >= limit:
-                return await self._quarantine_poison(request, envelope.attempt[1])
+        if decision.is_tempfail:  # the process lives on: no poison (`deliver` forgives the attempt)
             return replies
         original: bytes | Spool = spool if streamed else request.raw
         if plan.quarantine:
             name = await loop.run_in_executor(
-                self.executor, self.quarantine.store, original, plan.quarantine, env.queue_id
+                self.executor, functools.partial(self.quarantine.store, original, plan.quarantine, env.queue_id,
+                                                 sender=env.sender, recipients=env.recipients)
             )
             log.info("queue_id=%s quarantined as %s: %s", env.queue_id or "-", name, plan.quarantine)
         if plan.reinjects:
@@ -419,32 +420,43 @@ class ProxyHandler:
             if streamed and plan.data is not request.raw:
                 raise RuntimeError("a message kept on disk was changed without being read")
             data: bytes | Spool = spool if streamed else plan.data
-            await self.reinjector.send(Transaction(
+            queued = await self.reinjector.send(Transaction(
                 plan.sender, plan.recipients, data, xf,
                 smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options,
             ))
             faults.reached("smtpproxy.after_reinject", env.queue_id)
+            log.info("queue_id=%s reinjected to %d recipient(s): %s", env.queue_id or "-", len(plan.recipients),
+                     queued)
         return replies
 
     async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
-        """Keep a message that failed `failures` times in the quarantine (fsynced), then ``250`` (R15)."""
-        reason = f"poison message: {failures} attempt(s) crashed or timed out; handlers not run again"
+        """Keep a message that killed the process `failures` times in the quarantine, with its
+        envelope (fsynced), then ``250`` (R15; `lamsonfilter.poison`)."""
+        reason = (f"poison message: the filter process died {failures} time(s) while handling it; "
+                  "handlers not run again")
         loop = asyncio.get_running_loop()
-        name = await loop.run_in_executor(self.executor, self.quarantine.store, request.raw, reason,
-                                          request.queue_id)
-        log.error("queue_id=%s quarantined as %s: %s", request.queue_id or "-", name, reason)
+        name = await loop.run_in_executor(
+            self.executor, functools.partial(self.quarantine.store, request.raw, reason, request.queue_id,
+                                             sender=request.sender, recipients=request.recipients))
+        log.error("queue_id=%s quarantined as %s: %s; release it with: lamsonfilter quarantine release %s",
+                  request.queue_id or "-", name, reason, name)
         count = len(request.recipients) if self.config.lmtp else 1
         return ["250 2.0.0 Ok: quarantined"] * count
 
-    def _forgive(self, envelope: _FilterEnvelope) -> None:
-        """This attempt failed for a reason that is not the message's: do not count it."""
-        if envelope.attempt is not None:
-            key, n = envelope.attempt
-            envelope.attempt = None
-            try:
+    def _end_attempt(self, envelope: _FilterEnvelope, final: bool) -> None:
+        """The attempt ended in this process: forget the count after a final answer, else undo this
+        attempt (a 451 from a live process is never held against the message: `lamsonfilter.poison`)."""
+        if envelope.attempt is None:
+            return
+        key, n = envelope.attempt
+        envelope.attempt = None
+        try:
+            if final:
+                self.attempts.clear(key)
+            else:
                 self.attempts.forgive(key, n)
-            except OSError as exc:
-                log.warning("attempt count of %s not undone: %s", key, exc)
+        except OSError as exc:
+            log.warning("attempt count of %s not updated: %s", key, exc)
 
     @staticmethod
     def _replay_key(request: MailRequest) -> str | None:
