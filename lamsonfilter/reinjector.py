@@ -69,6 +69,8 @@ class Transaction:
     xforward: Mapping[str, str] = field(default_factory=dict)
     smtputf8: bool = False
     eightbit: bool = False
+    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.looptrace`'s trace field
+    prefix: bytes = b""
 
 
 def xtext_decode(value: str) -> str:
@@ -280,7 +282,7 @@ class Reinjector:
     # ------------------------------------------------------------------ one transaction
     async def _transaction(self, conn: _Connection, tx: Transaction) -> str:
         ext = conn.extensions
-        size = tx.data.size if isinstance(tx.data, Spool) else len(tx.data)
+        size = (tx.data.size if isinstance(tx.data, Spool) else len(tx.data)) + len(tx.prefix)
         commands = self._xforward_commands(tx.xforward, ext.get("XFORWARD"))
         mail = b"MAIL FROM:" + _address(tx.sender)
         if "SIZE" in ext:
@@ -306,6 +308,8 @@ class Reinjector:
                     f"{cmd.split(b':')[0].decode(errors='replace')} answered {code} {text}"
                     + (f" for {cmd[8:].decode(errors='replace')}" if cmd.startswith(b"RCPT") else "")
                 )
+        if tx.prefix:
+            conn.writer.write(stuff(tx.prefix))
         await self._send_content(conn, tx.data)
         code, text = await conn.reply()
         if code != 250:

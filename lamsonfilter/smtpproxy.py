@@ -54,7 +54,9 @@ from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session, syntax
 from . import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
+from .looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey
 from .poison import DEFAULT_LIMIT, AttemptLog
+from .postfixsetup import PostfixGuard
 from .quarantine import Quarantine
 from .reinjection import TEMPFAIL_REPLY, reinjection_plan
 from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction, xtext_decode
@@ -105,6 +107,8 @@ class ProxyConfig:
 _PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                          r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)\Z", re.DOTALL)
 _TEMPLATES: dict[tuple[Any, ...], "FilterSMTP"] = {}
+_TOO_BIG_NOW = (b"452 4.3.4 Message larger than the content filter's SIZE; raise smtpproxy --max-size "
+                b"(or give it --postfix-config)")
 
 
 class _FilterEnvelope(SMTPEnvelope):
@@ -156,6 +160,8 @@ class FilterSMTP(SMTP):
         that could block), and at once for 221/421 (the connection closes next).
         """
         data = status.encode("utf-8") if isinstance(status, str) else bytes(status)
+        if data.startswith(b"552 Error: message size exceeds"):  # aiosmtpd's MAIL ... SIZE= check
+            data = _TOO_BIG_NOW  # 4xx: Postfix keeps the message instead of bouncing it (5.3.4)
         self._out.append(data + b"\r\n")
         pending = self._reader._buffer  # type: ignore[attr-defined]
         if b"\n" in pending and len(self._out) < 64 and not data.startswith((b"221", b"421")):
@@ -301,6 +307,9 @@ class ProxyHandler:
             log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
         self.limits = DataLimits(max_size=config.max_size)
         self.in_flight = 0
+        self.trace = TraceKey(config.attempts_path.parent / "trace.key")
+        self.guard = (PostfixGuard(config.postfix_config, lambda: self.runtime.app.settings)
+                      if config.postfix_config is not None else None)
 
     # ------------------------------------------------------------------ hooks
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str,
@@ -384,6 +393,9 @@ class ProxyHandler:
             queue_id=known.get("IDENT"),
         )
         faults.reached("smtpproxy.after_data", env.queue_id)
+        head = spool.getvalue() if spool.in_memory else next(spool.chunks(HEAD_LIMIT), b"")
+        if self.trace.came_back(head, env.sender, env.recipients):
+            return await self._came_back(envelope, spool, env)
         routed = self._needs_content(env)
         streamed = not spool.in_memory and not routed
         request = MailRequest(env, b"" if streamed else spool.getvalue())
@@ -423,11 +435,34 @@ class ProxyHandler:
             queued = await self.reinjector.send(Transaction(
                 plan.sender, plan.recipients, data, xf,
                 smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options,
+                prefix=self.trace.field(plan.sender, plan.recipients),
             ))
             faults.reached("smtpproxy.after_reinject", env.queue_id)
             log.info("queue_id=%s reinjected to %d recipient(s): %s", env.queue_id or "-", len(plan.recipients),
                      queued)
         return replies
+
+    async def _came_back(self, envelope: _FilterEnvelope, spool: Spool, env: Envelope) -> list[str]:
+        """A message this filter reinjected came back for the same envelope (`lamsonfilter.looptrace`):
+        ``451 4.4.6`` while the Postfix set-up loops; passed on unchanged once the loop guard finds it fixed."""
+        count = len(env.recipients) if self.config.lmtp else 1
+        loop = asyncio.get_running_loop()
+        fixed = self.guard is not None and not await loop.run_in_executor(self.executor, self.guard.loops)
+        if not fixed:
+            log.error("queue_id=%s from=<%s> rcpts=%d mail loop: this message was reinjected by lamsonfilter "
+                      "and came back for the same recipients; answered 451, Postfix keeps it, handlers not run "
+                      "again. Fix the reinjection listener (-o content_filter=; lamsonfilter check)%s",
+                      env.queue_id or "-", env.sender, len(env.recipients),
+                      "" if self.guard is not None else "; without --postfix-config it is held until deleted")
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.loops.inc()
+            return [LOOP_REPLY] * count
+        queued = await self.reinjector.send(Transaction(
+            env.sender, env.recipients, spool, envelope.xforward,
+            smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options))
+        log.warning("queue_id=%s came back after its reinjection; the Postfix set-up no longer loops: "
+                    "passed on unchanged (its handlers ran on the first pass): %s", env.queue_id or "-", queued)
+        return ["250 2.0.0 Ok"] * count
 
     async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
         """Keep a message that killed the process `failures` times in the quarantine, with its
