@@ -39,11 +39,11 @@ def app_dir(tmp_path: Path) -> Path:
     return make_app(tmp_path / "app")
 
 
-
 def untraced(data: bytes) -> bytes:
     """The reinjected bytes without the one trace field the filter puts on top."""
     assert re.match(rb"X-Lamsonfilter-Trace: v1 [0-9a-f]{32}\r\n", data), data[:80]
     return data.split(b"\r\n", 1)[1]
+
 
 def _config(app_dir: Path, reinject_port: int, **kw: object) -> ProxyConfig:
     return ProxyConfig(app_dir=app_dir, listen=("127.0.0.1", free_port()), reinject=("127.0.0.1", reinject_port),
