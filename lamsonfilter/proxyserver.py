@@ -131,6 +131,13 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
     except OSError as exc:
         runtime.stop()
         raise StartupError(f"quarantine {config.quarantine_path}: {exc}") from None
+    try:  # made here, before serving: the key every worker signs reinjected mail with
+        from .looptrace import TraceKey
+
+        TraceKey(config.attempts_path.parent / "trace.key")
+    except OSError as exc:
+        runtime.stop()
+        raise StartupError(f"trace key in {config.attempts_path.parent}: {exc}") from None
     return runtime
 
 
