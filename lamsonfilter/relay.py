@@ -51,7 +51,11 @@ message with the queue id of the message that caused it, so a reply or a
 list copy in Postfix's log leads back to the post that produced it:
 
     ... queue_id=4XyzAbc ... outbox=1 outbox_ids=<reply-1@lists.example.org>
-    ... outbox: message 17 <reply-1@lists.example.org> to 1 recipient(s): 250 2.0.0 Ok: queued as 5AbcD
+    ... outbox: message 17 <reply-1@lists.example.org> cause=4XyzAbc to 1 recipient(s): 250 2.0.0 Ok: queued as 5AbcD
+
+(``cause=`` names the queue id when this process handled the message;
+``-`` after a restart, or when the parent of ``--workers`` sends it: the
+``Message-ID`` then leads to the worker's line.)
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ MAX_RECIPIENTS = 500
 OUTBOX_LIFETIME = 5 * 24 * 3600.0
 #: ... or after this many failed attempts (with the default backoff, 5 days hold about 110).
 MAX_ATTEMPTS = 200
+#: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
+CAUSES_KEPT = 10_000
 
 
 class RelayError(Exception):
@@ -265,6 +271,10 @@ class OutboxWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
+        #: Message-ID -> queue id of the message whose handling produced it (`Runtime.process`
+        #: fills it; bounded).  Only this process's messages: the log line says ``cause=-`` otherwise.
+        self.causes: dict[str, str] = {}
+        self._causes_lock = threading.Lock()
 
     def flush(self) -> int:
         """Try every message due now, each once; returns how many were tried.
@@ -320,8 +330,9 @@ class OutboxWorker:
                 result = Delivery(deferred=tuple((r, f"{type(exc).__name__}: {exc}") for r in chunk))
             accepted.extend(result.accepted)
             if result.accepted:
-                log.info("outbox: message %d %s to %d recipient(s): %s", item.id, message_id(message.raw),
-                         len(result.accepted), "; ".join(result.queued) or "accepted")
+                mid = message_id(message.raw)
+                log.info("outbox: message %d %s cause=%s to %d recipient(s): %s", item.id, mid,
+                         self.causes.get(mid, "-"), len(result.accepted), "; ".join(result.queued) or "accepted")
             deferred.extend(result.deferred)
             refused.extend(result.refused)
             for rcpt, why in result.refused:
@@ -372,6 +383,15 @@ class OutboxWorker:
             self.storage.mark_sent(ids)
         except Exception as exc:  # noqa: BLE001 -- sent twice later is better than lost
             log.error("outbox: sent %s but could not mark them sent (they may go out twice): %s", list(ids), exc)
+
+    def remember_cause(self, message_ids: Sequence[str], queue_id: str) -> None:
+        """Note which queue id produced these outbox messages (for the log line when they are sent)."""
+        with self._causes_lock:
+            for mid in message_ids:
+                if mid != "-":
+                    self.causes[mid] = queue_id
+            while len(self.causes) > CAUSES_KEPT:
+                del self.causes[next(iter(self.causes))]  # the oldest (dicts keep insertion order)
 
     def wake(self) -> None:
         self._wake.set()

@@ -149,8 +149,10 @@ class Runtime:
         # pass-through mail is never parsed, and logging must not start parsing it
         ambiguous = routes != "-" and request.ambiguous_mime
         # the Message-IDs tie each outbox message to this queue id (relay.py logs them when sent)
-        outbox_ids = f" outbox_ids={','.join(message_id(m.raw) for m in decision.outbox[:20])}" \
-            if decision.outbox else ""
+        ids = [message_id(m.raw) for m in decision.outbox[:20]]
+        outbox_ids = f" outbox_ids={','.join(ids)}" if ids else ""
+        if ids and request.queue_id and self.worker is not None:
+            self.worker.remember_cause(ids, request.queue_id)
         log.info(
             "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d%s ms=%.1f%s",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,

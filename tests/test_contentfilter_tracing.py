@@ -79,7 +79,7 @@ def test_reinjected_and_outbox_queue_ids_are_logged_with_their_cause(tmp_path: P
     assert "queue_id=4Passed reinjected to 1 recipient(s): 250 2.0.0 Ok: queued as 5AbcDe" in caplog.text
     made = re.search(r"queue_id=4Asked .*outbox=1 outbox_ids=(<[^>]+>)", caplog.text)
     assert made, caplog.text
-    assert re.search(rf"outbox: message \d+ {re.escape(made.group(1))} to 1 recipient\(s\): "
+    assert re.search(rf"outbox: message \d+ {re.escape(made.group(1))} cause=4Asked to 1 recipient\(s\): "
                      r"250 2\.0\.0 Ok: queued as 5AbcDe", caplog.text), caplog.text
 
 
