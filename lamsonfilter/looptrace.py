@@ -96,8 +96,9 @@ class TraceKey:
 
     def came_back(self, head: bytes, sender: str, recipients: Sequence[str]) -> bool:
         """Does the message (its first bytes) carry our field for exactly this envelope?"""
-        if b"trace:" not in head[:HEAD_LIMIT].lower():
+        top = head[: min(_header_end(head), HEAD_LIMIT)]  # the header block only (no copy of the body)
+        found = [m.group(1).lower() for m in _FIELD_RX.finditer(top)]
+        if not found:
             return False
-        top = head[: _header_end(head[:HEAD_LIMIT])]
         want = self.mac(sender, recipients).encode("ascii")
-        return any(hmac.compare_digest(m.group(1).lower(), want) for m in _FIELD_RX.finditer(top))
+        return any(hmac.compare_digest(f, want) for f in found)
