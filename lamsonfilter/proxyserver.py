@@ -289,9 +289,18 @@ def _recheck_postfix(proxy: ProxyServer) -> str:
 def _supervise(config: ProxyConfig) -> int:
     """Parent of N workers: starts them, restarts a dead one, runs the outbox, stops them all."""
     probe = build_runtime(config)  # fails here, before any fork, on bad settings or schema
-    want_metrics = bool(probe.app.settings.get("METRICS"))
+    metrics_at = probe.app.settings.get("METRICS")
+    want_metrics = bool(metrics_at)
     probe.stop()
     bind_socket(*config.listen, reuse_port=True).close()  # the port is free and ours
+    if metrics_at:  # before any fork: a taken metrics port is one line, not N workers started and stopped
+        from .settings import parse_hostport
+
+        host, port = parse_hostport(str(metrics_at))
+        try:
+            bind_socket(host, port).close()
+        except StartupError as exc:
+            raise StartupError(f"{exc} (the METRICS address)") from None
     if config.policy:
         bind_socket(*config.policy, reuse_port=True).close()
     # before prometheus-client is imported here or in a worker: the workers count into files there
