@@ -126,3 +126,30 @@ def test_quarantine_keeps_the_whole_envelope(tmp_path: Path) -> None:
     q.remove(name)
     with pytest.raises(QuarantineError):
         q.load(name)
+
+
+def test_mail_that_came_back_is_held_logged_and_counted(tmp_path: Path, scripted: ScriptedSMTP,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Without --postfix-config the filter cannot know the set-up was fixed: 451 4.4.6 each time."""
+    caplog.set_level(logging.INFO, "lamsonfilter")
+    metrics = free_port()
+    app = make_app(tmp_path / "app", f'METRICS = "127.0.0.1:{metrics}"\n')
+    cfg = config(app, scripted.port)
+    with ProxyThread(cfg) as p:
+        with smtplib.SMTP("127.0.0.1", p.port, timeout=30) as s:
+            xforward(s, "4First")
+            s.sendmail("alice@example.com", ["bob@example.net"], MSG)  # reinjected with the trace field
+            back = scripted.messages[0].data
+            assert back.startswith(b"X-Lamsonfilter-Trace: v1 ")
+            xforward(s, "4Again")
+            with pytest.raises(smtplib.SMTPDataError) as exc:
+                s.sendmail("alice@example.com", ["bob@example.net"], back)  # the loop brings it back
+            assert exc.value.smtp_code == 451 and b"4.4.6 Mail loop" in exc.value.smtp_error
+            xforward(s, "4Other")
+            s.sendmail("alice@example.com", ["carol@example.net"], back)  # other recipients: new mail
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+    assert len(scripted.messages) == 2
+    assert "lamsonfilter_loops_total 1.0" in text
+    assert re.search(r"queue_id=4Again from=<alice@example\.com> rcpts=1 mail loop: this message was "
+                     r"reinjected by lamsonfilter", caplog.text), caplog.text
+    assert TraceKey(cfg.attempts_path.parent / "trace.key").came_back(back, "alice@example.com", ["bob@example.net"])
