@@ -34,6 +34,11 @@ def config(app: Path, port: int) -> ProxyConfig:
     return ProxyConfig(app_dir=app, listen=("127.0.0.1", free_port()), reinject=("127.0.0.1", port))
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
 def xforward(s: smtplib.SMTP, ident: str) -> None:
     s.ehlo()
     code, _ = s.docmd(f"XFORWARD NAME=mx.client.example ADDR=192.0.2.7 IDENT={ident}")
@@ -92,7 +97,7 @@ def test_reinjection_failures_are_counted(tmp_path: Path) -> None:
                 with pytest.raises(smtplib.SMTPDataError) as exc:
                     s.sendmail("alice@example.com", ["bob@example.net"], MSG)
                 assert exc.value.smtp_code == 451
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+            text = scrape(metrics)
     assert "lamsonfilter_reinjection_failures_total 1.0" in text
     assert "lamsonfilter_loops_total 0.0" in text
 
@@ -147,7 +152,7 @@ def test_mail_that_came_back_is_held_logged_and_counted(tmp_path: Path, scripted
             assert exc.value.smtp_code == 451 and b"4.4.6 Mail loop" in exc.value.smtp_error
             xforward(s, "4Other")
             s.sendmail("alice@example.com", ["carol@example.net"], back)  # other recipients: new mail
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        text = scrape(metrics)
     assert len(scripted.messages) == 2
     assert "lamsonfilter_loops_total 1.0" in text
     assert re.search(r"queue_id=4Again from=<alice@example\.com> rcpts=1 mail loop: this message was "
