@@ -717,13 +717,16 @@ def smtpproxy_cmd(
         _fail(str(exc))
 
 
-def _add_state_command() -> None:
+def _add_commands() -> None:
+    """The command families that live in modules of their own."""
+    from .cli_quarantine import quarantine_cmd
     from .statecmd import state_cmd
 
     main.add_command(state_cmd)
+    main.add_command(quarantine_cmd)
 
 
-_add_state_command()
+_add_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,12 @@ Exposed (prometheus-client, one registry per daemon):
 ``lamsonfilter_outbox_pending``             committed, not yet sent (read
                                             from the state store per scrape)
 ``lamsonfilter_errors_total``               tempfails caused by errors
+``lamsonfilter_reinjection_failures_total`` content filter: 451s because the
+                                            reinjection listener did not take
+                                            the message
+``lamsonfilter_loops_total``                content filter: messages it had
+                                            reinjected that came back to it
+                                            (answered 451, not processed again)
 ==========================================  ==================================
 
 With ``smtpproxy --workers N`` the messages are processed in N worker
@@ -90,6 +96,11 @@ class Metrics:
         self.generated = prom.Counter("lamsonfilter_outbox_generated", "Outbox messages produced",
                                       registry=self._own)
         self.errors = prom.Counter("lamsonfilter_errors", "Tempfails caused by errors", registry=self._own)
+        self.reinjection_failures = prom.Counter(
+            "lamsonfilter_reinjection_failures", "451s because the reinjection listener did not take the message",
+            registry=self._own)
+        self.loops = prom.Counter("lamsonfilter_loops", "Reinjected messages that came back to the filter",
+                                  registry=self._own)
         self._server: Any = None
 
     def _served_registry(self) -> Any:

@@ -56,6 +56,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -67,6 +68,7 @@ import milter as libmilter  # type: ignore[import-untyped,import-not-found,unuse
 
 from . import daemon, faults
 from .actions import MilterAction, MilterPlan, milter_plan
+from .app import StartupError
 from .decisions import Action
 from .endpoint import MilterSocket
 from .mail import AddressError, Envelope, MailRequest, normalize_address
@@ -320,7 +322,8 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         outcome = self.runtime.check_recipient(address)
         if outcome is not None and outcome.action is Action.REJECT:
             self._setreply(str(outcome.code), outcome.enhanced or "5.1.1", outcome.text or "Rejected")
-            log.info("queue_id=%s rcpt=<%s> rejected at RCPT: %s", self._queue_id() or "-", address, outcome.reply)
+            log.info("queue_id=%s client=%s[%s] rcpt=<%s> rejected at RCPT: %s", self._queue_id() or "-",
+                     self.client_name or "unknown", self.client_address or "-", address, outcome.reply)
             return REJECT
         tx.recipients.append(address)
         tx.routed = tx.routed or self._routed(address)
@@ -597,8 +600,12 @@ def serve(
         app_threads = ThreadPoolExecutor(APP_THREADS, thread_name_prefix="lamsonfilter-app")
         Milter.factory = lambda: LamsonMilter(runtime, spool_threshold, app_threads)
         try:
+            try:  # before the socket: a taken metrics port is a start-up error (one line, exit 2)
+                runtime.start()
+            except StartupError as exc:
+                print(f"lamsonfilter: {exc}", file=sys.stderr)
+                return 2
             how = _listen(endpoint, name, socket_group, timeout, tcp_nodelay)
-            runtime.start()
             failed: list[str] = []
             thread = threading.Thread(target=_run_libmilter, args=(failed,), name="libmilter", daemon=True)
             thread.start()

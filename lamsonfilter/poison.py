@@ -1,18 +1,28 @@
-"""Poison messages: mail that crashes or outlasts the filter again and again (reliability R15).
+"""Poison messages: mail that kills the filter process again and again (reliability R15).
 
-A message whose handler always raises, always runs past the deadline, or
-kills the filter process outright would otherwise be retried by Postfix
-until ``maximal_queue_lifetime`` (5 days), costing a crash each time
-(Haraka #2284).  `AttemptLog` counts, durably, the attempts at one message
-that ended without a final answer; the content filter quarantines the
-message once the count reaches ``POISON_LIMIT`` (settings, default 5):
+A message that takes the whole filter down (a segfault in a C library,
+the kernel's OOM killer, ``os._exit`` in a handler) would otherwise be
+retried by Postfix until ``maximal_queue_lifetime`` (5 days), costing a
+crash and a restart each time, and taking the other messages in flight
+down with it (Haraka #2284).  `AttemptLog` counts, durably, the attempts
+at one message that never came to an end in the process that began them;
+the content filter quarantines the message, with its envelope, once the
+count passes ``POISON_LIMIT`` (settings, default 5):
 
     attempts = AttemptLog(Path("var/attempts"))
     n = attempts.begin(key)        # written *before* the handlers run: a kill still counts
     ...                            # run the handlers
     attempts.clear(key)            # a final answer (250, quarantine): forget the message
-    attempts.forgive(key, n)       # not the message's fault (database down, reinjection
-                                   # refused, the handler asked to retry): undo this attempt
+    attempts.forgive(key, n)       # the attempt ended here, with a 451 (a handler exception,
+                                   # the deadline, the database, the reinjection listener)
+
+Only a dead process leaves its attempt counted.  A handler that raises,
+or outlasts the deadline, ends its attempt with a ``451`` in a process
+that goes on: the attempt is forgiven, the message stays in Postfix's
+queue and is retried until the handler is fixed (or Postfix gives up after
+``maximal_queue_lifetime``).  A bad deploy that breaks every message must
+keep the mail where the administrator can get it back, not move it out of
+the queue.
 
 The key is the replay key of `lamsonfilter.smtpproxy` (XFORWARD IDENT plus
 the recipients), so Postfix's retries of one queue file share one count.
@@ -32,30 +42,12 @@ import threading
 import time
 from pathlib import Path
 
-from .decisions import Decision
 from .quarantine import write_durably
 
-__all__ = ["DEFAULT_LIMIT", "AttemptLog", "counts_as_crash"]
+__all__ = ["DEFAULT_LIMIT", "AttemptLog"]
 
-#: Attempts that end in a crash or a timeout before a message is quarantined.
+#: Attempts that died with the process before a message is quarantined.
 DEFAULT_LIMIT = 5
-
-#: Exceptions of the state store (`lamsonfilter.state.StorageError` and its kinds): the
-#: database, not the message, is at fault, so such a tempfail is no attempt.
-_TRANSIENT = ("StorageError: ", "ConflictError: ", "SchemaMissingError: ")
-
-
-def counts_as_crash(decision: Decision) -> bool:
-    """True when a tempfail decision came from an unexpected error that the message may cause.
-
-    A handler's own ``ctx.tempfail()`` (no ``error``) and a state-store
-    failure are retried without counting: only a crash is held against
-    the message.
-    """
-    if decision.error is None:
-        return False
-    return not any(name in decision.error for name in _TRANSIENT)
-
 
 class AttemptLog:
     """One file per message key under `path` (created on first use, mode 0700)."""

@@ -53,13 +53,22 @@ def policy_answer(runtime: Runtime, attributes: dict[str, str]) -> str:
     except AddressError as exc:
         # the filter would answer 501 at RCPT after queueing, and Postfix would bounce (S6):
         # refuse it now, while the client is still connected
-        return f"501 5.1.3 Bad recipient address syntax: {exc}"
+        return _refused(attributes, f"501 5.1.3 Bad recipient address syntax: {exc}")
     if not recipient:
         return "DUNNO"
     outcome = runtime.check_recipient(recipient)
     if outcome is not None and outcome.action is Action.REJECT:
-        return outcome.reply
+        return _refused(attributes, outcome.reply)
     return "DUNNO"
+
+
+def _refused(attributes: dict[str, str], reply: str) -> str:
+    """Log a refusal (Postfix logs it too, as ``NOQUEUE: reject``), then return it."""
+    log.info("queue_id=%s client=%s[%s] from=<%s> rcpt=<%s> refused at RCPT (policy): %s",
+             attributes.get("queue_id") or "-", attributes.get("client_name") or "unknown",
+             attributes.get("client_address") or "-", attributes.get("sender", ""),
+             attributes.get("recipient", "")[:300], reply)
+    return reply
 
 
 class PolicyServer:

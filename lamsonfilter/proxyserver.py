@@ -33,11 +33,13 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import Callable
 
 from .app import StartupError
 from .metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
 from .policy import PolicyServer
+from .postfixsetup import describe, size_limit
 from .reinjector import Reinjector
 from .runtime import Runtime
 from .service import Service
@@ -94,6 +96,24 @@ def check_config(config: ProxyConfig) -> None:
         raise StartupError(str(exc)) from None
 
 
+def with_postfix_size(config: ProxyConfig) -> ProxyConfig:
+    """Announce at least Postfix's ``message_size_limit`` (--postfix-config): a smaller SIZE makes
+    Postfix bounce mail it accepted (5.3.4).  Without --postfix-config, --max-size as given."""
+    if config.postfix_config is None:
+        return config
+    limit = size_limit(config.postfix_config)
+    if limit is None:
+        log.warning("Postfix in %s has no message_size_limit (0): the filter announces SIZE %d; a larger "
+                    "message is deferred (452 4.3.4), not bounced; raise --max-size if such mail is expected",
+                    config.postfix_config, config.max_size)
+        return config
+    if limit > config.max_size:
+        log.info("announcing SIZE %d: Postfix's message_size_limit in %s (above --max-size %d)",
+                 limit, config.postfix_config, config.max_size)
+        return replace(config, max_size=limit)
+    return config
+
+
 def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime:
     """The application (settings, routes, schema checked), with the outbox sent to --reinject."""
     host, port = config.reinject
@@ -111,6 +131,13 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
     except OSError as exc:
         runtime.stop()
         raise StartupError(f"quarantine {config.quarantine_path}: {exc}") from None
+    try:  # made here, before serving: the key every worker signs reinjected mail with
+        from .looptrace import TraceKey
+
+        TraceKey(config.attempts_path.parent / "trace.key")
+    except OSError as exc:
+        runtime.stop()
+        raise StartupError(f"trace key in {config.attempts_path.parent}: {exc}") from None
     return runtime
 
 
@@ -123,9 +150,7 @@ def _refuse_broken_postfix(config: ProxyConfig, runtime: Runtime) -> None:
     if errors:
         runtime.stop()
         raise StartupError(
-            f"the Postfix configuration in {config.postfix_config} is not safe to run with: "
-            + "; ".join(f"{f.id}: {f.message} (fix: {f.fix})" for f in errors)
-        )
+            f"the Postfix configuration in {config.postfix_config} is not safe to run with: " + describe(errors))
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -148,6 +173,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 def run(config: ProxyConfig) -> int:
     """Check, start, serve until a signal; returns the exit status."""
     check_config(config)
+    config = with_postfix_size(config)
     if config.workers == 1:
         runtime = build_runtime(config)
         try:
@@ -215,8 +241,10 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
         if service is not None:
             service.reloading()
         error = runtime.reload()
+        unsafe = _recheck_postfix(proxy)
         if service is not None:
-            service.status(f"reload refused, old application running: {error}" if error else status)
+            text = f"reload refused, old application running: {error}" if error else status
+            service.reloaded(text + (f"; Postfix set-up UNSAFE: {unsafe}" if unsafe else ""))
 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(proxy.executor, reload))
     mode = "LMTP" if config.lmtp else "SMTP"
@@ -238,13 +266,41 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     log.info("smtpproxy (pid %d) stopped", os.getpid())
 
 
+def _recheck_postfix(proxy: ProxyServer) -> str:
+    """At reload: the loop guard again (a `postfix reload` may have broken the set-up since the start).
+    Logged, not fatal: mail that comes back is held (lamsonfilter.looptrace).  Returns the problem."""
+    guard = proxy.handler.guard
+    if guard is None:
+        return ""
+    try:
+        errors = guard.refresh()
+    except Exception as exc:  # noqa: BLE001 -- a reload never stops the filter
+        log.error("reload: cannot check the Postfix configuration in %s: %s", guard.config_dir, exc)
+        return str(exc)
+    if not errors:
+        log.info("reload: the Postfix configuration in %s passes the loop guard", guard.config_dir)
+        return ""
+    text = describe(errors)
+    log.error("reload: the Postfix configuration in %s is not safe: %s", guard.config_dir, text)
+    return text
+
+
 # ---------------------------------------------------------------------- several workers
 def _supervise(config: ProxyConfig) -> int:
     """Parent of N workers: starts them, restarts a dead one, runs the outbox, stops them all."""
     probe = build_runtime(config)  # fails here, before any fork, on bad settings or schema
-    want_metrics = bool(probe.app.settings.get("METRICS"))
+    metrics_at = probe.app.settings.get("METRICS")
+    want_metrics = bool(metrics_at)
     probe.stop()
     bind_socket(*config.listen, reuse_port=True).close()  # the port is free and ours
+    if metrics_at:  # before any fork: a taken metrics port is one line, not N workers started and stopped
+        from .settings import parse_hostport
+
+        host, port = parse_hostport(str(metrics_at))
+        try:
+            bind_socket(host, port).close()
+        except StartupError as exc:
+            raise StartupError(f"{exc} (the METRICS address)") from None
     if config.policy:
         bind_socket(*config.policy, reuse_port=True).close()
     # before prometheus-client is imported here or in a worker: the workers count into files there

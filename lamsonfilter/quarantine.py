@@ -11,11 +11,22 @@ and keeps a copy here instead; the same happens for an explicit
                    queue_id="4XyzAbc")
 
 Each message becomes one file in ``new/`` (any mail reader opens the
-directory), with ``X-Lamsonfilter-Quarantine`` and
-``X-Lamsonfilter-Queue-Id`` in front of the original bytes.  The write is
-atomic and durable before ``smtpproxy`` answers ``250`` (reliability R6):
-written to ``tmp/``, fsynced, renamed into ``new/``, directory fsynced.  Any
-``OSError`` propagates; the caller answers ``451`` and Postfix retries.
+directory), with lamsonfilter's fields in front of the original bytes:
+
+    X-Lamsonfilter-Quarantine: poison message: ...      why it is here
+    X-Lamsonfilter-Queue-Id: 4XyzAbc                    Postfix's queue id
+    X-Lamsonfilter-Envelope-From: <alice@example.com>   MAIL FROM (``<>`` for the null sender)
+    X-Lamsonfilter-Envelope-To: <bob@example.net>       one field per RCPT TO, Bcc included
+
+The envelope addresses are xtext-encoded (RFC 3461: every byte outside
+printable ASCII, ``+`` and ``=`` as ``+XX``), so any address fits one
+header line and reads back exactly.  `Quarantine.load` returns the fields
+and the original bytes; ``lamsonfilter quarantine release`` (module
+`lamsonfilter.cli_quarantine`) sends them to the reinjection listener with
+the saved envelope.  The write is atomic and durable before ``smtpproxy``
+answers ``250`` (reliability R6): written to ``tmp/``, fsynced, renamed
+into ``new/``, directory fsynced.  Any ``OSError`` propagates; the caller
+answers ``451`` and Postfix retries.
 """
 
 from __future__ import annotations
@@ -25,12 +36,39 @@ import re
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
+from .reinjector import xtext_decode, xtext_encode
 from .spool import Spool
 
-__all__ = ["Quarantine"]
+__all__ = ["Quarantine", "QuarantinedMessage", "QuarantineError"]
+
+_FIELD = b"X-Lamsonfilter-"
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._,:=\\-]*\Z")
+
+
+class QuarantineError(Exception):
+    """A quarantined message that does not exist or cannot be read (the text says which)."""
+
+
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    """One file of the quarantine: lamsonfilter's fields and the original message."""
+
+    name: str
+    path: Path
+    reason: str
+    queue_id: str
+    sender: str | None  # None: stored without an envelope (before envelopes were kept)
+    recipients: tuple[str, ...]
+    raw: bytes
+    stored_at: float
+
+    @property
+    def has_envelope(self) -> bool:
+        return self.sender is not None and bool(self.recipients)
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 _counter_lock = threading.Lock()
@@ -53,18 +91,22 @@ class Quarantine:
         if not os.access(self.path / "tmp", os.W_OK):
             raise PermissionError(f"quarantine {self.path} is not writable")
 
-    def store(self, content: bytes | Spool, reason: str, queue_id: str | None = None) -> str:
-        """Keep one message; returns its file name in ``new/``."""
+    def store(self, content: bytes | Spool, reason: str, queue_id: str | None = None,
+              sender: str | None = None, recipients: Sequence[str] = ()) -> str:
+        """Keep one message with its envelope (`sender` None: none kept); returns its file name in ``new/``."""
         self.ensure()
         name = _unique_name()
         tmp = self.path / "tmp" / name
         head = (
             f"X-Lamsonfilter-Quarantine: {_header_text(reason)}\r\n"
             f"X-Lamsonfilter-Queue-Id: {_header_text(queue_id or 'unknown')}\r\n"
-        ).encode("utf-8")
+        )
+        if sender is not None:
+            head += f"X-Lamsonfilter-Envelope-From: <{xtext_encode(sender)}>\r\n"
+            head += "".join(f"X-Lamsonfilter-Envelope-To: <{xtext_encode(r)}>\r\n" for r in recipients)
 
         def write(f: BinaryIO) -> None:
-            f.write(head)
+            f.write(head.encode("utf-8"))
             if isinstance(content, bytes):
                 f.write(content)
             else:
@@ -73,6 +115,71 @@ class Quarantine:
 
         write_durably(tmp, self.path / "new" / name, write, exclusive=True)
         return name
+
+    # ------------------------------------------------------------------ reading (the CLI)
+    def names(self) -> list[str]:
+        """The messages kept, oldest first (``new/`` and ``cur/``)."""
+        found: list[tuple[float, str]] = []
+        for sub in ("new", "cur"):
+            d = self.path / sub
+            if not d.is_dir():
+                continue
+            for entry in d.iterdir():
+                if entry.is_file() and not entry.name.startswith("."):
+                    found.append((entry.stat().st_mtime, entry.name))
+        return [name for _, name in sorted(found)]
+
+    def _find(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise QuarantineError(f"{name!r} is not the name of a quarantined message")
+        for sub in ("new", "cur"):
+            path = self.path / sub / name
+            if path.is_file():
+                return path
+        raise QuarantineError(f"no message {name} in the quarantine {self.path}")
+
+    def load(self, name: str) -> QuarantinedMessage:
+        """Read one message: lamsonfilter's fields, the envelope and the original bytes."""
+        path = self._find(name)
+        try:
+            data = path.read_bytes()
+            stored_at = path.stat().st_mtime
+        except OSError as exc:
+            raise QuarantineError(f"{path}: {exc.strerror or exc}") from None
+        fields: list[tuple[str, str]] = []
+        pos = 0
+        while data.startswith(_FIELD, pos):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                break
+            line = data[pos:end].rstrip(b"\r").decode("utf-8", "replace")
+            key, _, value = line.partition(":")
+            fields.append((key[len("X-Lamsonfilter-"):].lower(), value.strip()))
+            pos = end + 1
+        get = dict(fields).get
+        sender = get("envelope-from")
+        return QuarantinedMessage(
+            name=name, path=path, reason=get("quarantine", ""), queue_id=get("queue-id", "unknown"),
+            sender=None if sender is None else _unbracket(sender),
+            recipients=tuple(_unbracket(v) for k, v in fields if k == "envelope-to"),
+            raw=data[pos:], stored_at=stored_at,
+        )
+
+    def remove(self, name: str) -> None:
+        """Delete one message for good (fsyncs the directory)."""
+        path = self._find(name)
+        path.unlink()
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _unbracket(value: str) -> str:
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    return xtext_decode(value)
 
 
 def _header_text(value: str) -> str:

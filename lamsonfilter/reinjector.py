@@ -7,7 +7,8 @@ Exim's) accept the message for **every** recipient:
     reinjector = Reinjector("127.0.0.1", 10026)
     await reinjector.send(Transaction(sender="", recipients=("bob@example.net",),
                                       data=spool, xforward={"IDENT": "4Xyz"}))
-    # returned: accepted.  ReinjectionError: answer 451 upstream.
+    # returned: accepted, with the listener's reply ("250 2.0.0 Ok: queued as 5AbcD");
+    # ReinjectionError: answer 451 upstream.
     await reinjector.close()
 
 What "careful" means (reliability R1, R9, R11, R12):
@@ -68,6 +69,8 @@ class Transaction:
     xforward: Mapping[str, str] = field(default_factory=dict)
     smtputf8: bool = False
     eightbit: bool = False
+    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.looptrace`'s trace field
+    prefix: bytes = b""
 
 
 def xtext_decode(value: str) -> str:
@@ -162,8 +165,9 @@ class Reinjector:
     def __repr__(self) -> str:
         return f"Reinjector({self.host}:{self.port})"
 
-    async def send(self, tx: Transaction) -> None:
-        """Hand one message over; raise `ReinjectionError` unless every recipient was accepted.
+    async def send(self, tx: Transaction) -> str:
+        """Hand one message over; return the listener's reply to the final dot (Postfix's says
+        ``queued as ID``); raise `ReinjectionError` unless every recipient was accepted.
 
         Cancelling (the caller's deadline) drops the connection without the
         final ``.``.
@@ -176,7 +180,7 @@ class Reinjector:
             if conn is None:
                 conn = await self._connect()
             try:
-                await self._transaction(conn, tx)
+                reply = await self._transaction(conn, tx)
             except _StaleConnection:
                 conn.abort()
                 if fresh or attempt:
@@ -187,7 +191,8 @@ class Reinjector:
                 raise
             conn.used = time.monotonic()
             self._give_back(conn)
-            return
+            return reply
+        raise ReinjectionError("the reinjection listener closed the connection")  # not reached
 
     async def close(self) -> None:
         """QUIT the kept connections (politely, briefly)."""
@@ -275,9 +280,9 @@ class Reinjector:
         return conn
 
     # ------------------------------------------------------------------ one transaction
-    async def _transaction(self, conn: _Connection, tx: Transaction) -> None:
+    async def _transaction(self, conn: _Connection, tx: Transaction) -> str:
         ext = conn.extensions
-        size = tx.data.size if isinstance(tx.data, Spool) else len(tx.data)
+        size = (tx.data.size if isinstance(tx.data, Spool) else len(tx.data)) + len(tx.prefix)
         commands = self._xforward_commands(tx.xforward, ext.get("XFORWARD"))
         mail = b"MAIL FROM:" + _address(tx.sender)
         if "SIZE" in ext:
@@ -303,10 +308,13 @@ class Reinjector:
                     f"{cmd.split(b':')[0].decode(errors='replace')} answered {code} {text}"
                     + (f" for {cmd[8:].decode(errors='replace')}" if cmd.startswith(b"RCPT") else "")
                 )
+        if tx.prefix:
+            conn.writer.write(stuff(tx.prefix))
         await self._send_content(conn, tx.data)
         code, text = await conn.reply()
         if code != 250:
             raise ReinjectionError(f"end of data answered {code} {text}")
+        return f"{code} {text}"
 
     @staticmethod
     def _xforward_commands(attrs: Mapping[str, str], supported: str | None) -> list[bytes]:

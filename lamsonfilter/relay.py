@@ -43,16 +43,33 @@ Nothing lost, nothing repeated -- how errors surface:
   the whole message) is refused for good, as a 5xx would be.
 * Any other exception is a failed attempt of that message; the worker
   thread logs it (one line, the traceback at DEBUG) and keeps running.
+
+Tracing: every message handed over is logged with its ``Message-ID`` and
+the relay's reply to the final dot (Postfix's ``250 2.0.0 Ok: queued as
+5AbcD``); `Runtime.process` logs the same ``Message-ID`` of each outbox
+message with the queue id of the message that caused it, so a reply or a
+list copy in Postfix's log leads back to the post that produced it:
+
+    ... queue_id=4XyzAbc ... outbox=1 outbox_ids=<reply-1@lists.example.org>
+    ... outbox: message 17 <reply-1@lists.example.org> cause=4XyzAbc to 1 recipient(s): 250 2.0.0 Ok: queued as 5AbcD
+
+(``cause=`` names the queue id when this process handled the message;
+``-`` after a restart, or when the parent of ``--workers`` sends it: the
+``Message-ID`` then leads to the worker's line.)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from .decisions import OutboxMessage
 from .mail import _header_end
@@ -68,6 +85,8 @@ MAX_RECIPIENTS = 500
 OUTBOX_LIFETIME = 5 * 24 * 3600.0
 #: ... or after this many failed attempts (with the default backoff, 5 days hold about 110).
 MAX_ATTEMPTS = 200
+#: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
+CAUSES_KEPT = 10_000
 
 
 class RelayError(Exception):
@@ -86,11 +105,33 @@ class Delivery:
     accepted: tuple[str, ...] = ()
     deferred: tuple[tuple[str, str], ...] = ()
     refused: tuple[tuple[str, str], ...] = ()
+    queued: tuple[str, ...] = ()  # the relay's replies to the final dot ("250 2.0.0 Ok: queued as 5AbcD")
 
     def __add__(self, other: Delivery) -> Delivery:
         return Delivery(
-            self.accepted + other.accepted, self.deferred + other.deferred, self.refused + other.refused
+            self.accepted + other.accepted, self.deferred + other.deferred, self.refused + other.refused,
+            self.queued + other.queued,
         )
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client, keeping the reply to the final dot (``sendmail`` drops it)."""
+
+    last_data_reply = ""
+
+    def data(self, msg: "Buffer | str") -> tuple[int, bytes]:
+        code, reply = super().data(msg)
+        self.last_data_reply = f"{code} {_text(reply)}"
+        return code, reply
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]{1,250}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id(raw: bytes) -> str:
+    """The ``Message-ID`` of a message's header block, or ``-`` (for log lines)."""
+    m = _MESSAGE_ID.search(raw, 0, _header_end(raw))
+    return m.group(1).decode("ascii", "replace") if m else "-"
 
 
 class Relay:
@@ -117,7 +158,7 @@ class Relay:
         """
         recipients = list(dict.fromkeys(message.recipients))  # each once
         try:
-            smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.helo, timeout=self.timeout)
+            smtp = _SMTP(self.host, self.port, local_hostname=self.helo, timeout=self.timeout)
         except (smtplib.SMTPException, OSError) as exc:
             raise RelayError(f"{self.host}:{self.port}: {exc}") from exc
         try:
@@ -144,7 +185,7 @@ class Relay:
                 smtp.close()
 
     def _transaction(
-        self, smtp: smtplib.SMTP, message: OutboxMessage, recipients: list[str]
+        self, smtp: _SMTP, message: OutboxMessage, recipients: list[str]
     ) -> tuple[Delivery, bool]:
         """One MAIL/RCPT.../DATA; returns the outcome and whether the connection still works."""
         utf8 = smtp.has_extn("smtputf8")
@@ -180,7 +221,7 @@ class Relay:
         except (smtplib.SMTPException, OSError) as exc:  # a timeout or reset mid-transaction
             return Delivery(refused=refused) + _all(recipients, f"{type(exc).__name__}: {exc}", 400), False
         accepted = tuple(r for r in recipients if r not in rejected)
-        return Delivery(accepted=accepted, refused=refused) + _split(rejected), True
+        return Delivery(accepted=accepted, refused=refused, queued=(smtp.last_data_reply,)) + _split(rejected), True
 
 
 def _text(reply: bytes | str) -> str:
@@ -230,6 +271,10 @@ class OutboxWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
+        #: Message-ID -> queue id of the message whose handling produced it (`Runtime.process`
+        #: fills it; bounded).  Only this process's messages: the log line says ``cause=-`` otherwise.
+        self.causes: dict[str, str] = {}
+        self._causes_lock = threading.Lock()
 
     def flush(self) -> int:
         """Try every message due now, each once; returns how many were tried.
@@ -284,6 +329,10 @@ class OutboxWorker:
                 log.debug("outbox: message %d: traceback", item.id, exc_info=True)
                 result = Delivery(deferred=tuple((r, f"{type(exc).__name__}: {exc}") for r in chunk))
             accepted.extend(result.accepted)
+            if result.accepted:
+                mid = message_id(message.raw)
+                log.info("outbox: message %d %s cause=%s to %d recipient(s): %s", item.id, mid,
+                         self.causes.get(mid, "-"), len(result.accepted), "; ".join(result.queued) or "accepted")
             deferred.extend(result.deferred)
             refused.extend(result.refused)
             for rcpt, why in result.refused:
@@ -334,6 +383,15 @@ class OutboxWorker:
             self.storage.mark_sent(ids)
         except Exception as exc:  # noqa: BLE001 -- sent twice later is better than lost
             log.error("outbox: sent %s but could not mark them sent (they may go out twice): %s", list(ids), exc)
+
+    def remember_cause(self, message_ids: Sequence[str], queue_id: str) -> None:
+        """Note which queue id produced these outbox messages (for the log line when they are sent)."""
+        with self._causes_lock:
+            for mid in message_ids:
+                if mid != "-":
+                    self.causes[mid] = queue_id
+            while len(self.causes) > CAUSES_KEPT:
+                del self.causes[next(iter(self.causes))]  # the oldest (dicts keep insertion order)
 
     def wake(self) -> None:
         self._wake.set()

@@ -26,7 +26,7 @@ from .app import App, StartupError
 from .decisions import Decision, Outcome
 from .mail import MailRequest
 from .metrics import Metrics
-from .relay import OutboxWorker, Relay
+from .relay import OutboxWorker, Relay, message_id
 from .state import StorageError
 
 __all__ = ["Runtime", "REPLAY_TTL"]
@@ -148,10 +148,15 @@ class Runtime:
         # X2: say so when two MIME readers could disagree -- for the application's own (routed) mail;
         # pass-through mail is never parsed, and logging must not start parsing it
         ambiguous = routes != "-" and request.ambiguous_mime
+        # the Message-IDs tie each outbox message to this queue id (relay.py logs them when sent)
+        ids = [message_id(m.raw) for m in decision.outbox[:20]]
+        outbox_ids = f" outbox_ids={','.join(ids)}" if ids else ""
+        if ids and request.queue_id and self.worker is not None:
+            self.worker.remember_cause(ids, request.queue_id)
         log.info(
-            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d ms=%.1f%s",
+            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d%s ms=%.1f%s",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
-            len(request.recipients), routes, decision.kind, len(decision.outbox), took,
+            len(request.recipients), routes, decision.kind, len(decision.outbox), outbox_ids, took,
             " mime=ambiguous" if ambiguous else "",
             extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
                    "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},

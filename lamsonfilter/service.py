@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 __all__ = ["Service", "setup_logging", "JOURNAL_FIELDS"]
@@ -77,6 +78,10 @@ class Service:
     def reloading(self) -> None:
         self._send("RELOADING=1\nSTATUS=reloading")
 
+    def reloaded(self, status: str) -> None:
+        """The end of a reload, good or refused: sd_notify(3) wants READY=1 after RELOADING=1."""
+        self._send(f"READY=1\nSTATUS={status}")
+
     def stopping(self) -> None:
         self._stop.set()
         self._send("STOPPING=1\nSTATUS=stopping")
@@ -127,6 +132,10 @@ def setup_logging(verbose: int = 0) -> None:
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("lamsonfilter[%(process)d]: %(levelname)s %(message)s"))
+        # outside journald nothing else stamps the lines: the time, to the millisecond, in UTC
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ lamsonfilter[%(process)d]: %(levelname)s %(message)s",
+                                      datefmt="%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level)

@@ -5,7 +5,8 @@
 into one `MailRequest`, runs `Runtime.process`, and carries out the
 content filter's table (`lamsonfilter.reinjection`): reinject to
 127.0.0.1:10026 (a Postfix smtpd that does not filter again), quarantine,
-and only then reply.  This is the only module that imports aiosmtpd.
+and only then reply.  The SMTP/LMTP session around it is
+`lamsonfilter.smtpsession`; the two are the only modules that import aiosmtpd.
 
     config = ProxyConfig(app_dir=Path("examples/mailinglist"))
     serve(config)                       # until SIGTERM; see lamsonfilter.proxyserver
@@ -28,11 +29,11 @@ LMTP: one reply per recipient          per recipient: 250, 5xx (bounce) or 451
 
 Over SMTP a reject decided after DATA is never a ``5xx`` (that would bounce
 to a possibly forged sender): those recipients are discarded and the
-message is quarantined in a Maildir.  aiosmtpd's defaults are overridden
-where they would hurt: its ``500 Error: (…)`` exception reply (now
-``451 4.3.0``), its DATA reader (unbounded lines, see `lamsonfilter.spool`),
-strict ASCII mode (SMTPUTF8 is on), and its EHLO (adds PIPELINING and
-XFORWARD).
+message is quarantined in a Maildir, with its envelope.  A handler
+exception or the deadline is ``451`` for as long as it lasts; only a
+message that killed the process ``POISON_LIMIT`` times is quarantined
+(`lamsonfilter.poison`).  Reinjected mail carries a trace field, and mail
+that comes back with it is held instead of looping (`lamsonfilter.looptrace`).
 """
 
 from __future__ import annotations
@@ -42,24 +43,25 @@ import concurrent.futures
 import functools
 import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
 
 from . import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
-from .poison import DEFAULT_LIMIT, AttemptLog, counts_as_crash
+from .looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey
+from .poison import DEFAULT_LIMIT, AttemptLog
+from .postfixsetup import PostfixGuard
 from .quarantine import Quarantine
 from .reinjection import TEMPFAIL_REPLY, reinjection_plan
-from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction, xtext_decode
+from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction
 from .runtime import REPLAY_TTL, Runtime
-from .spool import DataError, DataLimits, Spool, read_data
+from .smtpsession import FilterEnvelope, FilterLMTP, FilterSMTP, protocol_factory
+from .spool import DataLimits, Spool
 
 __all__ = ["ProxyConfig", "ProxyHandler", "FilterSMTP", "FilterLMTP", "protocol_factory", "serve",
            "MAX_RECIPIENTS"]
@@ -101,182 +103,6 @@ class ProxyConfig:
         return self.quarantine_path.parent / "attempts"
 
 
-#: ``<dot-atom@domain> params``: the paths Postfix sends (RFC 5321 §4.1.2, no quoting).
-_PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-                         r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)\Z", re.DOTALL)
-_TEMPLATES: dict[tuple[Any, ...], "FilterSMTP"] = {}
-
-
-class _FilterEnvelope(SMTPEnvelope):
-    """aiosmtpd's envelope plus the XFORWARD attributes of this transaction."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.xforward: dict[str, str] = {}
-        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (R15)
-        self.attempt: tuple[str, int] | None = None
-        #: ``time.monotonic()`` when the upstream gets 451 for taking too long (set by `deliver`)
-        self.deadline: float | None = None
-
-
-class FilterSMTP(SMTP):
-    """aiosmtpd's SMTP machine with a safe DATA reader and XFORWARD (see the module docstring)."""
-
-    def __init__(self, handler: "ProxyHandler", **kwargs: Any) -> None:
-        # aiosmtpd's __init__ introspects self and the handler (inspect.getmembers,
-        # dir) on every connection: about 1 ms of CPU, half of what a message costs.
-        # Its result only depends on the class and the handler, so it is computed
-        # once on a template instance that never sees a connection, and copied.
-        key = (type(self), id(handler), tuple(sorted(kwargs.items())))
-        template = _TEMPLATES.get(key)
-        if template is None:
-            template = _TEMPLATES[key] = object.__new__(type(self))
-            SMTP.__init__(template, handler, **kwargs)
-        self.__dict__.update(template.__dict__)
-        self.loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop,
-        )
-        self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in template._smtp_methods}
-        self._auth_methods = {}  # no AUTH on the filter port (and never without TLS)
-        self._out = []
-        self.proxy = handler
-
-    _out: list[bytes]
-
-    async def push(self, status: Any) -> None:
-        """Queue a reply; write the queue when the client has no further command waiting.
-
-        Postfix pipelines (XFORWARD, MAIL, RCPT, DATA in one packet); aiosmtpd writes
-        each reply with its own send(), and on loopback each send costs the sender the
-        receiver's TCP work too.  Like Postfix's smtpd, replies to pipelined commands
-        go out together, in one write.  Nothing waits with replies unsent: the queue is
-        written whenever no complete command line is buffered (so before every read
-        that could block), and at once for 221/421 (the connection closes next).
-        """
-        data = status.encode("utf-8") if isinstance(status, str) else bytes(status)
-        self._out.append(data + b"\r\n")
-        pending = self._reader._buffer  # type: ignore[attr-defined]
-        if b"\n" in pending and len(self._out) < 64 and not data.startswith((b"221", b"421")):
-            return
-        await self._flush()
-
-    async def _flush(self) -> None:
-        if self._out:
-            self._writer.write(b"".join(self._out))
-            self._out.clear()
-            await self._writer.drain()
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """A plain ``<local@domain>`` without the email package's full parser (0.2 ms a message);
-        anything else (quoted local parts, comments...) goes to aiosmtpd's parser."""
-        m = _PLAIN_PATH.match(arg)
-        if m is not None:
-            return m.group(1) or "<>", m.group(2)  # aiosmtpd's spelling of the null path
-        addr, rest = super()._getaddr(arg)
-        return addr, rest
-
-    def _create_envelope(self) -> _FilterEnvelope:
-        return _FilterEnvelope()
-
-    _in_data = False
-
-    def eof_received(self) -> bool | None:
-        """The client half-closed.  Exim pipelines ``QUIT`` after the final dot and then
-        shuts down its sending side: aiosmtpd would cancel the message being processed
-        and drop the connection without a reply (Exim: "Remote host closed connection
-        in response to end of data", and the message would be processed again).  During
-        DATA the reply is still written; the buffered commands are served, then EOF ends
-        the session."""
-        if self._in_data:
-            self._reader.feed_eof()
-            return True  # keep the transport open for our reply
-        return super().eof_received()
-
-    async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, asyncio.IncompleteReadError) and self.transport is not None:
-            self.transport.close()  # EOF in the middle of a command: the session is over
-        return await super().handle_exception(error)
-
-    @syntax("XFORWARD attribute=value ...")
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        """Postfix's XFORWARD (XFORWARD_README): attributes of the original client, per transaction."""
-        if await self.check_helo_needed("EHLO"):
-            return
-        envelope = self.envelope
-        assert isinstance(envelope, _FilterEnvelope)
-        if envelope.mail_from:
-            await self.push("503 5.5.1 Error: MAIL transaction in progress")
-            return
-        if not arg:
-            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
-            return
-        attrs: dict[str, str] = {}
-        for item in arg.split():
-            name, eq, value = item.partition("=")
-            value = xtext_decode(value)
-            if not eq or name.upper() not in XFORWARD_ATTRS or len(value) > 255 or not value.isprintable():
-                await self.push(f"501 5.5.4 Bad XFORWARD attribute: {name[:20]}")
-                return
-            attrs[name.upper()] = value
-        envelope.xforward.update(attrs)
-        await self.push("250 2.0.0 Ok")
-
-    async def smtp_DATA(self, arg: str) -> None:
-        """DATA with `lamsonfilter.spool.read_data`; the reply comes from `ProxyHandler.deliver`."""
-        if await self.check_helo_needed():
-            return
-        envelope = self.envelope
-        assert isinstance(envelope, _FilterEnvelope)
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        await self._flush()  # the client waits for 354 before it sends the message
-        self._in_data = True
-        try:
-            await self._data(envelope)
-        finally:
-            self._in_data = False
-        if self._reader.at_eof() and self.transport is not None:
-            self.transport.close()  # half-closed by the client and nothing left to serve
-
-    async def _data(self, envelope: _FilterEnvelope) -> None:
-        try:
-            spool = await read_data(self._reader, self.proxy.limits, self.proxy.config.spool_dir, self._reset_timeout)
-        except DataError as exc:
-            log.warning("%r: %s", self.session.peer if self.session else None, exc.reply)
-            await self.push(exc.reply)
-            await self._flush()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        except asyncio.IncompleteReadError:
-            if self.transport is not None:
-                self.transport.close()
-            return
-        try:
-            replies = await self.proxy.deliver(envelope, spool)
-        finally:
-            spool.close()
-        self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
-        await self._push_all(replies)
-
-    async def _push_all(self, replies: list[str]) -> None:
-        if not self.proxy.config.lmtp:
-            replies = replies[:1]
-        self._out.extend(r.encode("utf-8") + b"\r\n" for r in replies)
-        await self._flush()
-
-
-class FilterLMTP(FilterSMTP, LMTP):
-    """LMTP (RFC 2033): LHLO instead of EHLO, one reply per recipient after DATA."""
-
-
 class ProxyHandler:
     """aiosmtpd hooks plus the one delivery step: MailRequest → Decision → reinjection → reply."""
 
@@ -301,6 +127,9 @@ class ProxyHandler:
             log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
         self.limits = DataLimits(max_size=config.max_size)
         self.in_flight = 0
+        self.trace = TraceKey(config.attempts_path.parent / "trace.key")
+        self.guard = (PostfixGuard(config.postfix_config, lambda: self.runtime.app.settings)
+                      if config.postfix_config is not None else None)
 
     # ------------------------------------------------------------------ hooks
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str,
@@ -332,6 +161,10 @@ class ProxyHandler:
             return f"501 5.1.3 Bad recipient address: {exc}"
         outcome = self.runtime.check_recipient(addr)
         if outcome is not None and outcome.action is Action.REJECT:
+            xf = envelope.xforward if isinstance(envelope, FilterEnvelope) else {}
+            log.info("queue_id=%s client=%s[%s] from=<%s> rcpt=<%s> refused at RCPT: %s",
+                     xf.get("IDENT", "-"), xf.get("NAME", "unknown"), xf.get("ADDR", "-"),
+                     envelope.mail_from or "", addr, outcome.reply)
             return outcome.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -343,29 +176,31 @@ class ProxyHandler:
         return TEMPFAIL_REPLY
 
     # ------------------------------------------------------------------ delivery
-    async def deliver(self, envelope: _FilterEnvelope, spool: Spool) -> list[str]:
+    async def deliver(self, envelope: FilterEnvelope, spool: Spool) -> list[str]:
         """The replies to the final ``.``: one for SMTP, one per recipient for LMTP.  Never raises."""
         count = len(envelope.rcpt_tos) if self.config.lmtp else 1
         queue_id = envelope.xforward.get("IDENT", "-")
         self.in_flight += 1
         envelope.deadline = time.monotonic() + self.config.deadline
+        final = False
         try:
             replies = await asyncio.wait_for(self._deliver(envelope, spool), self.config.deadline)
-            if envelope.attempt is not None and not replies[0].startswith("4"):
-                self.attempts.clear(envelope.attempt[0])  # a final answer: forget the attempts
+            final = not replies[0].startswith("4")
             return replies
-        except asyncio.TimeoutError:  # counted against the message (R15): the next try may quarantine it
+        except asyncio.TimeoutError:
             log.warning("queue_id=%s deadline of %gs passed, answered 451", queue_id, self.config.deadline)
         except ReinjectionError as exc:
             log.warning("queue_id=%s reinjection failed, answered 451: %s", queue_id, exc)
-            self._forgive(envelope)
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.reinjection_failures.inc()
         except Exception as exc:  # noqa: BLE001 -- the contract: a 4xx, never a 5xx or a traceback
             log.error("queue_id=%s error, answered 451: %s: %s", queue_id, type(exc).__name__, exc)
         finally:
             self.in_flight -= 1
+            self._end_attempt(envelope, final)
         return [TEMPFAIL_REPLY] * count
 
-    async def _deliver(self, envelope: _FilterEnvelope, spool: Spool) -> list[str]:
+    async def _deliver(self, envelope: FilterEnvelope, spool: Spool) -> list[str]:
         xf = envelope.xforward
         known = {k: v for k, v in xf.items() if v not in _UNAVAILABLE}
         addr = known.get("ADDR")
@@ -378,6 +213,9 @@ class ProxyHandler:
             queue_id=known.get("IDENT"),
         )
         faults.reached("smtpproxy.after_data", env.queue_id)
+        head = spool.getvalue() if spool.in_memory else next(spool.chunks(HEAD_LIMIT), b"")
+        if self.trace.came_back(head, env.sender, env.recipients):
+            return await self._came_back(envelope, spool, env)
         routed = self._needs_content(env)
         streamed = not spool.in_memory and not routed
         request = MailRequest(env, b"" if streamed else spool.getvalue())
@@ -400,18 +238,13 @@ class ProxyHandler:
             self.on_outbox()
         plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
         replies = [r for _, r in plan.rcpt_replies] if self.config.lmtp else [plan.reply]
-        if decision.is_tempfail:
-            if envelope.attempt is None:
-                return replies
-            if not counts_as_crash(decision):
-                self._forgive(envelope)
-            elif envelope.attempt[1] >= limit:
-                return await self._quarantine_poison(request, envelope.attempt[1])
+        if decision.is_tempfail:  # the process lives on: no poison (`deliver` forgives the attempt)
             return replies
         original: bytes | Spool = spool if streamed else request.raw
         if plan.quarantine:
             name = await loop.run_in_executor(
-                self.executor, self.quarantine.store, original, plan.quarantine, env.queue_id
+                self.executor, functools.partial(self.quarantine.store, original, plan.quarantine, env.queue_id,
+                                                 sender=env.sender, recipients=env.recipients)
             )
             log.info("queue_id=%s quarantined as %s: %s", env.queue_id or "-", name, plan.quarantine)
         if plan.reinjects:
@@ -419,32 +252,66 @@ class ProxyHandler:
             if streamed and plan.data is not request.raw:
                 raise RuntimeError("a message kept on disk was changed without being read")
             data: bytes | Spool = spool if streamed else plan.data
-            await self.reinjector.send(Transaction(
+            queued = await self.reinjector.send(Transaction(
                 plan.sender, plan.recipients, data, xf,
                 smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options,
+                prefix=self.trace.field(plan.sender, plan.recipients),
             ))
             faults.reached("smtpproxy.after_reinject", env.queue_id)
+            log.info("queue_id=%s reinjected to %d recipient(s): %s", env.queue_id or "-", len(plan.recipients),
+                     queued)
         return replies
 
-    async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
-        """Keep a message that failed `failures` times in the quarantine (fsynced), then ``250`` (R15)."""
-        reason = f"poison message: {failures} attempt(s) crashed or timed out; handlers not run again"
+    async def _came_back(self, envelope: FilterEnvelope, spool: Spool, env: Envelope) -> list[str]:
+        """A message this filter reinjected came back for the same envelope (`lamsonfilter.looptrace`):
+        ``451 4.4.6`` while the Postfix set-up loops; passed on unchanged once the loop guard finds it fixed."""
+        count = len(env.recipients) if self.config.lmtp else 1
         loop = asyncio.get_running_loop()
-        name = await loop.run_in_executor(self.executor, self.quarantine.store, request.raw, reason,
-                                          request.queue_id)
-        log.error("queue_id=%s quarantined as %s: %s", request.queue_id or "-", name, reason)
+        fixed = self.guard is not None and not await loop.run_in_executor(self.executor, self.guard.loops)
+        if not fixed:
+            log.error("queue_id=%s from=<%s> rcpts=%d mail loop: this message was reinjected by lamsonfilter "
+                      "and came back for the same recipients; answered 451, Postfix keeps it, handlers not run "
+                      "again. Fix the reinjection listener (-o content_filter=; lamsonfilter check)%s",
+                      env.queue_id or "-", env.sender, len(env.recipients),
+                      "" if self.guard is not None else "; without --postfix-config it is held until deleted")
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.loops.inc()
+            return [LOOP_REPLY] * count
+        queued = await self.reinjector.send(Transaction(
+            env.sender, env.recipients, spool, envelope.xforward,
+            smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options))
+        log.warning("queue_id=%s came back after its reinjection; the Postfix set-up no longer loops: "
+                    "passed on unchanged (its handlers ran on the first pass): %s", env.queue_id or "-", queued)
+        return ["250 2.0.0 Ok"] * count
+
+    async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
+        """Keep a message that killed the process `failures` times in the quarantine, with its
+        envelope (fsynced), then ``250`` (R15; `lamsonfilter.poison`)."""
+        reason = (f"poison message: the filter process died {failures} time(s) while handling it; "
+                  "handlers not run again")
+        loop = asyncio.get_running_loop()
+        name = await loop.run_in_executor(
+            self.executor, functools.partial(self.quarantine.store, request.raw, reason, request.queue_id,
+                                             sender=request.sender, recipients=request.recipients))
+        log.error("queue_id=%s quarantined as %s: %s; release it with: lamsonfilter quarantine release %s",
+                  request.queue_id or "-", name, reason, name)
         count = len(request.recipients) if self.config.lmtp else 1
         return ["250 2.0.0 Ok: quarantined"] * count
 
-    def _forgive(self, envelope: _FilterEnvelope) -> None:
-        """This attempt failed for a reason that is not the message's: do not count it."""
-        if envelope.attempt is not None:
-            key, n = envelope.attempt
-            envelope.attempt = None
-            try:
+    def _end_attempt(self, envelope: FilterEnvelope, final: bool) -> None:
+        """The attempt ended in this process: forget the count after a final answer, else undo this
+        attempt (a 451 from a live process is never held against the message: `lamsonfilter.poison`)."""
+        if envelope.attempt is None:
+            return
+        key, n = envelope.attempt
+        envelope.attempt = None
+        try:
+            if final:
+                self.attempts.clear(key)
+            else:
                 self.attempts.forgive(key, n)
-            except OSError as exc:
-                log.warning("attempt count of %s not undone: %s", key, exc)
+        except OSError as exc:
+            log.warning("attempt count of %s not updated: %s", key, exc)
 
     @staticmethod
     def _replay_key(request: MailRequest) -> str | None:
@@ -463,25 +330,6 @@ class ProxyHandler:
             return any(self.runtime.app.match(r) is not None for r in env.recipients)
         except Exception:  # noqa: BLE001 -- when in doubt, read it
             return True
-
-
-def protocol_factory(handler: ProxyHandler) -> Callable[[], FilterSMTP]:
-    """What ``loop.create_server`` needs: a new SMTP (or LMTP) machine per connection."""
-    cls = FilterLMTP if handler.config.lmtp else FilterSMTP
-    size = handler.config.max_size
-
-    def make() -> FilterSMTP:
-        return cls(
-            handler,
-            hostname=handler.config.hostname,  # no getfqdn(): no DNS
-            ident="lamsonfilter",
-            data_size_limit=size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            timeout=300,
-        )
-
-    return make
 
 
 def serve(config: ProxyConfig) -> int:

@@ -154,11 +154,12 @@ class ContentFilterSetup:
 
 
 def strip_received(data: bytes) -> bytes:
-    """The message minus the Received: fields Postfix put on top (each with its continuation lines)."""
+    """The message minus the Received: fields Postfix put on top (each with its continuation lines)
+    and the filter's trace field (lamsonfilter.looptrace) among them."""
     lines = data.split(b"\r\n") if b"\r\n" in data else data.split(b"\n")
     sep = b"\r\n" if b"\r\n" in data else b"\n"
     i = 0
-    while i < len(lines) and lines[i].lower().startswith(b"received:"):
+    while i < len(lines) and lines[i].lower().startswith((b"received:", b"x-lamsonfilter-trace:")):
         i += 1
         while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
             i += 1

@@ -3,9 +3,10 @@
 Issue #5, checklist IDs (docs/reliability.rst):
 
 =====  =========================================================================
-R15    a message whose handler always raises (and one that kills the filter
-       process) is quarantined after ``POISON_LIMIT`` attempts, answered 250,
-       gone from the queue, no DSN; other mail keeps flowing
+R15    a message that kills the filter process is quarantined after
+       ``POISON_LIMIT`` attempts, answered 250, gone from the queue, no DSN;
+       one whose handler always raises or always outlasts the deadline stays
+       deferred in Postfix's queue past that limit; other mail keeps flowing
 R6     strace: the state commit (outbox) and the quarantine copy are fsynced
        before the ``250`` reaches Postfix; kill -9 after that 250 → the pending
        outbox reply is sent after the restart, once
@@ -45,8 +46,7 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.decisions import Action, Decision, Outcome
-from lamsonfilter.poison import AttemptLog, counts_as_crash
+from lamsonfilter.poison import AttemptLog
 from lamsonfilter.reinjector import IDLE_LIMIT
 from lamsonfilter.spool import DataLimits
 from tests.integration.deploy import LIST_HOST, SendResult
@@ -228,8 +228,9 @@ def body(size: int) -> str:
 
 # ---------------------------------------------------------------------------- R15
 @pytest.mark.postfix
-def test_poison_message_is_quarantined_after_k_crashes_while_other_mail_flows(dep: LimitsDeployment) -> None:
-    """R15: handler always raises → k attempts (k−1 deferrals), then quarantined durably, 250, no DSN."""
+def test_handler_that_always_raises_stays_deferred_while_other_mail_flows(dep: LimitsDeployment) -> None:
+    """R15: handler always raises → 451 at every attempt, past POISON_LIMIT; never quarantined, no DSN
+    (a broken deploy keeps the mail in Postfix's queue until the handler is fixed)."""
     subject = f"poison {uuid.uuid4().hex}"
     qid = dep.queue_id(dep.send("alice@example.com", [f"poison@{LIST_HOST}"], subject, "bad\n"))
     wait_for(lambda: dep.log_lines(qid, r"status=deferred.*451 4\.3\.0"), WAIT,
@@ -245,22 +246,17 @@ def test_poison_message_is_quarantined_after_k_crashes_while_other_mail_flows(de
     for t in threads:
         t.join(WAIT)
     assert len(results) == 6 and all(r.accepted for r in results), [str(r) for r in results]
-    dep.wait_sent(qid)
     for rcpt, subj in normal:
         assert len(dep.wait_for_mail(rcpt, subj)) == 1
-    dep.settle()
-    kept = [q for q in dep.quarantined() if subject.encode() in q]
-    assert len(kept) == 1, f"expected one quarantined copy of {qid}"
-    assert f"X-Lamsonfilter-Queue-Id: {qid}\r\n".encode() in kept[0]
-    assert b"X-Lamsonfilter-Quarantine: poison message: 3 attempt(s)" in kept[0]
-    deferrals = dep.log_lines(qid, r"status=deferred.*451 4\.3\.0")
-    handler_runs = len([line for line in dep.filter_log.read_text().splitlines()
-                        if f"queue_id={qid} " in line and "always crashes the handler" in line])
-    assert (len(deferrals), handler_runs) == (POISON_LIMIT - 1, POISON_LIMIT), dep.diagnostics()
-    assert re.search(rf"queue_id={qid} quarantined as .*poison message", dep.filter_log.read_text())
-    assert not dep.in_queue(qid)
-    assert not dep.messages_to(f"poison@{LIST_HOST}") and not dep.dsns()
-    assert not dep.attempts(), "the attempt count is cleared after the final answer"
+    wait_for(lambda: len(dep.log_lines(qid, r"status=deferred.*451 4\.3\.0")) > POISON_LIMIT, WAIT,
+             message=lambda: f"{POISON_LIMIT + 1} deferrals of {qid}; {dep.diagnostics()}")
+    try:
+        assert dep.in_queue(qid)
+        assert not [q for q in dep.quarantined() if subject.encode() in q]
+        assert not re.search(rf"queue_id={qid} quarantined as ", dep.filter_log.read_text())
+        assert not dep.messages_to(f"poison@{LIST_HOST}") and not dep.dsns()
+    finally:
+        dep.pf._run("postsuper", "-d", qid)  # the module's deployment goes on without it
 
 
 @pytest.mark.postfix
@@ -289,20 +285,23 @@ def test_message_that_kills_the_filter_is_quarantined_after_k_kills(dep: LimitsD
 
 
 @pytest.mark.postfix
-def test_message_that_always_times_out_is_quarantined_after_k_timeouts(dep: LimitsDeployment) -> None:
-    """R15: a handler that always outlasts the deadline → k deferrals, then quarantined unrun, 250."""
+def test_message_that_always_times_out_stays_deferred(dep: LimitsDeployment) -> None:
+    """R15: a handler that always outlasts the deadline → 451 at every attempt, past POISON_LIMIT;
+    the process lives on, so the message is not poison: it stays in Postfix's queue."""
     subject = f"stuck {uuid.uuid4().hex}"
     qid = dep.queue_id(dep.send("alice@example.com", [f"stuck@{LIST_HOST}"], subject, "slow\n"))
-    dep.wait_sent(qid, timeout=POISON_LIMIT * (DEADLINE + 30) + WAIT)
-    deferrals = dep.log_lines(qid, r"status=deferred.*451 4\.3\.0")
-    timeouts = [line for line in dep.filter_log.read_text().splitlines()
-                if f"queue_id={qid} deadline" in line]
-    assert (len(deferrals), len(timeouts)) == (POISON_LIMIT, POISON_LIMIT), dep.diagnostics()
-    kept = [q for q in dep.quarantined() if subject.encode() in q]
-    assert len(kept) == 1 and b"poison message: 3 attempt(s)" in kept[0]
-    assert not dep.in_queue(qid)
-    dep.settle()
-    assert not dep.messages_to(f"stuck@{LIST_HOST}") and not dep.dsns()
+    wait_for(lambda: len(dep.log_lines(qid, r"status=deferred.*451 4\.3\.0")) > POISON_LIMIT,
+             (POISON_LIMIT + 1) * (DEADLINE + 30) + WAIT,
+             message=lambda: f"{POISON_LIMIT + 1} deferrals of {qid}; {dep.diagnostics()}")
+    try:
+        timeouts = [line for line in dep.filter_log.read_text().splitlines()
+                    if f"queue_id={qid} deadline" in line]
+        assert len(timeouts) > POISON_LIMIT, dep.diagnostics()
+        assert dep.in_queue(qid)
+        assert not [q for q in dep.quarantined() if subject.encode() in q]
+        assert not dep.messages_to(f"stuck@{LIST_HOST}") and not dep.dsns()
+    finally:
+        dep.pf._run("postsuper", "-d", qid)
 
 
 # ---------------------------------------------------------------------------- R6
@@ -581,14 +580,3 @@ def test_attempt_log_counts_durably_and_forgets(tmp_path: Path) -> None:
     assert log.count(key) == 0 and not list((tmp_path / "attempts").iterdir())
     log.begin(key)
     assert log.purge(3600, now=time.time() + 7200) == 1 and log.count(key) == 0
-
-
-@pytest.mark.parametrize(("decision", "counted"), [
-    (Decision.tempfail(("a@example.org",), "lflimits.START: RuntimeError: boom"), True),
-    (Decision.tempfail(("a@example.org",), "ValueError: bad"), True),
-    (Decision.tempfail(("a@example.org",), "StorageError: begin failed on the state database"), False),
-    (Decision.tempfail(("a@example.org",), "h.START: ConflictError: still conflicting"), False),
-    (Decision((Outcome("a@example.org", Action.TEMPFAIL, 451, "4.3.0", "later"),)), False),  # ctx.tempfail()
-])
-def test_only_crashes_count_against_a_message(decision: Decision, counted: bool) -> None:
-    assert counts_as_crash(decision) is counted
