@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from .app import App
+from .findings import Finding
 from .fsm import ERROR, START, is_stateless
 from .graph import _moves, transitions, unknown_returns
 
 __all__ = ["Finding", "check_app", "check_postfix", "PostfixConfig", "MilterEntry", "parse_milters", "app001"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    id: str
-    severity: str  # "error" | "warning"
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.id} {self.severity}: {self.message}\n    fix: {self.fix}"
 
 
 # ---------------------------------------------------------------- the application

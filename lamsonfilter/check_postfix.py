@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .check import Finding
+from .findings import Finding
 from .endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
 
 __all__ = ["PostfixConfig", "MilterEntry", "parse_milters", "check_postfix", "smtpd_milters_value",

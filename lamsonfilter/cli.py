@@ -536,6 +536,8 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     settings: dict[str, Any] = {}
     try:
         settings = load_settings(app_dir, {"DATABASE_URL": database})
+        # before anything opens the database: SQLite would replace a stale -wal file as this user
+        findings.extend(_writable_finding(settings, service_user))
         app = load_app(app_dir, {"DATABASE_URL": database})
     except StorageError as exc:  # before StartupError: a missing database file is both
         findings.append(_storage_finding(exc, app_dir, database))
@@ -547,8 +549,6 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
             app.storage.check_schema()
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
-    if settings:
-        findings.extend(_writable_finding(settings, service_user))
     if postfix_config is not None:
         findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size))
     for f in findings:

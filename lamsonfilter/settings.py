@@ -188,10 +188,9 @@ def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:
     if url in ("memory:", "memory://"):
         return MemoryStorage()
     resolved = resolve_database_url(url, app_dir)
-    if resolved != url and app_dir is not None:
-        path = sqlite_path(url, app_dir)
-        if path is not None:  # a relative path: its directory (APP/var) belongs to the application
-            path.parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(resolved, app_dir) if app_dir is not None else None
+    if path is not None and app_dir is not None and Path(app_dir).absolute() in path.parents:
+        path.parent.mkdir(parents=True, exist_ok=True)  # APP/var belongs to the application
     from .sqlstate import SQLAlchemyStorage
 
     return SQLAlchemyStorage(resolved)
