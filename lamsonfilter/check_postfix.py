@@ -325,9 +325,8 @@ def _address_classes(pc: PostfixConfig, settings: Mapping[str, Any]) -> list[Fin
             "PF004", "error",
             f"Postfix accepts no mail for {host} (HOSTS): it is in none of {', '.join(ADDRESS_CLASSES)}, "
             "so every client outside mynetworks gets 'Relay access denied'",
-            f"add {host} to relay_domains and give it a transport that keeps mail lamsonfilter passes "
-            f"on, e.g. transport_maps = inline:{{ {{{host} = retry:4.3.0 not consumed by lamsonfilter}} }} "
-            "(README.rst, 'Installing on a server')"))
+            f"add {host} to relay_domains, and give it a transport that keeps what lamsonfilter passes on "
+            "(the lines of conf/postfix/main.cf.domains and master.cf.domains)"))
     return out
 
 

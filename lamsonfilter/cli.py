@@ -517,12 +517,14 @@ def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
 @click.option("--max-size", type=int, default=None, metavar="BYTES", envvar="LAMSONFILTER_MAX_SIZE",
               help="The SIZE `lamsonfilter smtpproxy --max-size` announces, to check it against "
                    "Postfix's message_size_limit.")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="The outbox/reinjection listener (overrides RELAY), to find it in master.cf.")
 @click.option("--user", "service_user", default=None, metavar="USER",
               help="The user the daemons run as, to check that it can write the state database.  "
                    "Default: this user; as root, lamsonfilter when that user exists.")
 @_database_option
 def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, max_size: int | None,
-              service_user: str | None, database: str | None) -> None:
+              relay: str | None, service_user: str | None, database: str | None) -> None:
     """Find problems in the application and the Postfix set-up.
 
     Each finding has a stable ID (APP... application, PF... Postfix), what
@@ -535,10 +537,10 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     findings: list[Finding] = []
     settings: dict[str, Any] = {}
     try:
-        settings = load_settings(app_dir, {"DATABASE_URL": database})
+        settings = load_settings(app_dir, {"DATABASE_URL": database, "RELAY": relay})
         # before anything opens the database: SQLite would replace a stale -wal file as this user
         findings.extend(_writable_finding(settings, service_user))
-        app = load_app(app_dir, {"DATABASE_URL": database})
+        app = load_app(app_dir, {"DATABASE_URL": database, "RELAY": relay})
     except StorageError as exc:  # before StartupError: a missing database file is both
         findings.append(_storage_finding(exc, app_dir, database))
     except StartupError as exc:
@@ -723,8 +725,9 @@ def send_cmd(server: str, sender: str, rcpts: tuple[str, ...], subject: str, bod
               default="unix:/run/lamsonfilter/milter.sock", show_default=True,
               help="Where Postfix connects: unix:/path (made 0660, group --socket-group) or "
                    "inet:PORT@HOST (loopback only unless --allow-remote).")
-@click.option("--relay", metavar="HOST:PORT", default=None,
-              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.  "
+                   "Env LAMSONFILTER_RELAY.")
 @_database_option
 @click.option("--allow-remote", is_flag=True, help="Allow an inet socket on a non-loopback address.")
 @click.option("--socket-group", default="postfix", show_default=True, metavar="GROUP",

@@ -144,7 +144,8 @@ class Demo:
             "relay_domains": ", ".join(hosts),
             # what lamsonfilter passes on for its own domains stays queued (conf/postfix/main.cf.domains)
             "transport_maps": "inline:{ " + ", ".join(
-                f"{{{h} = retry:4.3.0 mail for {h} was not consumed by lamsonfilter}}" for h in hosts) + " }",
+                f"{{{h} = lamsonfilter-kept:mail for {h} was not consumed by lamsonfilter}}" for h in hosts) + " }",
+            "defer_transports": "lamsonfilter-kept",
             "virtual_mailbox_domains": ", ".join(MAIL_DOMAINS),
             "virtual_mailbox_base": str(self.workdir / "mail"),
             "virtual_mailbox_maps": "static:inbox/",  # one Maildir for everybody
@@ -153,7 +154,8 @@ class Demo:
             "default_transport": "error:the demo delivers only to example.com, example.net and example.org",
             "relay_transport": "error:the demo delivers only to example.com, example.net and example.org",
         }
-        extra = "virtual   unix  -       n       n       -       -       virtual\n"
+        extra = ("virtual   unix  -       n       n       -       -       virtual\n"
+                 "lamsonfilter-kept unix -  -       n       -       -       error\n")
         if self.mode == "milter":
             main_cf.update({
                 "smtpd_milters": f"{{ unix:{self.socket}, default_action=tempfail }}",

@@ -67,7 +67,7 @@ def test_a_domain_in_no_address_class_is_pf004(tmp_path, domains):
     findings = [f for f in check_postfix(pf, SETTINGS) if f.id == "PF004"]
     assert len(findings) == 1 and findings[0].severity == "error"
     assert "lists.example.org" in findings[0].message and "Relay access denied" in findings[0].message
-    assert "relay_domains" in findings[0].fix and "retry:" in findings[0].fix
+    assert "relay_domains" in findings[0].fix and "main.cf.domains" in findings[0].fix
     # in milter mode as well
     pf = write_postfix(tmp_path / "m", MILTER_MAIN.replace("relay_domains = lists.example.org\n", domains + "\n"),
                        MILTER_MASTER)
