@@ -766,7 +766,7 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
     try:
         from . import milter as milter_mode
     except ImportError as exc:
-        _fail(f"milter mode needs pymilter ({exc}); install it with: pip install 'lamsonfilter[milter]'")
+        _fail(f"milter mode needs pymilter ({exc}); install it from the clone: pip install '/path/to/clone[milter]'")
         return
     from .check_postfix import smtpd_milters_value
     from .runtime import Runtime
@@ -889,7 +889,7 @@ def smtpproxy_cmd(
     try:
         from .smtpproxy import ProxyConfig, serve
     except ImportError as exc:
-        _fail(f"smtpproxy needs aiosmtpd (pip install 'lamsonfilter[smtpproxy]'): {exc}")
+        _fail(f"smtpproxy needs aiosmtpd (from the clone: pip install '/path/to/clone[smtpproxy]'): {exc}")
         return
     from .service import setup_logging
 
