@@ -521,7 +521,7 @@ def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
               help="The outbox/reinjection listener (overrides RELAY), to find it in master.cf.")
 @click.option("--user", "service_user", default=None, metavar="USER",
               help="The user the daemons run as, to check that it can write the state database.  "
-                   "Default: this user; as root, lamsonfilter when that user exists.")
+                   "Default: this user; as root, the owner of the database's directory.")
 @_database_option
 def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, max_size: int | None,
               relay: str | None, service_user: str | None, database: str | None) -> None:
@@ -573,10 +573,14 @@ def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
     if path is None or not path.parent.exists():
         return []
     if user is None and os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("lamsonfilter").pw_name
-        except KeyError:
-            user = None
+        # root can write anything: judge for the owner of the state directory (the service's
+        # user, as /var/lib/lamsonfilter of the units), unless that is root too
+        owner = path.parent.stat().st_uid
+        if owner != 0:
+            try:
+                user = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                user = None
     problem = write_problem(path, user)
     if problem is None:
         return []

@@ -159,3 +159,12 @@ def test_the_milter_refuses_an_unwritable_database_too(app_copy, service_user):
            f"unix:{state.parent}/milter.sock", "--socket-group", "", user=service_user, timeout=60)
     assert r.returncode == 2 and str(state) in r.stderr and service_user in r.stderr, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_check_as_root_judges_for_the_owner_of_the_state_directory(app_copy, service_user):
+    """The issue's case: `db init` and `check` both run as root, the units' directory belongs to the user."""
+    state = _state_dir(app_copy, service_user) / "state.db"
+    url = f"sqlite:///{state}"
+    assert lf("db", "init", "--app", str(app_copy), "--database", url).returncode == 0
+    r = lf("check", "--app", str(app_copy), "--database", url)
+    assert r.returncode == 1 and "APP011" in r.stdout and f"user {service_user}" in r.stdout, r.stdout
