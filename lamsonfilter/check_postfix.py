@@ -20,15 +20,23 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .findings import Finding
 from .endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
+from .findings import Finding
 
-__all__ = ["PostfixConfig", "MilterEntry", "parse_milters", "check_postfix", "smtpd_milters_value",
-           "ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY"]
+__all__ = [
+    "ADDRESS_CLASSES",
+    "DEFAULT_QUEUE_DIRECTORY",
+    "MilterEntry",
+    "PostfixConfig",
+    "check_postfix",
+    "parse_milters",
+    "smtpd_milters_value",
+]
 
 #: Where Debian's Postfix keeps its queue, and chroots its daemons.
 DEFAULT_QUEUE_DIRECTORY = "/var/spool/postfix"
@@ -63,12 +71,12 @@ class PostfixConfig:
     config_dir: str = ""
 
     @classmethod
-    def read(cls, config_dir: str | Path) -> "PostfixConfig":
+    def read(cls, config_dir: str | Path) -> PostfixConfig:
         exe = _postconf()
 
         def run(*args: str) -> str:
             proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
-                [exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60)
+                [exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip() or f"postconf {' '.join(args)} failed")
             return proc.stdout
@@ -138,8 +146,8 @@ class PostfixConfig:
         """Whether lookup table `table` (``type:name``) has `key`; None when it cannot be asked."""
         exe = shutil.which("postmap") or "/usr/sbin/postmap"
         try:
-            proc = subprocess.run(  # noqa: S603 -- argv list, no shell
-                [exe, "-c", self.config_dir, "-q", key, table], capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
+                [exe, "-c", self.config_dir, "-q", key, table], capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return {0: True, 1: False}.get(proc.returncode)
@@ -226,7 +234,7 @@ def _accepts_domain(pc: PostfixConfig, param: str, host: str) -> bool | None:
     subdomains = param in _tokens(pc.expanded.get("parent_domain_matches_subdomains", ""))
     unknown = False
     for item in _tokens(pc.expanded.get(param, "")):
-        if re.match(r"^[a-z0-9_]+:", item, re.I) and not item.startswith("/"):
+        if re.match(r"^[a-z0-9_]+:", item, re.IGNORECASE) and not item.startswith("/"):
             found = pc.lookup(item, host)
             if found is None:
                 unknown = True

@@ -25,7 +25,7 @@ import pwd
 import stat
 from pathlib import Path
 
-__all__ = ["COMPANIONS", "write_problem", "chown_database", "user_name"]
+__all__ = ["COMPANIONS", "chown_database", "user_name", "write_problem"]
 
 #: The files SQLite keeps next to a database (WAL mode, rollback journal).
 COMPANIONS = ("-wal", "-shm", "-journal")

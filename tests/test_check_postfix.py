@@ -13,7 +13,15 @@ import pytest
 from lamsonfilter.check import app001
 from lamsonfilter.check_postfix import check_postfix, smtpd_milters_value
 from lamsonfilter.endpoint import parse_milter_socket
-from tests.test_check import APP, GOOD_MAIN, GOOD_MASTER, ids, invoke, need_postconf, write_postfix
+from tests.test_check import (
+    APP,
+    GOOD_MAIN,
+    GOOD_MASTER,
+    ids,
+    invoke,
+    need_postconf,
+    write_postfix,
+)
 
 SETTINGS = {"HOSTS": ["lists.example.org"], "RELAY": "127.0.0.1:10026"}
 

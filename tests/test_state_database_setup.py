@@ -28,7 +28,7 @@ def lf(*args: str, env: dict[str, str] | None = None, user: str | None = None,
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LAMSONFILTER_")}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**clean, **(env or {})},
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**clean, **(env or {})}, check=False,
                           cwd="/")
 
 
@@ -101,7 +101,7 @@ def service_user():
     try:
         yield name
     finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
 
 
 def _state_dir(app_copy: Path, user: str) -> Path:

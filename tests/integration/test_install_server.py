@@ -32,7 +32,13 @@ import pytest
 
 from tests.integration.deploy import EXAMPLE, ROOT
 from tests.rig.fixtures import POSTFIX_BINARIES, require
-from tests.rig.postfix import CaptureServer, PrivatePostfix, free_port, port_accepts, wait_for
+from tests.rig.postfix import (
+    CaptureServer,
+    PrivatePostfix,
+    free_port,
+    port_accepts,
+    wait_for,
+)
 
 SCRIPT = ROOT / "scripts" / "install-server.sh"
 
@@ -48,8 +54,8 @@ def scratch() -> Iterator[tuple[Path, str]]:
     try:
         yield root, user
     finally:
-        subprocess.run(["userdel", user], capture_output=True, timeout=60)
-        subprocess.run(["groupdel", user], capture_output=True, timeout=60)
+        subprocess.run(["userdel", user], capture_output=True, timeout=60, check=False)
+        subprocess.run(["groupdel", user], capture_output=True, timeout=60, check=False)
         if os.environ.get("LF_RIG_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
 
@@ -133,7 +139,7 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
     with CaptureServer() as capture:
         pf = PrivatePostfix(work, smtpd_port=free_port(), relay_port=capture.port)
         proc = subprocess.run(
-            ["bash", str(SCRIPT), mode, str(EXAMPLE)], capture_output=True, text=True, timeout=900,
+            ["bash", str(SCRIPT), mode, str(EXAMPLE)], capture_output=True, text=True, timeout=900, check=False,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("LAMSONFILTER_")},
                  "LF_ROOT": str(root), "LF_USER": user, "POSTFIX_CONFIG": str(pf.config_dir),
                  "LF_LISTEN": listen, "LF_REINJECT": reinject, "LF_POLICY": policy})
@@ -144,7 +150,7 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
         state = root / "var/lib/lamsonfilter"
         assert state.stat().st_uid == entry.pw_uid and (state / "state.db").stat().st_uid == entry.pw_uid
         assert (root / "srv/lamsonfilter/app/config/settings.py").stat().st_uid == 0
-        assert "postfix" in subprocess.run(["id", "-nG", user], capture_output=True, text=True).stdout.split()
+        assert "postfix" in subprocess.run(["id", "-nG", user], capture_output=True, text=True, check=False).stdout.split()
         unit = root / "etc/systemd/system" / f"lamsonfilter-{'milter' if mode == 'milter' else 'smtpproxy'}.service"
         log = root / f"{mode}.log"
         pf.start()
@@ -152,10 +158,10 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
         try:
             if mode == "milter":
                 sock = Path(pf.postconf("-h", "queue_directory").strip()) / "lamsonfilter" / "milter.sock"
-                ready = lambda: sock.exists() or daemon.poll() is not None  # noqa: E731
+                ready = lambda: sock.exists() or daemon.poll() is not None
             else:
                 port = int(listen.rsplit(":", 1)[1])
-                ready = lambda: port_accepts(port) or daemon.poll() is not None  # noqa: E731
+                ready = lambda: port_accepts(port) or daemon.poll() is not None
             wait_for(ready, 60, message=lambda: f"the {mode} unit to start: {log.read_text(errors='replace')}")
             assert daemon.poll() is None, log.read_text(errors="replace")
             send(pf.smtpd_port, "alice@example.com", "python-subscribe@lists.example.org", "join")
