@@ -142,4 +142,5 @@ def app001(error: str) -> Finding:
     return Finding("APP001", "error", error, fix)
 
 
-from .check_postfix import MilterEntry, PostfixConfig, check_postfix, parse_milters  # noqa: E402
+from .check_milter import MilterEntry, parse_milters  # noqa: E402
+from .check_postfix import PostfixConfig, check_postfix  # noqa: E402

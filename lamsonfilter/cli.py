@@ -561,47 +561,21 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
 
 
 def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
-    """APP011: the service's user cannot write the SQLite state database (item 7 of issue 12)."""
-    import os
-    import pwd
+    from .statefile import writable_finding
 
-    from .check import Finding
-    from .settings import sqlite_path
-    from .statefile import write_problem
-
-    path = sqlite_path(settings["DATABASE_URL"], settings["APP_DIR"])
-    if path is None or not path.parent.exists():
-        return []
-    if user is None and os.geteuid() == 0:
-        # root can write anything: judge for the owner of the state directory (the service's
-        # user, as /var/lib/lamsonfilter of the units), unless that is root too
-        owner = path.parent.stat().st_uid
-        if owner != 0:
-            try:
-                user = pwd.getpwuid(owner).pw_name
-            except KeyError:
-                user = None
-    problem = write_problem(path, user)
-    if problem is None:
-        return []
-    text, _, fix = problem.partition("; fix: ")
-    return [Finding("APP011", "error", text + ": the daemons answer 451 to every routed message",
-                    fix or "give the files to the service's user")]
+    return writable_finding(settings, user)
 
 
 def _refuse_unwritable_database(app_dir: Path, database: str | None) -> None:
     """Exit 2 with one line when this process cannot write its SQLite state database."""
-    from .settings import load_settings, sqlite_path
-    from .statefile import write_problem
+    from .settings import load_settings
+    from .statefile import daemon_write_problem
 
     try:
         settings = load_settings(app_dir, {"DATABASE_URL": database})
     except StartupError:
         return  # the daemon's own start reports it
-    path = sqlite_path(settings["DATABASE_URL"], settings["APP_DIR"])
-    if path is None or not path.exists():
-        return
-    problem = write_problem(path)
+    problem = daemon_write_problem(settings)
     if problem:
         _fail(problem)
 
@@ -772,7 +746,7 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
     except ImportError as exc:
         _fail(f"milter mode needs pymilter ({exc}); install it from the clone: pip install '/path/to/clone[milter]'")
         return
-    from .check_postfix import smtpd_milters_value
+    from .check_milter import smtpd_milters_value
     from .runtime import Runtime
 
     _refuse_unwritable_database(app_dir, database)

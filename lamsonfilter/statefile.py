@@ -23,9 +23,13 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["COMPANIONS", "chown_database", "user_name", "write_problem"]
+from .findings import Finding
+
+__all__ = ["COMPANIONS", "chown_database", "daemon_write_problem", "user_name", "writable_finding", "write_problem"]
 
 #: The files SQLite keeps next to a database (WAL mode, rollback journal).
 COMPANIONS = ("-wal", "-shm", "-journal")
@@ -108,3 +112,42 @@ def chown_database(path: Path, user: str) -> list[Path]:
             os.chown(candidate, entry.pw_uid, entry.pw_gid)
             changed.append(candidate)
     return changed
+
+
+def _database_file(settings: Mapping[str, Any]) -> Path | None:
+    from .settings import sqlite_path
+
+    return sqlite_path(settings["DATABASE_URL"], settings["APP_DIR"])
+
+
+def daemon_write_problem(settings: Mapping[str, Any]) -> str | None:
+    """Why this process (a daemon about to start) cannot write its existing SQLite database, or None."""
+    path = _database_file(settings)
+    if path is None or not path.exists():
+        return None  # no SQLite, or no file yet: the schema check says "run db init"
+    return write_problem(path)
+
+
+def writable_finding(settings: Mapping[str, Any], user: str | None) -> list[Finding]:
+    """APP011 for ``lamsonfilter check``: the service's user cannot write the SQLite database.
+
+    `user` None means this user; but root may write anything, so ``check`` run
+    as root judges for the owner of the database's directory (the service's
+    user, as with the units' ``/var/lib/lamsonfilter``), unless that is root too.
+    """
+    path = _database_file(settings)
+    if path is None or not path.parent.exists():
+        return []
+    if user is None and os.geteuid() == 0:
+        owner = path.parent.stat().st_uid
+        if owner != 0:
+            try:
+                user = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                user = None
+    problem = write_problem(path, user)
+    if problem is None:
+        return []
+    text, _, fix = problem.partition("; fix: ")
+    return [Finding("APP011", "error", text + ": the daemons answer 451 to every routed message",
+                    fix or "give the files to the service's user")]
