@@ -345,20 +345,52 @@ def db_cmd() -> None:
 @db_cmd.command("init")
 @_app_option
 @_database_option
-def db_init(app_dir: Path, database: str | None) -> None:
-    """Create (or upgrade) the state schema in the application's database."""
-    from .settings import load_settings, make_storage
+@click.option("--owner", metavar="USER", default=None,
+              help="Give the SQLite file (and its -wal/-shm files) to USER, the user the daemons run as: "
+                   "for db init run as root, e.g. --owner lamsonfilter.")
+def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
+    """Create (or upgrade) the state schema in the application's database.
 
+    The database is the one the daemons use with the same --app and
+    --database (or $LAMSONFILTER_DATABASE, which the systemd units set):
+    give the same URL here.  A relative sqlite:/// path lies inside the
+    application directory; the absolute path is printed.
+    """
+    import os
+    import pwd
+
+    from .settings import load_settings, make_storage, resolve_database_url, sqlite_path
+    from .statefile import chown_database, write_problem
+
+    if owner is not None:
+        try:
+            pwd.getpwnam(owner)
+        except KeyError:
+            _fail(f"--owner {owner}: no such user")
     try:
         settings = load_settings(app_dir, {"DATABASE_URL": database})
-        storage = make_storage(settings["DATABASE_URL"], settings["APP_DIR"])
+        url = resolve_database_url(settings["DATABASE_URL"], settings["APP_DIR"])
+        path = sqlite_path(url, settings["APP_DIR"])
+        storage = make_storage(url, settings["APP_DIR"])
         storage.create_schema()
         storage.check_schema()
     except (StartupError, StorageError) as exc:
         _fail(str(exc))
         return
-    click.echo(f"state schema ready in {_safe_url(settings['DATABASE_URL'])}")
     storage.close()
+    if path is None:
+        click.echo(f"state schema ready in {_safe_url(url)}")
+        return
+    if owner is not None:
+        chown_database(path, owner)
+    click.echo(f"state schema ready in {path} ({url})")
+    problem = write_problem(path, owner) if owner is not None else None
+    if problem:
+        click.echo(f"lamsonfilter: warning: {problem}", err=True)
+    elif owner is None and os.geteuid() == 0 and path.stat().st_uid == 0:
+        click.echo(f"lamsonfilter: warning: {path} belongs to root, so a daemon running as another user "
+                   "(the units' lamsonfilter) cannot write it: run db init with --owner USER "
+                   "(e.g. --owner lamsonfilter), or as that user", err=True)
 
 
 # ---------------------------------------------------------------- check
@@ -368,34 +400,45 @@ def db_init(app_dir: Path, database: str | None) -> None:
               help="Also check the Postfix set-up in this directory (e.g. /etc/postfix), read with postconf.")
 @click.option("--milter-socket", default=None, metavar="SPEC", envvar="LAMSONFILTER_MILTER_SOCKET",
               help="The socket `lamsonfilter milter` listens on, to check smtpd_milters against it.")
+@click.option("--max-size", type=int, default=None, metavar="BYTES", envvar="LAMSONFILTER_MAX_SIZE",
+              help="The SIZE `lamsonfilter smtpproxy --max-size` announces, to check it against "
+                   "Postfix's message_size_limit.")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="The outbox/reinjection listener (overrides RELAY), to find it in master.cf.")
+@click.option("--user", "service_user", default=None, metavar="USER",
+              help="The user the daemons run as, to check that it can write the state database.  "
+                   "Default: this user; as root, the owner of the database's directory.")
 @_database_option
-def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, database: str | None) -> None:
+def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, max_size: int | None,
+              relay: str | None, service_user: str | None, database: str | None) -> None:
     """Find problems in the application and the Postfix set-up.
 
     Each finding has a stable ID (APP... application, PF... Postfix), what
     is wrong and how to fix it.  Exit status 1 when there is an error, 0
     when there are only warnings or nothing.
     """
-    from .check import Finding, check_app, check_postfix
+    from .check import Finding, app001, check_app, check_postfix
     from .settings import load_app, load_settings
 
     findings: list[Finding] = []
     settings: dict[str, Any] = {}
     try:
-        settings = load_settings(app_dir, {"DATABASE_URL": database})
-        app = load_app(app_dir, {"DATABASE_URL": database})
+        settings = load_settings(app_dir, {"DATABASE_URL": database, "RELAY": relay})
+        # before anything opens the database: SQLite would replace a stale -wal file as this user
+        findings.extend(_writable_finding(settings, service_user))
+        app = load_app(app_dir, {"DATABASE_URL": database, "RELAY": relay})
     except StorageError as exc:  # before StartupError: a missing database file is both
-        findings.append(_storage_finding(exc, app_dir))
+        findings.append(_storage_finding(exc, app_dir, database))
     except StartupError as exc:
-        findings.append(Finding("APP001", "error", str(exc), "fix the application so that it starts"))
+        findings.append(app001(str(exc)))
     else:
         findings.extend(check_app(app))
         try:
             app.storage.check_schema()
         except StorageError as exc:
-            findings.append(_storage_finding(exc, app_dir))
+            findings.append(_storage_finding(exc, app_dir, database))
     if postfix_config is not None:
-        findings.extend(check_postfix(postfix_config, settings, milter_socket))
+        findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size))
     for f in findings:
         click.echo(str(f))
     errors = sum(f.severity == "error" for f in findings)
@@ -403,13 +446,34 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     sys.exit(1 if errors else 0)
 
 
-def _storage_finding(exc: StorageError, app_dir: Path) -> Any:
+def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
+    from .statefile import writable_finding
+
+    return writable_finding(settings, user)
+
+
+def _refuse_unwritable_database(app_dir: Path, database: str | None) -> None:
+    """Exit 2 with one line when this process cannot write its SQLite state database."""
+    from .settings import load_settings
+    from .statefile import daemon_write_problem
+
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database})
+    except StartupError:
+        return  # the daemon's own start reports it
+    problem = daemon_write_problem(settings)
+    if problem:
+        _fail(problem)
+
+
+def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = None) -> Any:
     """APP010: no schema yet (run db init), or the database cannot be reached at all (say why)."""
     from .check import Finding
 
     if isinstance(exc, SchemaMissingError):
         return Finding("APP010", "error", _with_app_dir(str(exc), app_dir),
-                       f"run: lamsonfilter db init --app {app_dir}")
+                       f"run: lamsonfilter db init --app {app_dir}"
+                       + (f" --database {_safe_url(database)}" if database else ""))
     return Finding("APP010", "error", f"cannot connect to the state database: {exc}",
                    "start the database server, or correct DATABASE_URL (or --database)")
 
@@ -542,16 +606,21 @@ def send_cmd(server: str, sender: str, rcpts: tuple[str, ...], subject: str, bod
               default="unix:/run/lamsonfilter/milter.sock", show_default=True,
               help="Where Postfix connects: unix:/path (made 0660, group --socket-group) or "
                    "inet:PORT@HOST (loopback only unless --allow-remote).")
-@click.option("--relay", metavar="HOST:PORT", default=None,
-              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.  "
+                   "Env LAMSONFILTER_RELAY.")
 @_database_option
 @click.option("--allow-remote", is_flag=True, help="Allow an inet socket on a non-loopback address.")
 @click.option("--socket-group", default="postfix", show_default=True, metavar="GROUP",
               help="Group that may connect to a unix socket (Postfix's smtpd runs as user postfix).")
 @click.option("--no-tcp-nodelay", "no_nodelay", is_flag=True, hidden=True,
               help="Diagnostics only: leave Nagle on for inet sockets (bench/milter_bench.sh shows the cost).")
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_POSTFIX_CONFIG",
+              help="Postfix's configuration (e.g. /etc/postfix): the start-up line then gives the exact "
+                   "smtpd_milters value for its smtpd (chrooted or not).  Env LAMSONFILTER_POSTFIX_CONFIG.")
 def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str | None,
-               allow_remote: bool, socket_group: str, no_nodelay: bool) -> None:
+               allow_remote: bool, socket_group: str, no_nodelay: bool, postfix_config: Path | None) -> None:
     """Run the application as a Postfix milter (pre-queue).
 
     Postfix keeps the SMTP session; lamsonfilter refuses unroutable
@@ -561,7 +630,9 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
 
         smtpd_milters = { unix:/run/lamsonfilter/milter.sock, default_action=tempfail }
 
-    SIGTERM or SIGINT stop it cleanly (the outbox is flushed first); SIGHUP
+    (a chrooted smtpd, as Debian ships it, names a socket below
+    /var/spool/postfix relative to that directory: the start-up line says
+    which value to write).  SIGTERM or SIGINT stop it cleanly (the outbox is flushed first); SIGHUP
     reloads the application.  Bad configuration exits with status 2.
     """
     from .endpoint import EndpointError, parse_milter_socket
@@ -576,10 +647,12 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
     try:
         from . import milter as milter_mode
     except ImportError as exc:
-        _fail(f"milter mode needs pymilter ({exc}); install it with: pip install 'lamsonfilter[milter]'")
+        _fail(f"milter mode needs pymilter ({exc}); install it from the clone: pip install '/path/to/clone[milter]'")
         return
+    from .check_milter import smtpd_milters_value
     from .runtime import Runtime
 
+    _refuse_unwritable_database(app_dir, database)
     try:
         runtime = Runtime.from_directory(app_dir, {"RELAY": relay, "DATABASE_URL": database})
     except (StartupError, StorageError) as exc:
@@ -587,7 +660,8 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
         return
     try:
         status = milter_mode.serve(runtime, endpoint, service=Service(), socket_group=socket_group or None,
-                                   tcp_nodelay=not no_nodelay)
+                                   tcp_nodelay=not no_nodelay,
+                                   postfix_value=smtpd_milters_value(endpoint, postfix_config))
     except milter_mode.MilterStartError as exc:
         why = _listen_problem(endpoint)
         _fail(f"cannot listen: {exc}" + (f" ({why})" if why else ""))
@@ -696,7 +770,7 @@ def smtpproxy_cmd(
     try:
         from .smtpproxy import ProxyConfig, serve
     except ImportError as exc:
-        _fail(f"smtpproxy needs aiosmtpd (pip install 'lamsonfilter[smtpproxy]'): {exc}")
+        _fail(f"smtpproxy needs aiosmtpd (from the clone: pip install '/path/to/clone[smtpproxy]'): {exc}")
         return
     from .service import setup_logging
 
@@ -711,6 +785,7 @@ def smtpproxy_cmd(
         policy=_hostport_option(policy, "--policy") if policy else None,
         postfix_config=postfix_config,
     )
+    _refuse_unwritable_database(app_dir, database)
     try:
         sys.exit(serve(config))
     except (StartupError, StorageError) as exc:

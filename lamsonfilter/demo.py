@@ -176,7 +176,10 @@ class Demo:
         hosts = self._app_hosts()
         main_cf: dict[str, str | None] = {
             "relay_domains": ", ".join(hosts),
-            "transport_maps": "inline:{ " + ", ".join(f"{h}=discard" for h in hosts) + " }",
+            # what lamsonfilter passes on for its own domains stays queued (conf/postfix/main.cf.domains)
+            "transport_maps": "inline:{ " + ", ".join(
+                f"{{{h} = lamsonfilter-kept:mail for {h} was not consumed by lamsonfilter}}" for h in hosts) + " }",
+            "defer_transports": "lamsonfilter-kept",
             "virtual_mailbox_domains": ", ".join(MAIL_DOMAINS),
             "virtual_mailbox_base": str(self.workdir / "mail"),
             "virtual_mailbox_maps": "static:inbox/",  # one Maildir for everybody
@@ -185,7 +188,8 @@ class Demo:
             "default_transport": "error:the demo delivers only to example.com, example.net and example.org",
             "relay_transport": "error:the demo delivers only to example.com, example.net and example.org",
         }
-        extra = "virtual   unix  -       n       n       -       -       virtual\n"
+        extra = ("virtual   unix  -       n       n       -       -       virtual\n"
+                 "lamsonfilter-kept unix -  -       n       -       -       error\n")
         if self.mode == "milter":
             main_cf.update({
                 "smtpd_milters": f"{{ unix:{self.socket}, default_action=tempfail }}",

@@ -577,6 +577,7 @@ def serve(
     timeout: int = 600,
     spool_threshold: int = SPOOL_THRESHOLD,
     tcp_nodelay: bool = True,
+    postfix_value: str | None = None,
 ) -> int:
     """Listen on `endpoint` and serve Postfix until SIGTERM or SIGINT; SIGHUP reloads the app.
 
@@ -587,7 +588,10 @@ def serve(
     `lamsonfilter.service.Service` (systemd readiness and watchdog) or
     None.  `timeout` is libmilter's I/O timeout with the MTA; how long
     Postfix waits is its own ``milter_*_timeout``.  `tcp_nodelay=False`
-    (diagnostics only) leaves Nagle on for an inet socket.
+    (diagnostics only) leaves Nagle on for an inet socket.  `postfix_value`
+    is the ``smtpd_milters`` value the start-up line recommends (default:
+    the endpoint as an unchrooted smtpd names it; the command passes
+    `lamsonfilter.check_postfix.smtpd_milters_value`, which knows the chroot).
 
     Signals: libmilter stops at SIGHUP, SIGTERM and SIGINT in a signal
     thread of its own, so it runs in a thread and the main thread takes
@@ -609,7 +613,8 @@ def serve(
             failed: list[str] = []
             thread = threading.Thread(target=_run_libmilter, args=(failed,), name="libmilter", daemon=True)
             thread.start()
-            log.info("milter listening on %s (%s); Postfix: smtpd_milters = %s", endpoint, how, endpoint.postfix)
+            log.info("milter listening on %s (%s); Postfix: smtpd_milters = %s", endpoint, how,
+                     postfix_value or endpoint.postfix)
             if service is not None:
                 service.ready(f"listening on {endpoint}")
                 service.start_watchdog(thread.is_alive)

@@ -70,7 +70,7 @@ from .views import Views, ViewError
 
 __all__ = [
     "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",
-    "parse_hostport",
+    "parse_hostport", "resolve_database_url", "sqlite_path",
 ]
 
 
@@ -220,26 +220,41 @@ def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, in
     return host, port
 
 
+def resolve_database_url(url: str, app_dir: str | Path | None) -> str:
+    """`url` with a relative SQLite path made absolute against the application directory.
+
+    ``sqlite:///var/state.db`` (three slashes) is ``var/state.db`` *inside the
+    application*; ``sqlite:////var/lib/lamsonfilter/state.db`` (four) is absolute.
+    Every command resolves it here, so ``db init``, ``check`` and the daemons
+    name (and open) the same file, and messages show the absolute form.
+    """
+    if app_dir is None or not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    path = sqlite_path(url, app_dir)
+    if path is None:
+        return url
+    query = url.partition("?")[2]
+    return f"sqlite:///{Path(path).absolute()}" + (f"?{query}" if query else "")
+
+
 def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:
     """A storage for a URL: ``memory:`` or a SQLAlchemy URL (relative SQLite paths resolve against the app)."""
     if url in ("memory:", "memory://"):
         return MemoryStorage()
-    if url.startswith("sqlite:///") and app_dir is not None:
-        rel = url[len("sqlite:///"):]
-        if rel and not rel.startswith("/") and rel != ":memory:":
-            full = Path(app_dir) / rel
-            full.parent.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{full}"
+    resolved = resolve_database_url(url, app_dir)
+    path = sqlite_path(resolved, app_dir) if app_dir is not None else None
+    if path is not None and app_dir is not None and Path(app_dir).absolute() in path.parents:
+        path.parent.mkdir(parents=True, exist_ok=True)  # APP/var belongs to the application
     from .sqlstate import SQLAlchemyStorage
 
-    return SQLAlchemyStorage(url)
+    return SQLAlchemyStorage(resolved)
 
 
 def sqlite_path(url: str, app_dir: str | Path) -> Path | None:
     """The file of a SQLite URL (resolved like `make_storage`), or None for other databases."""
     if not url.startswith("sqlite:///"):
         return None
-    rel = url[len("sqlite:///"):]
+    rel = url[len("sqlite:///"):].split("?", 1)[0]
     if not rel or rel == ":memory:":
         return None
     return Path(rel) if rel.startswith("/") else Path(app_dir) / rel
@@ -325,8 +340,10 @@ def load_app(
         missing = sqlite_path(settings["DATABASE_URL"], root)
         if missing is not None and not missing.exists():
             # connecting would leave an empty file behind, which later reads as "no schema"
+            given = (overrides or {}).get("DATABASE_URL")
             raise DatabaseMissingError(
-                f"the state database {missing} does not exist yet; run `lamsonfilter db init --app {root}`"
+                f"the state database {missing} does not exist yet; run `lamsonfilter db init --app {root}"
+                + (f" --database {resolve_database_url(given, root)}`" if given else "`")
             )
         storage = make_storage(settings["DATABASE_URL"], root)
     reply_limit, reply_limits = _reply_limits(settings["REPLY_LIMIT"], handlers)

@@ -120,6 +120,8 @@ MAX_STATE_LENGTH = 64
 MAX_TOKEN_LENGTH = 512
 
 INIT_HINT = "run `lamsonfilter db init --app DIR`"
+"""The command that fixes a missing schema; the messages add ``--database URL`` (`_init_hint`),
+so that following the hint initialises this database and not the application's default."""
 
 METADATA = MetaData()
 
@@ -384,7 +386,10 @@ class SQLAlchemyStorage:
         return StorageError(f"{action} failed on the state database {self.url}: {detail}")
 
     def _missing_message(self) -> str:
-        return f"the database at {self.url} has no lamsonfilter schema; {INIT_HINT}"
+        return f"the database at {self.url} has no lamsonfilter schema; {self._init_hint()}"
+
+    def _init_hint(self) -> str:
+        return INIT_HINT.replace("--app DIR", f"--app DIR --database {self.url}")
 
     # ------------------------------------------------------------ connections
     @contextmanager
@@ -447,7 +452,7 @@ class SQLAlchemyStorage:
                 if missing:
                     raise SchemaMissingError(
                         f"the database at {self.url} has an incomplete lamsonfilter schema "
-                        f"(missing {', '.join(missing)}); {INIT_HINT}"
+                        f"(missing {', '.join(missing)}); {self._init_hint()}"
                     )
                 version = self._read_version(conn)
             self._check_version(version, upgrading=False)
@@ -511,7 +516,7 @@ class SQLAlchemyStorage:
         except ValueError:
             raise SchemaMissingError(
                 f"the database at {self.url} has a lamsonfilter schema with an unreadable "
-                f"version {value!r}; {INIT_HINT}"
+                f"version {value!r}; {self._init_hint()}"
             ) from None
 
     def _check_version(self, version: int | None, *, upgrading: bool) -> None:
@@ -520,7 +525,7 @@ class SQLAlchemyStorage:
                 return
             raise SchemaMissingError(
                 f"the database at {self.url} has lamsonfilter tables but no schema version; "
-                f"{INIT_HINT}"
+                f"{self._init_hint()}"
             )
         if version > SCHEMA_VERSION:
             raise SchemaMissingError(
@@ -531,7 +536,7 @@ class SQLAlchemyStorage:
             raise SchemaMissingError(
                 f"the database at {self.url} has lamsonfilter schema version {version}, "
                 f"older than this lamsonfilter needs ({SCHEMA_VERSION}); "
-                f"{INIT_HINT} to upgrade it"
+                f"{self._init_hint()} to upgrade it"
             )
 
     def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:

@@ -32,7 +32,7 @@ def write_postfix(d: Path, main: str, master: str) -> Path:
 
 
 GOOD_MASTER = """\
-smtp      inet  n       -       n       -       -       smtpd
+smtp      inet  n       -       y       -       -       smtpd
 lamsonfilter unix -     -       n       -       10      smtp
     -o smtp_send_xforward_command=yes
     -o disable_mime_output_conversion=yes
@@ -40,7 +40,9 @@ lamsonfilter unix -     -       n       -       10      smtp
     -o content_filter=
     -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
 """
-GOOD_MAIN = "content_filter = lamsonfilter:[127.0.0.1]:10025\nreceive_override_options = no_address_mappings\n"
+GOOD_MAIN = ("content_filter = lamsonfilter:[127.0.0.1]:10025\nreceive_override_options = no_address_mappings\n"
+             "relay_domains = lists.example.org\n"
+             "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:10027, reject_unauth_destination\n")
 
 
 def ids(output):
@@ -188,7 +190,8 @@ SPOOL_SOCKET = "unix:/var/spool/postfix/lamsonfilter/milter.sock"
 )
 def test_pf201_judges_only_lamsonfilters_milter_entry(tmp_path, milters, global_action, expected, fix):
     need_postconf()
-    main_cf = f"smtpd_milters = {milters}\nmilter_default_action = {global_action}\n"
+    main_cf = (f"smtpd_milters = {milters}\nnon_smtpd_milters = {OURS}\nmilter_default_action = {global_action}\n"
+               "relay_domains = lists.example.org\n")
     pf = write_postfix(tmp_path / "pf", main_cf, MILTER_MASTER)
     r = invoke("check", "--app", APP, "--database", "memory:", "--postfix-config", pf,
                "--milter-socket", SPOOL_SOCKET)

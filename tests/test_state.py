@@ -656,7 +656,7 @@ def test_missing_schema(sql_url: str) -> None:
             st.check_schema()
         assert str(info.value) == (
             f"the database at {st.url} has no lamsonfilter schema; "
-            f"run `{INIT_HINT}`"
+            f"run `{INIT_HINT} --database {st.url}`"  # the hint names this database (issue 12 item 6)
         )
         with pytest.raises(SchemaMissingError, match=INIT_HINT):
             with st.transaction() as tx:

@@ -111,6 +111,8 @@ class MilterDeployment(Deployment):
         milters = params["smtpd_milters"]
         assert milters is not None and SHIPPED_SOCKET in milters, f"{MAIN_CF}: expected {SHIPPED_SOCKET}"
         params["smtpd_milters"] = milters.replace(SHIPPED_SOCKET, self.postfix_milter)
+        local = params.get("non_smtpd_milters") or ""
+        params["non_smtpd_milters"] = local.replace(SHIPPED_SOCKET, self.postfix_milter)
         return params
 
     def postfix_master_cf(self) -> str:

@@ -63,7 +63,7 @@ def test_shipped_snippets_load_into_postfix(postfix_factory: PostfixFactory) -> 
     assert milters.startswith("{unix:/lamsonfilter/milter.sock,") and "default_action=tempfail" in milters
     assert main["milter_default_action"] == "tempfail"
     assert main["milter_protocol"] == "6"
-    assert main["non_smtpd_milters"] == ""
+    assert main["non_smtpd_milters"].replace(" ", "") == main["smtpd_milters"].replace(" ", "")
     assert "{client_addr}" in main["milter_connect_macros"]
     assert main["milter_end_of_data_macros"] == "i"
     for stage in ("connect", "command", "content"):
