@@ -38,7 +38,7 @@ from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
-from .state import ConflictError, MemoryStorage, StateStorage
+from .state import ConflictError, MemoryStorage, StateStorage, StorageError
 from .transaction import DeadlinePassed, LazyTransaction, Replayed
 from .views import Views
 
@@ -206,7 +206,8 @@ class App:
         """Log one ERROR line naming where `exc` happened, the traceback at DEBUG; return the line's tail."""
         where = describe_failure(exc, self.settings.get("APP_DIR"))
         log.error("%s tempfail: %s", prefix, where)
-        if log.isEnabledFor(logging.DEBUG):
+        # a storage failure names its cause in the line; a traceback there is noise
+        if log.isEnabledFor(logging.DEBUG) and not isinstance(exc, StorageError):
             log.debug("%s traceback:\n%s", prefix, format_traceback(exc))
         if trace is not None:
             trace.error = exc

@@ -46,7 +46,7 @@ STATE_FILE = "demo.json"
 #: What a demo run leaves in its work directory (removed at exit, and at the start of a run
 #: with --dir, unless kept).
 WORK_ENTRIES = ("mail", "postfix", "quarantine", "attempts", "state.db", "state.db-journal",
-                "state.db-wal", "state.db-shm", "milter.sock", "lamsonfilter.log", STATE_FILE)
+                "state.db-wal", "state.db-shm", "milter.sock", "lamsonfilter.log", "trace.key", STATE_FILE)
 
 #: How long each stop step waits before it uses SIGKILL (on the processes it started, by PID).
 STOP_WAIT = 30.0
@@ -141,7 +141,8 @@ def stop_leftovers(workdir: Path, keep: bool = False) -> list[str]:
         raise DemoError(f"the demo in {workdir} is still running (pid {demo_pid}): stop it with kill {demo_pid}")
     postfix = record["processes"].get("postfix")
     if postfix and procinfo.same_process(*postfix):
-        subprocess.run([find_binary("postfix") or "postfix", "-c", str(workdir / "postfix" / "etc"), "stop"],
+        postfix_argv = [find_binary("postfix") or "postfix", "-c", str(workdir / "postfix" / "etc"), "stop"]
+        subprocess.run(postfix_argv,  # noqa: S603 -- argv list, no shell
                        capture_output=True, timeout=60, check=False, start_new_session=True)
         done.append(f"stopped Postfix (master pid {postfix[0]})")
     if postfix:
