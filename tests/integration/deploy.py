@@ -152,7 +152,7 @@ class Deployment(ABC):
         self._capture_started = False
         self._terminated = False  # SIGTERM already sent to the filter
         self._storage: StateStorage | None = None  # the app's state database, read by `outbox_due`
-        #: extra environment for the filter process, e.g. lamsonfilter/faults.py's
+        #: extra environment for the filter process, e.g. lamsonfilter/devtools/faults.py's
         #: LAMSONFILTER_FAULT_POINTS; read at each start_filter()
         self.filter_env: dict[str, str] = {}
 

@@ -176,7 +176,7 @@ class FaultMilterDeployment(MilterDeployment):
             params["milter_content_timeout"] = self.content_timeout
         return params
 
-    # ------------------------------------------------------------ fault points (lamsonfilter/faults.py)
+    # ------------------------------------------------------------ fault points (lamsonfilter/devtools/faults.py)
     def restart_with_fault(self, point: str) -> Path:
         """Restart the milter armed at `point`; returns the marker file it writes when reached."""
         self.stop_filter()

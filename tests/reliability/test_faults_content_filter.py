@@ -21,7 +21,7 @@ and consumes the message (decision ``drop``).
 
 Faults: the reinjection listener replaced by ``smtp-sink`` with ``-r .``,
 ``-Q .``, ``-q .``, ``-A 0`` (R1, R13); the filter stopped (R3); SIGKILL of
-the filter held at a named fault point (lamsonfilter/faults.py, R4/D3); a
+the filter held at a named fault point (lamsonfilter/devtools/faults.py, R4/D3); a
 handler slower than ``--deadline`` (R5); 50 parallel client sessions (R14).
 Only PIDs started here are signalled; every wait is bounded.
 

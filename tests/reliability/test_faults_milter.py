@@ -15,7 +15,7 @@ explicit decision), nothing lost, no duplicate, Postfix's queue empty.
 
 Faults: SIGKILL of the milter PID this test started (M1; at the named
 fault points ``milter.eom`` and ``milter.after_commit`` of
-lamsonfilter/faults.py, R4 and M4), exceptions in every reply-bearing
+lamsonfilter/devtools/faults.py, R4 and M4), exceptions in every reply-bearing
 callback (M2), a handler slower than Postfix's milter timeout and than
 the milter's own APP_DEADLINE (M3), and 50 parallel sessions (R14).
 

@@ -6,7 +6,7 @@ Postfix), a severity, what is wrong and how to fix it:
     for f in check_app(app) + check_postfix("/etc/postfix", app.settings):
         print(f)
 
-The Postfix part lives in `lamsonfilter.check_postfix` (re-exported here).
+The Postfix part lives in `lamsonfilter.check.postfix` (re-exported here).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import inspect
 import re
 from typing import Any
 
-from .app import App
+from ..app import App
+from ..fsm import ERROR, START, is_stateless
+from ..graph import _moves, transitions, unknown_returns
 from .findings import Finding
-from .fsm import ERROR, START, is_stateless
-from .graph import _moves, transitions, unknown_returns
 
 __all__ = ["Finding", "check_app", "check_postfix", "PostfixConfig", "MilterEntry", "parse_milters", "app001"]
 
@@ -142,5 +142,5 @@ def app001(error: str) -> Finding:
     return Finding("APP001", "error", error, fix)
 
 
-from .check_milter import MilterEntry, parse_milters  # noqa: E402
-from .check_postfix import PostfixConfig, check_postfix  # noqa: E402
+from .milter import MilterEntry, parse_milters  # noqa: E402
+from .postfix import PostfixConfig, check_postfix  # noqa: E402

@@ -1,6 +1,6 @@
 """Stopping what ``lamsonfilter demo`` started, and cleaning up after it.
 
-The demo (`lamsonfilter.demo`) starts a private Postfix, whose master(8)
+The demo (`lamsonfilter.devtools.demo`) starts a private Postfix, whose master(8)
 daemonizes into a session of its own, and the lamsonfilter daemon in a new
 session (the content filter forks its workers inside it).  Stopping them
 means: the polite way first (``postfix -c DIR stop``, SIGTERM), then

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import click
 
-from .state import StateRecord, StateStorage, StorageError
+from ..state import StateRecord, StateStorage, StorageError
 
 __all__ = ["state_cmd"]
 
@@ -39,8 +39,8 @@ def _fail(message: str) -> None:
 
 def _open(app_dir: Path, database: str | None) -> StateStorage:
     """The application's state database, read-only in spirit: never created here."""
-    from .app import StartupError
-    from .settings import load_settings, make_storage, sqlite_path
+    from ..app import StartupError
+    from ..settings import load_settings, make_storage, sqlite_path
 
     try:
         settings = load_settings(app_dir, {"DATABASE_URL": database})

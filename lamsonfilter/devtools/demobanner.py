@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .app import App
-from .routing import Route
+from ..app import App
+from ..routing import Route
 
 __all__ = ["DEMO_TEXT", "RouteExample", "banner", "command_path", "route_examples", "try_it"]
 

@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from .actions import milter_plan
-from .app import App
-from .decisions import Decision
-from .diagnostics import Trace, format_traceback
-from .mail import MailRequest
-from .reinjection import reinjection_plan
+from ..actions import milter_plan
+from ..app import App
+from ..decisions import Decision
+from ..diagnostics import Trace, format_traceback
+from ..mail import MailRequest
+from ..reinjection import reinjection_plan
 
 __all__ = [
     "DryRunInputError", "list_sources", "read_messages", "check_address", "report", "as_json", "readable",
@@ -164,7 +164,7 @@ def routes_of(app: App, decision: Decision) -> dict[str, str]:
 
 
 def _outbox_json(raw: bytes) -> dict[str, Any]:
-    from .testing import parse
+    from ..testing import parse
 
     msg = parse(raw)
     return {"headers": [[k, str(v)] for k, v in msg.items()], "text": _text_of(msg)}
@@ -290,7 +290,7 @@ def _text_of(msg: Any) -> str:
 
 def readable(raw: bytes) -> str:
     """An outbox message for people: headers decoded, text parts decoded, attachments named."""
-    from .testing import parse
+    from ..testing import parse
 
     msg = parse(raw)
     return "\n".join([*(f"{k}: {v}" for k, v in msg.items()), "", _text_of(msg)])

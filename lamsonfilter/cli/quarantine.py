@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from .quarantine import Quarantine, QuarantinedMessage, QuarantineError
+from ..quarantine import Quarantine, QuarantinedMessage, QuarantineError
 
 __all__ = ["quarantine_cmd"]
 
@@ -184,8 +184,8 @@ def release_cmd(names: tuple[str, ...], quarantine: Path | None, app_dir: Path |
     run again); a message is removed from the quarantine only after the
     listener accepted every recipient.
     """
-    from .reinjector import Reinjector, ReinjectionError, Transaction
-    from .settings import parse_hostport
+    from ..reinjector import ReinjectionError, Reinjector, Transaction
+    from ..settings import parse_hostport
 
     try:
         host, port = parse_hostport(reinject)

@@ -88,7 +88,7 @@ NOBODY = 65534
 
 def _conf(name: str) -> str:
     """A shipped Postfix snippet (conf/postfix/NAME), from the source tree."""
-    path = Path(__file__).resolve().parents[1] / "conf" / "postfix" / name
+    path = Path(__file__).resolve().parents[2] / "conf" / "postfix" / name
     if not path.is_file():
         raise DemoError(f"{path} not found: run the demo from a checkout of lamsonfilter")
     return path.read_text()
@@ -210,7 +210,7 @@ class Demo:
                               main_cf=main_cf, master_cf_extra=extra)
 
     def _app_hosts(self) -> list[str]:
-        from .settings import load_settings
+        from ..settings import load_settings
 
         hosts: list[str] = list(load_settings(self.app_dir)["HOSTS"])
         if not hosts:
@@ -219,9 +219,9 @@ class Demo:
 
     def _app(self) -> Any:
         """The application, loaded here for its routes (state is not touched)."""
-        from .app import StartupError
-        from .settings import load_app
-        from .state import MemoryStorage
+        from ..app import StartupError
+        from ..settings import load_app
+        from ..state import MemoryStorage
 
         try:
             return load_app(self.app_dir, {}, storage=MemoryStorage())

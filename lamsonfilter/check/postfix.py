@@ -11,7 +11,7 @@ mode needs are checked (integration.md §2, §3)::
 
 Finding IDs: PF001-PF004 general (PF004: the application's domains are in
 no Postfix address class), PF101-PF123 the content filter and its
-reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check_milter`.
+reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter`.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return [Finding("PF001", "error", f"cannot read the Postfix configuration in {config_dir}: {exc}",
                         "point --postfix-config at the directory holding main.cf and master.cf")]
-    from .settings import parse_hostport
+    from ..settings import parse_hostport
 
     findings: list[Finding] = []
     relay_host, relay_port = parse_hostport(settings.get("RELAY", "127.0.0.1:10026"))
@@ -213,7 +213,7 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     if content_filter:
         findings += _content_filter_findings(pc, content_filter, filtered or smtpds, listener, settings, max_size)
     if milters:
-        from .check_milter import milter_findings
+        from .milter import milter_findings
 
         findings += milter_findings(pc, milters, milter_socket, smtpds)
     return findings

@@ -1,7 +1,7 @@
 """`Finding`: one problem `lamsonfilter check` reports, with a stable ID, a severity and a fix.
 
 Shared by the application checks (`lamsonfilter.check`) and the Postfix checks
-(`lamsonfilter.check_postfix`)::
+(`lamsonfilter.check.postfix`)::
 
     Finding("PF111", "error", "the reinjection listener ... loops", "add '-o content_filter=' ...")
 """
