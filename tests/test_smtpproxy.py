@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.proxyrig import ProxyThread, Script, ScriptedSMTP, make_app, read_reply, smtp_dialogue
+from tests.rig.proxy import ProxyThread, Script, ScriptedSMTP, make_app, read_reply, smtp_dialogue
 from tests.rig.postfix import CaptureServer, free_port, wait_for
 
 MSG = (

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.contentfilter import ContentFilterSetup
-from tests.proxyrig import make_app
+from tests.rig.contentfilter import ContentFilterSetup
+from tests.rig.proxy import make_app
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, wait_for
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 
 pytestmark = pytest.mark.postfix

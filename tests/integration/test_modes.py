@@ -7,13 +7,13 @@ import sys
 import pytest
 
 from tests.integration import test_scenarios
-from tests.integration.deploy import Deployment
+from tests.rig.deploy import Deployment
 
 
 @pytest.fixture
 def missing_mode(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(test_scenarios.MODES, "nomode",
-                        ("tests.integration.deploy_nomode", "NomodeDeployment", "sys"))
+                        ("tests.rig.deploy_nomode", "NomodeDeployment", "sys"))
     return "nomode"
 
 

@@ -15,15 +15,15 @@ from email.utils import parseaddr
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST, Deployment
+from tests.rig.deploy import LIST_HOST, Deployment
 from tests.rig.fixtures import POSTFIX_BINARIES, in_ci, require
 
 pytestmark = pytest.mark.postfix
 
 #: mode -> (module, class) of its Deployment, imported only when that mode runs.
 MODES: dict[str, tuple[str, str, str]] = {
-    "milter": ("tests.integration.deploy_milter", "MilterDeployment", "Milter"),
-    "smtpproxy": ("tests.integration.deploy_smtpproxy", "SmtpproxyDeployment", "aiosmtpd"),
+    "milter": ("tests.rig.deploy_milter", "MilterDeployment", "Milter"),
+    "smtpproxy": ("tests.rig.deploy_smtpproxy", "SmtpproxyDeployment", "aiosmtpd"),
 }
 
 ALICE = "alice@example.com"

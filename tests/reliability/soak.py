@@ -13,7 +13,7 @@ filter PID it started at random moments and starts it again::
 
 What runs:
 
-* ``--parallel`` injector threads (tests/reliability/accounting.py's
+* ``--parallel`` injector threads (tests/rig/accounting.py's
   `Injector`: every message stamped ``X-Test-Seq``, every reply kept),
   each with its own sender, one to ``--per-session`` transactions per SMTP
   connection, each message to one recipient drawn from ``--recipients``
@@ -83,11 +83,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.deploy import LIST_HOST, Deployment
-from tests.integration.deploy_milter import MilterDeployment
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.deploy import LIST_HOST, Deployment
+from tests.rig.deploy_milter import MilterDeployment
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.reliability import accounting as accounting_mod
-from tests.reliability.accounting import (
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,

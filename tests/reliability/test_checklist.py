@@ -39,15 +39,15 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.mail import MAX_ADDRESS_LENGTH
-from tests.integration.deploy import (
+from tests.rig.deploy import (
     LIST_HOST,
     MAIL_TIMEOUT,
     ROOT,
     Deployment,
     SendResult,
 )
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import _CALL_FAILED, POSTFIX_BINARIES, in_ci, require
 from tests.rig.postfix import CapturedMessage, wait_for
 

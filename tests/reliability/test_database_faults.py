@@ -6,7 +6,7 @@ process behind a real private Postfix, mail captured at a `CaptureServer`
 -- against a real database: the app's SQLite file, or a private
 PostgreSQL cluster this module starts (tests/rig/pgcluster.py), so that it
 can be stopped by its PID without disturbing anybody else's server.
-Mail is injected and counted with tests/reliability/accounting.py.
+Mail is injected and counted with tests/rig/accounting.py.
 
 ======================  ======================================================================
 scenario                what it proves
@@ -64,10 +64,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability.accounting import (
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,

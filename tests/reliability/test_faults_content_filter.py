@@ -7,7 +7,7 @@ keep CI short; each test restores it (filter running, unarmed, default
 deadline; the real reinjection listener) and stamps its messages with its
 own run name, so the accounting of one test never counts another's mail.
 
-Every test injects X-Test-Seq stamped mail (tests/reliability/accounting.py),
+Every test injects X-Test-Seq stamped mail (tests/rig/accounting.py),
 breaks something, repairs it, flushes, and proves the invariant
 injected = delivered ∪ bounced ∪ queued ∪ discarded ∪ rejected with zero lost.
 Figures go to $LF_RELIABILITY_FIGURES when set.
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability.accounting import Accounting, Injected, Injector, account
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.accounting import Accounting, Injected, Injector, account
 from tests.rig.fixtures import (
     _CALL_FAILED as CALL_FAILED,  # set by the rig's report hook
 )

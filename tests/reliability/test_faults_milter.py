@@ -1,7 +1,7 @@
 """Milter mode under faults: M1-M4 and R4/R14 of docs/reliability.rst, counted message by message.
 
 Each test runs the real thing: ``lamsonfilter milter`` (its own process, the
-example mailing list plus the ``lffault`` handler of milterrig.py), a private
+example mailing list plus the ``lffault`` handler of tests/rig/milterfaults.py), a private
 Postfix with the shipped conf/postfix/*.milter snippets, and a
 `CaptureServer` as the final destination.  Mail is injected with
 `accounting.Injector` (every message stamped ``X-Test-Seq``, every reply
@@ -37,15 +37,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy_milter import require_pymilter
-from tests.reliability.accounting import (
+from tests.rig.deploy_milter import require_pymilter
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,
     account,
     delivered_seqs,
 )
-from tests.reliability.milterrig import (
+from tests.rig.milterfaults import (
     LIST_HOST,
     SECRET,
     FaultMilterDeployment,

@@ -49,8 +49,8 @@ import pytest
 from lamsonfilter.poison import AttemptLog
 from lamsonfilter.reinjector import IDLE_LIMIT
 from lamsonfilter.spool import DataLimits
-from tests.integration.deploy import LIST_HOST, SendResult
-from tests.integration.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
+from tests.rig.deploy import LIST_HOST, SendResult
+from tests.rig.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.postfix import CapturedMessage, PrivatePostfix, wait_for
 

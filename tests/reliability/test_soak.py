@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import Reply, SendResult
-from tests.reliability.accounting import Accounting, Injected
+from tests.rig.deploy import Reply, SendResult
+from tests.rig.accounting import Accounting, Injected
 from tests.reliability.soak import (
     Lifetime,
     ProcSample,
@@ -139,7 +139,7 @@ def test_short_soak_with_random_sigkills_loses_nothing(mode: str, tmp_path: Path
     delivered (duplicates only in the R4 window), RSS drift, FDs and threads within bounds."""
     require(*POSTFIX_BINARIES, "postcat", root=True)
     if mode == "milter":
-        from tests.integration.deploy_milter import require_pymilter
+        from tests.rig.deploy_milter import require_pymilter
 
         require_pymilter()
     # the summary goes where the suite's figures go, if they are collected; else to tmp_path

@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.rig.postfix import CaptureServer, PrivatePostfix, free_port, port_accepts, wait_for
+from tests.rig.postfix import (
+    CaptureServer,
+    PrivatePostfix,
+    free_port,
+    port_accepts,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "postfix"
@@ -69,7 +75,7 @@ class ContentFilterSetup:
             master_cf_extra=content_filter_master_cf(self.reinject_port), start=False,
         )
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.postfix.workdir / "log" / "smtpproxy.log"
+        self.log_path: Path = Path(self.postfix.workdir) / "log" / "smtpproxy.log"
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ContentFilterSetup":

@@ -44,17 +44,23 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import SMTP
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
 from lamsonfilter.settings import load_settings, make_storage
 from lamsonfilter.state import StateStorage
-from tests.rig.postfix import CapturedMessage, CaptureServer, PrivatePostfix, free_port, wait_for
+from tests.rig.postfix import (
+    CapturedMessage,
+    CaptureServer,
+    PrivatePostfix,
+    free_port,
+    wait_for,
+)
 
 __all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT", "smtp_transaction"]
 
@@ -66,7 +72,7 @@ LIST_HOST = "lists.example.org"
 MAIL_TIMEOUT = 60.0
 
 TEST_HANDLER = '''\
-"""Routes the integration scenarios need besides the mailing list (tests/integration/deploy.py)."""
+"""Routes the integration scenarios need besides the mailing list (tests/rig/deploy.py)."""
 from lamsonfilter import Handler, stateless
 
 handler = Handler("lftest", default_action="deliver")
@@ -165,7 +171,7 @@ class Deployment(ABC):
         (self.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
         with open(self.app_dir / "config" / "settings.py", "a") as f:
             f.write(
-                "\n# added by tests/integration/deploy.py\n"
+                "\n# added by tests/rig/deploy.py\n"
                 'HANDLERS = HANDLERS + ["lftest"]\n'
                 f'RELAY = "127.0.0.1:{self.relay_port}"\n'
             )
@@ -326,8 +332,12 @@ class Deployment(ABC):
     def wait_for_mail(self, rcpt: str, subject_contains: str = "", count: int = 1,
                       timeout: float = MAIL_TIMEOUT) -> list[CapturedMessage]:
         """Wait until `count` matching messages reached the destination; return them."""
+        def enough() -> list[CapturedMessage]:
+            found = self.messages_to(rcpt, subject_contains)
+            return found if len(found) >= count else []
+
         return wait_for(
-            lambda: (found if len(found := self.messages_to(rcpt, subject_contains)) >= count else None),
+            enough,
             timeout,
             message=lambda: (f"{count} message(s) to {rcpt} with {subject_contains!r} in the Subject; "
                              f"{self.diagnostics()}"),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import ROOT, Deployment, SendResult
+from tests.rig.deploy import ROOT, Deployment, SendResult
 from tests.rig.fixtures import in_ci
 from tests.rig.postfix import free_port
 
@@ -125,7 +125,9 @@ class MilterDeployment(Deployment):
         """A 4xx inside the client's session, and the message never entered Postfix's queue."""
         assert result.temporary, f"expected a 4xx reply: {result}\n{self.diagnostics()}"
         assert not result.accepted, f"accepted although it should have been deferred: {result}"
-        assert self.postfix is not None and self.postfix.queue() == [], f"queued: {self.postfix.queue()}"
+        postfix = self.postfix
+        assert postfix is not None
+        assert postfix.queue() == [], f"queued: {postfix.queue()}"
 
     def assert_rejected_unknown(self, result: SendResult, address: str) -> None:
         """550 5.1.1 at RCPT, during the client's session (no bounce is ever made)."""

@@ -33,11 +33,11 @@ from lamsonfilter.runtime import Runtime
 from lamsonfilter.settings import make_storage
 from lamsonfilter.smtpproxy import ProxyConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
 
 TEST_HANDLER = '''\
-"""Test routes for the content-filter tests (see tests/proxyrig.py)."""
+"""Test routes for the content-filter tests (see tests/rig/proxy.py)."""
 import time
 
 from lamsonfilter import Handler, stateless

@@ -66,7 +66,7 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Any
 
-from tests.integration.deploy import Deployment, Reply, SendResult, smtp_transaction
+from tests.rig.deploy import Deployment, Reply, SendResult, smtp_transaction
 from tests.rig.postfix import CapturedMessage, find_binary
 
 __all__ = [

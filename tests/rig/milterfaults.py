@@ -36,7 +36,7 @@ directory (`FAULT_HANDLER`).  It adds:
 * `content_timeout` overrides Postfix's milter content timeout (both in
   ``smtpd_milters`` and ``milter_content_timeout``).
 
-Mail is injected and counted with tests/reliability/accounting.py
+Mail is injected and counted with tests/rig/accounting.py
 (`Injector`, `account`); `proc_stats` samples threads, RSS and open
 files of the milter from /proc (M2).
 
@@ -51,8 +51,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MilterDeployment
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import MilterDeployment
 
 __all__ = ["FAULT_HANDLER", "LIST_HOST", "SECRET", "FaultMilterDeployment", "ProcStats", "proc_stats"]
 
@@ -60,7 +60,7 @@ __all__ = ["FAULT_HANDLER", "LIST_HOST", "SECRET", "FaultMilterDeployment", "Pro
 SECRET = "lffault-secret-7f3a"
 
 FAULT_HANDLER = f'''\
-"""Fault-injection routes and hooks for tests/reliability (see tests/reliability/milterrig.py).
+"""Fault-injection routes and hooks for tests/reliability (see tests/rig/milterfaults.py).
 
 Imported inside the milter process when the application loads; wraps a few
 runtime methods so that magic addresses raise where a bug would.  Any other
@@ -164,7 +164,7 @@ class FaultMilterDeployment(MilterDeployment):
         super().prepare_app()
         (self.app_dir / "app" / "handlers" / "lffault.py").write_text(FAULT_HANDLER)
         with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('\n# added by tests/reliability/milterrig.py\nHANDLERS = HANDLERS + ["lffault"]\n')
+            f.write('\n# added by tests/rig/milterfaults.py\nHANDLERS = HANDLERS + ["lffault"]\n')
 
     def postfix_main_cf(self) -> dict[str, str | None]:
         params = super().postfix_main_cf()

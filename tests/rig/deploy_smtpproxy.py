@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import sys
 
-from tests.integration.deploy import ROOT, Deployment, SendResult
+from tests.rig.deploy import ROOT, Deployment, SendResult
 from tests.rig.postfix import free_port, port_accepts
 
 __all__ = ["SmtpproxyDeployment", "MAIN_CF", "MASTER_CF"]
@@ -59,7 +59,7 @@ class SmtpproxyDeployment(Deployment):
         return port_accepts(self.filter_port) and port_accepts(self.policy_port)
 
     def postfix_main_cf(self) -> dict[str, str | None]:
-        from tests.integration.deploy_milter import read_main_cf
+        from tests.rig.deploy_milter import read_main_cf
 
         params: dict[str, str | None] = dict(read_main_cf(MAIN_CF))
         feed = params["content_filter"]
