@@ -1,4 +1,7 @@
-"""lamsonfilter check: application findings and Postfix findings, each with a stable ID."""
+"""lamsonfilter check: application findings and Postfix findings, each with a stable ID.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
+"""
 
 import shutil
 import subprocess

@@ -1,4 +1,7 @@
-"""The content filter over real loopback sockets: smtplib/raw sockets in, a scripted or capture server out."""
+"""The content filter over real loopback sockets: smtplib/raw sockets in, a scripted or capture server out.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
+"""
 
 from __future__ import annotations
 

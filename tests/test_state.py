@@ -5,6 +5,8 @@ PostgreSQL runs use a schema of their own (``lf_test_<hex>``, dropped at the
 end of the session) on the server named by ``LAMSONFILTER_TEST_PG_URL``
 (default ``postgresql://postgres@127.0.0.1:5432/test``).  When that server
 is unreachable they are skipped -- unless ``CI=true``, where they fail.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

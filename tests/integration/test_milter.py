@@ -3,6 +3,8 @@
 The scenarios every mode shares are in test_scenarios.py; these are the
 properties only a pre-queue milter has (reliability M1) and checks with an
 independent milter client (miltertest speaks the MTA side, like Postfix).
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ from typing import Any
 from tests.rig.deploy import LIST_HOST, Deployment
 from tests.rig.deploy_milter import MilterDeployment
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability import accounting as accounting_mod
+from tests.rig import accounting as accounting_mod
 from tests.rig.accounting import (
     Accounting,
     Injected,

@@ -44,6 +44,8 @@ Counts for the docs come from `account(..., scenario=...)`
 (``LF_RELIABILITY_FIGURES=/path/figures.jsonl``).  Run::
 
     .venv/bin/python -m pytest -q tests/reliability/test_database_faults.py
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ scenario (the account waits at most 300 s after the injection)::
 
     LF_R14_MESSAGES=5000 LF_RELIABILITY_FIGURES=/tmp/figures.jsonl \
         .venv/bin/python -m pytest -q -s tests/reliability/test_faults_content_filter.py -k r14
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

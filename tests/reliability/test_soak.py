@@ -10,6 +10,8 @@ queued, duplicates only in the R4 window), RSS drift after warm-up within
 
 The checks the soak applies are tested on their own first (no Postfix), so
 that each one is shown to fail when its invariant breaks.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

@@ -29,13 +29,14 @@ one of these places:
 
 Invariant: injected = delivered ∪ bounced ∪ queued ∪ discarded ∪ rejected
 (∪ tempfailed when the client keeps them); ``lost`` is the rest.  The
-maillog cross-check (O4) adds `Accounting.anomalies`: an injected queue id
+maillog cross-check (the one log line per message with its queue id,
+requirement O4 of docs/reliability.rst) adds `Accounting.anomalies`: an injected queue id
 whose recipient reached more than one final ``status=sent|bounced``, or
 none while the message is no longer queued and not discarded.
 
     inj = Injector(dep, "r1")
     sent = inj.inject(20, parallel=4)
-    acc = account(dep, sent, scenario="R1 smtp-sink -r .")
+    acc = account(dep, sent, scenario="smtp-sink refuses the final dot")
     acc.assert_nothing_lost()
     print(acc.summary())  # injected 20 delivered 20 bounced 0 queued 0 ...
 
@@ -324,7 +325,7 @@ def replies(messages: Iterable[CapturedMessage]) -> list[CapturedMessage]:
     return [m for m in messages if not is_dsn(m) and not seqs_in_header(m.data)]
 
 
-# --------------------------------------------------------------------------- the maillog (O4)
+# --------------------------------------------------------------------------- the maillog (queue ids)
 
 _STATUS = re.compile(r" ([0-9A-Za-z]{6,}): to=<([^>]*)>,.* status=(\w+)")
 _REMOVED = re.compile(r" ([0-9A-Za-z]{6,}): removed$")

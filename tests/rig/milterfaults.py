@@ -7,9 +7,10 @@ plus a handler module ``lffault`` written into the deployment's app
 directory (`FAULT_HANDLER`).  It adds:
 
 * routes that behave badly on purpose: ``slow-SECONDS@lists.example.org``
-  sleeps, then delivers (M3); ``slowreply-SECONDS@lists.example.org``
+  sleeps, then delivers (a handler slower than the deadline); ``slowreply-SECONDS@lists.example.org``
   sleeps, then queues a reply to the sender and consumes the message;
-  ``boom-eom@lists.example.org`` is routed and then fails in the runtime (M2);
+  ``boom-eom@lists.example.org`` is routed and then fails in the runtime (an exception
+  inside a milter callback);
 * fault hooks keyed on magic addresses, installed by the handler module
   inside the real milter process (it is imported there when the
   application loads), so that each reply-bearing milter callback meets an
@@ -38,7 +39,7 @@ directory (`FAULT_HANDLER`).  It adds:
 
 Mail is injected and counted with tests/rig/accounting.py
 (`Injector`, `account`); `proc_stats` samples threads, RSS and open
-files of the milter from /proc (M2).
+files of the milter from /proc (they must stay flat while callbacks fail).
 
 Safety: everything stays on 127.0.0.1 or in the deployment's work
 directory; every wait is bounded; only the filter PID this deployment
