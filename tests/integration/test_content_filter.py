@@ -18,9 +18,9 @@ from tests.rig.contentfilter import (
     strip_received,
     wait_quiet,
 )
-from tests.rig.proxy import make_app
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.postfix
 

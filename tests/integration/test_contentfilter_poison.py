@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.rig.contentfilter import ContentFilterSetup
-from tests.rig.proxy import make_app
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, wait_for
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.postfix
 
