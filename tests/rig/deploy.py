@@ -54,6 +54,7 @@ from typing import ClassVar
 
 from lamsonfilter.settings import load_settings, make_storage
 from lamsonfilter.state import StateStorage
+from tests.rig.handlers import handler_source
 from tests.rig.postfix import (
     CapturedMessage,
     CaptureServer,
@@ -71,27 +72,8 @@ LIST_HOST = "lists.example.org"
 #: Upper bound for any wait on mail (seconds); generous, never a timing assertion.
 MAIL_TIMEOUT = 60.0
 
-TEST_HANDLER = '''\
-"""Routes the integration scenarios need besides the mailing list (tests/rig/deploy.py)."""
-from lamsonfilter import Handler, stateless
-
-handler = Handler("lftest", default_action="deliver")
-
-
-@handler.route("tag@(host)")
-@stateless
-def TAG(ctx, host):
-    """Deliver, with a header the destination can see."""
-    ctx.add_header("X-Lamsonfilter-Test", "tagged")
-    ctx.deliver()
-
-
-@handler.route("crash@(host)")
-@stateless
-def CRASH(ctx, host):
-    """A handler with a bug: the message must be deferred, nothing sent."""
-    raise RuntimeError("lftest: this handler always fails")
-'''
+#: The scenarios' extra routes (tests/fixtures/handlers/lftest.py).
+TEST_HANDLER = handler_source("lftest")
 
 
 @dataclass(frozen=True)

@@ -54,100 +54,16 @@ from pathlib import Path
 
 from tests.rig.deploy import LIST_HOST
 from tests.rig.deploy_milter import MilterDeployment
+from tests.rig.handlers import handler_source
 
 __all__ = ["FAULT_HANDLER", "LIST_HOST", "SECRET", "FaultMilterDeployment", "ProcStats", "proc_stats"]
 
 #: Put into every injected exception's text; must never appear in an SMTP reply.
 SECRET = "lffault-secret-7f3a"
 
-FAULT_HANDLER = f'''\
-"""Fault-injection routes and hooks for tests/reliability (see tests/rig/milterfaults.py).
-
-Imported inside the milter process when the application loads; wraps a few
-runtime methods so that magic addresses raise where a bug would.  Any other
-mail is untouched.
-"""
-import os
-import time
-
-import lamsonfilter.milter as _milter
-import lamsonfilter.routing as _routing
-import lamsonfilter.runtime as _runtime
-from lamsonfilter import Handler, stateless
-
-SECRET = "{SECRET}"
-
-handler = Handler("lffault", default_action="deliver")
-
-if os.environ.get("LF_TEST_APP_DEADLINE"):
-    _milter.APP_DEADLINE = float(os.environ["LF_TEST_APP_DEADLINE"])
-if os.environ.get("LF_TEST_COMMIT_GRACE"):
-    _milter.COMMIT_GRACE = float(os.environ["LF_TEST_COMMIT_GRACE"])
-
-
-@handler.route("slow-(secs)@(host)", secs=r"[0-9]{{1,3}}")
-@stateless
-def SLOW(ctx, secs, host):
-    """Sleep `secs` seconds (longer than a timeout under test), then deliver."""
-    time.sleep(int(secs))
-    ctx.add_header("X-Lamsonfilter-Test", "slow")
-    ctx.deliver()
-
-
-@handler.route("slowreply-(secs)@(host)", secs=r"[0-9]{{1,3}}")
-@stateless
-def SLOW_REPLY(ctx, secs, host):
-    """Sleep `secs` seconds, then queue an automatic reply and consume the message."""
-    time.sleep(int(secs))
-    ctx.reply(subject="lffault late reply", body="a reply from a slow handler\\n")
-    ctx.drop()
-
-
-@handler.route("boom-eom@(host)")
-@stateless
-def BOOM_EOM(ctx, host):
-    """Never reached: the runtime hook below raises first."""
-    ctx.deliver()
-
-
-def _hit(addresses, local):
-    return any(str(a).lower().startswith(local + "@") for a in addresses)
-
-
-if not getattr(_runtime.Runtime, "_lffault", False):  # once per process (SIGHUP reloads this module)
-    _runtime.Runtime._lffault = True
-    _check_recipient = _runtime.Runtime.check_recipient
-    _process = _runtime.Runtime.process
-    _match = _routing.Router.match
-
-    def check_recipient(self, address):
-        if _hit([address], "boom-envrcpt"):
-            raise RuntimeError(f"injected failure in the RCPT check ({{SECRET}})")
-        return _check_recipient(self, address)
-
-    def process(self, request, **kwargs):
-        if _hit(request.recipients, "boom-data") or _hit(request.recipients, "boom-eom"):
-            raise RuntimeError(f"injected failure in Runtime.process ({{SECRET}})")
-        return _process(self, request, **kwargs)
-
-    def match(self, address, *args, **kwargs):
-        if _hit([address], "boom-match"):
-            raise RuntimeError(f"injected failure in route matching ({{SECRET}})")
-        return _match(self, address, *args, **kwargs)
-
-    _runtime.Runtime.check_recipient = check_recipient
-    _runtime.Runtime.process = process
-    _routing.Router.match = match
-
-    _transaction_init = _milter._Transaction.__init__
-
-    def transaction_init(self, sender, threshold):
-        if _hit([sender], "boom-envfrom"):
-            raise RuntimeError(f"injected failure at MAIL FROM ({{SECRET}})")
-        _transaction_init(self, sender, threshold)
-
-    _milter._Transaction.__init__ = transaction_init
-'''
+#: The fault-injection handler (tests/fixtures/handlers/lffault.py); its SECRET is the one above.
+FAULT_HANDLER = handler_source("lffault")
+assert f'SECRET = "{SECRET}"' in FAULT_HANDLER
 
 
 class FaultMilterDeployment(MilterDeployment):

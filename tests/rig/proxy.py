@@ -32,49 +32,13 @@ from lamsonfilter.proxyserver import ProxyServer, bind_socket, build_runtime
 from lamsonfilter.runtime import Runtime
 from lamsonfilter.settings import make_storage
 from lamsonfilter.smtpproxy import ProxyConfig
+from tests.rig.handlers import handler_source
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
 
-TEST_HANDLER = '''\
-"""Test routes for the content-filter tests (see tests/rig/proxy.py)."""
-import time
-
-from lamsonfilter import Handler, stateless
-
-handler = Handler("proxytest", default_action="deliver")
-
-
-@handler.route("tag@(host)")
-@stateless
-def TAG(ctx, host):
-    ctx.add_header("X-Lamsonfilter-Test", "tagged")
-
-
-@handler.route("crash@(host)")
-@stateless
-def CRASH(ctx, host):
-    raise RuntimeError("boom from the crash handler")
-
-
-@handler.route("slow@(host)")
-@stateless
-def SLOW(ctx, host):
-    time.sleep(float(ctx.settings.get("SLOW", 3)))
-
-
-@handler.route("refuse@(host)")
-@stateless
-def REFUSE(ctx, host):
-    ctx.reject("not wanted here", 550, "5.7.1")
-
-
-@handler.route("reply@(host)")
-@stateless
-def REPLY(ctx, host):
-    ctx.reply(body="This is an automatic reply.\\n", subject="automatic reply")
-    ctx.drop()
-'''
+#: The content-filter tests' handler (tests/fixtures/handlers/proxytest.py).
+TEST_HANDLER = handler_source("proxytest")
 
 
 def make_app(target: Path, extra_settings: str = "") -> Path:
