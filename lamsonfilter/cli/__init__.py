@@ -1,13 +1,16 @@
-"""The ``lamsonfilter`` command.
+"""The ``lamsonfilter`` command: one click group, its commands in three families.
 
-    lamsonfilter test --app DIR [FILE|MAILDIR ...]   dry run: what would the app do?
-    lamsonfilter routes --app DIR [--test ADDRESS]   the routes, and who gets ADDRESS
-    lamsonfilter gen NAME                            a new application skeleton
-    lamsonfilter db init --app DIR                   create the state schema
-    lamsonfilter state list|show --app DIR ...       the state of keys (lamsonfilter.cli.state)
+    lamsonfilter milter | smtpproxy ...              the daemons (`daemons`)
+    lamsonfilter test --app DIR [FILE|MAILDIR ...]   the dry run (`testcmd`, `dryrun`)
+    lamsonfilter routes | gen | db init | check | graph | send | demo
+                                                     the tools (`tools`)
+    lamsonfilter state list|show ...                 the state of keys (`state`)
+    lamsonfilter quarantine list|show|release|delete the content filter's quarantine (`quarantine`)
 
 Every command that loads an application refuses bad configuration at once,
-with a message naming the file and setting, and exits with status 2.
+with one line naming the file and setting, and exits with status 2
+(`common.fail`).  The console script is ``lamsonfilter = lamsonfilter.cli:main``;
+``python -m lamsonfilter`` and ``python -m lamsonfilter.cli`` run the same group.
 """
 
 from __future__ import annotations
