@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.deploy import Reply, SendResult
 from tests.rig.accounting import (
     Accounting,
     Injected,
@@ -22,6 +21,7 @@ from tests.rig.accounting import (
     maillog_anomalies,
     seqs_in_header,
 )
+from tests.rig.deploy import Reply, SendResult
 from tests.rig.postfix import CapturedMessage
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.deploy_milter import require_pymilter
 from tests.rig.accounting import (
     Accounting,
     Injected,
@@ -45,6 +44,8 @@ from tests.rig.accounting import (
     account,
     delivered_seqs,
 )
+from tests.rig.deploy_milter import require_pymilter
+from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.milterfaults import (
     LIST_HOST,
     SECRET,
@@ -52,7 +53,6 @@ from tests.rig.milterfaults import (
     ProcStats,
     proc_stats,
 )
-from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.postfix import wait_for
 
 pytestmark = pytest.mark.postfix

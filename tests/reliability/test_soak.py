@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.deploy import Reply, SendResult
-from tests.rig.accounting import Accounting, Injected
 from tests.reliability.soak import (
     Lifetime,
     ProcSample,
@@ -36,6 +34,8 @@ from tests.reliability.soak import (
     r4_window_seqs,
     run_soak,
 )
+from tests.rig.accounting import Accounting, Injected
+from tests.rig.deploy import Reply, SendResult
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 
 # --------------------------------------------------------------------------- the verdicts, no Postfix

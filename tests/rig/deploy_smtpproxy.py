@@ -3,7 +3,9 @@
 `SmtpproxyDeployment` starts ``lamsonfilter smtpproxy`` as a subprocess
 (filter port and policy port free loopback ports) and a private Postfix
 configured with the *shipped* conf/postfix/main.cf.content_filter and
-master.cf.content_filter, only the loopback ports replaced: Postfix's
+master.cf.content_filter (read by tests/rig/contentfilter.py, the one
+place that wires the shipped files into a private Postfix), only the
+loopback ports replaced: Postfix's
 ``lamsonfilter`` smtp transport feeds the filter, the filter reinjects
 into the 10026-style smtpd on `relay_port` (which is also where the
 outbox goes).
@@ -23,13 +25,14 @@ from __future__ import annotations
 import re
 import sys
 
-from tests.rig.deploy import ROOT, Deployment, SendResult
+from tests.rig.contentfilter import CONF, content_filter_master_cf
+from tests.rig.deploy import Deployment, SendResult
 from tests.rig.postfix import free_port, port_accepts
 
 __all__ = ["SmtpproxyDeployment", "MAIN_CF", "MASTER_CF"]
 
-MAIN_CF = ROOT / "conf" / "postfix" / "main.cf.content_filter"
-MASTER_CF = ROOT / "conf" / "postfix" / "master.cf.content_filter"
+MAIN_CF = CONF / "main.cf.content_filter"
+MASTER_CF = CONF / "master.cf.content_filter"
 SHIPPED_FILTER = "[127.0.0.1]:10025"
 SHIPPED_POLICY = "inet:127.0.0.1:10027"
 SHIPPED_LISTENER = "127.0.0.1:10026 inet"
@@ -73,9 +76,8 @@ class SmtpproxyDeployment(Deployment):
         return params
 
     def postfix_master_cf(self) -> str:
-        text = MASTER_CF.read_text()
-        assert SHIPPED_LISTENER in text, f"{MASTER_CF}: expected the {SHIPPED_LISTENER} listener"
-        return text.replace(SHIPPED_LISTENER, f"127.0.0.1:{self.relay_port} inet")
+        assert SHIPPED_LISTENER in MASTER_CF.read_text(), f"{MASTER_CF}: expected the {SHIPPED_LISTENER} listener"
+        return content_filter_master_cf(self.relay_port)
 
     # ------------------------------------------------------------ how the client sees it
     def assert_tempfailed(self, result: SendResult) -> None:
