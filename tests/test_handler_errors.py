@@ -10,7 +10,7 @@ import pytest
 from lamsonfilter.testing import AppTester
 from tests.rig.handlers import handler_source
 
-HANDLER = handler_source("broken")  # tests/fixtures/handlers/broken.py
+HANDLER = handler_source("broken")  # tests/fixtures/handlers/broken.py: the tests assert its line numbers
 
 
 @pytest.fixture
