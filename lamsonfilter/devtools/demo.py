@@ -166,7 +166,7 @@ class Demo:
         self._lamsonfilter("db", "init", "--app", str(self.app_dir), "--database", self.database)
 
     def _lamsonfilter(self, *args: str) -> None:
-        proc = subprocess.run([*lamsonfilter_argv(), *args],
+        proc = subprocess.run([*lamsonfilter_argv(), *args],  # noqa: S603 -- argv list, no shell, no message data
                               capture_output=True, text=True, timeout=120, start_new_session=True)
         if proc.returncode != 0:
             said = (proc.stderr.strip() or proc.stdout.strip()).removeprefix("lamsonfilter: ")
@@ -238,7 +238,7 @@ class Demo:
             args = ["smtpproxy", "--app", str(self.app_dir), "--listen", f"127.0.0.1:{self.filter_port}",
                     "--reinject", f"127.0.0.1:{self.reinject_port}", "--policy", f"127.0.0.1:{self.policy_port}",
                     "--database", self.database, "--quarantine", str(self.workdir / "quarantine")]
-        self.daemon = subprocess.Popen(base + args, stdout=log, stderr=log, start_new_session=True)
+        self.daemon = subprocess.Popen(base + args, stdout=log, stderr=log, start_new_session=True)  # noqa: S603 -- argv list, no shell
         log.close()
 
         def up() -> bool:

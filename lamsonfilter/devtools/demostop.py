@@ -141,7 +141,7 @@ def stop_leftovers(workdir: Path, keep: bool = False) -> list[str]:
         raise DemoError(f"the demo in {workdir} is still running (pid {demo_pid}): stop it with kill {demo_pid}")
     postfix = record["processes"].get("postfix")
     if postfix and procinfo.same_process(*postfix):
-        subprocess.run([find_binary("postfix") or "postfix", "-c", str(workdir / "postfix" / "etc"), "stop"],
+        subprocess.run([find_binary("postfix") or "postfix", "-c", str(workdir / "postfix" / "etc"), "stop"],  # noqa: S603 -- argv list, no shell
                        capture_output=True, timeout=60, check=False, start_new_session=True)
         done.append(f"stopped Postfix (master pid {postfix[0]})")
     if postfix:
