@@ -190,6 +190,7 @@ EOF
           <<<"$CF_MAIN" >> "$ETC/main.cf" ;;
   esac
 }
+# the base services of a private instance, as lamsonfilter/devtools/localpostfix.py writes them
 cat > "$ETC/master.cf" <<EOF
 127.0.0.1:$SMTPD_PORT inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup

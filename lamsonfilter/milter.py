@@ -66,7 +66,8 @@ from typing import Any, Callable, TypeVar
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import milter as libmilter  # type: ignore[import-untyped,import-not-found,unused-ignore]  # pymilter's C extension
 
-from . import daemon, faults
+from . import daemon
+from .devtools import faults
 from .actions import MilterAction, MilterPlan, milter_plan
 from .app import StartupError
 from .decisions import Action
@@ -591,7 +592,7 @@ def serve(
     (diagnostics only) leaves Nagle on for an inet socket.  `postfix_value`
     is the ``smtpd_milters`` value the start-up line recommends (default:
     the endpoint as an unchrooted smtpd names it; the command passes
-    `lamsonfilter.check_postfix.smtpd_milters_value`, which knows the chroot).
+    `lamsonfilter.check.postfix.smtpd_milters_value`, which knows the chroot).
 
     Signals: libmilter stops at SIGHUP, SIGTERM and SIGINT in a signal
     thread of its own, so it runs in a thread and the main thread takes

@@ -22,7 +22,7 @@ The envelope addresses are xtext-encoded (RFC 3461: every byte outside
 printable ASCII, ``+`` and ``=`` as ``+XX``), so any address fits one
 header line and reads back exactly.  `Quarantine.load` returns the fields
 and the original bytes; ``lamsonfilter quarantine release`` (module
-`lamsonfilter.cli_quarantine`) sends them to the reinjection listener with
+`lamsonfilter.cli.quarantine`) sends them to the reinjection listener with
 the saved envelope.  The write is atomic and durable before ``smtpproxy``
 answers ``250`` (reliability R6): written to ``tmp/``, fsynced, renamed
 into ``new/``, directory fsynced.  Any ``OSError`` propagates; the caller

@@ -50,7 +50,7 @@ from typing import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
 
-from . import faults
+from .devtools import faults
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
 from .looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey

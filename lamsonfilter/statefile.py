@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .findings import Finding
+from .check.findings import Finding
 
 __all__ = ["COMPANIONS", "chown_database", "daemon_write_problem", "user_name", "writable_finding", "write_problem"]
 

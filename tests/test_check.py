@@ -1,4 +1,7 @@
-"""lamsonfilter check: application findings and Postfix findings, each with a stable ID."""
+"""lamsonfilter check: application findings and Postfix findings, each with a stable ID.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
+"""
 
 import shutil
 import subprocess
@@ -6,47 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from lamsonfilter.cli import main
-from tests.rig.fixtures import require_module, skip_or_fail
-
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "examples" / "mailinglist"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def need_postconf():
-    if shutil.which("postconf") is None and not Path("/usr/sbin/postconf").exists():
-        skip_or_fail("postconf (Debian's postfix package) is not installed")
-
-
-def write_postfix(d: Path, main: str, master: str) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "main.cf").write_text("compatibility_level = 3.6\n" + main)
-    (d / "master.cf").write_text(master)
-    return d
-
-
-GOOD_MASTER = """\
-smtp      inet  n       -       y       -       -       smtpd
-lamsonfilter unix -     -       n       -       10      smtp
-    -o smtp_send_xforward_command=yes
-    -o disable_mime_output_conversion=yes
-127.0.0.1:10026 inet n  -       n       -       10      smtpd
-    -o content_filter=
-    -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
-"""
-GOOD_MAIN = ("content_filter = lamsonfilter:[127.0.0.1]:10025\nreceive_override_options = no_address_mappings\n"
-             "relay_domains = lists.example.org\n"
-             "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:10027, reject_unauth_destination\n")
-
-
-def ids(output):
-    return sorted({line.split()[0] for line in output.splitlines() if line[:3] in ("APP", "PF0", "PF1", "PF2")})
+from tests.rig.checks import (
+    APP,
+    GOOD_MAIN,
+    GOOD_MASTER,
+    ids,
+    invoke,
+    need_postconf,
+    write_postfix,
+)
+from tests.rig.fixtures import require_module
 
 
 def test_example_app_checks_clean_apart_from_the_database(tmp_path):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.check import app001
-from lamsonfilter.check_milter import smtpd_milters_value
-from lamsonfilter.check_postfix import check_postfix
+from lamsonfilter.check.milter import smtpd_milters_value
+from lamsonfilter.check.postfix import check_postfix
 from lamsonfilter.endpoint import parse_milter_socket
-from tests.test_check import (
+from tests.rig.checks import (
     APP,
     GOOD_MAIN,
     GOOD_MASTER,

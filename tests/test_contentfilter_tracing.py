@@ -17,7 +17,7 @@ from lamsonfilter.looptrace import TraceKey
 from lamsonfilter.policy import policy_answer
 from lamsonfilter.quarantine import Quarantine, QuarantineError
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.proxyrig import ProxyThread, Script, ScriptedSMTP, make_app
+from tests.rig.proxy import ProxyThread, Script, ScriptedSMTP, make_app
 from tests.rig.postfix import free_port, wait_for
 
 MSG = (b"From: alice@example.com\r\nTo: x@example.net\r\nSubject: t\r\nMessage-ID: <m1@example.com>\r\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.service import setup_logging
-from tests.proxyrig import make_app
+from tests.rig.proxy import make_app
 from tests.rig.postfix import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

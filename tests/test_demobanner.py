@@ -13,7 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from lamsonfilter.cli import main
-from lamsonfilter.demobanner import banner, command_path, route_examples
+from lamsonfilter.devtools.demobanner import banner, command_path, route_examples
 from lamsonfilter.settings import load_app
 from lamsonfilter.state import MemoryStorage
 
@@ -112,7 +112,7 @@ def test_command_path_is_the_absolute_script_next_to_this_python():
 
 
 def test_demo_of_a_missing_application_is_one_line_and_leaves_no_work_directory(monkeypatch, tmp_path):
-    import lamsonfilter.demo as demo
+    import lamsonfilter.devtools.demo as demo
 
     made = []
     real = demo.new_workdir

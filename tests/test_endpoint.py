@@ -1,4 +1,7 @@
-"""Listening addresses: the milter's --socket spec and the loopback rule (reliability S1)."""
+"""Listening addresses: the milter's --socket spec and the loopback rule (reliability S1).
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
+"""
 
 import pytest
 

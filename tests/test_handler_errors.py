@@ -8,21 +8,9 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.testing import AppTester
+from tests.rig.handlers import handler_source
 
-HANDLER = '''\
-from lamsonfilter import Handler
-
-handler = Handler("broken")
-
-
-@handler.route("hello@(host)")
-def START(ctx, host):
-    return helper(ctx.data)
-
-
-def helper(data):
-    return data["count"] + 1
-'''
+HANDLER = handler_source("broken")  # tests/fixtures/handlers/broken.py: the tests assert its line numbers
 
 
 @pytest.fixture

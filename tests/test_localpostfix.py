@@ -11,7 +11,7 @@ that reports its session id.
 import os
 from pathlib import Path
 
-from lamsonfilter.localpostfix import PrivatePostfix
+from lamsonfilter.devtools.localpostfix import PrivatePostfix
 
 
 def test_postfix_commands_run_in_their_own_session(tmp_path, monkeypatch):

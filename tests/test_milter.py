@@ -3,6 +3,8 @@
 The wire (Postfix, miltertest) is in tests/integration/test_milter.py and
 test_scenarios.py; here each callback's contract is checked directly:
 what it returns, which reply it sets, which actions it asks for.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ import socket
 import subprocess
 import sys
 
-from lamsonfilter import procinfo
-from lamsonfilter.demostop import port_in_use_message
+from lamsonfilter.devtools import procinfo
+from lamsonfilter.devtools.demostop import port_in_use_message
 
 
 def _sleeper(**kwargs):

@@ -18,6 +18,8 @@ built from, with hostile input drawn by Hypothesis:
 
 The settings are fixed (``derandomize=True``, no example database) so that
 CI runs the same examples every time; nothing asserts on wall-clock time.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations

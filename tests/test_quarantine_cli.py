@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lamsonfilter.cli import main
 from lamsonfilter.quarantine import Quarantine
-from tests.proxyrig import Script, ScriptedSMTP
+from tests.rig.proxy import Script, ScriptedSMTP
 
 MSG = b"From: alice@example.com\r\nSubject: kept\r\n\r\nbody\r\n"
 

@@ -27,7 +27,6 @@ from lamsonfilter.sqlstate import SQLAlchemyStorage
 from lamsonfilter.state import MemoryStorage, StateStorage
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, free_port, wait_for
-from tests.test_state import ALL_BACKENDS, pg_schema, pg_url  # noqa: F401 -- fixtures
 
 POSTFIX_RECIPIENT_LIMIT = 1000  # smtpd_recipient_limit's default (postconf -d)
 
@@ -102,20 +101,6 @@ def smtp_relay() -> Iterator[SMTPRelay]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
-    if request.param == "memory":
-        yield MemoryStorage()
-        return
-    url = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    st = SQLAlchemyStorage(url)
-    st.create_schema()
-    try:
-        yield st
-    finally:
-        st.close()
 
 
 def message(recipients: list[str], subject: str = "post", sender: str = "list-bounces@example.org") -> OutboxMessage:

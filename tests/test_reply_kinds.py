@@ -9,29 +9,9 @@ import pytest
 from lamsonfilter.fsm import Handler, HandlerError
 from lamsonfilter.settings import SettingsError
 from lamsonfilter.testing import AppTester
+from tests.rig.handlers import handler_source
 
-HANDLERS = '''\
-from lamsonfilter import Handler, stateless
-
-desk = Handler("desk")                               # a service: the default
-away = Handler("away", replies="responder")          # a vacation notice
-
-
-@desk.route("tickets@(host)")
-@stateless
-def TICKET(ctx, host):
-    ctx.data  # noqa
-    sent = ctx.reply(body="ticket opened\\n", subject="Your ticket")
-    ctx.note(f"reply sent: {sent}")
-
-
-@away.route("bob@(host)")
-@stateless
-def AWAY(ctx, host):
-    can = ctx.can_reply()
-    sent = ctx.reply(body="Bob is away\\n")
-    ctx.note(f"could reply: {can}; reply sent: {sent}")
-'''
+HANDLERS = handler_source("reply_kinds_handlers")  # tests/fixtures/handlers/reply_kinds_handlers.py
 
 
 def make_app(tmp_path: Path, settings: str = "") -> Path:

@@ -1,4 +1,7 @@
-"""The content filter over real loopback sockets: smtplib/raw sockets in, a scripted or capture server out."""
+"""The content filter over real loopback sockets: smtplib/raw sockets in, a scripted or capture server out.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Iterator
 import pytest
 
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.proxyrig import ProxyThread, Script, ScriptedSMTP, make_app, read_reply, smtp_dialogue
+from tests.rig.proxy import ProxyThread, Script, ScriptedSMTP, make_app, read_reply, smtp_dialogue
 from tests.rig.postfix import CaptureServer, free_port, wait_for
 
 MSG = (

@@ -5,20 +5,19 @@ PostgreSQL runs use a schema of their own (``lf_test_<hex>``, dropped at the
 end of the session) on the server named by ``LAMSONFILTER_TEST_PG_URL``
 (default ``postgresql://postgres@127.0.0.1:5432/test``).  When that server
 is unreachable they are skipped -- unless ``CI=true``, where they fail.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import psycopg
 import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -27,109 +26,23 @@ from lamsonfilter.decisions import OutboxMessage
 from lamsonfilter.sqlstate import SCHEMA_VERSION, SQLAlchemyStorage
 from lamsonfilter.state import (
     ConflictError,
-    MemoryStorage,
     SchemaMissingError,
     StateRecord,
     StateStorage,
     StorageError,
 )
-from tests.rig.fixtures import skip_or_fail
+from tests.rig.storage import (  # noqa: F401 -- the fixtures come from tests/conftest.py
+    ALL_BACKENDS,
+    PG_URL,
+    SQL_BACKENDS,
+    TABLES,
+)
+from tests.rig.storage import open_sql as _open
+from tests.rig.storage import pg_admin as _pg_admin
+from tests.rig.storage import pg_url_for as _pg_url
 
-PG_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = ("lamsonfilter_state", "lamsonfilter_outbox", "lamsonfilter_tokens", "lamsonfilter_meta")
 INIT_HINT = "lamsonfilter db init --app DIR"
 
-
-# ---------------------------------------------------------------- PostgreSQL
-def _pg_admin() -> psycopg.Connection[Any]:
-    return psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
-
-
-@pytest.fixture(scope="session")
-def pg_schema() -> Iterator[str]:
-    """A schema of this test session's own on the test server; dropped afterwards."""
-    try:
-        admin = _pg_admin()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: {exc}"
-        skip_or_fail(reason)
-    schema = f"lf_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-        try:
-            yield schema
-        finally:
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
-def _pg_url(schema: str, password: str | None = None) -> str:
-    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    if password is not None:
-        url = url.set(password=password)
-    return url.render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def pg_url(pg_schema: str) -> str:
-    """The session schema's URL, emptied of lamsonfilter tables first."""
-    with _pg_admin() as admin:
-        for table in TABLES:
-            admin.execute(f'DROP TABLE IF EXISTS "{pg_schema}"."{table}" CASCADE')
-    return _pg_url(pg_schema)
-
-
-# ---------------------------------------------------------------- fixtures
-@pytest.fixture
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty database (no schema) of the back end in `request.param`."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-SQL_BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
-]
-ALL_BACKENDS = [pytest.param("memory", id="memory"), *SQL_BACKENDS]
-
-
-def _open(url: str, **kwargs: Any) -> SQLAlchemyStorage:
-    return SQLAlchemyStorage(url, **kwargs)
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
-    """A ready storage (schema created) of each back end."""
-    if request.param == "memory":
-        yield MemoryStorage()
-        return
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    st = _open(url)
-    st.create_schema()
-    try:
-        yield st
-    finally:
-        st.close()
-
-
-@pytest.fixture(params=SQL_BACKENDS)
-def sql_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLAlchemyStorage]:
-    """A ready `SQLAlchemyStorage` on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    st = _open(url)
-    st.create_schema()
-    try:
-        yield st
-    finally:
-        st.close()
 
 
 def _execute(url: str, sql: str) -> None:

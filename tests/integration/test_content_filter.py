@@ -11,16 +11,16 @@ from typing import Iterator
 
 import pytest
 
-from tests.integration.contentfilter import (
+from tests.rig.contentfilter import (
     ContentFilterSetup,
     content_filter_main_cf,
     content_filter_master_cf,
     strip_received,
     wait_quiet,
 )
-from tests.proxyrig import make_app
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.postfix
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.contentfilter import ContentFilterSetup
-from tests.proxyrig import make_app
+from tests.rig.contentfilter import ContentFilterSetup
 from tests.rig.fixtures import PostfixFactory
+from tests.rig.handlers import handler_source
 from tests.rig.postfix import CaptureServer, wait_for
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.postfix
 
@@ -28,27 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 2  # POISON_LIMIT of the test application
 WAIT = 120.0
 
-BROKEN = '''\
-"""A deploy with a bug: every message to bug@ raises NameError; die@ kills the process."""
-import os
-import signal
-
-from lamsonfilter import Handler, stateless
-
-handler = Handler("bugs", default_action="deliver")
-
-
-@handler.route("bug@(host)")
-@stateless
-def BUG(ctx, host):
-    ctx.add_header("X-Fixed", fixed_value)  # NameError: the bug
-
-
-@handler.route("die@(host)")
-@stateless
-def DIE(ctx, host):
-    os.kill(os.getpid(), signal.SIGKILL)
-'''
+BROKEN = handler_source("bugs")  # tests/fixtures/handlers/bugs.py
 FIXED = BROKEN.replace("ctx.add_header(\"X-Fixed\", fixed_value)  # NameError: the bug",
                        "ctx.add_header(\"X-Fixed\", \"yes\")")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.contentfilter import ContentFilterSetup, wait_quiet
-from tests.proxyrig import make_app
+from tests.rig.contentfilter import ContentFilterSetup, wait_quiet
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, wait_for
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.postfix
 

@@ -4,10 +4,8 @@ SIGHUP reload that swaps the code while a message is in flight (the message is s
 
 import os
 import re
-import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -18,78 +16,10 @@ import pytest
 from lamsonfilter.settings import make_storage
 from tests.rig.fixtures import require, skip_or_fail
 from tests.rig.postfix import CaptureServer, free_port, port_accepts, wait_for
+from tests.rig.service import HANDLER, Notifications, make_app
 
 ROOT = Path(__file__).resolve().parents[2]
 
-HANDLER = '''\
-import os, time
-from lamsonfilter import Handler, stateless
-
-handler = Handler("svc", default_action="deliver")
-VERSION = "one"
-
-
-@handler.route("hold@(host)")
-@stateless
-def HOLD(ctx, host):
-    """Signal that the message is in flight, then wait (bounded) for the test's go."""
-    flag = ctx.settings["FLAG_DIR"]
-    open(os.path.join(flag, "started"), "w").close()
-    for _ in range(600):
-        if os.path.exists(os.path.join(flag, "go")):
-            break
-        time.sleep(0.05)
-    ctx.add_header("X-Version", VERSION)
-
-
-@handler.route("tag@(host)")
-@stateless
-def TAG(ctx, host):
-    ctx.add_header("X-Version", VERSION)
-'''
-
-
-def make_app(tmp: Path) -> Path:
-    import shutil
-
-    app = tmp / "app"
-    shutil.copytree(ROOT / "examples" / "mailinglist", app, ignore=shutil.ignore_patterns("var", "__pycache__", "tests"))
-    (app / "app" / "handlers" / "svc.py").write_text(HANDLER)
-    settings = app / "config" / "settings.py"
-    text = settings.read_text().replace('HANDLERS = ["mailinglist"]', 'HANDLERS = ["mailinglist", "svc"]')
-    settings.write_text(text + f"\nFLAG_DIR = {str(tmp)!r}\n")
-    storage = make_storage("sqlite:///var/state.db", app)
-    storage.create_schema()
-    storage.close()
-    return app
-
-
-class Notifications:
-    """A NOTIFY_SOCKET the test reads, as systemd would."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(1.0)
-        self.seen: list[str] = []
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> str:
-        def got() -> str | None:
-            for m in self.seen:
-                if text in m:
-                    self.seen.remove(m)
-                    return m
-            try:
-                self.seen.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-            return None
-
-        return wait_for(got, timeout, interval=0.0, message=f"{text!r} on the notify socket")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def send(port: int, rcpt: str, results: list, subject: str = "x") -> None:

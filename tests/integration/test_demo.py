@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter import procinfo
-from lamsonfilter.demo import STATE_FILE, stop_leftovers
+from lamsonfilter.devtools import procinfo
+from lamsonfilter.devtools.demo import STATE_FILE, stop_leftovers
 from tests.rig.fixtures import require
 from tests.rig.postfix import free_port, port_accepts, wait_for
 

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.proxyrig import make_app
 from tests.rig.fixtures import in_ci
 from tests.rig.postfix import CaptureServer, free_port, port_accepts, wait_for
+from tests.rig.proxy import make_app
 
 pytestmark = pytest.mark.exim
 

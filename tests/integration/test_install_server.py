@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import EXAMPLE, ROOT
+from tests.rig.deploy import EXAMPLE, ROOT
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.postfix import (
     CaptureServer,

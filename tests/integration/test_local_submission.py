@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST, ROOT
-from tests.integration.deploy_milter import (
+from tests.rig.deploy import LIST_HOST, ROOT
+from tests.rig.deploy_milter import (
     MilterDeployment,
     read_main_cf,
     require_pymilter,

@@ -3,6 +3,8 @@
 The scenarios every mode shares are in test_scenarios.py; these are the
 properties only a pre-queue milter has (reliability M1) and checks with an
 independent milter client (miltertest speaks the MTA side, like Postfix).
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.check import check_postfix
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MAIN_CF, MASTER_CF, MilterDeployment, read_main_cf, require_pymilter
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import (
+    MAIN_CF,
+    MASTER_CF,
+    MilterDeployment,
+    read_main_cf,
+    require_pymilter,
+)
 from tests.rig.fixtures import POSTFIX_BINARIES, PostfixFactory, require
 from tests.rig.postfix import find_binary, wait_for
 

@@ -12,24 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
 from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.handlers import handler_source
 
 pytestmark = pytest.mark.postfix
 
-CLOSED_HANDLER = '''\
-"""A route that refuses every message (tests/integration/test_milter_reject_after_data.py)."""
-from lamsonfilter import Handler, stateless
-
-handler = Handler("lfclosed")
-
-
-@handler.route("closed@(host)")
-@stateless
-def CLOSED(ctx, host):
-    ctx.reject("This address takes no mail", code=550, enhanced="5.7.1")
-'''
+CLOSED_HANDLER = handler_source("lfclosed")  # tests/fixtures/handlers/lfclosed.py
 
 
 class ClosedAddressDeployment(MilterDeployment):

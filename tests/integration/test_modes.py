@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from tests.integration import test_scenarios
-from tests.integration.deploy import Deployment
+from tests.rig import modes
+from tests.rig.deploy import Deployment
 
 
 @pytest.fixture
 def missing_mode(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(test_scenarios.MODES, "nomode",
-                        ("tests.integration.deploy_nomode", "NomodeDeployment", "sys"))
+    monkeypatch.setitem(modes.MODES, "nomode",
+                        ("tests.rig.deploy_nomode", "NomodeDeployment", "sys"))
     return "nomode"
 
 
@@ -21,24 +21,24 @@ def test_missing_deployment_module_is_skipped_with_the_reason(missing_mode: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="deploy_nomode.py is not written yet"):
-        test_scenarios.deployment_class(missing_mode)
+        modes.deployment_class(missing_mode)
 
 
 def test_missing_deployment_module_fails_under_ci(missing_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        test_scenarios.deployment_class(missing_mode)
+        modes.deployment_class(missing_mode)
 
 
 def test_a_broken_deployment_module_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     (tmp_path / "lf_broken_deploy.py").write_text("import lf_no_such_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(test_scenarios.MODES, "broken", ("lf_broken_deploy", "X", "sys"))
+    monkeypatch.setitem(modes.MODES, "broken", ("lf_broken_deploy", "X", "sys"))
     with pytest.raises(ModuleNotFoundError, match="lf_no_such_dependency"):
-        test_scenarios.deployment_class("broken")
+        modes.deployment_class("broken")
     sys.modules.pop("lf_broken_deploy", None)
 
 
 def test_the_modes_that_exist_give_deployments() -> None:
     for mode in ("milter", "smtpproxy"):
-        assert issubclass(test_scenarios.deployment_class(mode), Deployment)
+        assert issubclass(modes.deployment_class(mode), Deployment)

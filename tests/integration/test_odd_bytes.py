@@ -13,8 +13,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from tests.integration.deploy import LIST_HOST, Deployment
-from tests.integration.test_scenarios import deployment  # noqa: F401  (the fixture, parametrized by mode)
+from tests.rig.deploy import LIST_HOST, Deployment
+from tests.rig.modes import deployment  # noqa: F401  (the fixture, parametrized by mode)
 
 ODD = Path(__file__).resolve().parents[1] / "corpus" / "odd-bytes"
 ALICE = "alice@example.com"

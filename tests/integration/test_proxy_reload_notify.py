@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_daemon_service import HANDLER, Notifications, make_app
 from tests.rig.postfix import free_port
+from tests.rig.service import HANDLER, Notifications, make_app
 
 
 def test_smtpproxy_reload_ends_with_ready(tmp_path: Path) -> None:

@@ -9,62 +9,18 @@ reason, and fails instead under ``CI=true``.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator
 from email.utils import parseaddr
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST, Deployment
-from tests.rig.fixtures import POSTFIX_BINARIES, in_ci, require
+from tests.rig.deploy import LIST_HOST, Deployment
+from tests.rig.modes import deployment  # noqa: F401 -- the fixture, parametrized by mode
 
 pytestmark = pytest.mark.postfix
-
-#: mode -> (module, class) of its Deployment, imported only when that mode runs.
-MODES: dict[str, tuple[str, str, str]] = {
-    "milter": ("tests.integration.deploy_milter", "MilterDeployment", "Milter"),
-    "smtpproxy": ("tests.integration.deploy_smtpproxy", "SmtpproxyDeployment", "aiosmtpd"),
-}
 
 ALICE = "alice@example.com"
 BOB = "bob@example.net"
 LIST = f"python@{LIST_HOST}"
-
-
-def _unavailable(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"{reason} -- CI=true, so this is a failure, not a skip", pytrace=False)
-    pytest.skip(reason)
-
-
-def deployment_class(mode: str) -> type[Deployment]:
-    """The mode's Deployment class, imported lazily; skipped (failed under CI) when missing."""
-    module_name, class_name, needs = MODES[mode]
-    try:
-        importlib.import_module(needs)
-    except ImportError as exc:
-        _unavailable(f"{mode} mode needs {needs} ({exc}); run scripts/bootstrap.sh")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the module exists but imports something missing: a failure, never a skip
-        _unavailable(f"{module_name.replace('.', '/')}.py is not written yet (the {mode} deployment)")
-    cls: type[Deployment] = getattr(module, class_name)
-    return cls
-
-
-@pytest.fixture(params=list(MODES))
-def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    """A started deployment of one mode; its logs are printed if the test fails."""
-    require(*POSTFIX_BINARIES, root=True)
-    dep = deployment_class(request.param)()
-    try:
-        dep.start()
-        yield dep
-    finally:
-        print(dep.diagnostics())  # pytest shows it only for a failed test
-        dep.stop()
 
 
 # ---------------------------------------------------------------- steps

@@ -13,7 +13,7 @@ filter PID it started at random moments and starts it again::
 
 What runs:
 
-* ``--parallel`` injector threads (tests/reliability/accounting.py's
+* ``--parallel`` injector threads (tests/rig/accounting.py's
   `Injector`: every message stamped ``X-Test-Seq``, every reply kept),
   each with its own sender, one to ``--per-session`` transactions per SMTP
   connection, each message to one recipient drawn from ``--recipients``
@@ -83,11 +83,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.deploy import LIST_HOST, Deployment
-from tests.integration.deploy_milter import MilterDeployment
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability import accounting as accounting_mod
-from tests.reliability.accounting import (
+from tests.rig import accounting as accounting_mod
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,
@@ -98,6 +95,10 @@ from tests.reliability.accounting import (
     seqs_in_header,
     wait_settled,
 )
+from tests.rig.deploy import LIST_HOST, Deployment
+from tests.rig.deploy_milter import MilterDeployment
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.handlers import handler_source
 
 __all__ = [
     "Lifetime",
@@ -111,76 +112,7 @@ __all__ = [
     "run_soak",
 ]
 
-SOAK_HANDLER = '''\
-"""A stateful route for the soak (tests/reliability/soak.py): every message writes the state store.
-
-Diagnosis only (not set by default): with $LF_SOAK_TRACEMALLOC=FILE
-(``soak.py --trace-memory``) the filter process traces its allocations and
-appends, every 60 s, the 15 source lines whose allocated size grew most
-since the first snapshot to FILE; with $LF_SOAK_SQLITE_CACHE_KIB=N
-(``--sqlite-cache-kib``) every SQLite connection gets ``PRAGMA cache_size
-= -N`` (SQLite's default is 2000 KiB per connection).
-"""
-import os
-import sys
-import threading
-import time
-import tracemalloc
-
-from lamsonfilter import Handler
-
-handler = Handler("lfsoak", default_action="deliver")
-
-
-def _trace_memory(path):
-    first = None
-    for _ in range(24 * 60):  # bounded: a day of minutes
-        time.sleep(60)
-        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-        if first is None:
-            first = snap
-            continue
-        top = snap.compare_to(first, "lineno")[:15]
-        with open(path, "a") as f:
-            f.write(f"--- pid {os.getpid()} {time.strftime('%H:%M:%S')} growth since the first snapshot\\n")
-            f.writelines(f"{stat}\\n" for stat in top)
-
-
-if os.environ.get("LF_SOAK_SQLITE_CACHE_KIB") and not getattr(sys, "_lfsoak_cache", False):
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    sys._lfsoak_cache = True
-    _KIB = int(os.environ["LF_SOAK_SQLITE_CACHE_KIB"])
-
-    @event.listens_for(Engine, "connect")
-    def _small_cache(dbapi_connection, connection_record):
-        if type(dbapi_connection).__module__.startswith("sqlite3"):
-            dbapi_connection.execute(f"PRAGMA cache_size = -{_KIB}")
-
-
-if os.environ.get("LF_SOAK_TRACEMALLOC") and not getattr(sys, "_lfsoak_tracing", False):
-    sys._lfsoak_tracing = True
-    tracemalloc.start(1)
-    threading.Thread(target=_trace_memory, args=(os.environ["LF_SOAK_TRACEMALLOC"],), daemon=True,
-                     name="lfsoak-tracemalloc").start()
-
-
-@handler.route("soak@(host)")
-def START(ctx, host):
-    """The first message of a conversation: tag it and move to SEEN."""
-    ctx.add_header("X-Lamsonfilter-Soak", "start")
-    ctx.deliver()
-    return SEEN
-
-
-@handler.state
-def SEEN(ctx, host):
-    """Every later message: tag it, stay in SEEN (a state write per message)."""
-    ctx.add_header("X-Lamsonfilter-Soak", "seen")
-    ctx.deliver()
-    return SEEN
-'''
+SOAK_HANDLER = handler_source("lfsoak")  # tests/fixtures/handlers/lfsoak.py
 
 #: Recipients the injectors draw from: pass-through, a header-adding route, a stateful route.
 RECIPIENTS = ("sink@example.net", f"tag@{LIST_HOST}", f"soak@{LIST_HOST}")

@@ -1,4 +1,4 @@
-"""The counting harness itself (tests/reliability/accounting.py), against fakes: it can fail.
+"""The counting harness itself (tests/rig/accounting.py), against fakes: it can fail.
 
 No Postfix here: captured messages, queue contents and client replies are
 built by hand, so each test knows the right answer and checks that the
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import Reply, SendResult
-from tests.reliability.accounting import (
+from tests.rig.accounting import (
     Accounting,
     Injected,
     LostMail,
@@ -22,6 +21,7 @@ from tests.reliability.accounting import (
     maillog_anomalies,
     seqs_in_header,
 )
+from tests.rig.deploy import Reply, SendResult
 from tests.rig.postfix import CapturedMessage
 
 

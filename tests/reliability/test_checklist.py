@@ -39,57 +39,24 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.mail import MAX_ADDRESS_LENGTH
-from tests.integration.deploy import (
+from tests.rig.deploy import (
     LIST_HOST,
     MAIL_TIMEOUT,
     ROOT,
     Deployment,
     SendResult,
 )
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import _CALL_FAILED, POSTFIX_BINARIES, in_ci, require
+from tests.rig.handlers import handler_source
 from tests.rig.postfix import CapturedMessage, wait_for
 
 HELP = f"help@{LIST_HOST}"
 TAG = f"tag@{LIST_HOST}"
 
 #: Extra routes for the checklist (added to the example app next to deploy.py's ``lftest``).
-LFCHECK = '''\
-"""Routes the reliability checklist needs (tests/reliability/test_checklist.py)."""
-from email.message import EmailMessage
-
-from lamsonfilter import Handler, stateless
-
-handler = Handler("lfcheck", default_action="deliver")
-
-
-@handler.route("reject@(host)")
-@stateless
-def REJECT(ctx, host):
-    """A policy rejection decided after DATA (A4)."""
-    ctx.reject("Not wanted here", 550, "5.7.1")
-
-
-@handler.route("rewrite@(host)")
-@stateless
-def REWRITE(ctx, host):
-    """A rewrite rule that copies (possibly raw 8-bit) header text (X4)."""
-    ctx.change_header("Subject", "rewritten: " + ctx.header("Subject"))
-    ctx.add_header("X-Seen-From", ctx.header("From"))
-
-
-@handler.route("answer-reply-to@(host)")
-@stateless
-def ANSWER_REPLY_TO(ctx, host):
-    """A careless handler that answers the Reply-To header instead of the envelope sender (S2)."""
-    msg = EmailMessage()
-    msg["From"] = ctx.recipient
-    msg["To"] = ctx.header("Reply-To")
-    msg["Subject"] = "answer: " + ctx.header("Subject")
-    msg.set_content("You asked for it.\\n")
-    ctx.send(msg)
-'''
+LFCHECK = handler_source("lfcheck")  # tests/fixtures/handlers/lfcheck.py
 
 CHECKLIST_SETTINGS = (
     "\n# added by tests/reliability/test_checklist.py\n"

@@ -6,7 +6,7 @@ process behind a real private Postfix, mail captured at a `CaptureServer`
 -- against a real database: the app's SQLite file, or a private
 PostgreSQL cluster this module starts (tests/rig/pgcluster.py), so that it
 can be stopped by its PID without disturbing anybody else's server.
-Mail is injected and counted with tests/reliability/accounting.py.
+Mail is injected and counted with tests/rig/accounting.py.
 
 ======================  ======================================================================
 scenario                what it proves
@@ -44,6 +44,8 @@ Counts for the docs come from `account(..., scenario=...)`
 (``LF_RELIABILITY_FIGURES=/path/figures.jsonl``).  Run::
 
     .venv/bin/python -m pytest -q tests/reliability/test_database_faults.py
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations
@@ -64,17 +66,18 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_milter import MilterDeployment, require_pymilter
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability.accounting import (
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,
     account,
     seqs_in_header,
 )
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_milter import MilterDeployment, require_pymilter
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.handlers import handler_source
 from tests.rig.pgcluster import PgCluster, pgcluster, require_pg  # noqa: F401 -- pgcluster: fixture
 from tests.rig.postfix import wait_for
 
@@ -93,58 +96,7 @@ POISON_LIMIT = 2
 #: ... so D2 keeps the database down for more attempts than that.
 OUTAGE_ATTEMPTS = 3
 
-COUNTER_HANDLER = '''\
-"""lfdb: one counter per tag, for tests/reliability/test_database_faults.py (D1, D4).
-
-``count-TAG@HOST``: the conversation's key is TAG; each message reads the
-counter, optionally waits at a gate (header ``X-Test-Gate: NAME`` -- until
-the file $LF_DB_GATES/NAME exists, at most 60 s), writes counter + 1 and
-is delivered.  Each read and write is appended to $LF_DB_JOURNAL.
-"""
-import json
-import os
-import threading
-import time
-
-from lamsonfilter import Handler
-
-handler = Handler("lfdb", key=lambda ctx: ctx.args["tag"], default_action="deliver")
-_journal_lock = threading.Lock()
-
-
-def _journal(**event):
-    path = os.environ.get("LF_DB_JOURNAL")
-    if path:
-        with _journal_lock, open(path, "a") as f:
-            f.write(json.dumps(event) + "\\n")
-
-
-def _count(ctx, tag):
-    n = int(ctx.data.get("n", 0))
-    seq = ctx.header("X-Test-Seq")
-    _journal(event="read", tag=tag, seq=seq, n=n)
-    gate = ctx.header("X-Test-Gate")
-    if gate:
-        path = os.path.join(os.environ["LF_DB_GATES"], gate)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gate {gate} never opened")
-            time.sleep(0.05)
-    ctx.data = {"n": n + 1}
-    _journal(event="write", tag=tag, seq=seq, n=n + 1)
-    return COUNTING
-
-
-@handler.route("count-(tag)@(host)", tag=r"[a-z0-9]+")
-def START(ctx, tag):
-    return _count(ctx, tag)
-
-
-@handler.state
-def COUNTING(ctx, tag):
-    return _count(ctx, tag)
-'''
+COUNTER_HANDLER = handler_source("lfdb")  # tests/fixtures/handlers/lfdb.py
 
 
 # --------------------------------------------------------------------------- the deployments

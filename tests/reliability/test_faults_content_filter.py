@@ -7,7 +7,7 @@ keep CI short; each test restores it (filter running, unarmed, default
 deadline; the real reinjection listener) and stamps its messages with its
 own run name, so the accounting of one test never counts another's mail.
 
-Every test injects X-Test-Seq stamped mail (tests/reliability/accounting.py),
+Every test injects X-Test-Seq stamped mail (tests/rig/accounting.py),
 breaks something, repairs it, flushes, and proves the invariant
 injected = delivered ∪ bounced ∪ queued ∪ discarded ∪ rejected with zero lost.
 Figures go to $LF_RELIABILITY_FIGURES when set.
@@ -21,7 +21,7 @@ and consumes the message (decision ``drop``).
 
 Faults: the reinjection listener replaced by ``smtp-sink`` with ``-r .``,
 ``-Q .``, ``-q .``, ``-A 0`` (R1, R13); the filter stopped (R3); SIGKILL of
-the filter held at a named fault point (lamsonfilter/faults.py, R4/D3); a
+the filter held at a named fault point (lamsonfilter/devtools/faults.py, R4/D3); a
 handler slower than ``--deadline`` (R5); 50 parallel client sessions (R14).
 Only PIDs started here are signalled; every wait is bounded.
 
@@ -30,6 +30,8 @@ scenario (the account waits at most 300 s after the injection)::
 
     LF_R14_MESSAGES=5000 LF_RELIABILITY_FIGURES=/tmp/figures.jsonl \
         .venv/bin/python -m pytest -q -s tests/reliability/test_faults_content_filter.py -k r14
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations
@@ -46,58 +48,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import LIST_HOST
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
-from tests.reliability.accounting import Accounting, Injected, Injector, account
+from tests.rig.accounting import Accounting, Injected, Injector, account
+from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import (
     _CALL_FAILED as CALL_FAILED,  # set by the rig's report hook
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, require, require_module
+from tests.rig.handlers import handler_source
 from tests.rig.postfix import find_binary, port_accepts, wait_for
 
 pytestmark = pytest.mark.postfix
 
-LFREL_HANDLER = '''\
-"""Handlers for the content-filter fault suite (tests/reliability/test_faults_content_filter.py)."""
-import os
-import time
-from pathlib import Path
-
-from lamsonfilter import Handler, stateless
-
-handler = Handler("lfrel", default_action="deliver")
-RUNS = Path(__file__).resolve().parents[2] / "var" / "lfrel-runs.log"
-
-
-@handler.route("slow@(host)")
-@stateless
-def SLOW(ctx, host):
-    """Slower than the filter's deadline when $LFREL_SLEEP says so (R5)."""
-    time.sleep(float(os.environ.get("LFREL_SLEEP", "0")))
-    ctx.deliver()
-
-
-def _ran(ctx, state):
-    with open(RUNS, "a") as f:
-        f.write(f"{ctx.request.queue_id} {ctx.header('X-Test-Seq')} {state}\\n")
-
-
-@handler.route("count@(host)")
-def START(ctx, host):
-    """Counts its runs, replies once, delivers; the conversation moves to COUNTED (R13)."""
-    _ran(ctx, "START")
-    ctx.reply(subject="counted", body="counted\\n")
-    ctx.deliver()
-    return COUNTED
-
-
-@handler.state
-def COUNTED(ctx, host):
-    """A second run for the same conversation would land here (and be counted)."""
-    _ran(ctx, "COUNTED")
-    ctx.deliver()
-    return COUNTED
-'''
+LFREL_HANDLER = handler_source("lfrel")  # tests/fixtures/handlers/lfrel.py
 
 #: Generous bound on every wait for Postfix's log or the filter (seconds).
 WAIT = 90.0

@@ -1,7 +1,7 @@
 """Milter mode under faults: M1-M4 and R4/R14 of docs/reliability.rst, counted message by message.
 
 Each test runs the real thing: ``lamsonfilter milter`` (its own process, the
-example mailing list plus the ``lffault`` handler of milterrig.py), a private
+example mailing list plus the ``lffault`` handler of tests/rig/milterfaults.py), a private
 Postfix with the shipped conf/postfix/*.milter snippets, and a
 `CaptureServer` as the final destination.  Mail is injected with
 `accounting.Injector` (every message stamped ``X-Test-Seq``, every reply
@@ -15,7 +15,7 @@ explicit decision), nothing lost, no duplicate, Postfix's queue empty.
 
 Faults: SIGKILL of the milter PID this test started (M1; at the named
 fault points ``milter.eom`` and ``milter.after_commit`` of
-lamsonfilter/faults.py, R4 and M4), exceptions in every reply-bearing
+lamsonfilter/devtools/faults.py, R4 and M4), exceptions in every reply-bearing
 callback (M2), a handler slower than Postfix's milter timeout and than
 the milter's own APP_DEADLINE (M3), and 50 parallel sessions (R14).
 
@@ -37,22 +37,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy_milter import require_pymilter
-from tests.reliability.accounting import (
+from tests.rig.accounting import (
     Accounting,
     Injected,
     Injector,
     account,
     delivered_seqs,
 )
-from tests.reliability.milterrig import (
+from tests.rig.deploy_milter import require_pymilter
+from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.milterfaults import (
     LIST_HOST,
     SECRET,
     FaultMilterDeployment,
     ProcStats,
     proc_stats,
 )
-from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.postfix import wait_for
 
 pytestmark = pytest.mark.postfix

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.rig.handlers import handler_source
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
 
@@ -51,28 +53,7 @@ SMOKE_RUNS = 10_000
 #: 2-core CI machine; the run count, not the clock, decides when it ends).
 SMOKE_TIMEOUT = 900
 
-FUZZ_HANDLER = '''\
-"""A handler that copies message text everywhere it could do harm (tests/reliability/test_fuzz.py)."""
-from lamsonfilter import Handler, stateless
-from lamsonfilter.decisions import HeaderValueError
-
-handler = Handler("fuzzcopy", default_action="deliver")
-
-
-@handler.route("copy@(host)")
-@stateless
-def COPY(ctx, host):
-    subject = ctx.header("Subject")
-    try:
-        ctx.add_header("X-Copied-Subject", subject[:200])
-    except HeaderValueError:
-        ctx.add_header("X-Copied-Subject", "refused")
-    try:
-        ctx.change_header("Subject", "[copy] " + subject[:200])
-    except HeaderValueError:
-        pass
-    ctx.reply(subject="Re: " + subject[:200], body="seen: " + ctx.header("From")[:200] + "\\n")
-'''
+FUZZ_HANDLER = handler_source("fuzzcopy")  # tests/fixtures/handlers/fuzzcopy.py
 
 
 # ---------------------------------------------------------------- the pytest side
@@ -82,7 +63,9 @@ def test_atheris_smoke_run_finds_no_oracle_violation(tmp_path: Path) -> None:
         import atheris  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         reason = f"atheris is not installed ({exc}); pip install -e .[test]"
-        from tests.rig.fixtures import skip_or_fail  # here: this file also runs as a script
+        from tests.rig.fixtures import (
+            skip_or_fail,  # here: this file also runs as a script
+        )
 
         skip_or_fail(reason)
     env = {**os.environ, "LF_FUZZ_WORKDIR": str(tmp_path)}

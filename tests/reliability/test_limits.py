@@ -49,9 +49,10 @@ import pytest
 from lamsonfilter.poison import AttemptLog
 from lamsonfilter.reinjector import IDLE_LIMIT
 from lamsonfilter.spool import DataLimits
-from tests.integration.deploy import LIST_HOST, SendResult
-from tests.integration.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
+from tests.rig.deploy import LIST_HOST, SendResult
+from tests.rig.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.handlers import handler_source
 from tests.rig.postfix import CapturedMessage, PrivatePostfix, wait_for
 
 MiB = 1 << 20
@@ -63,48 +64,7 @@ POISON_LIMIT = 3
 DEADLINE = 6.0
 WAIT = 120.0
 
-LIMITS_HANDLER = '''\
-"""Routes of tests/reliability/test_limits.py."""
-import os
-import signal
-import time
-
-from lamsonfilter import Handler, stateless
-
-handler = Handler("lflimits", default_action="deliver")
-
-
-@handler.route("poison@(host)")
-@stateless
-def POISON(ctx, host):
-    raise RuntimeError("lflimits: this message always crashes the handler")
-
-
-@handler.route("die@(host)")
-@stateless
-def DIE(ctx, host):
-    os.kill(os.getpid(), signal.SIGKILL)  # a crash that takes the whole process
-
-
-@handler.route("stuck@(host)")
-@stateless
-def STUCK(ctx, host):
-    time.sleep(ctx.settings["LFLIMITS_SLEEP"])  # always past the filter's deadline
-
-
-@handler.route("keep@(host)")
-@stateless
-def KEEP(ctx, host):
-    ctx.quarantine("lflimits: kept for review")
-
-
-@handler.route("lf@(host)")
-@stateless
-def LF(ctx, host):
-    ctx.replace_body("rewritten with bare LF\\nsecond line\\n.\\nafter a lone dot\\n")
-    ctx.send(b"From: lf@lists.example.org\\nTo: " + ctx.sender.encode() +
-             b"\\nSubject: lf-only notice\\n\\nbare LF body\\nline two\\n", sender="", recipients=[ctx.sender])
-'''
+LIMITS_HANDLER = handler_source("lflimits")  # tests/fixtures/handlers/lflimits.py
 
 
 class LimitsDeployment(SmtpproxyDeployment):

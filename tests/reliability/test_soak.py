@@ -10,6 +10,8 @@ queued, duplicates only in the R4 window), RSS drift after warm-up within
 
 The checks the soak applies are tested on their own first (no Postfix), so
 that each one is shown to fail when its invariant breaks.
+
+Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states each one.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deploy import Reply, SendResult
-from tests.reliability.accounting import Accounting, Injected
 from tests.reliability.soak import (
     Lifetime,
     ProcSample,
@@ -34,6 +34,8 @@ from tests.reliability.soak import (
     r4_window_seqs,
     run_soak,
 )
+from tests.rig.accounting import Accounting, Injected
+from tests.rig.deploy import Reply, SendResult
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 
 # --------------------------------------------------------------------------- the verdicts, no Postfix
@@ -139,7 +141,7 @@ def test_short_soak_with_random_sigkills_loses_nothing(mode: str, tmp_path: Path
     delivered (duplicates only in the R4 window), RSS drift, FDs and threads within bounds."""
     require(*POSTFIX_BINARIES, "postcat", root=True)
     if mode == "milter":
-        from tests.integration.deploy_milter import require_pymilter
+        from tests.rig.deploy_milter import require_pymilter
 
         require_pymilter()
     # the summary goes where the suite's figures go, if they are collected; else to tmp_path

@@ -1,4 +1,4 @@
-"""A private, harness-owned PostgreSQL cluster for fault tests (D2: "stop the database by its PID").
+"""A private, harness-owned PostgreSQL cluster for fault tests (to stop the database by its PID while mail flows: docs/reliability.rst, D2).
 
 The shared server on 127.0.0.1:5432 belongs to everybody on the machine; a
 test that stops, kills or freezes a database needs its own.  `PgCluster`

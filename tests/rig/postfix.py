@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lamsonfilter.localpostfix import (  # noqa: F401 -- re-exported for the tests
+from lamsonfilter.devtools.localpostfix import (  # noqa: F401 -- re-exported for the tests
     PrivatePostfix,
     RigUnavailable,
     find_binary,

@@ -1,0 +1,321 @@
+"""``lamsonfilter check --postfix-config DIR``: find what is wrong in the Postfix set-up before mail does.
+
+The configuration is read with ``postconf -n``, ``-M`` and ``-P`` (so the
+checks see what Postfix sees, including ``-o`` overrides of master.cf), the
+mode is found (a ``content_filter`` in main.cf *or* on an smtpd service of
+master.cf → content filter; ``smtpd_milters`` → milter), and the lines each
+mode needs are checked (integration.md §2, §3)::
+
+    for f in check_postfix("/etc/postfix", app.settings, milter_socket=None, max_size=None):
+        print(f)
+
+Finding IDs: PF001-PF004 general (PF004: the application's domains are in
+no Postfix address class), PF101-PF123 the content filter and its
+reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .findings import Finding
+
+__all__ = ["ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY", "PostfixConfig", "check_postfix"]
+
+#: Where Debian's Postfix keeps its queue, and chroots its daemons.
+DEFAULT_QUEUE_DIRECTORY = "/var/spool/postfix"
+
+#: The main.cf parameters that make Postfix accept mail for a domain (ADDRESS_CLASS_README):
+#: local, virtual alias, virtual mailbox and relay domains.  A domain in none of them gets
+#: "Relay access denied" from every client but mynetworks.
+ADDRESS_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_domains", "relay_domains")
+
+#: Parameters whose values (defaults included, ``$name`` expanded) the checks read.
+_EXPANDED = (*ADDRESS_CLASSES, "message_size_limit", "queue_directory", "compatibility_level",
+             "default_process_limit", "smtpd_recipient_restrictions", "smtpd_relay_restrictions",
+             "parent_domain_matches_subdomains")
+
+
+def _postconf() -> str:
+    exe = shutil.which("postconf") or ("/usr/sbin/postconf" if Path("/usr/sbin/postconf").exists() else None)
+    if exe is None:
+        raise FileNotFoundError("postconf not found (is Postfix installed?)")
+    return exe
+
+
+@dataclass
+class PostfixConfig:
+    """What ``postconf`` says about one configuration directory."""
+
+    main: dict[str, str]
+    explicit: set[str]  # names set in main.cf (postconf -n), not defaults
+    services: list[list[str]]  # postconf -M fields: name type private unpriv chroot wakeup maxproc command args
+    overrides: dict[tuple[str, str], dict[str, str]]  # (name, type) -> -o name=value
+    expanded: dict[str, str] = field(default_factory=dict)  # _EXPANDED, with defaults, $name expanded
+    config_dir: str = ""
+
+    @classmethod
+    def read(cls, config_dir: str | Path) -> PostfixConfig:
+        exe = _postconf()
+
+        def run(*args: str) -> str:
+            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
+                [exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip() or f"postconf {' '.join(args)} failed")
+            return proc.stdout
+
+        def pairs(text: str) -> list[tuple[str, str]]:  # "name = value", "name =" when empty
+            out = []
+            for line in text.splitlines():
+                m = re.match(r"^(\S+) =(?: (.*))?$", line)
+                if m:
+                    out.append((m.group(1), (m.group(2) or "").strip()))
+            return out
+
+        main = dict(pairs(run("-n")))
+        explicit = set(main)
+        # a few defaults the checks depend on
+        for name in ("milter_default_action", "soft_bounce", "receive_override_options", "non_smtpd_milters"):
+            if name not in main:
+                main[name] = run("-h", name).strip()
+        expanded = dict(pairs(run("-x", *_EXPANDED)))
+        services = [line.split() for line in run("-M").splitlines() if line.strip()]
+        overrides: dict[tuple[str, str], dict[str, str]] = {}
+        for key, value in pairs(run("-P")):
+            parts = key.split("/")
+            if len(parts) == 3:
+                overrides.setdefault((parts[0], parts[1]), {})[parts[2]] = value
+        return cls(main, explicit, services, overrides, expanded, str(config_dir))
+
+    def service(self, name: str, type_: str) -> list[str] | None:
+        for s in self.services:
+            if len(s) >= 8 and s[0] == name and s[1] == type_:
+                return s
+        return None
+
+    def override(self, name: str, type_: str, param: str) -> str | None:
+        return self.overrides.get((name, type_), {}).get(param)
+
+    def effective(self, service: list[str], param: str) -> str:
+        """`param` as the service sees it: its ``-o`` override, else main.cf (or the default)."""
+        value = self.override(service[0], service[1], param)
+        if value is not None:
+            return value
+        return self.main.get(param, self.expanded.get(param, ""))
+
+    @property
+    def queue_directory(self) -> str:
+        return self.expanded.get("queue_directory", "").rstrip("/") or DEFAULT_QUEUE_DIRECTORY
+
+    def maxproc(self, service: list[str]) -> int:
+        """The service's process limit ("-" is default_process_limit, 100 by default)."""
+        value = service[6]
+        if value == "-":
+            value = self.expanded.get("default_process_limit", "100") or "100"
+        try:
+            return int(value)
+        except ValueError:
+            return 100
+
+    def chrooted(self, service: list[str]) -> bool:
+        """master.cf's chroot column: "y", or "-" below compatibility_level 1 (where it meant y)."""
+        column = service[4]
+        if column == "-":
+            level = self.expanded.get("compatibility_level", "0") or "0"
+            return level.split(".")[0] in ("0", "")
+        return column == "y"
+
+    def lookup(self, table: str, key: str) -> bool | None:
+        """Whether lookup table `table` (``type:name``) has `key`; None when it cannot be asked."""
+        exe = shutil.which("postmap") or "/usr/sbin/postmap"
+        try:
+            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
+                [exe, "-c", self.config_dir, "-q", key, table], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return {0: True, 1: False}.get(proc.returncode)
+
+
+def _listener_names(host: str, port: int) -> list[str]:
+    return [f"{host}:{port}", f"[{host}]:{port}", str(port)]
+
+
+def _smtpd_services(pc: PostfixConfig, listener: list[str] | None) -> list[list[str]]:
+    """The smtpd services clients talk to (master.cf's ``smtp inet`` and the like, not the listener)."""
+    return [s for s in pc.services
+            if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and s is not listener]
+
+
+def _tokens(value: str) -> list[str]:
+    """A list parameter's items; a ``type:{ ... }`` inline table stays one item."""
+    return re.findall(r"[^\s,{}]*\{[^}]*\}|[^\s,]+", value)
+
+
+def _accepts_domain(pc: PostfixConfig, param: str, host: str) -> bool | None:
+    """Whether address class `param` lists `host` (None: a table that could not be asked)."""
+    subdomains = param in _tokens(pc.expanded.get("parent_domain_matches_subdomains", ""))
+    unknown = False
+    for item in _tokens(pc.expanded.get(param, "")):
+        if re.match(r"^[a-z0-9_]+:", item, re.IGNORECASE) and not item.startswith("/"):
+            found = pc.lookup(item, host)
+            if found is None:
+                unknown = True
+            elif found:
+                return True
+            continue
+        item = item.lower().rstrip(".")
+        if item == host or (item.startswith(".") and host.endswith(item)) \
+                or (subdomains and host.endswith("." + item.lstrip("."))):
+            return True
+    return None if unknown else False
+
+
+def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
+                  milter_socket: str | None = None, max_size: int | None = None) -> list[Finding]:
+    """Every Postfix finding for `settings` (HOSTS, RELAY) against the configuration in `config_dir`.
+
+    `milter_socket` is where ``lamsonfilter milter`` listens (libmilter syntax);
+    `max_size` the SIZE ``lamsonfilter smtpproxy`` announces, when known.
+    """
+    try:
+        pc = PostfixConfig.read(config_dir)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return [Finding("PF001", "error", f"cannot read the Postfix configuration in {config_dir}: {exc}",
+                        "point --postfix-config at the directory holding main.cf and master.cf")]
+    from ..settings import parse_hostport
+
+    findings: list[Finding] = []
+    relay_host, relay_port = parse_hostport(settings.get("RELAY", "127.0.0.1:10026"))
+    listener = next((s for s in pc.services
+                     if len(s) >= 8 and s[1] == "inet" and s[0] in _listener_names(relay_host, relay_port)), None)
+    smtpds = _smtpd_services(pc, listener)
+    # content_filter in main.cf, or only on some smtpd services (FILTER_README's "-o content_filter=" on smtp inet)
+    filtered = [s for s in smtpds if pc.effective(s, "content_filter")]
+    content_filter = pc.main.get("content_filter", "") or (pc.effective(filtered[0], "content_filter") if filtered else "")
+    milters = pc.main.get("smtpd_milters", "") or next(
+        (v for s in smtpds if (v := pc.override(s[0], s[1], "smtpd_milters") or "")), "")
+    if not content_filter and not milters:
+        findings.append(Finding("PF002", "error", "Postfix sends no mail to lamsonfilter: neither "
+                                "content_filter nor smtpd_milters is set in main.cf or on an smtpd service "
+                                "of master.cf", "add the lines of conf/postfix/main.cf.milter or main.cf.content_filter"))
+    if pc.main.get("soft_bounce") == "yes":
+        findings.append(Finding("PF003", "warning", "soft_bounce = yes turns every 5xx (also the milter's "
+                                "rejections) into 4xx", "set soft_bounce = no once the set-up works"))
+    findings += _address_classes(pc, settings)
+    findings += _listener_findings(pc, listener, relay_host, relay_port, bool(content_filter), bool(milters))
+    if content_filter:
+        findings += _content_filter_findings(pc, content_filter, filtered or smtpds, listener, settings, max_size)
+    if milters:
+        from .milter import milter_findings
+
+        findings += milter_findings(pc, milters, milter_socket, smtpds)
+    return findings
+
+
+def _address_classes(pc: PostfixConfig, settings: Mapping[str, Any]) -> list[Finding]:
+    """PF004: an application domain Postfix does not accept mail for (issue 14, item 6)."""
+    out = []
+    for host in sorted({h.lower() for h in settings.get("HOSTS", [])}):
+        answers = [_accepts_domain(pc, p, host) for p in ADDRESS_CLASSES]
+        if any(answers) or None in answers:
+            continue
+        out.append(Finding(
+            "PF004", "error",
+            f"Postfix accepts no mail for {host} (HOSTS): it is in none of {', '.join(ADDRESS_CLASSES)}, "
+            "so every client outside mynetworks gets 'Relay access denied'",
+            f"add {host} to relay_domains, and give it a transport that keeps what lamsonfilter passes on "
+            "(the lines of conf/postfix/main.cf.domains and master.cf.domains)"))
+    return out
+
+
+def _listener_findings(pc: PostfixConfig, listener: list[str] | None, relay_host: str, relay_port: int,
+                       content_filter: bool, milters: bool) -> list[Finding]:
+    out = []
+    where = f"{relay_host}:{relay_port}"
+    if listener is None:
+        out.append(Finding(
+            "PF110", "error",
+            f"no smtpd listens on the relay/reinjection address {where} (settings RELAY) in master.cf: "
+            "replies and reinjected mail have nowhere to go",
+            f"add the {where} smtpd service of conf/postfix/master.cf.content_filter"))
+        return out
+    name, type_ = listener[0], listener[1]
+    rov = pc.override(name, type_, "receive_override_options") or ""
+    if content_filter and pc.effective(listener, "content_filter") != "":
+        out.append(Finding(
+            "PF111", "error",
+            f"the reinjection listener {name} has no '-o content_filter=': reinjected mail is sent "
+            "to the filter again, in an endless loop",
+            f"add '-o content_filter=' to the {name} service in master.cf"))
+    if milters and "no_milters" not in rov and pc.effective(listener, "smtpd_milters") != "":
+        out.append(Finding(
+            "PF112", "error",
+            f"the listener {name} runs the milters: mail lamsonfilter generates or reinjects is "
+            "processed by its handlers again",
+            f"add no_milters to '-o receive_override_options=' of {name} (or '-o smtpd_milters=')"))
+    if name.isdigit() or name.startswith(("0.0.0.0:", "[::]:")):
+        out.append(Finding("PF113", "error", f"the listener {name} listens on every address and "
+                           "relays for anyone in its mynetworks", f"bind it to loopback: 127.0.0.1:{relay_port}"))
+    return out
+
+
+def _content_filter_findings(pc: PostfixConfig, content_filter: str, filtered: list[list[str]],
+                             listener: list[str] | None, settings: Mapping[str, Any],
+                             max_size: int | None) -> list[Finding]:
+    out = []
+    transport = content_filter.split(":", 1)[0]
+    svc = pc.service(transport, "unix")
+    if svc is None:
+        out.append(Finding("PF101", "error", f"content_filter names transport {transport!r}, which master.cf "
+                           "does not define", f"add the {transport} service of conf/postfix/master.cf.content_filter"))
+    else:
+        proto = "lmtp" if svc[7] == "lmtp" else "smtp"
+        if pc.override(transport, "unix", f"{proto}_send_xforward_command") != "yes":
+            out.append(Finding("PF102", "warning", f"transport {transport} does not send XFORWARD: the filter "
+                               "and the reinjection logs do not see the real client or the queue id",
+                               f"add '-o {proto}_send_xforward_command=yes' to {transport}"))
+        if pc.override(transport, "unix", "disable_mime_output_conversion") != "yes":
+            out.append(Finding("PF103", "warning", f"transport {transport} may convert 8-bit mail to 7-bit on "
+                               "the way to the filter, which breaks DKIM signatures",
+                               f"add '-o disable_mime_output_conversion=yes' to {transport}"))
+        if listener is not None and pc.maxproc(listener) < pc.maxproc(svc):
+            out.append(Finding(
+                "PF122", "warning",
+                f"the reinjection listener {listener[0]} allows {pc.maxproc(listener)} processes, fewer than the "
+                f"{pc.maxproc(svc)} deliveries transport {transport} may run into the filter at once: each needs "
+                "a reinjection connection, and a listener with every process busy never greets (deliveries stall)",
+                f"raise the maxproc column of {listener[0]} in master.cf to at least {pc.maxproc(svc)} "
+                "(conf/postfix/master.cf.content_filter: 20 for 10)"))
+    if not all("no_address_mappings" in pc.effective(s, "receive_override_options") for s in filtered):
+        out.append(Finding("PF120", "warning", "receive_override_options lacks no_address_mappings: aliases and "
+                           "virtual mappings run before the filter and again after reinjection",
+                           "set receive_override_options = no_address_mappings in main.cf"))
+    if settings.get("HOSTS") and not any(
+            "check_policy_service" in pc.effective(s, "smtpd_recipient_restrictions")
+            + pc.effective(s, "smtpd_relay_restrictions") for s in filtered):
+        out.append(Finding(
+            "PF121", "warning",
+            "no check_policy_service asks lamsonfilter at RCPT time: mail to an unknown address at the "
+            "application's domains is queued, then refused by the filter and bounced to its (often forged) "
+            "sender: backscatter",
+            "add check_policy_service { inet:127.0.0.1:10027, default_action=DUNNO } to "
+            "smtpd_recipient_restrictions and run lamsonfilter smtpproxy --policy 127.0.0.1:10027 "
+            "(conf/postfix/main.cf.content_filter)"))
+    limit_text = pc.expanded.get("message_size_limit", "10240000") or "10240000"
+    limit = int(limit_text) if limit_text.isdigit() else 10240000
+    if max_size is not None and (limit == 0 or limit > max_size):
+        accepted = "messages of any size" if limit == 0 else f"messages up to {limit} bytes"
+        out.append(Finding(
+            "PF123", "error",
+            f"Postfix accepts {accepted} (message_size_limit = {limit}), but the content filter announces "
+            f"SIZE {max_size}: a larger message is queued, then bounced by the filter (5.3.4)",
+            f"run lamsonfilter smtpproxy with --max-size {limit or 'at least the largest message'} "
+            "(or with --postfix-config, which follows message_size_limit), or lower message_size_limit"))
+    return out

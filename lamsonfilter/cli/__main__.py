@@ -1,0 +1,5 @@
+"""``python -m lamsonfilter.cli``: the same as the ``lamsonfilter`` command."""
+
+from . import main
+
+main()

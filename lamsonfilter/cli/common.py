@@ -1,0 +1,82 @@
+"""What the ``lamsonfilter`` commands share: the ``--app`` and ``--database`` options,
+the one-line error with exit status 2, loading an application, and the
+state database checks the daemons and ``check`` both make.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..app import App, StartupError
+from ..state import StateStorage, StorageError
+
+__all__ = ["APP_HELP", "app_option", "database_option", "fail", "load", "refuse_unwritable_database",
+           "safe_url", "with_app_dir"]
+
+APP_HELP = "Application directory (with config/settings.py). Default: $LAMSONFILTER_APP or the current directory."
+
+
+def app_option(f: Any) -> Any:
+    return click.option(
+        "--app", "app_dir", type=click.Path(file_okay=False, path_type=Path),
+        envvar="LAMSONFILTER_APP", default=".", show_default=False, help=APP_HELP,
+    )(f)
+
+
+def database_option(f: Any) -> Any:
+    return click.option(
+        "--database", "database", metavar="URL", default=None, envvar="LAMSONFILTER_DATABASE",
+        help="State database URL (overrides DATABASE_URL; env LAMSONFILTER_DATABASE), "
+             "e.g. sqlite:////var/lib/lamsonfilter/state.db or postgresql://host/db.",
+    )(f)
+
+
+def fail(message: str) -> None:
+    click.echo(f"lamsonfilter: {message}", err=True)
+    sys.exit(2)
+
+
+def load(app_dir: Path, overrides: dict[str, Any], storage: StateStorage | None = None) -> App:
+    from ..settings import load_app
+
+    try:
+        return load_app(app_dir, overrides, storage=storage)
+    except StartupError as exc:
+        fail(str(exc))
+    except StorageError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def with_app_dir(text: str, app_dir: Path) -> str:
+    """A storage message's ``--app DIR`` hint with the real directory in it."""
+    return text.replace("--app DIR", f"--app {app_dir}")
+
+
+
+def refuse_unwritable_database(app_dir: Path, database: str | None) -> None:
+    """Exit 2 with one line when this process cannot write its SQLite state database."""
+    from ..settings import load_settings
+    from ..statefile import daemon_write_problem
+
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database})
+    except StartupError:
+        return  # the daemon's own start reports it
+    problem = daemon_write_problem(settings)
+    if problem:
+        fail(problem)
+
+
+def safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- only for display
+        return url
+

@@ -1,0 +1,207 @@
+"""The daemons' commands: ``lamsonfilter milter`` and ``lamsonfilter smtpproxy``.
+
+Both refuse bad configuration before serving (one line, exit status 2)
+and hand over to their transport's entry module (`lamsonfilter.milter`,
+`lamsonfilter.smtpproxy`), imported only when the command runs so that the
+other commands work without pymilter or aiosmtpd.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..app import StartupError
+from ..state import StorageError
+from .common import app_option, database_option, fail, refuse_unwritable_database
+
+__all__ = ["milter_cmd", "smtpproxy_cmd"]
+
+
+# ---------------------------------------------------------------- milter
+@click.command("milter")
+@app_option
+@click.option("--socket", "socket_spec", metavar="SPEC", envvar="LAMSONFILTER_MILTER_SOCKET",
+              default="unix:/run/lamsonfilter/milter.sock", show_default=True,
+              help="Where Postfix connects: unix:/path (made 0660, group --socket-group) or "
+                   "inet:PORT@HOST (loopback only unless --allow-remote).")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.  "
+                   "Env LAMSONFILTER_RELAY.")
+@database_option
+@click.option("--allow-remote", is_flag=True, help="Allow an inet socket on a non-loopback address.")
+@click.option("--socket-group", default="postfix", show_default=True, metavar="GROUP",
+              help="Group that may connect to a unix socket (Postfix's smtpd runs as user postfix).")
+@click.option("--no-tcp-nodelay", "no_nodelay", is_flag=True, hidden=True,
+              help="Diagnostics only: leave Nagle on for inet sockets (bench/milter_bench.sh shows the cost).")
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_POSTFIX_CONFIG",
+              help="Postfix's configuration (e.g. /etc/postfix): the start-up line then gives the exact "
+                   "smtpd_milters value for its smtpd (chrooted or not).  Env LAMSONFILTER_POSTFIX_CONFIG.")
+def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str | None,
+               allow_remote: bool, socket_group: str, no_nodelay: bool, postfix_config: Path | None) -> None:
+    """Run the application as a Postfix milter (pre-queue).
+
+    Postfix keeps the SMTP session; lamsonfilter refuses unroutable
+    addresses at RCPT (550 5.1.1), runs the application at the end of
+    each message and answers with milter actions.  Any internal error
+    answers 451 4.3.0.  In Postfix's main.cf (see conf/postfix/main.cf.milter):
+
+        smtpd_milters = { unix:/run/lamsonfilter/milter.sock, default_action=tempfail }
+
+    (a chrooted smtpd, as Debian ships it, names a socket below
+    /var/spool/postfix relative to that directory: the start-up line says
+    which value to write).  SIGTERM or SIGINT stop it cleanly (the outbox is flushed first); SIGHUP
+    reloads the application.  Bad configuration exits with status 2.
+    """
+    from ..endpoint import EndpointError, parse_milter_socket
+    from ..service import Service, setup_logging
+
+    setup_logging(click.get_current_context().find_root().params.get("verbose", 0))
+    try:
+        endpoint = parse_milter_socket(socket_spec, allow_remote=allow_remote)
+    except EndpointError as exc:
+        fail(str(exc))
+        return
+    try:
+        from .. import milter as milter_mode
+    except ImportError as exc:
+        fail(f"milter mode needs pymilter ({exc}); install it from the clone: pip install '/path/to/clone[milter]'")
+        return
+    from ..check.milter import smtpd_milters_value
+    from ..runtime import Runtime
+
+    refuse_unwritable_database(app_dir, database)
+    try:
+        runtime = Runtime.from_directory(app_dir, {"RELAY": relay, "DATABASE_URL": database})
+    except (StartupError, StorageError) as exc:
+        fail(str(exc))
+        return
+    try:
+        status = milter_mode.serve(runtime, endpoint, service=Service(), socket_group=socket_group or None,
+                                   tcp_nodelay=not no_nodelay,
+                                   postfix_value=smtpd_milters_value(endpoint, postfix_config))
+    except milter_mode.MilterStartError as exc:
+        why = _listen_problem(endpoint)
+        fail(f"cannot listen: {exc}" + (f" ({why})" if why else ""))
+        return
+    except OSError as exc:
+        fail(f"cannot listen on {endpoint}: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""))
+        return
+    sys.exit(status)
+
+
+def _listen_problem(endpoint: Any) -> str | None:
+    """Why a milter socket cannot be opened, found by trying (libmilter says only "cannot opensocket")."""
+    import errno
+    import os
+    import socket
+    import stat
+
+    if endpoint.kind == "unix":
+        path = Path(endpoint.path)
+        if not path.parent.is_dir():
+            return f"directory {path.parent} does not exist"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"no permission to create a socket in {path.parent}"
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
+        if not stat.S_ISSOCK(mode):
+            return f"{path} exists and is not a socket"
+        return None
+    family = socket.AF_INET6 if endpoint.kind == "inet6" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libmilter does
+        try:
+            probe.bind((endpoint.host, endpoint.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"address already in use: another process listens on {endpoint.host} port {endpoint.port}"
+            return f"{endpoint.host} port {endpoint.port}: {exc.strerror or exc}"
+    return None
+
+
+# ---------------------------------------------------------------- smtpproxy (content filter)
+def _hostport_option(value: str, flag: str) -> tuple[str, int]:
+    from ..settings import parse_hostport
+
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:
+        fail(f"{flag} {exc}")
+        raise
+
+
+@click.command("smtpproxy")
+@app_option
+@click.option("--listen", default="127.0.0.1:10025", show_default=True, metavar="HOST:PORT",
+              help="Where Postfix's content_filter transport delivers (loopback unless --allow-remote).")
+@click.option("--reinject", default="127.0.0.1:10026", show_default=True, metavar="HOST:PORT",
+              help="The MTA's reinjection listener (no content_filter there); the outbox goes here too.")
+@click.option("--lmtp", is_flag=True, help="Speak LMTP: one reply per recipient after DATA.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes sharing the port (SO_REUSEPORT) when one CPU is not enough.")
+@database_option
+@click.option("--allow-remote", is_flag=True, help="Allow --listen on a non-loopback address.")
+@click.option("--max-size", type=int, default=10_240_000, show_default=True, metavar="BYTES",
+              help="SIZE announced to Postfix: at least its message_size_limit.")
+@click.option("--deadline", type=float, default=120.0, show_default=True, metavar="SECONDS",
+              help="Per-message limit for processing and reinjection; then 451 (Postfix waits 600 s).")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Maildir for rejected-after-DATA and quarantined mail. Default: APP/var/quarantine.")
+@click.option("--spool-dir", default=None, help="Directory for messages over 1 MiB (default: $TMPDIR).")
+@click.option("--threads", type=int, default=8, show_default=True, help="Threads running the application.")
+@click.option("--policy", default=None, metavar="HOST:PORT",
+              help="Also answer Postfix's check_policy_service here: unknown app addresses refused before queueing.")
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_POSTFIX_CONFIG",
+              help="Refuse to start when `lamsonfilter check` finds an error in this Postfix configuration "
+                   "(e.g. a reinjection listener without -o content_filter=: a mail loop).  "
+                   "Env LAMSONFILTER_POSTFIX_CONFIG.")
+@click.pass_context
+def smtpproxy_cmd(
+    ctx: click.Context, app_dir: Path, listen: str, reinject: str, lmtp: bool, workers: int,
+    database: str | None, allow_remote: bool, max_size: int, deadline: float, quarantine: Path | None,
+    spool_dir: str | None, threads: int, policy: str | None, postfix_config: Path | None,
+) -> None:
+    """Run as Postfix's after-queue content filter (reinjecting to --reinject).
+
+    Postfix: content_filter = lamsonfilter:[127.0.0.1]:10025 and a 10026
+    smtpd without filtering (conf/postfix/*.content_filter).  The reply to
+    Postfix's final dot is 250 only after the reinjection listener accepted
+    the message; any failure is 451 4.3.0 and Postfix retries.  SIGHUP
+    reloads the application.
+    """
+    try:
+        from ..smtpproxy import ProxyConfig, serve
+    except ImportError as exc:
+        fail(f"smtpproxy needs aiosmtpd (from the clone: pip install '/path/to/clone[smtpproxy]'): {exc}")
+        return
+    from ..service import setup_logging
+
+    verbose = int((ctx.parent.params if ctx.parent else {}).get("verbose", 0))
+    setup_logging(verbose)
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    config = ProxyConfig(
+        app_dir=app_dir, listen=_hostport_option(listen, "--listen"),
+        reinject=_hostport_option(reinject, "--reinject"), lmtp=lmtp, workers=workers, database=database,
+        allow_remote=allow_remote, max_size=max_size, deadline=deadline, quarantine=quarantine,
+        spool_dir=spool_dir, threads=max(1, threads),
+        policy=_hostport_option(policy, "--policy") if policy else None,
+        postfix_config=postfix_config,
+    )
+    refuse_unwritable_database(app_dir, database)
+    try:
+        sys.exit(serve(config))
+    except (StartupError, StorageError) as exc:
+        fail(str(exc))
+

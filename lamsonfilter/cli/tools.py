@@ -1,0 +1,351 @@
+"""The tools: ``routes``, ``gen``, ``db init``, ``check``, ``graph``, ``send`` and ``demo``.
+
+Each command that loads an application refuses bad configuration with one
+line and exit status 2 (`lamsonfilter.cli.common.fail`).  ``demo`` runs the
+development tools' private Postfix (`lamsonfilter.devtools.demo`, imported
+only when the command runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..app import StartupError
+from ..mail import AddressError
+from ..state import MemoryStorage, SchemaMissingError, StorageError
+from .common import app_option, database_option, fail, load, safe_url, with_app_dir
+
+__all__ = ["check_cmd", "db_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]
+
+
+# ---------------------------------------------------------------- routes
+@click.command("routes")
+@app_option
+@click.option("--test", "address", metavar="ADDRESS", help="Show which route and handler get ADDRESS.")
+def routes_cmd(app_dir: Path, address: str | None) -> None:
+    """List the routes in the order they are tried (the first match wins)."""
+    app = load(app_dir, {}, storage=MemoryStorage())
+    if address is None:
+        width = max((len(r.name) for r in app.router), default=0)
+        for i, route in enumerate(app.router, 1):
+            caps = "  ".join(f"{n}={rx}" for n, rx in route.captures)
+            click.echo(f"{i:3}  {route.name:<{width}}  {route.pattern}    {caps}")
+        click.echo(f"hosts: {', '.join(sorted(app.hosts)) or '(none)'}")
+        return
+    from ..mail import normalize_address
+
+    try:
+        addr = normalize_address(address)
+    except AddressError as exc:
+        fail(f"{address!r}: {exc}")
+        return
+    found = app.router.matches(addr)
+    if not found:
+        if app.owns(addr):
+            click.echo(f"{addr}: no route; at an application host, so refused at RCPT with 550 5.1.1")
+        else:
+            click.echo(f"{addr}: no route; not at an application host, so passed on untouched")
+        sys.exit(1)
+    first = found[0]
+    target = first.route.target
+    click.echo(f"{addr}: route {first.route.name}  ({first.route.pattern})")
+    click.echo(f"  handler: {target.handler.name}, event {target.event}")
+    for k, v in first.args.items():
+        click.echo(f"  {k} = {v}")
+    for other in found[1:]:
+        click.echo(f"  also matches (not used): {other.route.name}  ({other.route.pattern})")
+
+
+# ---------------------------------------------------------------- gen
+@click.command("gen")
+@click.argument("name")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to create the application (default: ./NAME).")
+@click.option("--host", default=None, help="The domain the application owns (default: NAME.example.org).")
+def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
+    """Create a new application skeleton whose own tests pass out of the box."""
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        fail(f"{name!r}: an application name is lower-case letters, digits and _ (a Python module name)")
+    target = dest or Path(name)
+    if target.exists() and any(target.iterdir()):
+        fail(f"{target} exists and is not empty; choose another --dest")
+    host = host or f"{name.replace('_', '-')}.example.org"
+    skeleton = Path(__file__).parents[1] / "skeleton"
+    for src in sorted(skeleton.rglob("*")):
+        if "__pycache__" in src.parts:
+            continue
+        rel = src.relative_to(skeleton)
+        out = target / str(rel).replace("NAME", name)
+        if src.is_dir():
+            out.mkdir(parents=True, exist_ok=True)
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = src.read_text(encoding="utf-8")
+        out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
+    click.echo(f"created {target}/")
+    click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
+    click.echo(f"  its tests: python -m pytest {target}/tests")
+    click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
+
+
+# ---------------------------------------------------------------- db
+@click.group("db")
+def db_cmd() -> None:
+    """Manage the state database."""
+
+
+@db_cmd.command("init")
+@app_option
+@database_option
+@click.option("--owner", metavar="USER", default=None,
+              help="Give the SQLite file (and its -wal/-shm files) to USER, the user the daemons run as: "
+                   "for db init run as root, e.g. --owner lamsonfilter.")
+def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
+    """Create (or upgrade) the state schema in the application's database.
+
+    The database is the one the daemons use with the same --app and
+    --database (or $LAMSONFILTER_DATABASE, which the systemd units set):
+    give the same URL here.  A relative sqlite:/// path lies inside the
+    application directory; the absolute path is printed.
+    """
+    import os
+    import pwd
+
+    from ..settings import (
+        load_settings,
+        make_storage,
+        resolve_database_url,
+        sqlite_path,
+    )
+    from ..statefile import chown_database, write_problem
+
+    if owner is not None:
+        try:
+            pwd.getpwnam(owner)
+        except KeyError:
+            fail(f"--owner {owner}: no such user")
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database})
+        url = resolve_database_url(settings["DATABASE_URL"], settings["APP_DIR"])
+        path = sqlite_path(url, settings["APP_DIR"])
+        storage = make_storage(url, settings["APP_DIR"])
+        storage.create_schema()
+        storage.check_schema()
+    except (StartupError, StorageError) as exc:
+        fail(str(exc))
+        return
+    storage.close()
+    if path is None:
+        click.echo(f"state schema ready in {safe_url(url)}")
+        return
+    if owner is not None:
+        chown_database(path, owner)
+    click.echo(f"state schema ready in {path} ({url})")
+    problem = write_problem(path, owner) if owner is not None else None
+    if problem:
+        click.echo(f"lamsonfilter: warning: {problem}", err=True)
+    elif owner is None and os.geteuid() == 0 and path.stat().st_uid == 0:
+        click.echo(f"lamsonfilter: warning: {path} belongs to root, so a daemon running as another user "
+                   "(the units' lamsonfilter) cannot write it: run db init with --owner USER "
+                   "(e.g. --owner lamsonfilter), or as that user", err=True)
+
+
+# ---------------------------------------------------------------- check
+@click.command("check")
+@app_option
+@click.option("--postfix-config", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also check the Postfix set-up in this directory (e.g. /etc/postfix), read with postconf.")
+@click.option("--milter-socket", default=None, metavar="SPEC", envvar="LAMSONFILTER_MILTER_SOCKET",
+              help="The socket `lamsonfilter milter` listens on, to check smtpd_milters against it.")
+@click.option("--max-size", type=int, default=None, metavar="BYTES", envvar="LAMSONFILTER_MAX_SIZE",
+              help="The SIZE `lamsonfilter smtpproxy --max-size` announces, to check it against "
+                   "Postfix's message_size_limit.")
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="The outbox/reinjection listener (overrides RELAY), to find it in master.cf.")
+@click.option("--user", "service_user", default=None, metavar="USER",
+              help="The user the daemons run as, to check that it can write the state database.  "
+                   "Default: this user; as root, the owner of the database's directory.")
+@database_option
+def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, max_size: int | None,
+              relay: str | None, service_user: str | None, database: str | None) -> None:
+    """Find problems in the application and the Postfix set-up.
+
+    Each finding has a stable ID (APP... application, PF... Postfix), what
+    is wrong and how to fix it.  Exit status 1 when there is an error, 0
+    when there are only warnings or nothing.
+    """
+    from ..check import Finding, app001, check_app, check_postfix
+    from ..settings import load_app, load_settings
+
+    findings: list[Finding] = []
+    settings: dict[str, Any] = {}
+    try:
+        settings = load_settings(app_dir, {"DATABASE_URL": database, "RELAY": relay})
+        # before anything opens the database: SQLite would replace a stale -wal file as this user
+        findings.extend(_writable_finding(settings, service_user))
+        app = load_app(app_dir, {"DATABASE_URL": database, "RELAY": relay})
+    except StorageError as exc:  # before StartupError: a missing database file is both
+        findings.append(_storage_finding(exc, app_dir, database))
+    except StartupError as exc:
+        findings.append(app001(str(exc)))
+    else:
+        findings.extend(check_app(app))
+        try:
+            app.storage.check_schema()
+        except StorageError as exc:
+            findings.append(_storage_finding(exc, app_dir, database))
+    if postfix_config is not None:
+        findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size))
+    for f in findings:
+        click.echo(str(f))
+    errors = sum(f.severity == "error" for f in findings)
+    click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)")
+    sys.exit(1 if errors else 0)
+
+
+def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
+    from ..statefile import writable_finding
+
+    return writable_finding(settings, user)
+
+
+
+def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = None) -> Any:
+    """APP010: no schema yet (run db init), or the database cannot be reached at all (say why)."""
+    from ..check import Finding
+
+    if isinstance(exc, SchemaMissingError):
+        return Finding("APP010", "error", with_app_dir(str(exc), app_dir),
+                       f"run: lamsonfilter db init --app {app_dir}"
+                       + (f" --database {safe_url(database)}" if database else ""))
+    return Finding("APP010", "error", f"cannot connect to the state database: {exc}",
+                   "start the database server, or correct DATABASE_URL (or --database)")
+
+
+# ---------------------------------------------------------------- demo
+@click.command("demo")
+@click.option("--app", "app_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The application to run.  Default: the example mailing list of this checkout "
+                   "(examples/mailinglist), whatever the current directory.")
+@click.option("--mode", type=click.Choice(["milter", "content-filter"]), default="milter", show_default=True,
+              help="Where lamsonfilter sits: in Postfix's SMTP session, or after its queue.")
+@click.option("--port", type=int, default=2525, show_default=True, help="Loopback port Postfix listens on.")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work directory: Postfix's configuration and queue, the state database, the mailboxes, "
+                   "the quarantine.  Default: a new /tmp/lamsonfilter-demo-XXXXXX for each run.  What an "
+                   "earlier run left there is removed first, and the demo's files at exit (then DIR itself, "
+                   "if nothing else is in it).")
+@click.option("--keep", is_flag=True,
+              help="Keep the work directory at exit (to read the mail and logs); with --dir, also start "
+                   "from what an earlier run left there.")
+@click.option("--stop", "stop_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Stop what a demo killed with SIGKILL left running in work directory DIR "
+                                  "(from DIR/demo.json), remove DIR unless --keep, and exit.")
+def demo_cmd(app_dir: Path | None, mode: str, port: int, workdir: Path | None, keep: bool,
+             stop_dir: Path | None) -> None:
+    """Run an application behind a private Postfix on loopback, to try it by hand.
+
+    Postfix delivers mail for example.com, example.net and example.org into
+    one Maildir, DIR/mail/inbox; send mail with swaks or `lamsonfilter send`
+    and watch the replies arrive.  The banner shows the application's
+    routes and what to try (the application's demo.txt, if it has one).
+    Ctrl-C, SIGTERM or closing the terminal stops everything it started and
+    removes the work directory (unless --keep).  Needs root and Debian's
+    postfix package (make run sets them up).
+    """
+    from ..devtools.demo import Demo, DemoError, stop_leftovers
+
+    try:
+        if stop_dir is not None:
+            for line in stop_leftovers(stop_dir, keep=keep):
+                click.echo(line)
+            return
+        if app_dir is None:
+            app_dir = Path(__file__).resolve().parents[2] / "examples" / "mailinglist"
+        demo = Demo(app_dir, workdir, mode, port, echo=lambda text: click.echo(text), keep=keep)
+        if not demo.run_until_interrupted():
+            sys.exit(1)  # lamsonfilter exited on its own; the demo said where its log is
+    except DemoError as exc:
+        fail(str(exc))
+
+
+# ---------------------------------------------------------------- graph
+@click.command("graph")
+@app_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file: .dot as text, .svg/.png/.pdf rendered with Graphviz. Default: DOT on stdout.")
+def graph_cmd(app_dir: Path, output: Path | None) -> None:
+    """Draw each handler's state machine (Graphviz DOT; SVG or PNG when `dot` is installed).
+
+    States are nodes, transitions read from the code are edges, routes
+    enter as dashed edges labelled with their events.
+    """
+    from ..graph import GraphError, render, to_dot
+
+    app = load(app_dir, {}, storage=MemoryStorage())
+    dot = to_dot(app.handlers)
+    if output is None:
+        click.echo(dot, nl=False)
+        return
+    try:
+        render(dot, output)
+    except GraphError as exc:
+        fail(str(exc))
+    click.echo(f"wrote {output}")
+
+
+# ---------------------------------------------------------------- send
+@click.command("send")
+@click.option("--server", default="127.0.0.1:25", show_default=True, help="SMTP server HOST:PORT.")
+@click.option("--from", "sender", required=True, help="Envelope sender (MAIL FROM); '' for <>.")
+@click.option("--to", "rcpts", required=True, multiple=True, help="Envelope recipient; repeat for several.")
+@click.option("--subject", default="test", show_default=True)
+@click.option("--body", default="Hello from lamsonfilter send.\n", help="Body text (ignored with --file).")
+@click.option("--file", "file_", type=click.File("rb"), default=None, help="Send this message file as is ('-' for stdin).")
+@click.option("--trace", is_flag=True, help="Show the SMTP dialogue.")
+def send_cmd(server: str, sender: str, rcpts: tuple[str, ...], subject: str, body: str,
+             file_: Any, trace: bool) -> None:
+    """Send one message over SMTP, for trying a set-up by hand (like swaks).
+
+        lamsonfilter send --server 127.0.0.1:2525 --from alice@example.com \\
+            --to python-subscribe@lists.example.org --trace
+    """
+    import smtplib
+
+    from ..settings import parse_hostport
+    from ..testing import make_message
+
+    try:
+        host, port = parse_hostport(server)
+    except ValueError as exc:
+        fail(f"--server {exc}")
+        return
+    raw = file_.read() if file_ is not None else make_message(sender, rcpts, subject, body)
+    try:
+        with smtplib.SMTP(host, port, timeout=60) as smtp:
+            smtp.set_debuglevel(1 if trace else 0)
+            refused = smtp.sendmail(sender, list(rcpts), raw)
+    except smtplib.SMTPRecipientsRefused as exc:
+        for rcpt, (code, msg) in exc.recipients.items():
+            click.echo(f"refused {rcpt}: {code} {msg.decode('utf-8', 'replace')}", err=True)
+        sys.exit(1)
+    except smtplib.SMTPResponseException as exc:
+        err = exc.smtp_error
+        click.echo(f"refused: {exc.smtp_code} {err.decode('utf-8', 'replace') if isinstance(err, bytes) else err}", err=True)
+        sys.exit(1)
+    except (smtplib.SMTPException, OSError) as exc:
+        click.echo(f"cannot send through {server}: {exc}", err=True)
+        sys.exit(1)
+    for rcpt, (code, msg) in refused.items():
+        click.echo(f"refused {rcpt}: {code} {msg.decode('utf-8', 'replace')}", err=True)
+    accepted = [r for r in rcpts if r not in refused]
+    click.echo(f"accepted for {len(accepted)} recipient(s) by {host}:{port}")
+    sys.exit(1 if refused else 0)
+
+

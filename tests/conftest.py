@@ -1,0 +1,4 @@
+"""Fixtures shared by every test module: the state storage back ends (tests/rig/storage.py)."""
+
+from tests.rig.storage import pg_schema, pg_url, sql_storage, sql_url, storage  # noqa: F401 -- fixtures
+

@@ -1,0 +1,418 @@
+"""A lamsonfilter deployment behind a real private Postfix, the same for every mode.
+
+The integration scenarios are written once against `Deployment` and run in
+each mode (``milter``: deploy_milter.py; ``smtpproxy``: deploy_smtpproxy.py)::
+
+    with MilterDeployment() as dep:
+        result = dep.send("alice@example.com", ["python-subscribe@lists.example.org"], "join", "hi")
+        dep.assert_accepted(result)
+        confirm = dep.wait_for_mail("alice@example.com", subject_contains="Confirm")
+
+What the base class does for every mode:
+
+* copies examples/mailinglist into a fresh ``/tmp/lf-MODE-*`` directory and
+  adds the handler module ``lftest`` (`TEST_HANDLER`): ``tag@lists.example.org``
+  adds ``X-Lamsonfilter-Test: tagged`` and delivers, ``crash@lists.example.org``
+  raises; sets ``RELAY`` to the outbox listener's port and runs
+  ``lamsonfilter db init``;
+* starts a `CaptureServer` (the final destination of *all* mail: Postfix
+  relays everything there), the filter process (`filter_command`) and a
+  `PrivatePostfix` wired as the mode says (`postfix_main_cf`,
+  `postfix_master_cf`);
+* sends mail with smtplib to Postfix's smtpd and records every reply
+  (`SendResult`), so a scenario can ask where a transaction failed.
+
+A mode subclass says how its filter runs and how the client sees a
+temporary failure or an unknown address (`assert_tempfailed`,
+`assert_rejected_unknown`): a milter answers inside the client's SMTP
+session, a content filter only after Postfix has queued the message.
+
+Safety: everything listens on 127.0.0.1 or in the work directory; every
+wait is bounded; only the PIDs this object started are signalled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+from lamsonfilter.settings import load_settings, make_storage
+from lamsonfilter.state import StateStorage
+from tests.rig.handlers import handler_source
+from tests.rig.postfix import (
+    CapturedMessage,
+    CaptureServer,
+    PrivatePostfix,
+    free_port,
+    wait_for,
+)
+
+__all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT", "smtp_transaction"]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "mailinglist"
+LIST_HOST = "lists.example.org"
+
+#: Upper bound for any wait on mail (seconds); generous, never a timing assertion.
+MAIL_TIMEOUT = 60.0
+
+#: The scenarios' extra routes (tests/fixtures/handlers/lftest.py).
+TEST_HANDLER = handler_source("lftest")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply the client got: the command it answered, code and text."""
+
+    command: str  # "EHLO", "MAIL", "RCPT <addr>", "DATA", "."
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.command}: {self.code} {self.text}"
+
+
+@dataclass
+class SendResult:
+    """Every reply of one SMTP transaction, in order; `error` if the connection broke."""
+
+    replies: list[Reply] = field(default_factory=list)
+    error: str | None = None
+
+    def reply(self, command: str) -> Reply | None:
+        return next((r for r in self.replies if r.command == command), None)
+
+    def rcpt(self, address: str) -> Reply | None:
+        return self.reply(f"RCPT <{address}>")
+
+    @property
+    def final(self) -> Reply | None:
+        """The reply to the final dot (None when DATA was never reached)."""
+        return self.reply(".")
+
+    @property
+    def accepted(self) -> bool:
+        return self.final is not None and 200 <= self.final.code < 300
+
+    @property
+    def temporary(self) -> list[Reply]:
+        return [r for r in self.replies if 400 <= r.code < 500]
+
+    def __str__(self) -> str:
+        lines = [str(r) for r in self.replies]
+        if self.error:
+            lines.append(f"error: {self.error}")
+        return "; ".join(lines) or "(no reply)"
+
+
+class Deployment(ABC):
+    """lamsonfilter + a private Postfix + a capture server, in one work directory."""
+
+    mode: ClassVar[str]
+
+    def __init__(self) -> None:
+        # not below pytest's tmp_path: its 0700 ancestors are closed to the postfix user
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"lf-{self.mode}-", dir="/tmp"))
+        self.workdir.chmod(0o755)
+        self.app_dir = self.workdir / "app"
+        self.relay_port = free_port()  # the outbox listener: an smtpd that filters nothing
+        self.capture = CaptureServer()
+        self.postfix: PrivatePostfix | None = None
+        self.filter_proc: subprocess.Popen[bytes] | None = None
+        self.filter_log = self.workdir / "filter.log"
+        self._prepared = False
+        self._capture_started = False
+        self._terminated = False  # SIGTERM already sent to the filter
+        self._storage: StateStorage | None = None  # the app's state database, read by `outbox_due`
+        #: extra environment for the filter process, e.g. lamsonfilter/devtools/faults.py's
+        #: LAMSONFILTER_FAULT_POINTS; read at each start_filter()
+        self.filter_env: dict[str, str] = {}
+
+    # ------------------------------------------------------------ the application
+    def prepare_app(self) -> None:
+        """Copy the example app, add the lftest handler, point RELAY at the outbox listener, db init."""
+        if self._prepared:
+            return
+        shutil.copytree(EXAMPLE, self.app_dir, ignore=shutil.ignore_patterns("var", "__pycache__", "*.db"))
+        (self.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
+        with open(self.app_dir / "config" / "settings.py", "a") as f:
+            f.write(
+                "\n# added by tests/rig/deploy.py\n"
+                'HANDLERS = HANDLERS + ["lftest"]\n'
+                f'RELAY = "127.0.0.1:{self.relay_port}"\n'
+            )
+        proc = subprocess.run(
+            [sys.executable, "-m", "lamsonfilter.cli", "db", "init", "--app", str(self.app_dir)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert proc.returncode == 0, f"lamsonfilter db init failed:\n{proc.stdout}{proc.stderr}"
+        self._prepared = True
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> Deployment:
+        """App, capture server, filter, Postfix -- in that order."""
+        self.prepare_app()
+        if not self._capture_started:
+            self.capture.start()
+            self._capture_started = True
+        self.start_filter()
+        self.start_postfix()
+        return self
+
+    def stop(self) -> None:
+        """Stop everything this deployment started and remove its directory (LF_RIG_KEEP=1 keeps it)."""
+        if self.filter_proc is not None and self.filter_proc.poll() is None:
+            self.filter_proc.send_signal(signal.SIGTERM)  # it winds down while Postfix stops
+            self._terminated = True
+        try:
+            if self.postfix is not None:
+                self.postfix.stop()
+        finally:
+            try:
+                self.stop_filter()
+            finally:
+                if self._capture_started:
+                    self.capture.stop()
+                    self._capture_started = False
+                if self._storage is not None:
+                    self._storage.close()
+                    self._storage = None
+                if os.environ.get("LF_RIG_KEEP") != "1":
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Deployment:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ the filter process
+    @abstractmethod
+    def filter_command(self) -> list[str]:
+        """argv of the filter daemon (started with the work directory as cwd)."""
+
+    @abstractmethod
+    def filter_ready(self) -> bool:
+        """True once the filter accepts connections from Postfix."""
+
+    def start_filter(self, timeout: float = 30.0) -> None:
+        assert self.filter_proc is None or self.filter_proc.poll() is not None, "filter already running"
+        log = open(self.filter_log, "ab")
+        try:
+            self.filter_proc = subprocess.Popen(
+                self.filter_command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.filter_env},
+            )
+        finally:
+            log.close()
+        proc = self.filter_proc
+        wait_for(
+            lambda: proc.poll() is not None or self.filter_ready(), timeout,
+            message=lambda: f"the {self.mode} filter to start; its log:\n{self.filter_log_tail()}",
+        )
+        assert proc.poll() is None, f"the {self.mode} filter exited with {proc.returncode}:\n{self.filter_log_tail()}"
+
+    def stop_filter(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the filter we started and wait for it (SIGKILL at the end); its exit status."""
+        proc, self.filter_proc = self.filter_proc, None
+        terminated, self._terminated = self._terminated, False
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            if not terminated:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+    def kill_filter(self) -> None:
+        """SIGKILL the filter process this deployment started (nothing else), and reap it."""
+        proc = self.filter_proc
+        assert proc is not None and proc.poll() is None, "no running filter to kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def filter_log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.filter_log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no filter log)"
+
+    # ------------------------------------------------------------ Postfix
+    @abstractmethod
+    def postfix_main_cf(self) -> dict[str, str | None]:
+        """main.cf parameters for this mode (on top of the rig's defaults)."""
+
+    @abstractmethod
+    def postfix_master_cf(self) -> str:
+        """master.cf lines for this mode: at least the outbox listener on `relay_port`."""
+
+    def start_postfix(self) -> None:
+        self.postfix = PrivatePostfix(
+            self.workdir / "postfix", smtpd_port=free_port(), relay_port=self.capture.port,
+            main_cf=self.postfix_main_cf(), master_cf_extra=self.postfix_master_cf(),
+        )
+        self.postfix.start()
+
+    # ------------------------------------------------------------ mail
+    def send(self, sender: str, rcpts: list[str], subject: str, body: str = "test\n",
+             headers: dict[str, str] | None = None) -> SendResult:
+        """One SMTP transaction with Postfix's smtpd; never raises for SMTP errors."""
+        assert self.postfix is not None, "Postfix is not running"
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = ", ".join(rcpts)
+        msg["Subject"] = subject
+        msg["Message-ID"] = f"<{uuid.uuid4().hex}@client.example.test>"
+        for name, value in (headers or {}).items():
+            msg[name] = value
+        msg.set_content(body)
+        return self.send_message_bytes(sender, rcpts, msg.as_bytes(policy=SMTP))
+
+    def send_message_bytes(self, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
+        """One SMTP transaction with Postfix's smtpd carrying `raw` as is; never raises for SMTP errors."""
+        assert self.postfix is not None, "Postfix is not running"
+        result = SendResult()
+        try:
+            with smtplib.SMTP("127.0.0.1", self.postfix.smtpd_port,
+                              local_hostname="client.example.test", timeout=60) as smtp:
+                code, text = smtp.ehlo()
+                result.replies.append(Reply("EHLO", code, _text(text)))
+                smtp_transaction(smtp, sender, rcpts, raw, result)
+        except (smtplib.SMTPException, OSError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        return result
+
+    def messages_to(self, rcpt: str, subject_contains: str = "") -> list[CapturedMessage]:
+        """Mail that reached the destination for `rcpt` (case-insensitive), optionally by subject."""
+        rcpt = rcpt.lower()
+        return [
+            m for m in self.capture.messages
+            if rcpt in (r.lower() for r in m.rcpt_tos) and subject_contains in str(m.message.get("Subject", ""))
+        ]
+
+    def wait_for_mail(self, rcpt: str, subject_contains: str = "", count: int = 1,
+                      timeout: float = MAIL_TIMEOUT) -> list[CapturedMessage]:
+        """Wait until `count` matching messages reached the destination; return them."""
+        def enough() -> list[CapturedMessage]:
+            found = self.messages_to(rcpt, subject_contains)
+            return found if len(found) >= count else []
+
+        return wait_for(
+            enough,
+            timeout,
+            message=lambda: (f"{count} message(s) to {rcpt} with {subject_contains!r} in the Subject; "
+                             f"{self.diagnostics()}"),
+        )
+
+    def settle(self, timeout: float = MAIL_TIMEOUT) -> None:
+        """Wait until the mail accepted so far has gone where it was going.
+
+        1. The filter's outbox holds nothing due (its replies and list posts
+           were handed to Postfix; skipped while the filter is not running).
+        2. A marker is sent through the same path (to an address no route
+           takes) and reaches the destination.
+        3. Postfix holds nothing in ``incoming`` or ``active``: what it took
+           before the marker is delivered or deferred.
+
+        Mail accepted before and still not at the destination afterwards was
+        not going to arrive: a bounded way to check that something did *not*
+        happen, without sleeping.  (Without step 1 a reply the filter was
+        still handing to Postfix could arrive just after the marker.)
+        """
+        if self.filter_proc is not None and self.filter_proc.poll() is None:
+            wait_for(lambda: self.outbox_due() == 0, timeout,
+                     message=lambda: f"the filter's outbox to drain; {self.diagnostics()}")
+        marker = f"marker {uuid.uuid4().hex}"
+        result = self.send("marker@example.test", ["sink@example.net"], marker)
+        assert result.accepted, f"marker not accepted: {result}"
+        self.wait_for_mail("sink@example.net", marker, timeout=timeout)
+        if self.messages_to("marker@example.test"):
+            raise AssertionError("the marker bounced")
+        if self.postfix is not None:
+            postfix = self.postfix
+            wait_for(lambda: not [m for m in postfix.queue() if m["queue_name"] in ("incoming", "active")],
+                     timeout, message=lambda: f"Postfix's incoming and active queues to empty; {self.diagnostics()}")
+
+    def outbox_due(self) -> int:
+        """Outbox messages of the application that are due and neither sent nor failed
+        (read from its state database, as the filter's outbox worker does)."""
+        if self._storage is None:
+            settings = load_settings(self.app_dir)
+            self._storage = make_storage(settings["DATABASE_URL"], settings["APP_DIR"])
+        return len(self._storage.pending_outbox(1, due_before=time.time()))
+
+    # ------------------------------------------------------------ mode-specific assertions
+    def assert_accepted(self, result: SendResult) -> None:
+        """Postfix accepted the message (250 to the final dot)."""
+        assert result.accepted, f"not accepted: {result}\n{self.diagnostics()}"
+
+    @abstractmethod
+    def assert_tempfailed(self, result: SendResult) -> None:
+        """The message was deferred: the client or Postfix will try again later; nothing delivered."""
+
+    @abstractmethod
+    def assert_rejected_unknown(self, result: SendResult, address: str) -> None:
+        """`address` (at the app's host, no route) was refused, without a bounce to a forged sender."""
+
+    # ------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> str:
+        parts = [f"--- {self.mode} filter log (tail) ---\n{self.filter_log_tail()}"]
+        if self.postfix is not None:
+            parts.append(f"--- maillog (tail) ---\n{self.postfix.maillog_tail(40)}")
+        parts.append(f"--- captured: {[(m.rcpt_tos, m.message.get('Subject')) for m in self.capture.messages]}")
+        return "\n".join(parts)
+
+
+def smtp_transaction(smtp: smtplib.SMTP, sender: str, rcpts: Sequence[str], raw: bytes,
+                     result: SendResult) -> bool:
+    """MAIL, RCPT..., DATA, the message, dot; every reply into `result`.  True if the dot got 2xx.
+
+    The message goes as it is (only dot-stuffed and given a final CRLF):
+    smtplib's ``data()`` would rewrite bare line ends."""
+    code, text = smtp.mail(sender)
+    result.replies.append(Reply("MAIL", code, _text(text)))
+    if code != 250:
+        return False
+    accepted = 0
+    for rcpt in rcpts:
+        code, text = smtp.rcpt(rcpt)
+        result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
+        accepted += code in (250, 251)
+    if not accepted:
+        return False
+    code, text = smtp.docmd("DATA")
+    if code != 354:
+        result.replies.append(Reply("DATA", code, _text(text)))
+        return False
+    data = re.sub(rb"(?m)^\.", b"..", raw)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    smtp.send(data + b".\r\n")
+    code, text = smtp.getreply()
+    result.replies.append(Reply(".", code, _text(text)))
+    return 200 <= code < 300
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,60 @@
+"""The two modes' deployments, found by name: which rig module builds each mode.
+
+`deployment_class` imports a mode's `Deployment` only when that mode runs;
+a mode whose module (or the library it needs) is missing is skipped with
+the reason, and fails instead in CI (`tests.rig.fixtures.in_ci`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rig.deploy import Deployment
+from tests.rig.fixtures import POSTFIX_BINARIES, in_ci, require
+
+__all__ = ["MODES", "deployment", "deployment_class"]
+
+#: mode -> (module, class) of its Deployment, imported only when that mode runs.
+MODES: dict[str, tuple[str, str, str]] = {
+    "milter": ("tests.rig.deploy_milter", "MilterDeployment", "Milter"),
+    "smtpproxy": ("tests.rig.deploy_smtpproxy", "SmtpproxyDeployment", "aiosmtpd"),
+}
+
+
+def _unavailable(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"{reason} -- CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
+def deployment_class(mode: str) -> type[Deployment]:
+    """The mode's Deployment class, imported lazily; skipped (failed under CI) when missing."""
+    module_name, class_name, needs = MODES[mode]
+    try:
+        importlib.import_module(needs)
+    except ImportError as exc:
+        _unavailable(f"{mode} mode needs {needs} ({exc}); run scripts/bootstrap.sh")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the module exists but imports something missing: a failure, never a skip
+        _unavailable(f"{module_name.replace('.', '/')}.py is not written yet (the {mode} deployment)")
+    cls: type[Deployment] = getattr(module, class_name)
+    return cls
+
+
+@pytest.fixture(params=list(MODES))
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """A started deployment of one mode; its logs are printed if the test fails."""
+    require(*POSTFIX_BINARIES, root=True)
+    dep = deployment_class(request.param)()
+    try:
+        dep.start()
+        yield dep
+    finally:
+        print(dep.diagnostics())  # pytest shows it only for a failed test
+        dep.stop()
