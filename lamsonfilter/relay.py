@@ -37,7 +37,7 @@ Nothing lost, nothing repeated -- how errors surface:
   `max_age` (5 days, Postfix's ``maximal_queue_lifetime``) or
   `max_attempts` (200), it is given up: one ERROR line, and the row stays
   in the outbox table marked failed, with the recipients that never got it
-  (`StateStorage.failed_outbox`; housekeeping deletes only sent rows).
+  (`OutboxStore.failed_outbox`; housekeeping deletes only sent rows).
 * An envelope address that is not ASCII needs SMTPUTF8 (RFC 6531).  When
   the relay does not offer it, that recipient (or, for a non-ASCII sender,
   the whole message) is refused for good, as a 5xx would be.
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 from .decisions import OutboxMessage
 from .mail import _header_end
-from .state import PendingOutbox, StateStorage
+from .state import OutboxStore, PendingOutbox
 
 __all__ = ["MAX_ATTEMPTS", "MAX_RECIPIENTS", "OUTBOX_LIFETIME", "Delivery", "OutboxWorker", "Relay", "RelayError"]
 
@@ -252,7 +252,7 @@ def _has_8bit(raw: bytes) -> bool:
 class OutboxWorker:
     """Sends committed outbox messages in a background thread (see the module docstring)."""
 
-    def __init__(self, storage: StateStorage, relay: Relay, interval: float = 30.0, batch: int = 100,
+    def __init__(self, storage: OutboxStore, relay: Relay, interval: float = 30.0, batch: int = 100,
                  housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0,
                  *, min_backoff: float | None = None, max_backoff: float = 4000.0,
                  max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS) -> None:

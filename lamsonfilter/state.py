@@ -1,4 +1,4 @@
-"""Where the state machines keep their state: the `StateStorage` protocol.
+"""Where the state machines keep their state: the `StateStore` and `OutboxStore` protocols.
 
 State is stored per key (a string such as
 ``mailinglist:python@lists.example.org:alice@example.com``) as a
@@ -16,8 +16,10 @@ neither:
 Two transactions touching the same key serialise: the second waits (or gets
 `ConflictError`, and `App.process` runs the message again).  Implementations:
 `MemoryStorage` here (tests, dry runs) and
-`lamsonfilter.sqlstate.SQLAlchemyStorage` (SQLite by default, PostgreSQL
-when several filter hosts share state).
+`lamsonfilter.store.sql.SQLAlchemyStorage` (SQLite by default, PostgreSQL
+when several filter hosts share state).  Both keep the two halves, the
+state (`StateStore`) and the outbox (`OutboxStore`), in one database: a
+`StateStorage`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .decisions import OutboxMessage
 __all__ = [
     "StateRecord",
     "StateTransaction",
+    "StateStore",
+    "OutboxStore",
     "StateStorage",
     "MemoryStorage",
     "StorageError",
@@ -101,7 +105,9 @@ class StateTransaction(Protocol):
         """Record an idempotency token; False if it was already recorded (a retry)."""
 
 
-class StateStorage(Protocol):
+class StateStore(Protocol):
+    """Where the state machines' records live: one transaction per message."""
+
     def transaction(self, commit: bool = True) -> Any:
         """A context manager yielding a `StateTransaction`; commits on success
         (rolls back instead when `commit` is False, for dry runs)."""
@@ -111,6 +117,25 @@ class StateStorage(Protocol):
 
     def create_schema(self) -> None:
         """Create (or upgrade) the tables; idempotent."""
+
+    def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
+        """At most `limit` records whose key starts with `prefix` and sorts after
+        `after`, in key order; reads outside any transaction and locks nothing."""
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        """Forget these keys in one short transaction (one statement); returns how many existed."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class OutboxStore(Protocol):
+    """Where committed outbox messages wait for `lamsonfilter.relay.OutboxWorker`.
+
+    Messages enter the outbox only through `StateTransaction.add_outbox`,
+    in the transaction that commits the state change they belong to; the
+    worker then reads, sends and marks them through these methods.
+    """
 
     def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
         """Committed outbox messages neither sent nor failed, oldest first; with
@@ -140,19 +165,17 @@ class StateStorage(Protocol):
         """Delete at most `limit` messages marked sent before the Unix time `sent_before`
         (one statement); returns how many.  Failed and pending messages stay."""
 
-    def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
-        """At most `limit` records whose key starts with `prefix` and sorts after
-        `after`, in key order; reads outside any transaction and locks nothing."""
 
-    def delete_keys(self, keys: Sequence[str]) -> int:
-        """Forget these keys in one short transaction (one statement); returns how many existed."""
-
-    def close(self) -> None:
-        """Release connections."""
+class StateStorage(StateStore, OutboxStore, Protocol):
+    """A store that keeps both, state and outbox, in one database (what
+    `App.storage` is): `MemoryStorage`, `lamsonfilter.store.sql.SQLAlchemyStorage`.
+    The outbox must share the state's database: `StateTransaction.add_outbox`
+    commits messages with the state change they belong to."""
 
 
 class MemoryStorage:
-    """State in a dict: for tests and dry runs.  One transaction at a time."""
+    """State and outbox in dicts (a `StateStorage`): for tests and dry runs.  One
+    transaction at a time."""
 
     def __init__(self) -> None:
         self._records: dict[str, StateRecord] = {}

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.sqlstate import SCHEMA_VERSION, SQLAlchemyStorage
+from lamsonfilter.store.sql import SCHEMA_VERSION, SQLAlchemyStorage
 from lamsonfilter.state import (
     ConflictError,
     MemoryStorage,
