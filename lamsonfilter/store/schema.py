@@ -37,9 +37,14 @@ __all__ = ["SQLSchema", "SCHEMA_VERSION", "METADATA", "STATE_TABLE", "OUTBOX_TAB
 log = logging.getLogger("lamsonfilter.store")
 
 #: The schema version this code creates and expects in ``lamsonfilter_meta``.
-#: 2: the outbox's ``next_attempt_at``, ``failed_at`` and ``last_error``
-#: (`create_schema` adds them to a version 1 database).
-SCHEMA_VERSION = 2
+#: 2: the outbox's ``next_attempt_at``, ``failed_at`` and ``last_error``;
+#: 3: the outbox's claims, ``claimed_by`` and ``claimed_until`` (several
+#: outbox workers, processes or hosts, on one database).
+#: `create_schema` adds the columns to an older database in place.
+SCHEMA_VERSION = 3
+
+#: Longest worker name stored in a claim (``host:pid:random``).
+MAX_WORKER_LENGTH = 255
 
 #: Longest key, state name and claim token accepted (the column sizes).
 MAX_KEY_LENGTH = 512
@@ -73,10 +78,15 @@ OUTBOX_TABLE = Table(
     Column("next_attempt_at", DateTime(timezone=True), nullable=True),
     Column("failed_at", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
+    # schema version 3: which worker is sending the message, and until when (its lease)
+    Column("claimed_by", String(MAX_WORKER_LENGTH), nullable=True),
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
 )
 
 #: Columns added after version 1, in the order `create_schema` adds them.
-_ADDED_COLUMNS = {OUTBOX_TABLE.name: ("next_attempt_at", "failed_at", "last_error")}
+_ADDED_COLUMNS = {
+    OUTBOX_TABLE.name: ("next_attempt_at", "failed_at", "last_error", "claimed_by", "claimed_until"),
+}
 
 TOKENS_TABLE = Table(
     "lamsonfilter_tokens",
