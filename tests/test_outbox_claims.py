@@ -228,3 +228,35 @@ def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> N
         finish(procs[1:])
         delivered_once(capture, db_url)
         assert procs[0].returncode == -signal.SIGKILL
+
+
+class _TakenOverDuringSend(Relay):
+    """A relay on which, during the first SMTP transaction, another worker takes the message over."""
+
+    def __init__(self, storage: StateStorage) -> None:
+        super().__init__(max_recipients=1)
+        self.storage = storage
+        self.sent: list[tuple[str, ...]] = []
+        self.thief: list[int] = []
+
+    def send(self, message: OutboxMessage) -> Any:
+        from lamsonfilter.relay import Delivery
+
+        self.sent.append(message.recipients)
+        if len(self.sent) == 1:  # the lease (0 s) has passed: another worker claims the message
+            self.thief = [p.id for p in self.storage.claim_outbox("thief", 5, lease=300.0)]
+        return Delivery(accepted=message.recipients)
+
+
+def test_a_worker_stops_sending_a_message_it_no_longer_holds(storage: StateStorage) -> None:
+    with storage.transaction() as tx:
+        tx.add_outbox([OutboxMessage("s@example.org", ("a@x.test", "b@x.test", "c@x.test"), b"Subject: x\r\n\r\n",
+                                     "message")])
+    relay = _TakenOverDuringSend(storage)
+    worker = OutboxWorker(storage, relay, interval=3600.0, lease=0.0, worker_id="slow")
+    worker.flush()
+    assert relay.sent == [("a@x.test",)]  # renewing before the 2nd transaction found the claim gone
+    [pending] = storage.pending_outbox()
+    assert relay.thief == [pending.id]
+    assert pending.message.recipients == ("b@x.test", "c@x.test")  # progress kept for the new holder
+    assert storage.renew_claims("thief", [pending.id]) == {pending.id}
