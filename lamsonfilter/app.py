@@ -101,6 +101,8 @@ class App:
         }
         self.reply_limits.update(reply_limits or {})
         self.reply_budget = reply_budget or ReplyBudget(300, 30)
+        # a database is shared by processes and hosts: so is the budget (in the message's transaction)
+        self.reply_budget.shared = not isinstance(self.storage, MemoryStorage)
         self.max_hops = max_hops
         self.router = Router()
         self._default_handler: Handler | None = None
