@@ -218,7 +218,9 @@ def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> N
     finally:
         st.close()
     with HoldingCapture(victim="w0", at=5) as capture:
-        procs = [spawn(db_url, capture.port, f"w{i}", lease=2.0) for i in range(workers)]
+        # a short lease, so the takeover comes soon, yet longer than any one SMTP transaction
+        # on a loaded machine (a stall past the lease would let another worker send it too)
+        procs = [spawn(db_url, capture.port, f"w{i}", lease=6.0) for i in range(workers)]
         try:
             assert capture.held.wait(60), "the victim never reached its 5th message"
             os.kill(procs[0].pid, signal.SIGKILL)  # mid-flush: claims held, a message on the wire
