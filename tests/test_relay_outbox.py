@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 
 from lamsonfilter.decisions import OutboxMessage
 from lamsonfilter.relay import MAX_RECIPIENTS, Delivery, OutboxWorker, Relay, RelayError
-from lamsonfilter.sqlstate import SQLAlchemyStorage
+from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.state import MemoryStorage, StateStorage
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, free_port, wait_for
@@ -463,7 +463,8 @@ def _sqlite_statements(storage: SQLAlchemyStorage) -> list[str]:
 
 
 def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path: Path) -> None:
-    from lamsonfilter.app import REPLAY_PREFIX, App
+    from lamsonfilter.app import App
+    from lamsonfilter.store.replay import REPLAY_PREFIX
     from lamsonfilter.runtime import Runtime
 
     storage = SQLAlchemyStorage(f"sqlite:///{tmp_path / 'state.db'}")
