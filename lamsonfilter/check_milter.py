@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .check_postfix import DEFAULT_QUEUE_DIRECTORY, PostfixConfig, _smtpd_services
-from .endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
+from .daemon.endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
 from .findings import Finding
 
 __all__ = ["MilterEntry", "milter_findings", "parse_milters", "smtpd_milters_value"]

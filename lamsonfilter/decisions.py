@@ -4,7 +4,7 @@ A `Decision` is immutable data.  It says, per recipient, what happens
 (`Outcome`: deliver, drop as consumed, redirect, reject, tempfail), what
 changes on the message (`HeaderChange`, a new body, a new sender, quarantine)
 and which new messages the handlers produced (the **outbox**).  Transports
-turn it into protocol: `lamsonfilter.actions` into milter actions, the
+turn it into protocol: `lamsonfilter.milterparts.plan` into milter actions, the
 content filter into reinjection plus an SMTP reply.  Handlers never send
 mail; the runtime sends the outbox after the state change has committed.
 
@@ -25,7 +25,12 @@ from email.header import Header
 from enum import Enum
 from typing import Any, Iterable, Mapping
 
-from .headercheck import HeaderValueError, check_encoded_words, check_header_value, valid_header_name
+from .headercheck import (
+    HeaderValueError,
+    check_encoded_words,
+    check_header_value,
+    valid_header_name,
+)
 
 __all__ = [
     "Action",

@@ -5,7 +5,7 @@ it opens a connection to this milter, and libmilter (through pymilter)
 calls one `LamsonMilter` per connection, one callback per protocol step.
 The milter turns those callbacks into one `MailRequest`, asks the
 application once, and turns the `Decision` back into milter actions with
-the one table in `lamsonfilter.actions`::
+the one table in `lamsonfilter.milterparts.plan`::
 
     connect/hello   remember the client address, name and HELO
     envfrom         a new transaction: the envelope sender (state reset here
@@ -66,14 +66,15 @@ from typing import Any, Callable, TypeVar
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import milter as libmilter  # type: ignore[import-untyped,import-not-found,unused-ignore]  # pymilter's C extension
 
-from . import daemon, faults
-from .actions import MilterAction, MilterPlan, milter_plan
+from . import faults
 from .app import StartupError
+from .contentfilter.spool import Spool
+from .daemon import process as daemon
+from .daemon.endpoint import MilterSocket
+from .daemon.runtime import Runtime
 from .decisions import Action
-from .endpoint import MilterSocket
 from .mail import AddressError, Envelope, MailRequest, normalize_address
-from .runtime import Runtime
-from .spool import Spool
+from .milterparts.plan import MilterAction, MilterPlan, milter_plan
 
 __all__ = ["LamsonMilter", "serve", "ACTION_FLAGS", "FLAGS", "SPOOL_THRESHOLD", "MilterStartError"]
 
@@ -585,7 +586,7 @@ def serve(
     Raises `MilterStartError` when the socket cannot be opened.  The
     runtime (outbox worker) is started here and stopped on the way out,
     so the outbox is flushed before the process ends.  `service` is a
-    `lamsonfilter.service.Service` (systemd readiness and watchdog) or
+    `lamsonfilter.daemon.service.Service` (systemd readiness and watchdog) or
     None.  `timeout` is libmilter's I/O timeout with the MTA; how long
     Postfix waits is its own ``milter_*_timeout``.  `tcp_nodelay=False`
     (diagnostics only) leaves Nagle on for an inet socket.  `postfix_value`

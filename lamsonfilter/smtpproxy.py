@@ -3,13 +3,13 @@
 ``lamsonfilter smtpproxy`` listens on 127.0.0.1:10025 (Postfix's
 ``content_filter = lamsonfilter:[127.0.0.1]:10025``), turns each message
 into one `MailRequest`, runs `Runtime.process`, and carries out the
-content filter's table (`lamsonfilter.reinjection`): reinject to
+content filter's table (`lamsonfilter.contentfilter.plan`): reinject to
 127.0.0.1:10026 (a Postfix smtpd that does not filter again), quarantine,
 and only then reply.  The SMTP/LMTP session around it is
-`lamsonfilter.smtpsession`; the two are the only modules that import aiosmtpd.
+`lamsonfilter.contentfilter.session`; the two are the only modules that import aiosmtpd.
 
     config = ProxyConfig(app_dir=Path("examples/mailinglist"))
-    serve(config)                       # until SIGTERM; see lamsonfilter.proxyserver
+    serve(config)                       # until SIGTERM; see lamsonfilter.contentfilter.server
 
 How Postfix reacts to what this module answers (integration.md §3.5):
 
@@ -32,8 +32,8 @@ to a possibly forged sender): those recipients are discarded and the
 message is quarantined in a Maildir, with its envelope.  A handler
 exception or the deadline is ``451`` for as long as it lasts; only a
 message that killed the process ``POISON_LIMIT`` times is quarantined
-(`lamsonfilter.poison`).  Reinjected mail carries a trace field, and mail
-that comes back with it is held instead of looping (`lamsonfilter.looptrace`).
+(`lamsonfilter.daemon.poison`).  Reinjected mail carries a trace field, and mail
+that comes back with it is held instead of looping (`lamsonfilter.contentfilter.looptrace`).
 """
 
 from __future__ import annotations
@@ -48,20 +48,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from . import faults
+from .contentfilter.looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey
+from .contentfilter.plan import TEMPFAIL_REPLY, reinjection_plan
+from .contentfilter.postfix import PostfixGuard
+from .contentfilter.quarantine import Quarantine
+from .contentfilter.reinjector import (
+    XFORWARD_ATTRS,
+    ReinjectionError,
+    Reinjector,
+    Transaction,
+)
+from .contentfilter.session import (
+    FilterEnvelope,
+    FilterLMTP,
+    FilterSMTP,
+    protocol_factory,
+)
+from .contentfilter.spool import DataLimits, Spool
+from .daemon.poison import DEFAULT_LIMIT, AttemptLog
+from .daemon.runtime import REPLAY_TTL, Runtime
 from .decisions import Action
 from .mail import AddressError, Envelope, MailRequest, normalize_address
-from .looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey
-from .poison import DEFAULT_LIMIT, AttemptLog
-from .postfixsetup import PostfixGuard
-from .quarantine import Quarantine
-from .reinjection import TEMPFAIL_REPLY, reinjection_plan
-from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction
-from .runtime import REPLAY_TTL, Runtime
-from .smtpsession import FilterEnvelope, FilterLMTP, FilterSMTP, protocol_factory
-from .spool import DataLimits, Spool
 
 __all__ = ["ProxyConfig", "ProxyHandler", "FilterSMTP", "FilterLMTP", "protocol_factory", "serve",
            "MAX_RECIPIENTS"]
@@ -90,7 +101,7 @@ class ProxyConfig:
     spool_dir: str | None = None
     threads: int = 8
     hostname: str = "lamsonfilter.localhost"
-    policy: tuple[str, int] | None = None  # the RCPT-time policy listener (lamsonfilter.policy)
+    policy: tuple[str, int] | None = None  # the RCPT-time policy listener (lamsonfilter.contentfilter.policy)
     postfix_config: Path | None = None  # checked at start-up (L1): refuse a looping set-up
 
     @property
@@ -99,7 +110,7 @@ class ProxyConfig:
 
     @property
     def attempts_path(self) -> Path:
-        """Where `lamsonfilter.poison.AttemptLog` counts failed attempts: next to the quarantine."""
+        """Where `lamsonfilter.daemon.poison.AttemptLog` counts failed attempts: next to the quarantine."""
         return self.quarantine_path.parent / "attempts"
 
 
@@ -263,7 +274,7 @@ class ProxyHandler:
         return replies
 
     async def _came_back(self, envelope: FilterEnvelope, spool: Spool, env: Envelope) -> list[str]:
-        """A message this filter reinjected came back for the same envelope (`lamsonfilter.looptrace`):
+        """A message this filter reinjected came back for the same envelope (`lamsonfilter.contentfilter.looptrace`):
         ``451 4.4.6`` while the Postfix set-up loops; passed on unchanged once the loop guard finds it fixed."""
         count = len(env.recipients) if self.config.lmtp else 1
         loop = asyncio.get_running_loop()
@@ -286,7 +297,7 @@ class ProxyHandler:
 
     async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
         """Keep a message that killed the process `failures` times in the quarantine, with its
-        envelope (fsynced), then ``250`` (R15; `lamsonfilter.poison`)."""
+        envelope (fsynced), then ``250`` (R15; `lamsonfilter.daemon.poison`)."""
         reason = (f"poison message: the filter process died {failures} time(s) while handling it; "
                   "handlers not run again")
         loop = asyncio.get_running_loop()
@@ -300,7 +311,7 @@ class ProxyHandler:
 
     def _end_attempt(self, envelope: FilterEnvelope, final: bool) -> None:
         """The attempt ended in this process: forget the count after a final answer, else undo this
-        attempt (a 451 from a live process is never held against the message: `lamsonfilter.poison`)."""
+        attempt (a 451 from a live process is never held against the message: `lamsonfilter.daemon.poison`)."""
         if envelope.attempt is None:
             return
         key, n = envelope.attempt
@@ -333,7 +344,7 @@ class ProxyHandler:
 
 
 def serve(config: ProxyConfig) -> int:
-    """Run until SIGTERM/SIGINT; see `lamsonfilter.proxyserver` (kept apart to stay small)."""
-    from .proxyserver import run
+    """Run until SIGTERM/SIGINT; see `lamsonfilter.contentfilter.server` (kept apart to stay small)."""
+    from .contentfilter.server import run
 
     return run(config)

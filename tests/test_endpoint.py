@@ -2,7 +2,12 @@
 
 import pytest
 
-from lamsonfilter.endpoint import DEFAULT_MILTER_SOCKET, EndpointError, is_loopback, parse_milter_socket
+from lamsonfilter.daemon.endpoint import (
+    DEFAULT_MILTER_SOCKET,
+    EndpointError,
+    is_loopback,
+    parse_milter_socket,
+)
 
 
 def test_unix_socket() -> None:

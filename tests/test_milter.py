@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from lamsonfilter import App, Handler, stateless
+from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.runtime import Runtime
 from lamsonfilter.state import MemoryStorage
 from tests.rig.fixtures import in_ci
 
@@ -166,7 +166,7 @@ def test_negotiates_only_the_actions_the_plan_uses_and_the_steps_it_needs() -> N
 
 
 def test_every_action_the_plan_table_can_ask_for_is_negotiated() -> None:
-    source = (Path(milter_mode.__file__).parent / "actions.py").read_text()
+    source = (Path(milter_mode.__file__).parent / "milterparts" / "plan.py").read_text()
     methods = set(re.findall(r'MilterAction\("(\w+)"', source))
     assert methods and methods <= set(milter_mode.ACTION_FLAGS)
 

@@ -479,7 +479,7 @@ def _sqlite_statements(storage: SQLAlchemyStorage) -> list[str]:
 
 def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path: Path) -> None:
     from lamsonfilter.app import REPLAY_PREFIX, App
-    from lamsonfilter.runtime import Runtime
+    from lamsonfilter.daemon.runtime import Runtime
 
     storage = SQLAlchemyStorage(f"sqlite:///{tmp_path / 'state.db'}")
     storage.create_schema()

@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.rig.postfix import CaptureServer, PrivatePostfix, free_port, port_accepts, wait_for
+from tests.rig.postfix import (
+    CaptureServer,
+    PrivatePostfix,
+    free_port,
+    port_accepts,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "postfix"
@@ -155,7 +161,7 @@ class ContentFilterSetup:
 
 def strip_received(data: bytes) -> bytes:
     """The message minus the Received: fields Postfix put on top (each with its continuation lines)
-    and the filter's trace field (lamsonfilter.looptrace) among them."""
+    and the filter's trace field (lamsonfilter.contentfilter.looptrace) among them."""
     lines = data.split(b"\r\n") if b"\r\n" in data else data.split(b"\n")
     sep = b"\r\n" if b"\r\n" in data else b"\n"
     i = 0

@@ -71,7 +71,7 @@ import time
 
 import lamsonfilter.milter as _milter
 import lamsonfilter.routing as _routing
-import lamsonfilter.runtime as _runtime
+import lamsonfilter.daemon.runtime as _runtime
 from lamsonfilter import Handler, stateless
 
 SECRET = "{SECRET}"

@@ -82,7 +82,9 @@ def test_atheris_smoke_run_finds_no_oracle_violation(tmp_path: Path) -> None:
         import atheris  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         reason = f"atheris is not installed ({exc}); pip install -e .[test]"
-        from tests.rig.fixtures import skip_or_fail  # here: this file also runs as a script
+        from tests.rig.fixtures import (
+            skip_or_fail,  # here: this file also runs as a script
+        )
 
         skip_or_fail(reason)
     env = {**os.environ, "LF_FUZZ_WORKDIR": str(tmp_path)}
@@ -153,10 +155,10 @@ def check_generated(raw: bytes, sender: str, kind: str) -> None:
 
 
 def check_decision(request: object, decision: object, counters: dict[str, int]) -> None:
-    from lamsonfilter.actions import milter_plan
+    from lamsonfilter.contentfilter.plan import reinjection_plan
     from lamsonfilter.decisions import Action, Decision
     from lamsonfilter.mail import MailRequest
-    from lamsonfilter.reinjection import reinjection_plan
+    from lamsonfilter.milterparts.plan import milter_plan
 
     assert isinstance(request, MailRequest) and isinstance(decision, Decision)
     assert decision.error is None, f"an exception became a tempfail: {decision.error}"

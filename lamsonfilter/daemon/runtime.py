@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .app import App, StartupError
-from .decisions import Decision, Outcome
-from .mail import MailRequest
+from ..app import App, StartupError
+from ..decisions import Decision, Outcome
+from ..mail import MailRequest
+from ..relay import OutboxWorker, Relay, message_id
+from ..state import StorageError
 from .metrics import Metrics
-from .relay import OutboxWorker, Relay, message_id
-from .state import StorageError
 
 __all__ = ["Runtime", "REPLAY_TTL"]
 
@@ -62,7 +62,7 @@ class Runtime:
     def from_directory(
         cls, directory: str | Path, overrides: Mapping[str, Any] | None = None, outbox_interval: float = 30.0
     ) -> "Runtime":
-        from .settings import load_app, parse_hostport
+        from ..settings import load_app, parse_hostport
 
         app = _load_checked(directory, overrides, reload=False)
         host, port = parse_hostport(app.settings["RELAY"])
@@ -96,7 +96,7 @@ class Runtime:
         """Serve metrics if settings ask (METRICS = "127.0.0.1:9125"), start the outbox worker."""
         metrics = self.app.settings.get("METRICS")
         if metrics and self.metrics is None:
-            from .settings import parse_hostport
+            from ..settings import parse_hostport
 
             self.serve_metrics(*parse_hostport(metrics))
         if self.worker is not None:
@@ -199,7 +199,7 @@ _malloc_trim: Any = None
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
     """Load and start the app, and refuse a database without the lamsonfilter schema."""
-    from .settings import load_app
+    from ..settings import load_app
 
     app = load_app(directory, overrides, reload=reload)
     try:

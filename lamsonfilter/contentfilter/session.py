@@ -8,7 +8,7 @@ protocol around it, one `FilterSMTP` (or `FilterLMTP`) per connection from
 
 aiosmtpd's defaults are overridden where they would hurt: its ``500 Error:
 (…)`` exception reply (now ``451 4.3.0``), its DATA reader (unbounded
-lines; `lamsonfilter.spool.read_data` instead), strict ASCII mode
+lines; `lamsonfilter.contentfilter.spool.read_data` instead), strict ASCII mode
 (SMTPUTF8 is on), its ``552`` to a ``MAIL ... SIZE=`` above the limit (now
 ``452 4.3.4``: Postfix keeps the message instead of bouncing it), and its
 EHLO (adds PIPELINING and XFORWARD).  With `lamsonfilter.smtpproxy` the only
@@ -23,13 +23,14 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, syntax
+from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from .reinjector import XFORWARD_ATTRS, xtext_decode
 from .spool import DataError, read_data
 
 if TYPE_CHECKING:
-    from .smtpproxy import ProxyHandler
+    from ..smtpproxy import ProxyHandler
 
 __all__ = ["FilterSMTP", "FilterLMTP", "FilterEnvelope", "protocol_factory"]
 
@@ -162,7 +163,7 @@ class FilterSMTP(SMTP):
         await self.push("250 2.0.0 Ok")
 
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA with `lamsonfilter.spool.read_data`; the reply comes from `ProxyHandler.deliver`."""
+        """DATA with `lamsonfilter.contentfilter.spool.read_data`; the reply comes from `ProxyHandler.deliver`."""
         if await self.check_helo_needed():
             return
         envelope = self.envelope

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .decisions import Action, Decision
-from .mail import MailRequest
+from ..decisions import Action, Decision
+from ..mail import MailRequest
 
 __all__ = ["ReinjectionPlan", "reinjection_plan"]
 

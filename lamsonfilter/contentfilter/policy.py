@@ -30,13 +30,13 @@ import asyncio
 import logging
 import socket
 
-from .decisions import Action
-from .mail import AddressError, normalize_address
-from .runtime import Runtime
+from ..daemon.runtime import Runtime
+from ..decisions import Action
+from ..mail import AddressError, normalize_address
 
 __all__ = ["PolicyServer", "policy_answer"]
 
-log = logging.getLogger("lamsonfilter.policy")
+log = logging.getLogger("lamsonfilter.contentfilter.policy")
 
 _MAX_LINE = 8192
 _MAX_ATTRIBUTES = 200

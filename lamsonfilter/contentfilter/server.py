@@ -36,14 +36,14 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .app import StartupError
-from .metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
+from ..app import StartupError
+from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
+from ..daemon.runtime import Runtime
+from ..daemon.service import Service
+from ..smtpproxy import ProxyConfig, ProxyHandler, protocol_factory
 from .policy import PolicyServer
-from .postfixsetup import describe, size_limit
+from .postfix import describe, size_limit
 from .reinjector import Reinjector
-from .runtime import Runtime
-from .service import Service
-from .smtpproxy import ProxyConfig, ProxyHandler, protocol_factory
 from .spool import spool_directory
 
 __all__ = ["check_config", "run", "is_loopback", "bind_socket", "build_runtime", "ProxyServer"]
@@ -144,7 +144,7 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
 def _refuse_broken_postfix(config: ProxyConfig, runtime: Runtime) -> None:
     """L1: with --postfix-config, the errors `lamsonfilter check` would report stop the start
     (a reinjection listener that filters again loops mail; one that is missing loses it)."""
-    from .check import check_postfix
+    from ..check import check_postfix
 
     errors = [f for f in check_postfix(str(config.postfix_config), runtime.app.settings) if f.severity == "error"]
     if errors:
@@ -268,7 +268,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
 
 def _recheck_postfix(proxy: ProxyServer) -> str:
     """At reload: the loop guard again (a `postfix reload` may have broken the set-up since the start).
-    Logged, not fatal: mail that comes back is held (lamsonfilter.looptrace).  Returns the problem."""
+    Logged, not fatal: mail that comes back is held (lamsonfilter.contentfilter.looptrace).  Returns the problem."""
     guard = proxy.handler.guard
     if guard is None:
         return ""
@@ -294,7 +294,7 @@ def _supervise(config: ProxyConfig) -> int:
     probe.stop()
     bind_socket(*config.listen, reuse_port=True).close()  # the port is free and ours
     if metrics_at:  # before any fork: a taken metrics port is one line, not N workers started and stopped
-        from .settings import parse_hostport
+        from ..settings import parse_hostport
 
         host, port = parse_hostport(str(metrics_at))
         try:

@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decisions import Action, Decision
-from .mail import MailRequest
+from ..decisions import Action, Decision
+from ..mail import MailRequest
 
 __all__ = ["MilterAction", "MilterPlan", "milter_plan"]
 

@@ -41,9 +41,9 @@ import os
 import tempfile
 from typing import Any, Iterator
 
-from .app import StartupError
-from .decisions import Decision
-from .state import StateStorage
+from ..app import StartupError
+from ..decisions import Decision
+from ..state import StateStorage
 
 __all__ = ["Metrics", "MetricsError", "MULTIPROC_ENV", "multiprocess_directory"]
 

@@ -22,7 +22,7 @@ What happens to a message that came back (`TraceKey.came_back`), chosen
 so that nothing is lost and nothing loops:
 
 * while the Postfix set-up loops (the loop guard of
-  `lamsonfilter.postfixsetup` finds PF111), or when the filter has no
+  `lamsonfilter.contentfilter.postfix` finds PF111), or when the filter has no
   ``--postfix-config`` to ask: ``451 4.4.6``, one ERROR line with the queue
   id, and ``lamsonfilter_loops_total`` counts it.  Postfix keeps the message
   in its queue (deferred) and retries it with its backoff -- one pass per
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .mail import _header_end
+from ..mail import _header_end
 
 __all__ = ["TraceKey", "TRACE_FIELD", "LOOP_REPLY"]
 

@@ -42,7 +42,7 @@ from .spool import Spool, stuff
 
 __all__ = ["Reinjector", "ReinjectionError", "Transaction", "xtext_encode", "xtext_decode", "XFORWARD_ATTRS"]
 
-log = logging.getLogger("lamsonfilter.reinjection")
+log = logging.getLogger("lamsonfilter.contentfilter.plan")
 
 #: XFORWARD attributes (Postfix XFORWARD_README), in the order Postfix sends them.
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
@@ -69,7 +69,7 @@ class Transaction:
     xforward: Mapping[str, str] = field(default_factory=dict)
     smtputf8: bool = False
     eightbit: bool = False
-    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.looptrace`'s trace field
+    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.contentfilter.looptrace`'s trace field
     prefix: bytes = b""
 
 
