@@ -32,12 +32,21 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from .context import Context, MessageChanges
-from .diagnostics import Trace, describe_failure, format_traceback
 from .decisions import Action, Decision, Outcome
-from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
+from .diagnostics import Trace, describe_failure, format_traceback
+from .fsm import (
+    ERROR,
+    START,
+    Handler,
+    HandlerError,
+    handler_signature_problems,
+    is_stateless,
+    state_name,
+)
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
-from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
+from .replies import NO_SUCH_ADDRESS
+from .routing import RouteMatch, Router, RoutingError
 from .state import ConflictError, MemoryStorage, StateStorage
 from .transaction import DeadlinePassed, LazyTransaction, Replayed
 from .views import Views
@@ -171,7 +180,7 @@ class App:
     def check_recipient(self, address: str) -> Outcome | None:
         """RCPT-time check: a reject `Outcome` for an unroutable address at our hosts, else None."""
         if self.match(address) is None and self.owns(address):
-            return Outcome(address, Action.REJECT, 550, "5.1.1", "No such address here")
+            return Outcome(address, Action.REJECT, NO_SUCH_ADDRESS.code, NO_SUCH_ADDRESS.enhanced, NO_SUCH_ADDRESS.text)
         return None
 
     def _require_started(self) -> None:
@@ -221,7 +230,7 @@ class App:
             if match is not None:
                 routed.append((rcpt, match))
             elif self.owns(rcpt):
-                fixed[rcpt] = Outcome(rcpt, Action.REJECT, 550, "5.1.1", "No such address here")
+                fixed[rcpt] = Outcome(rcpt, Action.REJECT, NO_SUCH_ADDRESS.code, NO_SUCH_ADDRESS.enhanced, NO_SUCH_ADDRESS.text)
             else:
                 fixed[rcpt] = Outcome(rcpt, Action.DELIVER)
         if not routed:  # pass-through mail: no transaction, no parsing
@@ -388,7 +397,9 @@ _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 def _where(ctx: Context) -> str:
     """``handler.function`` for a log line: the state's function, or the stateless route's own."""
-    target: RouteTarget = ctx.match.route.target
+    match = ctx.match
+    assert isinstance(match, RouteMatch)  # App builds every Context with one
+    target: RouteTarget = match.route.target
     func = ctx.handler.states.get(target.function)
     if func is not None and is_stateless(func):
         return f"{ctx.handler.name}.{target.function}"

@@ -28,25 +28,67 @@ import email.policy
 import logging
 import re
 from dataclasses import dataclass, field
-from email.parser import BytesParser
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
-from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
-from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
+from .decisions import (
+    Action,
+    HeaderChange,
+    HeaderValueError,
+    OutboxMessage,
+    Outcome,
+    check_header_value,
+)
+from .errors import HandlerError
+from .guards import (
+    GENERATED_HEADER,
+    ReplyBudget,
+    ReplyRateLimit,
+    autoreply_refusal,
+    reply_headers,
+)
 from .mail import MailRequest, normalize_address
 from .state import StateRecord, StateTransaction
-from .views import Response, check_decoded_header_value, serialise
+from .views import Response, Views, check_decoded_header_value, serialise
 
-if TYPE_CHECKING:
-    from .app import App
-    from .fsm import Handler
-    from .routing import RouteMatch
+__all__ = ["Context", "MessageChanges", "GENERATED_HEADER", "AppServices", "HandlerInfo", "RouteArgs"]
 
-__all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
+
+# What a Context needs of the objects around it, as protocols: the core's
+# modules then import in one direction (app -> fsm -> context), never back.
+class AppServices(Protocol):
+    """What a `Context` asks of the application (`lamsonfilter.app.App` provides it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+    @property
+    def views(self) -> Views: ...
+    @property
+    def reply_budget(self) -> ReplyBudget: ...
+    def reply_limit_for(self, handler: Any) -> ReplyRateLimit: ...
+    def owns(self, address: str) -> bool: ...
+
+
+class HandlerInfo(Protocol):
+    """What a `Context` reads of its handler (`lamsonfilter.fsm.Handler` provides it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def states(self) -> Mapping[str, Any]: ...
+
+
+class RouteArgs(Protocol):
+    """What a `Context` reads of the route match (`lamsonfilter.routing.RouteMatch`)."""
+
+    @property
+    def args(self) -> dict[str, str]: ...
 
 log = logging.getLogger("lamsonfilter")
 
@@ -67,11 +109,11 @@ class Context:
 
     def __init__(
         self,
-        app: "App",
+        app: AppServices,
         request: MailRequest,
         recipient: str,
-        match: "RouteMatch",
-        handler: "Handler",
+        match: RouteArgs,
+        handler: HandlerInfo,
         event: str,
         tx: StateTransaction,
         changes: MessageChanges,
@@ -386,8 +428,6 @@ class Context:
 
     def set_state(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
         if state not in self.handler.states:
-            from .fsm import HandlerError
-
             raise HandlerError(f"handler {self.handler.name}: no state {state!r}")
         self._tx.set(f"{self.handler.name}:{key}", state, data)
 

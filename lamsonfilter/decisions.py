@@ -31,6 +31,7 @@ from .headercheck import (
     check_header_value,
     valid_header_name,
 )
+from .replies import TEMPFAIL
 
 __all__ = [
     "Action",
@@ -158,11 +159,11 @@ class Decision:
 
     @classmethod
     def tempfail(
-        cls, recipients: Iterable[str], error: str, text: str = "Temporary failure, try again later"
+        cls, recipients: Iterable[str], error: str, text: str = TEMPFAIL.text
     ) -> "Decision":
         """Every recipient deferred with ``451 4.3.0`` (the reply never says why)."""
         outcomes = tuple(
-            Outcome(r, Action.TEMPFAIL, 451, "4.3.0", text) for r in recipients
+            Outcome(r, Action.TEMPFAIL, TEMPFAIL.code, TEMPFAIL.enhanced, text) for r in recipients
         )
         return cls(outcomes, error=error)
 

@@ -66,14 +66,14 @@ from typing import Any, Callable, TypeVar
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import milter as libmilter  # type: ignore[import-untyped,import-not-found,unused-ignore]  # pymilter's C extension
 
-from . import faults
+from . import faults, replies
 from .app import StartupError
 from .contentfilter.spool import Spool
 from .daemon import process as daemon
 from .daemon.endpoint import MilterSocket
 from .daemon.runtime import Runtime
-from .decisions import Action
-from .mail import AddressError, Envelope, MailRequest, normalize_address
+from .daemon.steps import mail_step, rcpt_step
+from .mail import Envelope, MailRequest
 from .milterparts.plan import MilterAction, MilterPlan, milter_plan
 
 __all__ = ["LamsonMilter", "serve", "ACTION_FLAGS", "FLAGS", "SPOOL_THRESHOLD", "MilterStartError"]
@@ -120,7 +120,7 @@ COMMIT_GRACE = 10.0
 STOP_TIMEOUT = 15.0
 
 #: The reply for any internal error: transient (RFC 5321 §4.2.1), says nothing about why.
-TEMPFAIL_REPLY = ("451", "4.3.0", "Temporary failure, try again later")
+TEMPFAIL_REPLY = replies.TEMPFAIL.milter
 
 F = TypeVar("F", bound=Callable[..., int])
 
@@ -300,14 +300,13 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         if self._broken is not None:
             raise RuntimeError(self._broken)
         self._reset()
-        try:
-            sender = normalize_address(mailfrom)
-        except AddressError as exc:  # a permanent problem of the client's: 501, as smtpproxy answers
-            self._setreply("501", "5.1.7", f"Bad sender address: {exc}")
+        step = mail_step(mailfrom)
+        if step.refusal is not None:  # a permanent problem of the client's: 501, as smtpproxy answers
+            self._setreply(*step.refusal.milter)
             log.info("queue_id=- from=%r client=%s refused at MAIL FROM: %s", mailfrom[:100],
-                     self.client_address or "-", exc)
+                     self.client_address or "-", step.reason)
             return REJECT
-        self._tx = _Transaction(sender, self.spool_threshold)
+        self._tx = _Transaction(step.address, self.spool_threshold)
         return CONTINUE
 
     @_guarded
@@ -315,16 +314,13 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         """RCPT TO.  REJECT (this recipient only, e.g. 550 5.1.1) when the application
         owns the domain but no route takes the address; otherwise CONTINUE."""
         tx = self._transaction()
-        try:
-            address = normalize_address(rcpt)
-        except AddressError as exc:
-            self._setreply("501", "5.1.3", f"Bad recipient address: {exc}")
-            return REJECT
-        outcome = self.runtime.check_recipient(address)
-        if outcome is not None and outcome.action is Action.REJECT:
-            self._setreply(str(outcome.code), outcome.enhanced or "5.1.1", outcome.text or "Rejected")
-            log.info("queue_id=%s client=%s[%s] rcpt=<%s> rejected at RCPT: %s", self._queue_id() or "-",
-                     self.client_name or "unknown", self.client_address or "-", address, outcome.reply)
+        step = rcpt_step(self.runtime, rcpt)
+        address = step.address
+        if step.refusal is not None:
+            self._setreply(*step.refusal.milter)
+            if address:  # the application's refusal (bad syntax is the client's own business)
+                log.info("queue_id=%s client=%s[%s] rcpt=<%s> rejected at RCPT: %s", self._queue_id() or "-",
+                         self.client_name or "unknown", self.client_address or "-", address, step.reason)
             return REJECT
         tx.recipients.append(address)
         tx.routed = tx.routed or self._routed(address)

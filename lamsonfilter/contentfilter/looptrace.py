@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..mail import _header_end
+from ..replies import MAIL_LOOP
 
 __all__ = ["TraceKey", "TRACE_FIELD", "LOOP_REPLY"]
 
 TRACE_FIELD = b"X-Lamsonfilter-Trace"
-LOOP_REPLY = ("451 4.4.6 Mail loop: lamsonfilter reinjected this message and it came back; "
-              "the reinjection listener must not filter again")
+LOOP_REPLY = MAIL_LOOP.line
 _FIELD_RX = re.compile(rb"^X-Lamsonfilter-Trace:[ \t]*v1[ \t]+([0-9a-f]{32})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 #: Only this much of the top of a message is searched for trace fields.
 HEAD_LIMIT = 256 * 1024

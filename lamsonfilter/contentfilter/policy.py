@@ -31,8 +31,7 @@ import logging
 import socket
 
 from ..daemon.runtime import Runtime
-from ..decisions import Action
-from ..mail import AddressError, normalize_address
+from ..daemon.steps import rcpt_step
 
 __all__ = ["PolicyServer", "policy_answer"]
 
@@ -48,17 +47,11 @@ def policy_answer(runtime: Runtime, attributes: dict[str, str]) -> str:
         return "DUNNO"
     if attributes.get("protocol_state", "RCPT").upper() != "RCPT":
         return "DUNNO"
-    try:
-        recipient = normalize_address(attributes.get("recipient", ""))
-    except AddressError as exc:
-        # the filter would answer 501 at RCPT after queueing, and Postfix would bounce (S6):
-        # refuse it now, while the client is still connected
-        return _refused(attributes, f"501 5.1.3 Bad recipient address syntax: {exc}")
-    if not recipient:
-        return "DUNNO"
-    outcome = runtime.check_recipient(recipient)
-    if outcome is not None and outcome.action is Action.REJECT:
-        return _refused(attributes, outcome.reply)
+    # a bad address: the filter would answer 501 at RCPT after queueing, and Postfix
+    # would bounce it; refuse it now, while the client is still connected
+    step = rcpt_step(runtime, attributes.get("recipient", ""))
+    if step.refusal is not None:
+        return _refused(attributes, step.refusal.line)
     return "DUNNO"
 
 

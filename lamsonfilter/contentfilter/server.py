@@ -40,10 +40,11 @@ from ..app import StartupError
 from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
 from ..daemon.runtime import Runtime
 from ..daemon.service import Service
-from ..smtpproxy import ProxyConfig, ProxyHandler, protocol_factory
+from .handler import ProxyConfig, ProxyHandler
 from .policy import PolicyServer
 from .postfix import describe, size_limit
 from .reinjector import Reinjector
+from .session import protocol_factory
 from .spool import spool_directory
 
 __all__ = ["check_config", "run", "is_loopback", "bind_socket", "build_runtime", "ProxyServer"]

@@ -20,17 +20,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, syntax
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
+from ..replies import TOO_BIG_FOR_SIZE
+from .config import ProxyConfig
 from .reinjector import XFORWARD_ATTRS, xtext_decode
-from .spool import DataError, read_data
+from .spool import DataError, DataLimits, Spool, read_data
 
-if TYPE_CHECKING:
-    from ..smtpproxy import ProxyHandler
+
+class ProxyHandler(Protocol):
+    """What the session asks of its handler (`lamsonfilter.contentfilter.handler.ProxyHandler`).
+
+    aiosmtpd also calls the handler's ``handle_EHLO``/``handle_MAIL``/``handle_RCPT``.
+    """
+
+    @property
+    def config(self) -> ProxyConfig: ...
+    @property
+    def limits(self) -> DataLimits: ...
+    async def deliver(self, envelope: "FilterEnvelope", spool: Spool) -> list[str]: ...
 
 __all__ = ["FilterSMTP", "FilterLMTP", "FilterEnvelope", "protocol_factory"]
 
@@ -40,8 +52,7 @@ log = logging.getLogger("lamsonfilter.smtpproxy")
 _PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                          r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)\Z", re.DOTALL)
 _TEMPLATES: dict[tuple[Any, ...], "FilterSMTP"] = {}
-_TOO_BIG_NOW = (b"452 4.3.4 Message larger than the content filter's SIZE; raise smtpproxy --max-size "
-                b"(or give it --postfix-config)")
+_TOO_BIG_NOW = TOO_BIG_FOR_SIZE.line.encode()
 
 
 class FilterEnvelope(SMTPEnvelope):

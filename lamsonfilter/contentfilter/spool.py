@@ -33,6 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
+from .. import replies
+
 __all__ = ["DataError", "DataLimits", "Spool", "read_data", "stuff", "TERMINATOR"]
 
 #: The only end of DATA (RFC 5321 §4.1.1.4): CRLF "." CRLF.  The CRLF that
@@ -70,8 +72,8 @@ class DataError(Exception):
         self.reply = reply
 
 
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets); closing connection"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size; closing connection"
+LINE_TOO_LONG = replies.LINE_TOO_LONG.line
+TOO_BIG = replies.TOO_BIG.line
 
 
 class Spool:

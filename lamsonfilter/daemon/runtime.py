@@ -62,7 +62,7 @@ class Runtime:
     def from_directory(
         cls, directory: str | Path, overrides: Mapping[str, Any] | None = None, outbox_interval: float = 30.0
     ) -> "Runtime":
-        from ..settings import load_app, parse_hostport
+        from ..settings import parse_hostport
 
         app = _load_checked(directory, overrides, reload=False)
         host, port = parse_hostport(app.settings["RELAY"])
