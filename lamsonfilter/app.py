@@ -196,8 +196,17 @@ class App:
         now: float | None = None,
         outbox: bool = True,
         trace: Trace | None = None,
+        replay_key: str | None = None,
+        deadline: float | None = None,
     ) -> Decision:
         """Decide about one message.  Never raises; see the module docstring.
+
+        `replay_key` identifies the message across the MTA's retries (a
+        retry replays the committed decision instead of running the
+        handlers again); `deadline` is the ``time.monotonic()`` after which
+        the transport has answered 4xx, so nothing is committed.  Transports
+        pass both here (`Runtime.process`); the request's own fields of the
+        same names are the fallback for callers that build one by hand.
 
         `commit` False rolls the state transaction back (a dry run).
         `outbox` False commits the state but never stores the outbox, so no
@@ -206,7 +215,9 @@ class App:
         """
         try:
             self._require_started()
-            return self._process(request, commit, time.time() if now is None else now, outbox, trace)
+            retry = (replay_key if replay_key is not None else request.replay_key,
+                     deadline if deadline is not None else request.deadline)
+            return self._process(request, commit, time.time() if now is None else now, outbox, trace, retry)
         except Exception as exc:  # noqa: BLE001 -- the contract: never raise, tempfail instead
             self._log_failure(f"queue_id={request.queue_id or '-'}", exc, trace)
             return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}")
@@ -222,7 +233,7 @@ class App:
         return where
 
     def _process(self, request: MailRequest, commit: bool, now: float, outbox: bool = True,
-                 trace: Trace | None = None) -> Decision:
+                 trace: Trace | None = None, retry: tuple[str | None, float | None] = (None, None)) -> Decision:
         routed: list[tuple[str, RouteMatch]] = []
         fixed: dict[str, Outcome] = {}
         for rcpt in request.recipients:
@@ -255,7 +266,7 @@ class App:
             if trace is not None:
                 trace.reset()
             try:
-                return self._run_handlers(request, routed, fixed, commit, now, outbox, trace)
+                return self._run_handlers(request, routed, fixed, commit, now, outbox, trace, retry)
             except ConflictError:
                 log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
         raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
@@ -269,13 +280,15 @@ class App:
         now: float,
         outbox: bool = True,
         trace: Trace | None = None,
+        retry: tuple[str | None, float | None] = (None, None),
     ) -> Decision:
         changes = MessageChanges()
+        request_key, deadline = retry
         outcomes = dict(fixed)
         current: Context | None = None
-        replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
+        replay_key = f"{REPLAY_PREFIX}{request_key}" if request_key else None
         try:
-            with LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
+            with LazyTransaction(self.storage, commit, replay_key, deadline, trace) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -295,7 +308,7 @@ class App:
                     tx.set(replay_key, "DONE", {**decision.to_record(), "at": now}, bookkeeping=True)
         except Replayed as replayed:  # a retry of a message whose decision committed
             log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
-                     request.queue_id or "-", request.replay_key)
+                     request.queue_id or "-", request_key)
             done = replayed.decision
             return replace(done, notes=(*done.notes, "retry: decision replayed"))
         except ConflictError:

@@ -159,14 +159,16 @@ class MailRequest:
 
     envelope: Envelope
     raw: bytes
-    #: Identifies this message across retries of the MTA (set by the transport:
-    #: the upstream queue id from XFORWARD IDENT, or a digest of Message-ID,
-    #: sender and recipients for the milter).  With it, `App.process` runs the
-    #: handlers once per message: a retry replays the committed decision.
+    #: Identifies this message across retries of the MTA.  Transports do not set
+    #: it (they pass the key to `Runtime.process`, which hands it to
+    #: `App.process`); it is the fallback for code that calls `App.process`
+    #: directly.  With it, the handlers run once per message: a retry replays
+    #: the committed decision.
     replay_key: str | None = None
     #: ``time.monotonic()`` after which the transport has given up on this message
     #: (answered 4xx): `App.process` then commits nothing -- no state change, no reply
-    #: for a message the MTA will send again.  None: no limit.
+    #: for a message the MTA will send again.  None: no limit.  Like `replay_key`,
+    #: a fallback: transports pass it to `Runtime.process`.
     deadline: float | None = None
     _extra_defects: list[str] = field(default_factory=list, repr=False)
 

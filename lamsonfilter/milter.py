@@ -71,7 +71,7 @@ from .app import StartupError
 from .contentfilter.spool import Spool
 from .daemon import process as daemon
 from .daemon.endpoint import MilterSocket
-from .daemon.runtime import Runtime
+from .daemon.runtime import Runtime, replay_key
 from .daemon.steps import mail_step, rcpt_step
 from .mail import Envelope, MailRequest
 from .milterparts.plan import MilterAction, MilterPlan, milter_plan
@@ -394,10 +394,10 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         envelope = self._envelope(tx)
         request = MailRequest(envelope, tx.spool.getvalue())
         tx.spool.close()
-        if tx.routed:  # M4: a client's retry is a new transaction with a new queue id
-            request.replay_key = request.content_replay_key()
+        # a client's retry is a new transaction with a new queue id: the key comes from the content
+        key = replay_key(request, queue_id_is_stable=False) if tx.routed else None
         faults.reached("milter.eom", envelope.queue_id)
-        plan = self._decide(request)
+        plan = self._decide(request, key)
         faults.reached("milter.after_commit", envelope.queue_id)
         for note in plan.notes:
             log.info("queue_id=%s %s", envelope.queue_id or "-", note)
@@ -417,16 +417,16 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         return self.abort()
 
     # ------------------------------------------------------------ the plan
-    def _decide(self, request: MailRequest, inline: bool = False) -> MilterPlan:
+    def _decide(self, request: MailRequest, key: str | None = None, inline: bool = False) -> MilterPlan:
         """Run the application once -- in the executor's threads unless `inline` -- and map
         its decision.  Inline only for mail no route takes (no handler, no state store)."""
         if self.executor is None or inline:
-            decision = self.runtime.process(request, transport="milter")
+            decision = self.runtime.process(request, replay_key=key, transport="milter")
         else:
             # past the deadline App.process commits nothing; the extra seconds let a run
             # that committed just in time hand over its decision (never a 451 after a commit)
-            request.deadline = time.monotonic() + APP_DEADLINE
-            future = self.executor.submit(self.runtime.process, request, transport="milter")
+            future = self.executor.submit(self.runtime.process, request, replay_key=key,
+                                          deadline=time.monotonic() + APP_DEADLINE, transport="milter")
             try:
                 decision = future.result(APP_DEADLINE + COMMIT_GRACE)
             except TimeoutError:

@@ -102,9 +102,9 @@ class Spy(Runtime):
         super().__init__(inner.app)
         self.requests: list[MailRequest] = []
 
-    def process(self, request: MailRequest, *, transport: str = "") -> Any:
+    def process(self, request: MailRequest, **contract: Any) -> Any:
         self.requests.append(request)
-        return super().process(request, transport=transport)
+        return super().process(request, **contract)
 
 
 def connect(runtime: Runtime, *, leadspc: bool = True, macros: dict[str, str] | None = None) -> tuple[Any, RecordingCtx]:
@@ -255,8 +255,8 @@ def test_a_client_retry_replays_the_committed_decision_instead_of_replying_again
     decisions: list[Any] = []
 
     class Keep(Runtime):
-        def process(self, request: MailRequest, *, transport: str = "") -> Any:
-            decisions.append(super().process(request, transport=transport))
+        def process(self, request: MailRequest, **contract: Any) -> Any:
+            decisions.append(super().process(request, **contract))
             return decisions[-1]
 
     runtime = Keep(app)
@@ -365,9 +365,9 @@ def test_the_application_runs_in_the_executors_threads_not_libmilters() -> None:
     seen: list[str] = []
     original = spy.process
 
-    def process(request: MailRequest, *, transport: str = "") -> Any:
+    def process(request: MailRequest, **contract: Any) -> Any:
         seen.append(threading.current_thread().name)
-        return original(request, transport=transport)
+        return original(request, **contract)
 
     spy.process = process  # type: ignore[method-assign]
     with ThreadPoolExecutor(2, thread_name_prefix="app") as pool:
@@ -388,7 +388,7 @@ def test_an_application_past_its_deadline_is_451(monkeypatch: pytest.MonkeyPatch
 
     gate = threading.Event()
     spy = Spy()
-    spy.process = lambda request, *, transport="": gate.wait(5)  # type: ignore[assignment,method-assign]
+    spy.process = lambda request, **contract: gate.wait(5)  # type: ignore[assignment,method-assign]
     monkeypatch.setattr(milter_mode, "APP_DEADLINE", 0.05)
     monkeypatch.setattr(milter_mode, "COMMIT_GRACE", 0.0)
     pool = ThreadPoolExecutor(1, thread_name_prefix="t")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import hashlib
 import logging
 import time
 from typing import Callable
@@ -23,8 +22,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from .. import faults
-from ..daemon.poison import DEFAULT_LIMIT, AttemptLog
-from ..daemon.runtime import REPLAY_TTL, Runtime
+from ..daemon.runtime import Runtime, replay_key
 from ..daemon.steps import mail_step, rcpt_step
 from ..mail import Envelope, MailRequest
 from ..replies import (
@@ -74,13 +72,10 @@ class ProxyHandler:
         self.reinjector = reinjector
         self.config = config
         self.executor = executor
-        self.on_outbox = on_outbox
+        if on_outbox is not None:  # a worker process: the parent runs the outbox sender
+            runtime.outbox_elsewhere = on_outbox
         self.quarantine = Quarantine(config.quarantine_path)
-        self.attempts = AttemptLog(config.attempts_path)
-        try:  # counts of messages that left Postfix's queue long ago
-            self.attempts.purge(REPLAY_TTL)
-        except OSError as exc:
-            log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
+        self.attempts = runtime.count_attempts(config.attempts_path)
         self.limits = DataLimits(max_size=config.max_size)
         self.in_flight = 0
         self.trace = TraceKey(config.attempts_path.parent / "trace.key")
@@ -171,23 +166,17 @@ class ProxyHandler:
         routed = self._needs_content(env)
         streamed = not spool.in_memory and not routed
         request = MailRequest(env, b"" if streamed else spool.getvalue())
-        if routed:
-            request.replay_key = self._replay_key(request)
-        request.deadline = envelope.deadline  # past it, App.process commits nothing (we answer 451)
+        key = replay_key(request, queue_id_is_stable=True) if routed else None
         loop = asyncio.get_running_loop()
-        limit = int(self.runtime.app.settings.get("POISON_LIMIT", DEFAULT_LIMIT))
-        if request.replay_key is not None and limit > 0:
-            # counted durably *before* the handlers run: a kill -9 in them still counts (R15)
-            n = await loop.run_in_executor(self.executor, self.attempts.begin, request.replay_key)
-            envelope.attempt = (request.replay_key, n)
-            if n > limit:
+        # counted durably *before* the handlers run: a kill -9 in them still counts (poison)
+        n = await loop.run_in_executor(self.executor, self.runtime.begin_attempt, key)
+        if key is not None and n:
+            envelope.attempt = (key, n)
+            if n > self.runtime.poison_limit:
                 return await self._quarantine_poison(request, n - 1)
-        decision = await loop.run_in_executor(
-            self.executor, functools.partial(self.runtime.process, request, transport="smtpproxy")
-        )
+        decision = await loop.run_in_executor(self.executor, functools.partial(
+            self.runtime.process, request, replay_key=key, deadline=envelope.deadline, transport="smtpproxy"))
         faults.reached("smtpproxy.after_commit", env.queue_id)
-        if decision.outbox and self.on_outbox is not None:
-            self.on_outbox()
         plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
         replies = [r for _, r in plan.rcpt_replies] if self.config.lmtp else [plan.reply]
         if decision.is_tempfail:  # the process lives on: no poison (`deliver` forgives the attempt)
@@ -251,30 +240,12 @@ class ProxyHandler:
         return [QUARANTINED.line] * count
 
     def _end_attempt(self, envelope: FilterEnvelope, final: bool) -> None:
-        """The attempt ended in this process: forget the count after a final answer, else undo this
-        attempt (a 451 from a live process is never held against the message: `lamsonfilter.daemon.poison`)."""
+        """The attempt ended in this process (`Runtime.end_attempt`)."""
         if envelope.attempt is None:
             return
         key, n = envelope.attempt
         envelope.attempt = None
-        try:
-            if final:
-                self.attempts.clear(key)
-            else:
-                self.attempts.forgive(key, n)
-        except OSError as exc:
-            log.warning("attempt count of %s not updated: %s", key, exc)
-
-    @staticmethod
-    def _replay_key(request: MailRequest) -> str | None:
-        """What identifies this message across Postfix's retries (R13): the upstream queue id
-        (XFORWARD IDENT) plus the recipients (Postfix may split one queue file into several
-        deliveries), else a digest of Message-ID and envelope (Exim sends no XFORWARD)."""
-        if request.queue_id:
-            rcpts = hashlib.sha256("\0".join(sorted(r.lower() for r in request.recipients)).encode(
-                "utf-8", "surrogateescape")).hexdigest()[:16]
-            return f"ident:{request.queue_id}:{rcpts}"
-        return request.content_replay_key()
+        self.runtime.end_attempt(key, n, final)
 
     def _needs_content(self, env: Envelope) -> bool:
         """Does the application read this message?  Only routed recipients make it read the bytes."""
