@@ -26,7 +26,7 @@ class ProxyConfig:
     threads: int = 8
     hostname: str = "lamsonfilter.localhost"
     policy: tuple[str, int] | None = None  # the RCPT-time policy listener (lamsonfilter.contentfilter.policy)
-    postfix_config: Path | None = None  # checked at start-up (L1): refuse a looping set-up
+    postfix_config: Path | None = None  # checked at start-up: refuse a set-up where reinjected mail loops back
 
     @property
     def quarantine_path(self) -> Path:

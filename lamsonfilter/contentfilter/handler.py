@@ -227,7 +227,7 @@ class ProxyHandler:
 
     async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
         """Keep a message that killed the process `failures` times in the quarantine, with its
-        envelope (fsynced), then ``250`` (R15; `lamsonfilter.daemon.poison`)."""
+        envelope (fsynced), then ``250`` (poison mail: `lamsonfilter.daemon.poison`)."""
         reason = (f"poison message: the filter process died {failures} time(s) while handling it; "
                   "handlers not run again")
         loop = asyncio.get_running_loop()

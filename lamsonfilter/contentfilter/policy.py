@@ -17,8 +17,8 @@ Protocol: Postfix sends ``name=value`` lines ending with an empty line and
 reads ``action=...`` and an empty line back; one connection carries many
 requests.  The answer is ``550 5.1.1 ...`` for an address at an
 application host that no route takes, ``501 5.1.3 ...`` for an address
-the filter itself would refuse (over-long, control characters: reliability
-S6), ``DUNNO`` (no opinion: the other restrictions decide) for everything
+the filter itself would refuse (over-long, control characters: it would
+be a bounce after queueing), ``DUNNO`` (no opinion: the other restrictions decide) for everything
 else, including errors.  Requests are
 bounded (line length, attribute count); a malformed one closes the
 connection, and Postfix's ``default_action`` applies.

@@ -11,7 +11,7 @@ Exim's) accept the message for **every** recipient:
     # ReinjectionError: answer 451 upstream.
     await reinjector.close()
 
-What "careful" means (reliability R1, R9, R11, R12):
+What "careful" means (never a 250 for mail that went nowhere, bounded waits, no smuggling):
 
 * The envelope is passed on exactly: ``MAIL FROM:<>`` stays ``<>``, every
   recipient is given, nothing is rebuilt from headers.  XFORWARD attributes
@@ -100,7 +100,7 @@ def xtext_encode(value: str) -> str:
 
 
 def _address(addr: str) -> bytes:
-    """``<addr>`` as bytes; refuses anything that could inject a command (RFC 5321 §4.1.2, S6)."""
+    """``<addr>`` as bytes; refuses anything that could inject a command (RFC 5321 §4.1.2; no SMTP command injection)."""
     if any(c in addr for c in "\r\n\x00"):
         raise ReinjectionError(f"refusing to send unsafe address {addr!r}")
     return b"<" + addr.encode("utf-8", "surrogateescape") + b">"

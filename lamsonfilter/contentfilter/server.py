@@ -16,7 +16,7 @@ means an outbox message is never sent twice by two processes.
 
 Start-up refuses, naming the problem: a listener off loopback without
 ``--allow-remote`` (whoever reaches it relays through the reinjection
-listener, reliability S1), a reinjection address equal to the listening
+listener), a reinjection address equal to the listening
 one (a loop), a port already taken, bad settings or routes, and a state
 database without the lamsonfilter schema (run ``lamsonfilter db init``).
 """
@@ -143,7 +143,7 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
 
 
 def _refuse_broken_postfix(config: ProxyConfig, runtime: Runtime) -> None:
-    """L1: with --postfix-config, the errors `lamsonfilter check` would report stop the start
+    """With --postfix-config, the errors `lamsonfilter check` would report stop the start
     (a reinjection listener that filters again loops mail; one that is missing loses it)."""
     from ..check import check_postfix
 

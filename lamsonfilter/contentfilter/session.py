@@ -61,7 +61,7 @@ class FilterEnvelope(SMTPEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.xforward: dict[str, str] = {}
-        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (R15)
+        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (poison counting)
         self.attempt: tuple[str, int] | None = None
         #: ``time.monotonic()`` when the upstream gets 451 for taking too long (set by `deliver`)
         self.deadline: float | None = None

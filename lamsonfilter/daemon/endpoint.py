@@ -1,7 +1,7 @@
 """Where a daemon listens: socket specifications and the loopback rule.
 
 Every lamsonfilter listener binds to loopback or a Unix socket unless the
-operator explicitly asks for more (reliability S1: whoever reaches the
+operator explicitly asks for more (whoever reaches the
 milter or the filter port can make Postfix relay mail).  This module parses
 the milter's ``--socket`` argument, in libmilter's own syntax::
 

@@ -1,4 +1,4 @@
-"""Poison messages: mail that kills the filter process again and again (reliability R15).
+"""Poison messages: mail that kills the filter process again and again.
 
 A message that takes the whole filter down (a segfault in a C library,
 the kernel's OOM killer, ``os._exit`` in a handler) would otherwise be

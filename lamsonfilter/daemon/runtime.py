@@ -162,7 +162,7 @@ class Runtime:
         decision = self.app.process(request, replay_key=replay_key, deadline=deadline)
         took = (time.monotonic() - started) * 1000
         routes = ",".join(sorted({o.route for o in decision.outcomes if o.route})) or "-"
-        # X2: say so when two MIME readers could disagree -- for the application's own (routed) mail;
+        # say so when two MIME readers could disagree (mime=ambiguous) -- for the application's own (routed) mail;
         # pass-through mail is never parsed, and logging must not start parsing it
         ambiguous = routes != "-" and request.ambiguous_mime
         # the Message-IDs tie each outbox message to this queue id (relay.py logs them when sent)
