@@ -24,6 +24,7 @@ try:
     import Milter
 
     import lamsonfilter.milter as milter_mode
+    from lamsonfilter.milterparts import callbacks as milter_callbacks
 except ImportError as exc:  # pymilter is an optional extra; CI must have it
     if in_ci():
         raise
@@ -202,13 +203,13 @@ def test_large_message_spools_to_disk_and_comes_back_whole(monkeypatch: pytest.M
     m, _ctx = connect(spy)
     m.spool_threshold = 1024
     seen: list[bool] = []
-    original = milter_mode.Spool.getvalue
+    original = milter_callbacks.Spool.getvalue
 
     def getvalue(self: Any) -> bytes:
         seen.append(self.in_memory)
         return original(self)
 
-    monkeypatch.setattr(milter_mode.Spool, "getvalue", getvalue)
+    monkeypatch.setattr(milter_callbacks.Spool, "getvalue", getvalue)
     chunk = b"x" * 998 + b"\r\n"
     feed(m, [f"tag@{HOST}"], [("Subject", b" big")], [chunk] * 100)
     assert seen == [False]  # on disk
@@ -332,7 +333,7 @@ def test_any_exception_in_a_callback_is_451_with_one_log_line(monkeypatch: pytes
     def disk_full(self: Any, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(milter_mode.Spool, "write", disk_full)
+    monkeypatch.setattr(milter_callbacks.Spool, "write", disk_full)
     with caplog.at_level(logging.ERROR, logger="lamsonfilter.milter"):
         assert m.data() == Milter.CONTINUE
         # Postfix does not wait for the header step's reply: the failure is kept and
@@ -389,8 +390,8 @@ def test_an_application_past_its_deadline_is_451(monkeypatch: pytest.MonkeyPatch
     gate = threading.Event()
     spy = Spy()
     spy.process = lambda request, **contract: gate.wait(5)  # type: ignore[assignment,method-assign]
-    monkeypatch.setattr(milter_mode, "APP_DEADLINE", 0.05)
-    monkeypatch.setattr(milter_mode, "COMMIT_GRACE", 0.0)
+    monkeypatch.setattr(milter_callbacks, "APP_DEADLINE", 0.05)
+    monkeypatch.setattr(milter_callbacks, "COMMIT_GRACE", 0.0)
     pool = ThreadPoolExecutor(1, thread_name_prefix="t")
     try:
         m = LamsonMilter(spy, executor=pool)
