@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from dataclasses import replace
 from typing import Callable
 
 from ..app import StartupError
+from ..daemon.endpoint import is_loopback
 from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
 from ..daemon.runtime import Runtime
 from ..daemon.service import Service
@@ -55,15 +55,6 @@ log = logging.getLogger("lamsonfilter.smtpproxy")
 POSTFIX_DATA_DONE_TIMEOUT = 600.0
 #: How long a stopping process waits for messages in progress.
 STOP_GRACE = 30.0
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_config(config: ProxyConfig) -> None:
