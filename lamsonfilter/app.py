@@ -51,7 +51,7 @@ from .state import ConflictError, MemoryStorage, StateStorage
 from .transaction import DeadlinePassed, LazyTransaction, Replayed
 from .views import Views
 
-__all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
+__all__ = ["App", "StartupError", "AppNotReady", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
 
 log = logging.getLogger("lamsonfilter")
 
@@ -66,6 +66,12 @@ REPLAY_PREFIX = "lamsonfilter:done:"
 
 class StartupError(Exception):
     """The application cannot start; the message names what to fix."""
+
+
+class AppNotReady(Exception):
+    """The application is used for mail it is not set up for: before `App.start`, or a
+    template rendered without a templates directory.  Raised while mail is processed
+    (so `App.process` answers a temporary failure), never at start-up."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class App:
     @property
     def views(self) -> Views:
         if self._views is None:
-            raise StartupError("this application has no templates directory; set TEMPLATES in settings")
+            raise AppNotReady("this application has no templates directory; set TEMPLATES in settings")
         return self._views
 
     def start(self) -> "App":
@@ -185,7 +191,7 @@ class App:
 
     def _require_started(self) -> None:
         if not self._started:
-            raise StartupError("call App.start() before processing mail")
+            raise AppNotReady("call App.start() before processing mail")
 
     # ------------------------------------------------------------ the one flow
     def process(

@@ -51,7 +51,7 @@ from .guards import (
     autoreply_refusal,
     reply_headers,
 )
-from .mail import MailRequest, normalize_address
+from .mail import MailRequest, header_end, normalize_address
 from .state import StateRecord, StateTransaction
 from .views import Response, Views, check_decoded_header_value, serialise
 
@@ -368,7 +368,7 @@ class Context:
         else:
             raw = _crlf(message)
             msg = None
-            head = b"" if raw.startswith(b"\r\n") else raw.split(b"\r\n\r\n", 1)[0]
+            head = raw[:header_end(raw)]
             if not _GENERATED_FIELD.search(head):
                 raw = f"{GENERATED_HEADER}: {self.app.name}\r\n".encode() + raw
         if sender is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "POLICY",
+    "header_end",
     "Envelope",
     "MailRequest",
     "AddressError",
@@ -328,13 +329,13 @@ class MailRequest:
     @property
     def header_block(self) -> bytes:
         """The raw header block, up to (not including) the blank line."""
-        end = _header_end(self.raw)
+        end = header_end(self.raw)
         return self.raw[:end]
 
     @property
     def body_bytes(self) -> bytes:
         """The raw body, after the blank line that ends the headers."""
-        end = _header_end(self.raw)
+        end = header_end(self.raw)
         rest = self.raw[end:]
         for sep in (b"\r\n", b"\n"):
             if rest.startswith(sep):
@@ -395,7 +396,7 @@ _STRUCTURED = frozenset(n.encode("ascii") for n in POLICY.header_factory.registr
 
 def _oversized_header(raw: bytes) -> str | None:
     """See `MailRequest.oversized_header`; linear in the size of the header block."""
-    if _header_end(raw) <= MAX_STRUCTURED_FIELD:
+    if header_end(raw) <= MAX_STRUCTURED_FIELD:
         return None  # the usual case: the whole block is smaller than either limit
     pos = total = field = 0
     name = b""
@@ -432,8 +433,10 @@ _CONTENT_TRANSFER_ENCODING = re.compile(rb"(?im)^content-transfer-encoding[ \t]*
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
 
-def _header_end(raw: bytes) -> int:
-    """Offset of the line break that ends the header block (len(raw) if none)."""
+def header_end(raw: bytes) -> int:
+    """Where the header block of `raw` ends: the offset just past its last line's line end
+    (0 when the message starts with an empty line, len(raw) with no empty line).  The one
+    header-block splitter: CRLF or bare LF, as the message came."""
     if raw.startswith((b"\r\n", b"\n")):
         return 0
     m = _HEADER_END.search(raw)
@@ -442,3 +445,6 @@ def _header_end(raw: bytes) -> int:
     # keep the CRLF/LF that ends the last header line inside the header block
     nl = raw.index(b"\n", m.start())
     return nl + 1
+
+
+_header_end = header_end  # the older private name, still imported by relay.py

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..mail import _header_end
+from ..mail import header_end
 from ..replies import MAIL_LOOP
 
 __all__ = ["TraceKey", "TRACE_FIELD", "LOOP_REPLY"]
@@ -96,7 +96,7 @@ class TraceKey:
 
     def came_back(self, head: bytes, sender: str, recipients: Sequence[str]) -> bool:
         """Does the message (its first bytes) carry our field for exactly this envelope?"""
-        top = head[: min(_header_end(head), HEAD_LIMIT)]  # the header block only (no copy of the body)
+        top = head[: min(header_end(head), HEAD_LIMIT)]  # the header block only (no copy of the body)
         found = [m.group(1).lower() for m in _FIELD_RX.finditer(top)]
         if not found:
             return False
