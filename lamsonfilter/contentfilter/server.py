@@ -291,8 +291,9 @@ def _supervise(config: ProxyConfig) -> int:
         host, port = parse_hostport(str(metrics_at))
         try:
             bind_socket(host, port).close()
-        except StartupError as exc:
-            raise StartupError(f"{exc} (the METRICS address)") from None
+        except StartupError as exc:  # worded as `Metrics.serve` words it
+            reason = str(exc).split(": ", 1)[-1]
+            raise StartupError(f"cannot listen on {host}:{port} for metrics: {reason} (METRICS)") from None
     if config.policy:
         bind_socket(*config.policy, reuse_port=True).close()
     # before prometheus-client is imported here or in a worker: the workers count into files there
