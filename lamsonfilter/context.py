@@ -31,64 +31,19 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
-from .decisions import (
-    Action,
-    HeaderChange,
-    HeaderValueError,
-    OutboxMessage,
-    Outcome,
-    check_header_value,
-)
+from .contextneeds import AppServices, HandlerInfo, RouteArgs
+from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
 from .errors import HandlerError
-from .guards import (
-    GENERATED_HEADER,
-    ReplyBudget,
-    ReplyRateLimit,
-    autoreply_refusal,
-    reply_headers,
-)
+from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
 from .mail import MailRequest, header_end, normalize_address
 from .state import StateRecord, StateTransaction
-from .views import Response, Views, check_decoded_header_value, serialise
+from .views import Response, check_decoded_header_value, serialise
 
-__all__ = ["Context", "MessageChanges", "GENERATED_HEADER", "AppServices", "HandlerInfo", "RouteArgs"]
-
-
-# What a Context needs of the objects around it, as protocols: the core's
-# modules then import in one direction (app -> fsm -> context), never back.
-class AppServices(Protocol):
-    """What a `Context` asks of the application (`lamsonfilter.app.App` provides it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def settings(self) -> Mapping[str, Any]: ...
-    @property
-    def views(self) -> Views: ...
-    @property
-    def reply_budget(self) -> ReplyBudget: ...
-    def reply_limit_for(self, handler: Any) -> ReplyRateLimit: ...
-    def owns(self, address: str) -> bool: ...
-
-
-class HandlerInfo(Protocol):
-    """What a `Context` reads of its handler (`lamsonfilter.fsm.Handler` provides it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def states(self) -> Mapping[str, Any]: ...
-
-
-class RouteArgs(Protocol):
-    """What a `Context` reads of the route match (`lamsonfilter.routing.RouteMatch`)."""
-
-    @property
-    def args(self) -> dict[str, str]: ...
+__all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
 log = logging.getLogger("lamsonfilter")
 
