@@ -38,6 +38,7 @@ from typing import Callable
 from ..app import StartupError
 from ..daemon.endpoint import is_loopback
 from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
+from ..daemon.process import Reloader
 from ..daemon.runtime import Runtime
 from ..daemon.service import Service
 from .handler import ProxyConfig, ProxyHandler
@@ -229,19 +230,11 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     service = Service() if on_outbox is None else None  # workers: the parent talks to systemd
     last_tick = [time.monotonic()]
 
-    def reload() -> None:
-        if service is not None:
-            service.reloading()
-        error = runtime.reload()
-        unsafe = _recheck_postfix(proxy)
-        if service is not None:
-            text = f"reload refused, old application running: {error}" if error else status
-            service.reloaded(text + (f"; Postfix set-up UNSAFE: {unsafe}" if unsafe else ""))
-
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(proxy.executor, reload))
     mode = "LMTP" if config.lmtp else "SMTP"
     status = f"listening on {config.listen[0]}:{config.listen[1]} ({mode}), reinjecting to " \
              f"{config.reinject[0]}:{config.reinject[1]}"
+    reloader = Reloader(runtime, service, recheck=lambda: _recheck_postfix(proxy), ok_status=status)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     log.info("smtpproxy (pid %d) %s", os.getpid(), status)
     if service is not None:
         service.ready(status)
