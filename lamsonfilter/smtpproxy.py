@@ -5,11 +5,13 @@
 into one `MailRequest`, runs `Runtime.process`, and carries out the
 content filter's table (`lamsonfilter.contentfilter.plan`): reinject to
 127.0.0.1:10026 (a Postfix smtpd that does not filter again), quarantine,
-and only then reply.  The SMTP/LMTP session around it is
-`lamsonfilter.contentfilter.session`; the two are the only modules that import aiosmtpd.
+and only then reply.  This module is the entry; the rooms are in
+`lamsonfilter.contentfilter` (`handler`: the per-message work; `session`: the
+SMTP/LMTP session; `server`: start-up, workers, signals), the only package
+that imports aiosmtpd.
 
     config = ProxyConfig(app_dir=Path("examples/mailinglist"))
-    serve(config)                       # until SIGTERM; see lamsonfilter.contentfilter.server
+    serve(config)                       # until SIGTERM (lamsonfilter.contentfilter.server.run)
 
 How Postfix reacts to what this module answers (integration.md §3.5):
 

@@ -1,6 +1,6 @@
 """The content filter's SMTP/LMTP session: aiosmtpd's state machine, made safe for Postfix.
 
-`lamsonfilter.smtpproxy` delivers the messages; this module is the
+`lamsonfilter.contentfilter.handler` delivers the messages; this module is the
 protocol around it, one `FilterSMTP` (or `FilterLMTP`) per connection from
 `protocol_factory`:
 
@@ -11,8 +11,7 @@ aiosmtpd's defaults are overridden where they would hurt: its ``500 Error:
 lines; `lamsonfilter.contentfilter.spool.read_data` instead), strict ASCII mode
 (SMTPUTF8 is on), its ``552`` to a ``MAIL ... SIZE=`` above the limit (now
 ``452 4.3.4``: Postfix keeps the message instead of bouncing it), and its
-EHLO (adds PIPELINING and XFORWARD).  With `lamsonfilter.smtpproxy` the only
-modules that import aiosmtpd.
+EHLO (adds PIPELINING and XFORWARD).
 """
 
 from __future__ import annotations
