@@ -15,8 +15,8 @@ def documented_rows(text: str) -> list[tuple[str, ...]]:
     start = text.index(".. list-table:: lamsonfilter's replies")
     body = text[start:].split("\n\n", 2)[1]
     rows = []
-    for item in re.split(r"^   \* ", body, flags=re.M)[1:]:
-        cells = [c.strip() for c in re.split(r"^\s*- ", item, flags=re.M) if c.strip()]
+    for item in re.split(r"^   \* ", body, flags=re.MULTILINE)[1:]:
+        cells = [c.strip() for c in re.split(r"^\s*- ", item, flags=re.MULTILINE) if c.strip()]
         rows.append(tuple(" ".join(c.split()) for c in cells))
     return rows[1:]
 

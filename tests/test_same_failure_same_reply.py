@@ -78,9 +78,9 @@ def test_the_milter_answers_tempfail_from_the_table(app_dir: Path) -> None:
 def test_the_content_filter_answers_tempfail_from_the_table(app_dir: Path) -> None:
     with ScriptedSMTP() as scripted, ProxyThread(ProxyConfig(
             app_dir=app_dir, listen=("127.0.0.1", free_port()), reinject=("127.0.0.1", scripted.port))) as proxy:
-        with smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test", timeout=30) as s:
-            with pytest.raises(smtplib.SMTPDataError) as info:
-                s.sendmail("alice@example.com", [CRASH], RAW)
+        with smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test", timeout=30) as s, \
+                pytest.raises(smtplib.SMTPDataError) as info:
+            s.sendmail("alice@example.com", [CRASH], RAW)
     assert f"{info.value.smtp_code} {info.value.smtp_error.decode()}" == replies.TEMPFAIL.line
 
 

@@ -89,7 +89,7 @@ def test_the_content_filter_keeps_to_the_contract(tmp_path: Path, calls: list[An
     with ScriptedSMTP() as scripted, ProxyThread(ProxyConfig(
             app_dir=make_app(tmp_path / "app"), listen=("127.0.0.1", free_port()),
             reinject=("127.0.0.1", scripted.port))) as proxy:
-        with smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test", timeout=30) as s:
-            with pytest.raises(smtplib.SMTPDataError):
-                s.sendmail("alice@example.com", ["crash@lists.example.org"], RAW)
+        with smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test", timeout=30) as s, \
+                pytest.raises(smtplib.SMTPDataError):
+            s.sendmail("alice@example.com", ["crash@lists.example.org"], RAW)
     _check(calls, "smtpproxy")
