@@ -32,19 +32,28 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from .context import Context, MessageChanges
-from .diagnostics import Trace, describe_failure, format_traceback
 from .decisions import Action, Decision, Outcome
-from .fsm import ERROR, START, Handler, HandlerError, is_stateless, state_name
+from .diagnostics import Trace, describe_failure, format_traceback
+from .fsm import (
+    ERROR,
+    START,
+    Handler,
+    HandlerError,
+    handler_signature_problems,
+    is_stateless,
+    state_name,
+)
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
-from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
+from .replies import NO_SUCH_ADDRESS
+from .routing import RouteMatch, Router, RoutingError
 from .state import ConflictError, MemoryStorage, StateStorage, StorageError
 from .store import replay
 from .store.replay import Replayed
 from .transaction import DeadlinePassed, LazyTransaction
 from .views import Views
 
-__all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
+__all__ = ["App", "StartupError", "AppNotReady", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
 
 log = logging.getLogger("lamsonfilter")
 
@@ -57,6 +66,12 @@ CONFLICT_RETRIES = 8
 
 class StartupError(Exception):
     """The application cannot start; the message names what to fix."""
+
+
+class AppNotReady(Exception):
+    """The application is used for mail it is not set up for: before `App.start`, or a
+    template rendered without a templates directory.  Raised while mail is processed
+    (so `App.process` answers a temporary failure), never at start-up."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,7 @@ class App:
     @property
     def views(self) -> Views:
         if self._views is None:
-            raise StartupError("this application has no templates directory; set TEMPLATES in settings")
+            raise AppNotReady("this application has no templates directory; set TEMPLATES in settings")
         return self._views
 
     def start(self) -> "App":
@@ -173,12 +188,12 @@ class App:
     def check_recipient(self, address: str) -> Outcome | None:
         """RCPT-time check: a reject `Outcome` for an unroutable address at our hosts, else None."""
         if self.match(address) is None and self.owns(address):
-            return Outcome(address, Action.REJECT, 550, "5.1.1", "No such address here")
+            return Outcome(address, Action.REJECT, NO_SUCH_ADDRESS.code, NO_SUCH_ADDRESS.enhanced, NO_SUCH_ADDRESS.text)
         return None
 
     def _require_started(self) -> None:
         if not self._started:
-            raise StartupError("call App.start() before processing mail")
+            raise AppNotReady("call App.start() before processing mail")
 
     # ------------------------------------------------------------ the one flow
     def process(
@@ -189,8 +204,17 @@ class App:
         now: float | None = None,
         outbox: bool = True,
         trace: Trace | None = None,
+        replay_key: str | None = None,
+        deadline: float | None = None,
     ) -> Decision:
         """Decide about one message.  Never raises; see the module docstring.
+
+        `replay_key` identifies the message across the MTA's retries (a
+        retry replays the committed decision instead of running the
+        handlers again); `deadline` is the ``time.monotonic()`` after which
+        the transport has answered 4xx, so nothing is committed.  Transports
+        pass both here (`Runtime.process`); the request's own fields of the
+        same names are the fallback for callers that build one by hand.
 
         `commit` False rolls the state transaction back (a dry run).
         `outbox` False commits the state but never stores the outbox, so no
@@ -199,7 +223,9 @@ class App:
         """
         try:
             self._require_started()
-            return self._process(request, commit, time.time() if now is None else now, outbox, trace)
+            retry = (replay_key if replay_key is not None else request.replay_key,
+                     deadline if deadline is not None else request.deadline)
+            return self._process(request, commit, time.time() if now is None else now, outbox, trace, retry)
         except Exception as exc:  # noqa: BLE001 -- the contract: never raise, tempfail instead
             self._log_failure(f"queue_id={request.queue_id or '-'}", exc, trace)
             return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}")
@@ -216,7 +242,7 @@ class App:
         return where
 
     def _process(self, request: MailRequest, commit: bool, now: float, outbox: bool = True,
-                 trace: Trace | None = None) -> Decision:
+                 trace: Trace | None = None, retry: tuple[str | None, float | None] = (None, None)) -> Decision:
         routed: list[tuple[str, RouteMatch]] = []
         fixed: dict[str, Outcome] = {}
         for rcpt in request.recipients:
@@ -224,7 +250,7 @@ class App:
             if match is not None:
                 routed.append((rcpt, match))
             elif self.owns(rcpt):
-                fixed[rcpt] = Outcome(rcpt, Action.REJECT, 550, "5.1.1", "No such address here")
+                fixed[rcpt] = Outcome(rcpt, Action.REJECT, NO_SUCH_ADDRESS.code, NO_SUCH_ADDRESS.enhanced, NO_SUCH_ADDRESS.text)
             else:
                 fixed[rcpt] = Outcome(rcpt, Action.DELIVER)
         if not routed:  # pass-through mail: no transaction, no parsing
@@ -249,7 +275,7 @@ class App:
             if trace is not None:
                 trace.reset()
             try:
-                return self._run_handlers(request, routed, fixed, commit, now, outbox, trace)
+                return self._run_handlers(request, routed, fixed, commit, now, outbox, trace, retry)
             except ConflictError:
                 log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
         raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
@@ -263,13 +289,15 @@ class App:
         now: float,
         outbox: bool = True,
         trace: Trace | None = None,
+        retry: tuple[str | None, float | None] = (None, None),
     ) -> Decision:
         changes = MessageChanges()
+        request_key, deadline = retry
         outcomes = dict(fixed)
         current: Context | None = None
-        replay_key = replay.record_key(request.replay_key)
+        replay_key = replay.record_key(request_key)
         try:
-            with LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
+            with LazyTransaction(self.storage, commit, replay_key, deadline, trace) as tx:
                 for rcpt, match in routed:
                     target: RouteTarget = match.route.target
                     ctx = current = Context(self, request, rcpt, match, target.handler, target.event, tx, changes, now)
@@ -289,7 +317,7 @@ class App:
                     replay.write(tx, replay_key, decision, now)
         except Replayed as replayed:  # a retry of a message whose decision committed
             log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
-                     request.queue_id or "-", request.replay_key)
+                     request.queue_id or "-", request_key)
             done = replayed.decision
             return replace(done, notes=(*done.notes, "retry: decision replayed"))
         except ConflictError:
@@ -382,7 +410,9 @@ _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 def _where(ctx: Context) -> str:
     """``handler.function`` for a log line: the state's function, or the stateless route's own."""
-    target: RouteTarget = ctx.match.route.target
+    match = ctx.match
+    assert isinstance(match, RouteMatch)  # App builds every Context with one
+    target: RouteTarget = match.route.target
     func = ctx.handler.states.get(target.function)
     if func is not None and is_stateless(func):
         return f"{ctx.handler.name}.{target.function}"

@@ -28,23 +28,20 @@ import email.policy
 import logging
 import re
 from dataclasses import dataclass, field
-from email.parser import BytesParser
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
+from .contextneeds import AppServices, HandlerInfo, RouteArgs
 from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
+from .errors import HandlerError
 from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
-from .mail import MailRequest, normalize_address
+from .mail import MailRequest, header_end, normalize_address
 from .state import StateRecord, StateTransaction
 from .views import Response, check_decoded_header_value, serialise
-
-if TYPE_CHECKING:
-    from .app import App
-    from .fsm import Handler
-    from .routing import RouteMatch
 
 __all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
@@ -67,11 +64,11 @@ class Context:
 
     def __init__(
         self,
-        app: "App",
+        app: AppServices,
         request: MailRequest,
         recipient: str,
-        match: "RouteMatch",
-        handler: "Handler",
+        match: RouteArgs,
+        handler: HandlerInfo,
         event: str,
         tx: StateTransaction,
         changes: MessageChanges,
@@ -326,7 +323,7 @@ class Context:
         else:
             raw = _crlf(message)
             msg = None
-            head = b"" if raw.startswith(b"\r\n") else raw.split(b"\r\n\r\n", 1)[0]
+            head = raw[:header_end(raw)]
             if not _GENERATED_FIELD.search(head):
                 raw = f"{GENERATED_HEADER}: {self.app.name}\r\n".encode() + raw
         if sender is None:
@@ -386,8 +383,6 @@ class Context:
 
     def set_state(self, key: str, state: str, data: Mapping[str, Any] | None = None) -> None:
         if state not in self.handler.states:
-            from .fsm import HandlerError
-
             raise HandlerError(f"handler {self.handler.name}: no state {state!r}")
         self._tx.set(f"{self.handler.name}:{key}", state, data)
 

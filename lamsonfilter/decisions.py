@@ -4,7 +4,7 @@ A `Decision` is immutable data.  It says, per recipient, what happens
 (`Outcome`: deliver, drop as consumed, redirect, reject, tempfail), what
 changes on the message (`HeaderChange`, a new body, a new sender, quarantine)
 and which new messages the handlers produced (the **outbox**).  Transports
-turn it into protocol: `lamsonfilter.actions` into milter actions, the
+turn it into protocol: `lamsonfilter.milterparts.plan` into milter actions, the
 content filter into reinjection plus an SMTP reply.  Handlers never send
 mail; the runtime sends the outbox after the state change has committed.
 
@@ -25,7 +25,13 @@ from email.header import Header
 from enum import Enum
 from typing import Any, Iterable, Mapping
 
-from .headercheck import HeaderValueError, check_encoded_words, check_header_value, valid_header_name
+from .headercheck import (
+    HeaderValueError,
+    check_encoded_words,
+    check_header_value,
+    valid_header_name,
+)
+from .replies import TEMPFAIL
 
 __all__ = [
     "Action",
@@ -153,11 +159,11 @@ class Decision:
 
     @classmethod
     def tempfail(
-        cls, recipients: Iterable[str], error: str, text: str = "Temporary failure, try again later"
+        cls, recipients: Iterable[str], error: str, text: str = TEMPFAIL.text
     ) -> "Decision":
         """Every recipient deferred with ``451 4.3.0`` (the reply never says why)."""
         outcomes = tuple(
-            Outcome(r, Action.TEMPFAIL, 451, "4.3.0", text) for r in recipients
+            Outcome(r, Action.TEMPFAIL, TEMPFAIL.code, TEMPFAIL.enhanced, text) for r in recipients
         )
         return cls(outcomes, error=error)
 

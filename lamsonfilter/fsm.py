@@ -42,20 +42,20 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
+from .errors import HandlerError
+from .routing import route_signature_problems
+
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["Handler", "HandlerError", "RouteSpec", "stateless", "START", "ERROR", "state_name"]
+__all__ = ["Handler", "HandlerError", "RouteSpec", "stateless", "START", "ERROR", "state_name",
+           "handler_signature_problems"]
 
 START = "START"
 ERROR = "ERROR"
 
 StateFunction = Callable[..., Any]
 KeyFunction = Callable[["Context"], Iterable[Hashable] | str]
-
-
-class HandlerError(Exception):
-    """A handler that cannot run (missing state, bad route); raised at start-up."""
 
 
 def stateless(func: StateFunction) -> StateFunction:
@@ -209,3 +209,23 @@ class Handler:
                     f"handler {self.name}: state {name} takes no arguments; it receives the context first"
                 )
         return problems
+
+
+def handler_signature_problems(handler: Handler) -> list[str]:
+    """The routes of `handler` that do not capture what the functions they lead to require.
+
+    A route to a stateless function leads to that function only; a route to
+    a state leads to whichever state the conversation is in, so to every
+    stateful function of the handler.  `App.start` refuses these.
+    """
+    problems: list[str] = []
+    stateful = [(n, f) for n, f in handler.states.items() if callable(f) and not is_stateless(f)]
+    for spec in handler.routes:
+        routed = handler.states.get(spec.function)
+        if routed is None:
+            continue  # Handler.check reports it
+        funcs = [(spec.function, routed)] if is_stateless(routed) else stateful
+        for problem in route_signature_problems(handler.name, spec.pattern, funcs):
+            if problem not in problems:
+                problems.append(problem)
+    return problems

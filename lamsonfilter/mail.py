@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "POLICY",
+    "header_end",
     "Envelope",
     "MailRequest",
     "AddressError",
@@ -159,14 +160,16 @@ class MailRequest:
 
     envelope: Envelope
     raw: bytes
-    #: Identifies this message across retries of the MTA (set by the transport:
-    #: the upstream queue id from XFORWARD IDENT, or a digest of Message-ID,
-    #: sender and recipients for the milter).  With it, `App.process` runs the
-    #: handlers once per message: a retry replays the committed decision.
+    #: Identifies this message across retries of the MTA.  Transports do not set
+    #: it (they pass the key to `Runtime.process`, which hands it to
+    #: `App.process`); it is the fallback for code that calls `App.process`
+    #: directly.  With it, the handlers run once per message: a retry replays
+    #: the committed decision.
     replay_key: str | None = None
     #: ``time.monotonic()`` after which the transport has given up on this message
     #: (answered 4xx): `App.process` then commits nothing -- no state change, no reply
-    #: for a message the MTA will send again.  None: no limit.
+    #: for a message the MTA will send again.  None: no limit.  Like `replay_key`,
+    #: a fallback: transports pass it to `Runtime.process`.
     deadline: float | None = None
     _extra_defects: list[str] = field(default_factory=list, repr=False)
 
@@ -326,13 +329,13 @@ class MailRequest:
     @property
     def header_block(self) -> bytes:
         """The raw header block, up to (not including) the blank line."""
-        end = _header_end(self.raw)
+        end = header_end(self.raw)
         return self.raw[:end]
 
     @property
     def body_bytes(self) -> bytes:
         """The raw body, after the blank line that ends the headers."""
-        end = _header_end(self.raw)
+        end = header_end(self.raw)
         rest = self.raw[end:]
         for sep in (b"\r\n", b"\n"):
             if rest.startswith(sep):
@@ -393,7 +396,7 @@ _STRUCTURED = frozenset(n.encode("ascii") for n in POLICY.header_factory.registr
 
 def _oversized_header(raw: bytes) -> str | None:
     """See `MailRequest.oversized_header`; linear in the size of the header block."""
-    if _header_end(raw) <= MAX_STRUCTURED_FIELD:
+    if header_end(raw) <= MAX_STRUCTURED_FIELD:
         return None  # the usual case: the whole block is smaller than either limit
     pos = total = field = 0
     name = b""
@@ -430,8 +433,10 @@ _CONTENT_TRANSFER_ENCODING = re.compile(rb"(?im)^content-transfer-encoding[ \t]*
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))")
 
 
-def _header_end(raw: bytes) -> int:
-    """Offset of the line break that ends the header block (len(raw) if none)."""
+def header_end(raw: bytes) -> int:
+    """Where the header block of `raw` ends: the offset just past its last line's line end
+    (0 when the message starts with an empty line, len(raw) with no empty line).  The one
+    header-block splitter: CRLF or bare LF, as the message came."""
     if raw.startswith((b"\r\n", b"\n")):
         return 0
     m = _HEADER_END.search(raw)
@@ -440,3 +445,6 @@ def _header_end(raw: bytes) -> int:
     # keep the CRLF/LF that ends the last header line inside the header block
     nl = raw.index(b"\n", m.start())
     return nl + 1
+
+
+_header_end = header_end  # the older private name, still imported by relay.py

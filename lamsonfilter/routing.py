@@ -29,24 +29,20 @@ matches nothing.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
-
-import importlib
+from typing import Any, Callable, Iterable, Iterator
 
 # The regex parser behind re.compile (re._parser since Python 3.11); read-only use.
 sre_parse: Any = importlib.import_module("re._parser")
 
 from .mail import MAX_ADDRESS_LENGTH
 
-if TYPE_CHECKING:
-    from .fsm import Handler
-
 __all__ = [
     "Route", "RouteMatch", "Router", "RoutingError", "DEFAULT_CAPTURE", "check_regex",
-    "capture_names", "unbound_parameters", "route_signature_problems", "handler_signature_problems",
+    "capture_names", "unbound_parameters", "route_signature_problems",
 ]
 
 #: What a capture matches when nobody declared a regex for it: one or more
@@ -185,28 +181,6 @@ def route_signature_problems(
         f"{'requires' if len(names) == 1 else 'require'} (the route captures: {captured})"
         for param, names in needers.items()
     ]
-
-
-def handler_signature_problems(handler: "Handler") -> list[str]:
-    """The routes of `handler` that do not capture what the functions they lead to require.
-
-    A route to a stateless function leads to that function only; a route to
-    a state leads to whichever state the conversation is in, so to every
-    stateful function of the handler.  `App.start` refuses these.
-    """
-    from .fsm import is_stateless
-
-    problems: list[str] = []
-    stateful = [(n, f) for n, f in handler.states.items() if callable(f) and not is_stateless(f)]
-    for spec in handler.routes:
-        routed = handler.states.get(spec.function)
-        if routed is None:
-            continue  # Handler.check reports it
-        funcs = [(spec.function, routed)] if is_stateless(routed) else stateful
-        for problem in route_signature_problems(handler.name, spec.pattern, funcs):
-            if problem not in problems:
-                problems.append(problem)
-    return problems
 
 
 def compile_pattern(pattern: str, captures: dict[str, str], defaults: dict[str, str]) -> tuple[re.Pattern[str], tuple[tuple[str, str], ...]]:

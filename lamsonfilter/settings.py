@@ -39,7 +39,7 @@ REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (
                    the MTA's retry of the message replays it
 POISON_LIMIT       content filter: attempts at one message that     ``5``
                    crashed or timed out before it is quarantined
-                   (``0``: never; reliability R15, lamsonfilter.poison)
+                   (``0``: never; reliability R15, lamsonfilter.daemon.poison)
 =================  ===============================================  ==========================
 
 Names in capitals are settings.  An application may add its own (the
@@ -66,7 +66,7 @@ from .app import App, StartupError
 from .fsm import Handler
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .state import MemoryStorage, SchemaMissingError, StateStorage
-from .views import Views, ViewError
+from .views import ViewError, Views
 
 __all__ = [
     "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",

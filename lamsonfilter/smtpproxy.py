@@ -3,13 +3,15 @@
 ``lamsonfilter smtpproxy`` listens on 127.0.0.1:10025 (Postfix's
 ``content_filter = lamsonfilter:[127.0.0.1]:10025``), turns each message
 into one `MailRequest`, runs `Runtime.process`, and carries out the
-content filter's table (`lamsonfilter.reinjection`): reinject to
+content filter's table (`lamsonfilter.contentfilter.plan`): reinject to
 127.0.0.1:10026 (a Postfix smtpd that does not filter again), quarantine,
-and only then reply.  The SMTP/LMTP session around it is
-`lamsonfilter.smtpsession`; the two are the only modules that import aiosmtpd.
+and only then reply.  This module is the entry; the rooms are in
+`lamsonfilter.contentfilter` (`handler`: the per-message work; `session`: the
+SMTP/LMTP session; `server`: start-up, workers, signals), the only package
+that imports aiosmtpd.
 
     config = ProxyConfig(app_dir=Path("examples/mailinglist"))
-    serve(config)                       # until SIGTERM; see lamsonfilter.proxyserver
+    serve(config)                       # until SIGTERM (lamsonfilter.contentfilter.server.run)
 
 How Postfix reacts to what this module answers (integration.md §3.5):
 
@@ -32,308 +34,24 @@ to a possibly forged sender): those recipients are discarded and the
 message is quarantined in a Maildir, with its envelope.  A handler
 exception or the deadline is ``451`` for as long as it lasts; only a
 message that killed the process ``POISON_LIMIT`` times is quarantined
-(`lamsonfilter.poison`).  Reinjected mail carries a trace field, and mail
-that comes back with it is held instead of looping (`lamsonfilter.looptrace`).
+(`lamsonfilter.daemon.poison`).  Reinjected mail carries a trace field, and mail
+that comes back with it is held instead of looping (`lamsonfilter.contentfilter.looptrace`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import functools
-import hashlib
-import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
-
-from .devtools import faults
-from .decisions import Action
-from .mail import AddressError, Envelope, MailRequest, normalize_address
-from .looptrace import HEAD_LIMIT, LOOP_REPLY, TraceKey
-from .poison import DEFAULT_LIMIT, AttemptLog
-from .postfixsetup import PostfixGuard
-from .quarantine import Quarantine
-from .reinjection import TEMPFAIL_REPLY, reinjection_plan
-from .reinjector import XFORWARD_ATTRS, Reinjector, ReinjectionError, Transaction
-from .runtime import REPLAY_TTL, Runtime
-from .smtpsession import FilterEnvelope, FilterLMTP, FilterSMTP, protocol_factory
-from .spool import DataLimits, Spool
+from .contentfilter.handler import (
+    MAX_RECIPIENTS_PER_TRANSACTION,
+    ProxyConfig,
+    ProxyHandler,
+)
+from .contentfilter.server import run
+from .contentfilter.session import FilterLMTP, FilterSMTP, protocol_factory
 
 __all__ = ["ProxyConfig", "ProxyHandler", "FilterSMTP", "FilterLMTP", "protocol_factory", "serve",
-           "MAX_RECIPIENTS"]
-
-log = logging.getLogger("lamsonfilter.smtpproxy")
-
-#: Recipients per transaction (Postfix sends at most $default_destination_recipient_limit, 50).
-MAX_RECIPIENTS = 1000
-_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """Everything ``lamsonfilter smtpproxy`` is started with (checked by `proxyserver.check_config`)."""
-
-    app_dir: Path
-    listen: tuple[str, int] = ("127.0.0.1", 10025)
-    reinject: tuple[str, int] = ("127.0.0.1", 10026)
-    lmtp: bool = False
-    workers: int = 1
-    database: str | None = None
-    allow_remote: bool = False
-    max_size: int = 10_240_000
-    deadline: float = 120.0
-    quarantine: Path | None = None
-    spool_dir: str | None = None
-    threads: int = 8
-    hostname: str = "lamsonfilter.localhost"
-    policy: tuple[str, int] | None = None  # the RCPT-time policy listener (lamsonfilter.policy)
-    postfix_config: Path | None = None  # checked at start-up (L1): refuse a looping set-up
-
-    @property
-    def quarantine_path(self) -> Path:
-        return self.quarantine or Path(self.app_dir).resolve() / "var" / "quarantine"
-
-    @property
-    def attempts_path(self) -> Path:
-        """Where `lamsonfilter.poison.AttemptLog` counts failed attempts: next to the quarantine."""
-        return self.quarantine_path.parent / "attempts"
-
-
-class ProxyHandler:
-    """aiosmtpd hooks plus the one delivery step: MailRequest → Decision → reinjection → reply."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        reinjector: Reinjector,
-        config: ProxyConfig,
-        executor: concurrent.futures.Executor,
-        on_outbox: Callable[[], None] | None = None,
-    ) -> None:
-        self.runtime = runtime
-        self.reinjector = reinjector
-        self.config = config
-        self.executor = executor
-        self.on_outbox = on_outbox
-        self.quarantine = Quarantine(config.quarantine_path)
-        self.attempts = AttemptLog(config.attempts_path)
-        try:  # counts of messages that left Postfix's queue long ago
-            self.attempts.purge(REPLAY_TTL)
-        except OSError as exc:
-            log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
-        self.limits = DataLimits(max_size=config.max_size)
-        self.in_flight = 0
-        self.trace = TraceKey(config.attempts_path.parent / "trace.key")
-        self.guard = (PostfixGuard(config.postfix_config, lambda: self.runtime.app.settings)
-                      if config.postfix_config is not None else None)
-
-    # ------------------------------------------------------------------ hooks
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str,
-                          responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        lines = [r[4:] for r in responses if r[4:] != "HELP"]
-        lines += ["PIPELINING", "XFORWARD " + " ".join(XFORWARD_ATTRS)]
-        # one string: aiosmtpd pushes each list item with its own write (a syscall each)
-        return ["\r\n".join([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])]
-
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str,
-                          mail_options: list[str]) -> str:
-        try:
-            normalize_address(address)
-        except AddressError as exc:
-            return f"501 5.1.7 Bad sender address: {exc}"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Ok"
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str,
-                          rcpt_options: list[str]) -> str:
-        """``550 5.1.1`` for an unroutable address at the app's hosts; Postfix bounces that recipient."""
-        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
-            return "452 4.5.3 Error: too many recipients"
-        try:
-            addr = normalize_address(address)
-        except AddressError as exc:
-            return f"501 5.1.3 Bad recipient address: {exc}"
-        outcome = self.runtime.check_recipient(addr)
-        if outcome is not None and outcome.action is Action.REJECT:
-            xf = envelope.xforward if isinstance(envelope, FilterEnvelope) else {}
-            log.info("queue_id=%s client=%s[%s] from=<%s> rcpt=<%s> refused at RCPT: %s",
-                     xf.get("IDENT", "-"), xf.get("NAME", "unknown"), xf.get("ADDR", "-"),
-                     envelope.mail_from or "", addr, outcome.reply)
-            return outcome.reply
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Ok"
-
-    async def handle_exception(self, error: Exception) -> str:
-        """Anything unexpected in the SMTP machine: a temporary failure, never aiosmtpd's ``500 Error: (…)``."""
-        log.error("session error, answered 451: %s: %s", type(error).__name__, error)
-        return TEMPFAIL_REPLY
-
-    # ------------------------------------------------------------------ delivery
-    async def deliver(self, envelope: FilterEnvelope, spool: Spool) -> list[str]:
-        """The replies to the final ``.``: one for SMTP, one per recipient for LMTP.  Never raises."""
-        count = len(envelope.rcpt_tos) if self.config.lmtp else 1
-        queue_id = envelope.xforward.get("IDENT", "-")
-        self.in_flight += 1
-        envelope.deadline = time.monotonic() + self.config.deadline
-        final = False
-        try:
-            replies = await asyncio.wait_for(self._deliver(envelope, spool), self.config.deadline)
-            final = not replies[0].startswith("4")
-            return replies
-        except asyncio.TimeoutError:
-            log.warning("queue_id=%s deadline of %gs passed, answered 451", queue_id, self.config.deadline)
-        except ReinjectionError as exc:
-            log.warning("queue_id=%s reinjection failed, answered 451: %s", queue_id, exc)
-            if self.runtime.metrics is not None:
-                self.runtime.metrics.reinjection_failures.inc()
-        except Exception as exc:  # noqa: BLE001 -- the contract: a 4xx, never a 5xx or a traceback
-            log.error("queue_id=%s error, answered 451: %s: %s", queue_id, type(exc).__name__, exc)
-        finally:
-            self.in_flight -= 1
-            self._end_attempt(envelope, final)
-        return [TEMPFAIL_REPLY] * count
-
-    async def _deliver(self, envelope: FilterEnvelope, spool: Spool) -> list[str]:
-        xf = envelope.xforward
-        known = {k: v for k, v in xf.items() if v not in _UNAVAILABLE}
-        addr = known.get("ADDR")
-        env = Envelope(
-            sender=envelope.mail_from or "",
-            recipients=tuple(envelope.rcpt_tos),
-            client_address=addr[5:] if addr and addr.upper().startswith("IPV6:") else addr,
-            client_name=known.get("NAME"),
-            helo=known.get("HELO"),
-            queue_id=known.get("IDENT"),
-        )
-        faults.reached("smtpproxy.after_data", env.queue_id)
-        head = spool.getvalue() if spool.in_memory else next(spool.chunks(HEAD_LIMIT), b"")
-        if self.trace.came_back(head, env.sender, env.recipients):
-            return await self._came_back(envelope, spool, env)
-        routed = self._needs_content(env)
-        streamed = not spool.in_memory and not routed
-        request = MailRequest(env, b"" if streamed else spool.getvalue())
-        if routed:
-            request.replay_key = self._replay_key(request)
-        request.deadline = envelope.deadline  # past it, App.process commits nothing (we answer 451)
-        loop = asyncio.get_running_loop()
-        limit = int(self.runtime.app.settings.get("POISON_LIMIT", DEFAULT_LIMIT))
-        if request.replay_key is not None and limit > 0:
-            # counted durably *before* the handlers run: a kill -9 in them still counts (R15)
-            n = await loop.run_in_executor(self.executor, self.attempts.begin, request.replay_key)
-            envelope.attempt = (request.replay_key, n)
-            if n > limit:
-                return await self._quarantine_poison(request, n - 1)
-        decision = await loop.run_in_executor(
-            self.executor, functools.partial(self.runtime.process, request, transport="smtpproxy")
-        )
-        faults.reached("smtpproxy.after_commit", env.queue_id)
-        if decision.outbox and self.on_outbox is not None:
-            self.on_outbox()
-        plan = reinjection_plan(decision, request, lmtp=self.config.lmtp)
-        replies = [r for _, r in plan.rcpt_replies] if self.config.lmtp else [plan.reply]
-        if decision.is_tempfail:  # the process lives on: no poison (`deliver` forgives the attempt)
-            return replies
-        original: bytes | Spool = spool if streamed else request.raw
-        if plan.quarantine:
-            name = await loop.run_in_executor(
-                self.executor, functools.partial(self.quarantine.store, original, plan.quarantine, env.queue_id,
-                                                 sender=env.sender, recipients=env.recipients)
-            )
-            log.info("queue_id=%s quarantined as %s: %s", env.queue_id or "-", name, plan.quarantine)
-        if plan.reinjects:
-            assert plan.data is not None
-            if streamed and plan.data is not request.raw:
-                raise RuntimeError("a message kept on disk was changed without being read")
-            data: bytes | Spool = spool if streamed else plan.data
-            queued = await self.reinjector.send(Transaction(
-                plan.sender, plan.recipients, data, xf,
-                smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options,
-                prefix=self.trace.field(plan.sender, plan.recipients),
-            ))
-            faults.reached("smtpproxy.after_reinject", env.queue_id)
-            log.info("queue_id=%s reinjected to %d recipient(s): %s", env.queue_id or "-", len(plan.recipients),
-                     queued)
-        return replies
-
-    async def _came_back(self, envelope: FilterEnvelope, spool: Spool, env: Envelope) -> list[str]:
-        """A message this filter reinjected came back for the same envelope (`lamsonfilter.looptrace`):
-        ``451 4.4.6`` while the Postfix set-up loops; passed on unchanged once the loop guard finds it fixed."""
-        count = len(env.recipients) if self.config.lmtp else 1
-        loop = asyncio.get_running_loop()
-        fixed = self.guard is not None and not await loop.run_in_executor(self.executor, self.guard.loops)
-        if not fixed:
-            log.error("queue_id=%s from=<%s> rcpts=%d mail loop: this message was reinjected by lamsonfilter "
-                      "and came back for the same recipients; answered 451, Postfix keeps it, handlers not run "
-                      "again. Fix the reinjection listener (-o content_filter=; lamsonfilter check)%s",
-                      env.queue_id or "-", env.sender, len(env.recipients),
-                      "" if self.guard is not None else "; without --postfix-config it is held until deleted")
-            if self.runtime.metrics is not None:
-                self.runtime.metrics.loops.inc()
-            return [LOOP_REPLY] * count
-        queued = await self.reinjector.send(Transaction(
-            env.sender, env.recipients, spool, envelope.xforward,
-            smtputf8=envelope.smtp_utf8, eightbit="BODY=8BITMIME" in envelope.mail_options))
-        log.warning("queue_id=%s came back after its reinjection; the Postfix set-up no longer loops: "
-                    "passed on unchanged (its handlers ran on the first pass): %s", env.queue_id or "-", queued)
-        return ["250 2.0.0 Ok"] * count
-
-    async def _quarantine_poison(self, request: MailRequest, failures: int) -> list[str]:
-        """Keep a message that killed the process `failures` times in the quarantine, with its
-        envelope (fsynced), then ``250`` (R15; `lamsonfilter.poison`)."""
-        reason = (f"poison message: the filter process died {failures} time(s) while handling it; "
-                  "handlers not run again")
-        loop = asyncio.get_running_loop()
-        name = await loop.run_in_executor(
-            self.executor, functools.partial(self.quarantine.store, request.raw, reason, request.queue_id,
-                                             sender=request.sender, recipients=request.recipients))
-        log.error("queue_id=%s quarantined as %s: %s; release it with: lamsonfilter quarantine release %s",
-                  request.queue_id or "-", name, reason, name)
-        count = len(request.recipients) if self.config.lmtp else 1
-        return ["250 2.0.0 Ok: quarantined"] * count
-
-    def _end_attempt(self, envelope: FilterEnvelope, final: bool) -> None:
-        """The attempt ended in this process: forget the count after a final answer, else undo this
-        attempt (a 451 from a live process is never held against the message: `lamsonfilter.poison`)."""
-        if envelope.attempt is None:
-            return
-        key, n = envelope.attempt
-        envelope.attempt = None
-        try:
-            if final:
-                self.attempts.clear(key)
-            else:
-                self.attempts.forgive(key, n)
-        except OSError as exc:
-            log.warning("attempt count of %s not updated: %s", key, exc)
-
-    @staticmethod
-    def _replay_key(request: MailRequest) -> str | None:
-        """What identifies this message across Postfix's retries (R13): the upstream queue id
-        (XFORWARD IDENT) plus the recipients (Postfix may split one queue file into several
-        deliveries), else a digest of Message-ID and envelope (Exim sends no XFORWARD)."""
-        if request.queue_id:
-            rcpts = hashlib.sha256("\0".join(sorted(r.lower() for r in request.recipients)).encode(
-                "utf-8", "surrogateescape")).hexdigest()[:16]
-            return f"ident:{request.queue_id}:{rcpts}"
-        return request.content_replay_key()
-
-    def _needs_content(self, env: Envelope) -> bool:
-        """Does the application read this message?  Only routed recipients make it read the bytes."""
-        try:
-            return any(self.runtime.app.match(r) is not None for r in env.recipients)
-        except Exception:  # noqa: BLE001 -- when in doubt, read it
-            return True
+           "MAX_RECIPIENTS_PER_TRANSACTION"]
 
 
 def serve(config: ProxyConfig) -> int:
-    """Run until SIGTERM/SIGINT; see `lamsonfilter.proxyserver` (kept apart to stay small)."""
-    from .proxyserver import run
-
+    """Run until SIGTERM/SIGINT; returns the exit status (`lamsonfilter.contentfilter.server.run`)."""
     return run(config)

@@ -405,6 +405,8 @@ def _msgid_domain(from_value: str) -> str:
 
 
 def _verify_serialised(raw: bytes, expected_names: list[str]) -> None:
+    # CRLF only, on purpose (not `mail.header_end`, which also takes bare LF): our own
+    # serialised output must end its header block with CRLF CRLF, and a bare LF is the fault
     end = raw.find(b"\r\n\r\n")
     head = raw[:end] if end >= 0 else raw
     if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b""):

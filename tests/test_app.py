@@ -380,3 +380,13 @@ def test_purge_replays_forgets_old_records_only():
     assert app.purge_replays(older_than=2000, now=6000.0) == 1
     with app.storage.transaction(commit=False) as tx:
         assert [k for k, _ in tx.find("lamsonfilter:done:")] == ["lamsonfilter:done:new"]
+
+
+def test_mail_before_start_is_not_a_startup_error() -> None:
+    """Processing mail with an App that was never started is a usage error at run time, not a start-up one."""
+    from lamsonfilter.app import AppNotReady
+
+    app = App(hosts=["app.example"], storage=MemoryStorage())
+    with pytest.raises(AppNotReady) as info:
+        app.match("x@app.example")
+    assert not isinstance(info.value, StartupError)

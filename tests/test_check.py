@@ -206,7 +206,7 @@ def test_smtpproxy_refuses_to_start_on_a_looping_postfix_configuration(tmp_path)
     """L1: with --postfix-config the daemon runs the same checks and will not start on an error."""
     require_module("aiosmtpd")
     need_postconf()
-    from lamsonfilter.proxyserver import build_runtime
+    from lamsonfilter.contentfilter.server import build_runtime
     from lamsonfilter.smtpproxy import ProxyConfig
 
     looping = write_postfix(tmp_path / "loop", GOOD_MAIN, GOOD_MASTER.replace("    -o content_filter=\n", ""))

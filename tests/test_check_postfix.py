@@ -13,7 +13,7 @@ import pytest
 from lamsonfilter.check import app001
 from lamsonfilter.check.milter import smtpd_milters_value
 from lamsonfilter.check.postfix import check_postfix
-from lamsonfilter.endpoint import parse_milter_socket
+from lamsonfilter.daemon.endpoint import parse_milter_socket
 from tests.rig.checks import (
     APP,
     GOOD_MAIN,
@@ -145,7 +145,7 @@ def test_content_filter_only_on_the_smtp_service_is_a_valid_setup(tmp_path):
 
 def test_the_daemon_starts_on_a_filter_readme_style_setup(tmp_path):
     pytest.importorskip("aiosmtpd")
-    from lamsonfilter.proxyserver import build_runtime
+    from lamsonfilter.contentfilter.server import build_runtime
     from lamsonfilter.smtpproxy import ProxyConfig
 
     pf = write_postfix(tmp_path / "pf", FILTER_README_MAIN, FILTER_README_MASTER)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.endpoint import DEFAULT_MILTER_SOCKET
+from lamsonfilter.daemon.endpoint import DEFAULT_MILTER_SOCKET
 from tests.rig.fixtures import in_ci
 
 ROOT = Path(__file__).resolve().parents[1]

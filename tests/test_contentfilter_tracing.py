@@ -13,9 +13,9 @@ from typing import Iterator
 
 import pytest
 
-from lamsonfilter.looptrace import TraceKey
-from lamsonfilter.policy import policy_answer
-from lamsonfilter.quarantine import Quarantine, QuarantineError
+from lamsonfilter.contentfilter.looptrace import TraceKey
+from lamsonfilter.contentfilter.policy import policy_answer
+from lamsonfilter.contentfilter.quarantine import Quarantine, QuarantineError
 from lamsonfilter.smtpproxy import ProxyConfig
 from tests.rig.proxy import ProxyThread, Script, ScriptedSMTP, make_app
 from tests.rig.postfix import free_port, wait_for

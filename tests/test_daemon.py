@@ -1,4 +1,4 @@
-"""lamsonfilter.daemon.SignalWaiter: signals reach the main thread, never a C library's sigwait thread."""
+"""lamsonfilter.daemon.process.SignalWaiter: signals reach the main thread, never a C library's sigwait thread."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 
-from lamsonfilter.daemon import SignalWaiter
+from lamsonfilter.daemon.process import SignalWaiter
 
 
 def _sigwait_thread(taken: list[object], started: threading.Event) -> threading.Thread:

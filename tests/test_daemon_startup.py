@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.service import setup_logging
+from lamsonfilter.daemon.service import setup_logging
 from tests.rig.proxy import make_app
 from tests.rig.postfix import free_port
 

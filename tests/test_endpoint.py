@@ -5,7 +5,12 @@ Requirement tags (R2, M1, D3, ...) refer to docs/reliability.rst, which states e
 
 import pytest
 
-from lamsonfilter.endpoint import DEFAULT_MILTER_SOCKET, EndpointError, is_loopback, parse_milter_socket
+from lamsonfilter.daemon.endpoint import (
+    DEFAULT_MILTER_SOCKET,
+    EndpointError,
+    is_loopback,
+    parse_milter_socket,
+)
 
 
 def test_unix_socket() -> None:
@@ -48,3 +53,13 @@ def test_bad_specs_say_what_is_wrong(spec: str, why: str) -> None:
 def test_is_loopback() -> None:
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("192.0.2.1", "0.0.0.0", "::", "example.org"))
+
+
+def test_every_listener_uses_the_one_loopback_rule() -> None:
+    """The milter socket, the content filter's listeners and the metrics endpoint: one `is_loopback`."""
+    from lamsonfilter.contentfilter import server
+    from lamsonfilter.daemon import metrics
+
+    assert server.is_loopback is is_loopback and metrics.is_loopback is is_loopback
+    assert is_loopback("localhost.localdomain") and is_loopback("[::1]") and is_loopback("127.0.0.2")
+    assert not is_loopback("192.0.2.1") and not is_loopback("example.org")

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from lamsonfilter import App, Handler, stateless
+from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.runtime import Runtime
 from lamsonfilter.state import MemoryStorage
 from tests.rig.fixtures import in_ci
 
@@ -26,6 +26,7 @@ try:
     import Milter
 
     import lamsonfilter.milter as milter_mode
+    from lamsonfilter.milterparts import callbacks as milter_callbacks
 except ImportError as exc:  # pymilter is an optional extra; CI must have it
     if in_ci():
         raise
@@ -104,9 +105,9 @@ class Spy(Runtime):
         super().__init__(inner.app)
         self.requests: list[MailRequest] = []
 
-    def process(self, request: MailRequest, *, transport: str = "") -> Any:
+    def process(self, request: MailRequest, **contract: Any) -> Any:
         self.requests.append(request)
-        return super().process(request, transport=transport)
+        return super().process(request, **contract)
 
 
 def connect(runtime: Runtime, *, leadspc: bool = True, macros: dict[str, str] | None = None) -> tuple[Any, RecordingCtx]:
@@ -168,7 +169,7 @@ def test_negotiates_only_the_actions_the_plan_uses_and_the_steps_it_needs() -> N
 
 
 def test_every_action_the_plan_table_can_ask_for_is_negotiated() -> None:
-    source = (Path(milter_mode.__file__).parent / "actions.py").read_text()
+    source = (Path(milter_mode.__file__).parent / "milterparts" / "plan.py").read_text()
     methods = set(re.findall(r'MilterAction\("(\w+)"', source))
     assert methods and methods <= set(milter_mode.ACTION_FLAGS)
 
@@ -204,13 +205,13 @@ def test_large_message_spools_to_disk_and_comes_back_whole(monkeypatch: pytest.M
     m, _ctx = connect(spy)
     m.spool_threshold = 1024
     seen: list[bool] = []
-    original = milter_mode.Spool.getvalue
+    original = milter_callbacks.Spool.getvalue
 
     def getvalue(self: Any) -> bytes:
         seen.append(self.in_memory)
         return original(self)
 
-    monkeypatch.setattr(milter_mode.Spool, "getvalue", getvalue)
+    monkeypatch.setattr(milter_callbacks.Spool, "getvalue", getvalue)
     chunk = b"x" * 998 + b"\r\n"
     feed(m, [f"tag@{HOST}"], [("Subject", b" big")], [chunk] * 100)
     assert seen == [False]  # on disk
@@ -257,8 +258,8 @@ def test_a_client_retry_replays_the_committed_decision_instead_of_replying_again
     decisions: list[Any] = []
 
     class Keep(Runtime):
-        def process(self, request: MailRequest, *, transport: str = "") -> Any:
-            decisions.append(super().process(request, transport=transport))
+        def process(self, request: MailRequest, **contract: Any) -> Any:
+            decisions.append(super().process(request, **contract))
             return decisions[-1]
 
     runtime = Keep(app)
@@ -334,7 +335,7 @@ def test_any_exception_in_a_callback_is_451_with_one_log_line(monkeypatch: pytes
     def disk_full(self: Any, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(milter_mode.Spool, "write", disk_full)
+    monkeypatch.setattr(milter_callbacks.Spool, "write", disk_full)
     with caplog.at_level(logging.ERROR, logger="lamsonfilter.milter"):
         assert m.data() == Milter.CONTINUE
         # Postfix does not wait for the header step's reply: the failure is kept and
@@ -367,9 +368,9 @@ def test_the_application_runs_in_the_executors_threads_not_libmilters() -> None:
     seen: list[str] = []
     original = spy.process
 
-    def process(request: MailRequest, *, transport: str = "") -> Any:
+    def process(request: MailRequest, **contract: Any) -> Any:
         seen.append(threading.current_thread().name)
-        return original(request, transport=transport)
+        return original(request, **contract)
 
     spy.process = process  # type: ignore[method-assign]
     with ThreadPoolExecutor(2, thread_name_prefix="app") as pool:
@@ -390,9 +391,9 @@ def test_an_application_past_its_deadline_is_451(monkeypatch: pytest.MonkeyPatch
 
     gate = threading.Event()
     spy = Spy()
-    spy.process = lambda request, *, transport="": gate.wait(5)  # type: ignore[assignment,method-assign]
-    monkeypatch.setattr(milter_mode, "APP_DEADLINE", 0.05)
-    monkeypatch.setattr(milter_mode, "COMMIT_GRACE", 0.0)
+    spy.process = lambda request, **contract: gate.wait(5)  # type: ignore[assignment,method-assign]
+    monkeypatch.setattr(milter_callbacks, "APP_DEADLINE", 0.05)
+    monkeypatch.setattr(milter_callbacks, "COMMIT_GRACE", 0.0)
     pool = ThreadPoolExecutor(1, thread_name_prefix="t")
     try:
         m = LamsonMilter(spy, executor=pool)

@@ -1,9 +1,9 @@
 """The two transport tables: Decision → milter actions, Decision → reinjection + reply."""
 
-from lamsonfilter.actions import milter_plan
+from lamsonfilter.contentfilter.plan import reinjection_plan
 from lamsonfilter.decisions import Action, Decision, HeaderChange, Outcome
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.reinjection import reinjection_plan
+from lamsonfilter.milterparts.plan import milter_plan
 
 RAW = b"From: a@x.example\r\nTo: b@y.example\r\nSubject: s\r\n\r\nbody\r\n"
 

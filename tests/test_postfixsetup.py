@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.app import StartupError
-from lamsonfilter.postfixsetup import size_limit
-from lamsonfilter.proxyserver import with_postfix_size
+from lamsonfilter.contentfilter.postfix import size_limit
+from lamsonfilter.contentfilter.server import with_postfix_size
 from lamsonfilter.smtpproxy import ProxyConfig
 from tests.rig.fixtures import in_ci
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from lamsonfilter.cli import main
-from lamsonfilter.quarantine import Quarantine
+from lamsonfilter.contentfilter.quarantine import Quarantine
 from tests.rig.proxy import Script, ScriptedSMTP
 
 MSG = b"From: alice@example.com\r\nSubject: kept\r\n\r\nbody\r\n"

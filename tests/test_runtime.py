@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from lamsonfilter.app import StartupError
 from lamsonfilter.cli import main
+from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.runtime import Runtime
 from lamsonfilter.testing import make_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_metrics_endpoint_counts_messages_by_route_and_decision(app_dir):
 
 
 def test_metrics_refuse_a_public_address(app_dir):
-    from lamsonfilter.metrics import MetricsError
+    from lamsonfilter.daemon.metrics import MetricsError
 
     CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
     rt = Runtime.from_directory(app_dir)
@@ -128,7 +128,7 @@ def test_release_free_memory_returns_the_heaps_free_pages(tmp_path):
 
     probe = (
         "import re\n"
-        "from lamsonfilter.runtime import release_free_memory\n"
+        "from lamsonfilter.daemon.runtime import release_free_memory\n"
         "def rss():\n"
         "    return int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "bufs = [bytes(4096) + bytes([i % 256]) for i in range(20000)]\n"
@@ -144,7 +144,7 @@ def test_release_free_memory_returns_the_heaps_free_pages(tmp_path):
 
 
 def test_the_runtime_releases_free_memory_every_trim_every_messages(app_dir, monkeypatch):
-    import lamsonfilter.runtime as runtime_mod
+    import lamsonfilter.daemon.runtime as runtime_mod
 
     CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
     calls = []

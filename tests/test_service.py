@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from lamsonfilter.service import Service
+from lamsonfilter.daemon.service import Service
 from tests.rig.fixtures import skip_or_fail
 
 

@@ -93,7 +93,7 @@ def test_unchanged_message_reinjected_byte_for_byte_with_envelope(proxy: ProxyTh
                 mail_options=["BODY=8BITMIME"]) == {}
     assert len(scripted.messages) == 1
     got = scripted.messages[0]
-    assert untraced(got.data) == MSG  # byte for byte below the trace field (lamsonfilter.looptrace)
+    assert untraced(got.data) == MSG  # byte for byte below the trace field (lamsonfilter.contentfilter.looptrace)
     assert got.commands[0].startswith("MAIL FROM:<>")
     assert "BODY=8BITMIME" in got.commands[0]
     assert got.commands[1:] == ["RCPT TO:<bcc-only@example.net>", "RCPT TO:<other@example.org>"]

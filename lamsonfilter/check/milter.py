@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
+from ..daemon.endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
 from .findings import Finding
 from .postfix import DEFAULT_QUEUE_DIRECTORY, PostfixConfig, _smtpd_services
 

@@ -58,8 +58,8 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
     which value to write).  SIGTERM or SIGINT stop it cleanly (the outbox is flushed first); SIGHUP
     reloads the application.  Bad configuration exits with status 2.
     """
-    from ..endpoint import EndpointError, parse_milter_socket
-    from ..service import Service, setup_logging
+    from ..daemon.endpoint import EndpointError, parse_milter_socket
+    from ..daemon.service import Service, setup_logging
 
     setup_logging(click.get_current_context().find_root().params.get("verbose", 0))
     try:
@@ -73,7 +73,7 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
         fail(f"milter mode needs pymilter ({exc}); install it from the clone: pip install '/path/to/clone[milter]'")
         return
     from ..check.milter import smtpd_milters_value
-    from ..runtime import Runtime
+    from ..daemon.runtime import Runtime
 
     refuse_unwritable_database(app_dir, database)
     try:
@@ -186,7 +186,7 @@ def smtpproxy_cmd(
     except ImportError as exc:
         fail(f"smtpproxy needs aiosmtpd (from the clone: pip install '/path/to/clone[smtpproxy]'): {exc}")
         return
-    from ..service import setup_logging
+    from ..daemon.service import setup_logging
 
     verbose = int((ctx.parent.params if ctx.parent else {}).get("verbose", 0))
     setup_logging(verbose)

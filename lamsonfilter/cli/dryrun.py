@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..actions import milter_plan
 from ..app import App
+from ..contentfilter.plan import reinjection_plan
 from ..decisions import Decision
 from ..diagnostics import Trace, format_traceback
 from ..mail import MailRequest
-from ..reinjection import reinjection_plan
+from ..milterparts.plan import milter_plan
 
 __all__ = [
     "DryRunInputError", "list_sources", "read_messages", "check_address", "report", "as_json", "readable",

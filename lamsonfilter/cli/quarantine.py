@@ -1,9 +1,9 @@
 """``lamsonfilter quarantine``: look at, release or delete what the content filter kept aside.
 
-The content filter keeps a message in its quarantine (`lamsonfilter.quarantine`,
+The content filter keeps a message in its quarantine (`lamsonfilter.contentfilter.quarantine`,
 a Maildir) when a handler asked for it, when a recipient was rejected after
 queueing, or when the message killed the filter process ``POISON_LIMIT``
-times (`lamsonfilter.poison`).  Each file keeps the envelope (MAIL FROM and
+times (`lamsonfilter.daemon.poison`).  Each file keeps the envelope (MAIL FROM and
 every RCPT TO, Bcc included), so a message can be sent on later as if the
 filter had accepted it:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from ..quarantine import Quarantine, QuarantinedMessage, QuarantineError
+from ..contentfilter.quarantine import Quarantine, QuarantinedMessage, QuarantineError
 
 __all__ = ["quarantine_cmd"]
 
@@ -184,7 +184,7 @@ def release_cmd(names: tuple[str, ...], quarantine: Path | None, app_dir: Path |
     run again); a message is removed from the quarantine only after the
     listener accepted every recipient.
     """
-    from ..reinjector import ReinjectionError, Reinjector, Transaction
+    from ..contentfilter.reinjector import ReinjectionError, Reinjector, Transaction
     from ..settings import parse_hostport
 
     try:

@@ -1,7 +1,7 @@
 """Milter mode, through a real Postfix: a recipient the application rejects after DATA among delivered ones.
 
 After DATA a milter cannot refuse one recipient of several, so the milter
-plan removes the rejected one with ``delrcpt`` (lamsonfilter/actions.py);
+plan removes the rejected one with ``delrcpt`` (lamsonfilter/milterparts/plan.py);
 without it Postfix would deliver the message to the address the
 application refused.  The unit test of the plan is in tests/test_plans.py.
 """

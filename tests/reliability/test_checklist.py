@@ -167,7 +167,7 @@ def filter_log(dep: Deployment) -> str:
 
 
 def decision_lines(dep: Deployment, qid: str | None = None, sender: str | None = None) -> list[str]:
-    """lamsonfilter's one-line-per-message decision log (lamsonfilter.runtime), filtered."""
+    """lamsonfilter's one-line-per-message decision log (lamsonfilter.daemon.runtime), filtered."""
     lines = [ln for ln in filter_log(dep).splitlines() if " rcpts=" in ln and " decision=" in ln]
     if qid is not None:
         lines = [ln for ln in lines if re.search(rf"\bqueue_id={re.escape(qid)}\b", ln)]

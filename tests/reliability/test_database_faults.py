@@ -91,7 +91,7 @@ SUBSCRIBERS = 3
 PARALLEL_FIRST = 20
 MODES = ["smtpproxy", "milter"]
 #: The content filter quarantines a message after this many crashed attempts (R15,
-#: lamsonfilter.poison); a database outage must never count as one ...
+#: lamsonfilter.daemon.poison); a database outage must never count as one ...
 POISON_LIMIT = 2
 #: ... so D2 keeps the database down for more attempts than that.
 OUTAGE_ATTEMPTS = 3

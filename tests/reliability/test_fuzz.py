@@ -136,10 +136,10 @@ def check_generated(raw: bytes, sender: str, kind: str) -> None:
 
 
 def check_decision(request: object, decision: object, counters: dict[str, int]) -> None:
-    from lamsonfilter.actions import milter_plan
+    from lamsonfilter.contentfilter.plan import reinjection_plan
     from lamsonfilter.decisions import Action, Decision
     from lamsonfilter.mail import MailRequest
-    from lamsonfilter.reinjection import reinjection_plan
+    from lamsonfilter.milterparts.plan import milter_plan
 
     assert isinstance(request, MailRequest) and isinstance(decision, Decision)
     assert decision.error is None, f"an exception became a tempfail: {decision.error}"

@@ -46,9 +46,9 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.poison import AttemptLog
-from lamsonfilter.reinjector import IDLE_LIMIT
-from lamsonfilter.spool import DataLimits
+from lamsonfilter.daemon.poison import AttemptLog
+from lamsonfilter.contentfilter.reinjector import IDLE_LIMIT
+from lamsonfilter.contentfilter.spool import DataLimits
 from tests.rig.deploy import LIST_HOST, SendResult
 from tests.rig.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require

@@ -161,7 +161,7 @@ class ContentFilterSetup:
 
 def strip_received(data: bytes) -> bytes:
     """The message minus the Received: fields Postfix put on top (each with its continuation lines)
-    and the filter's trace field (lamsonfilter.looptrace) among them."""
+    and the filter's trace field (lamsonfilter.contentfilter.looptrace) among them."""
     lines = data.split(b"\r\n") if b"\r\n" in data else data.split(b"\n")
     sep = b"\r\n" if b"\r\n" in data else b"\n"
     i = 0

@@ -14,7 +14,7 @@ How content-filter mode looks to the SMTP client:
 
 * an unknown list address is refused at RCPT (``550 5.1.1``) *before*
   queueing, by Postfix asking the filter's policy listener
-  (``check_policy_service``, lamsonfilter.policy): no bounce is made;
+  (``check_policy_service``, lamsonfilter.contentfilter.policy): no bounce is made;
 * a failure inside lamsonfilter is invisible to the client: Postfix
   answered 250 (the message is queued); the filter answers ``451 4.3.0``
   to Postfix, which keeps the message deferred in its queue and retries.

@@ -32,7 +32,7 @@ directory (`FAULT_HANDLER`).  It adds:
   reply text leaks it.  Mail to any other address is untouched;
 
 * ``LF_TEST_APP_DEADLINE`` and ``LF_TEST_COMMIT_GRACE`` in `filter_env` set
-  lamsonfilter.milter's ``APP_DEADLINE`` and ``COMMIT_GRACE`` (seconds) in
+  lamsonfilter.milterparts.callbacks' ``APP_DEADLINE`` and ``COMMIT_GRACE`` (seconds) in
   that process, so its deadline can be exercised in seconds instead of 100;
 * `content_timeout` overrides Postfix's milter content timeout (both in
   ``smtpd_milters`` and ``milter_content_timeout``).

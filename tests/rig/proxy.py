@@ -11,7 +11,7 @@ refuse@                ``ctx.reject`` (after DATA: quarantine over SMTP)
 reply@                 an automatic reply to the sender; the message is consumed
 =====================  =====================================================
 
-``ProxyThread`` runs `lamsonfilter.proxyserver.ProxyServer` on its own
+``ProxyThread`` runs `lamsonfilter.contentfilter.server.ProxyServer` on its own
 asyncio loop in a thread; ``ScriptedSMTP`` is a reinjection listener
 whose answers a test chooses (refuse a recipient, 4xx/5xx or hang up at
 the final dot) and which records every command and message.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamsonfilter.proxyserver import ProxyServer, bind_socket, build_runtime
-from lamsonfilter.runtime import Runtime
+from lamsonfilter.contentfilter.server import ProxyServer, bind_socket, build_runtime
+from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.settings import make_storage
 from lamsonfilter.smtpproxy import ProxyConfig
 from tests.rig.handlers import handler_source

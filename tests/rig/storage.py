@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from lamsonfilter.store import SQLAlchemyStorage
+from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.state import MemoryStorage, StateStorage
 from tests.rig.fixtures import skip_or_fail
 

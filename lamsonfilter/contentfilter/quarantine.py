@@ -1,8 +1,8 @@
 """The content filter's quarantine: a Maildir that keeps messages nobody should get, durably.
 
 In after-queue mode a reject decided after DATA cannot be a ``5xx``: Postfix
-would bounce it to the envelope sender, which may be forged (backscatter,
-reliability A4).  ``smtpproxy`` therefore discards the rejected recipients
+would bounce it to the envelope sender, which may be forged (backscatter).
+``smtpproxy`` therefore discards the rejected recipients
 and keeps a copy here instead; the same happens for an explicit
 ``ctx.quarantine(reason)``.
 
@@ -24,7 +24,7 @@ header line and reads back exactly.  `Quarantine.load` returns the fields
 and the original bytes; ``lamsonfilter quarantine release`` (module
 `lamsonfilter.cli.quarantine`) sends them to the reinjection listener with
 the saved envelope.  The write is atomic and durable before ``smtpproxy``
-answers ``250`` (reliability R6): written to ``tmp/``, fsynced, renamed
+answers ``250`` (nothing lost once answered): written to ``tmp/``, fsynced, renamed
 into ``new/``, directory fsynced.  Any ``OSError`` propagates; the caller
 answers ``451`` and Postfix retries.
 """
@@ -201,7 +201,7 @@ def _unique_name() -> str:
 def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False,
                   sync: bool = True) -> None:
     """Write `tmp` with `write`, fsync it, rename it to `final`, fsync the directory: after
-    this returns the file survives a crash or power loss (R6); on failure `tmp` is removed.
+    this returns the file survives a crash or power loss; on failure `tmp` is removed.
     With `sync=False` the file is whole or absent after a process crash (the rename is
     atomic), but a power loss may lose it: no fsync."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)

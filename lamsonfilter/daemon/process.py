@@ -188,12 +188,20 @@ class SignalWaiter:
 
 
 class Reloader:
-    """`Runtime.reload` in a helper thread, so the main thread goes straight back to
-    waiting for signals.  A request during a reload asks for one more afterwards."""
+    """`Runtime.reload` in a helper thread, so the caller (a signal handler) returns at once.
 
-    def __init__(self, runtime: Any, service: Any = None) -> None:
+    Both daemons reload through it on SIGHUP.  A request during a reload asks
+    for one more afterwards.  `recheck` (the content filter: is the Postfix
+    set-up still safe?) runs after every reload and returns a warning or "";
+    systemd hears ``RELOADING=1`` before and ``READY=1`` with the outcome after.
+    """
+
+    def __init__(self, runtime: Any, service: Any = None, recheck: Callable[[], str] | None = None,
+                 ok_status: str = "reloaded") -> None:
         self.runtime = runtime
         self.service = service
+        self.recheck = recheck
+        self.ok_status = ok_status
         self._lock = threading.Lock()
         self._again = False
         self._busy = False
@@ -211,8 +219,10 @@ class Reloader:
             if self.service is not None:
                 self.service.reloading()
             problem = self.runtime.reload()
+            warning = self.recheck() if self.recheck is not None else ""
             if self.service is not None:
-                self.service.ready("reloaded" if problem is None else f"reload failed, old application kept: {problem}")
+                text = self.ok_status if problem is None else f"reload refused, old application kept: {problem}"
+                self.service.reloaded(text + (f"; Postfix set-up UNSAFE: {warning}" if warning else ""))
             with self._lock:
                 if not self._again:
                     self._busy = False

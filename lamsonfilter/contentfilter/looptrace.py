@@ -22,7 +22,7 @@ What happens to a message that came back (`TraceKey.came_back`), chosen
 so that nothing is lost and nothing loops:
 
 * while the Postfix set-up loops (the loop guard of
-  `lamsonfilter.postfixsetup` finds PF111), or when the filter has no
+  `lamsonfilter.contentfilter.postfix` finds PF111), or when the filter has no
   ``--postfix-config`` to ask: ``451 4.4.6``, one ERROR line with the queue
   id, and ``lamsonfilter_loops_total`` counts it.  Postfix keeps the message
   in its queue (deferred) and retries it with its backoff -- one pass per
@@ -45,13 +45,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .mail import _header_end
+from ..mail import header_end
+from ..replies import MAIL_LOOP
 
 __all__ = ["TraceKey", "TRACE_FIELD", "LOOP_REPLY"]
 
 TRACE_FIELD = b"X-Lamsonfilter-Trace"
-LOOP_REPLY = ("451 4.4.6 Mail loop: lamsonfilter reinjected this message and it came back; "
-              "the reinjection listener must not filter again")
+LOOP_REPLY = MAIL_LOOP.line
 _FIELD_RX = re.compile(rb"^X-Lamsonfilter-Trace:[ \t]*v1[ \t]+([0-9a-f]{32})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 #: Only this much of the top of a message is searched for trace fields.
 HEAD_LIMIT = 256 * 1024
@@ -96,7 +96,7 @@ class TraceKey:
 
     def came_back(self, head: bytes, sender: str, recipients: Sequence[str]) -> bool:
         """Does the message (its first bytes) carry our field for exactly this envelope?"""
-        top = head[: min(_header_end(head), HEAD_LIMIT)]  # the header block only (no copy of the body)
+        top = head[: min(header_end(head), HEAD_LIMIT)]  # the header block only (no copy of the body)
         found = [m.group(1).lower() for m in _FIELD_RX.finditer(top)]
         if not found:
             return False

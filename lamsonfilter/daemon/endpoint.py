@@ -1,7 +1,7 @@
 """Where a daemon listens: socket specifications and the loopback rule.
 
 Every lamsonfilter listener binds to loopback or a Unix socket unless the
-operator explicitly asks for more (reliability S1: whoever reaches the
+operator explicitly asks for more (whoever reaches the
 milter or the filter port can make Postfix relay mail).  This module parses
 the milter's ``--socket`` argument, in libmilter's own syntax::
 
@@ -12,7 +12,7 @@ the milter's ``--socket`` argument, in libmilter's own syntax::
     >>> parse_milter_socket("inet:8891@192.0.2.1")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     ...
-    lamsonfilter.endpoint.EndpointError: inet:8891@192.0.2.1: 192.0.2.1 is not a loopback address; ...
+    lamsonfilter.daemon.endpoint.EndpointError: inet:8891@192.0.2.1: 192.0.2.1 is not a loopback address; ...
 
 A spec that cannot be parsed, or a non-loopback address without
 ``allow_remote``, raises `EndpointError` with a message that names the spec

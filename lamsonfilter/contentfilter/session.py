@@ -1,6 +1,6 @@
 """The content filter's SMTP/LMTP session: aiosmtpd's state machine, made safe for Postfix.
 
-`lamsonfilter.smtpproxy` delivers the messages; this module is the
+`lamsonfilter.contentfilter.handler` delivers the messages; this module is the
 protocol around it, one `FilterSMTP` (or `FilterLMTP`) per connection from
 `protocol_factory`:
 
@@ -8,11 +8,10 @@ protocol around it, one `FilterSMTP` (or `FilterLMTP`) per connection from
 
 aiosmtpd's defaults are overridden where they would hurt: its ``500 Error:
 (…)`` exception reply (now ``451 4.3.0``), its DATA reader (unbounded
-lines; `lamsonfilter.spool.read_data` instead), strict ASCII mode
+lines; `lamsonfilter.contentfilter.spool.read_data` instead), strict ASCII mode
 (SMTPUTF8 is on), its ``552`` to a ``MAIL ... SIZE=`` above the limit (now
 ``452 4.3.4``: Postfix keeps the message instead of bouncing it), and its
-EHLO (adds PIPELINING and XFORWARD).  With `lamsonfilter.smtpproxy` the only
-modules that import aiosmtpd.
+EHLO (adds PIPELINING and XFORWARD).
 """
 
 from __future__ import annotations
@@ -20,16 +19,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, syntax
+from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
+from ..replies import TOO_BIG_FOR_SIZE
+from .config import ProxyConfig
 from .reinjector import XFORWARD_ATTRS, xtext_decode
-from .spool import DataError, read_data
+from .spool import DataError, DataLimits, Spool, read_data
 
-if TYPE_CHECKING:
-    from .smtpproxy import ProxyHandler
+
+class ProxyHandler(Protocol):
+    """What the session asks of its handler (`lamsonfilter.contentfilter.handler.ProxyHandler`).
+
+    aiosmtpd also calls the handler's ``handle_EHLO``/``handle_MAIL``/``handle_RCPT``.
+    """
+
+    @property
+    def config(self) -> ProxyConfig: ...
+    @property
+    def limits(self) -> DataLimits: ...
+    async def deliver(self, envelope: "FilterEnvelope", spool: Spool) -> list[str]: ...
 
 __all__ = ["FilterSMTP", "FilterLMTP", "FilterEnvelope", "protocol_factory"]
 
@@ -39,8 +51,7 @@ log = logging.getLogger("lamsonfilter.smtpproxy")
 _PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                          r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)\Z", re.DOTALL)
 _TEMPLATES: dict[tuple[Any, ...], "FilterSMTP"] = {}
-_TOO_BIG_NOW = (b"452 4.3.4 Message larger than the content filter's SIZE; raise smtpproxy --max-size "
-                b"(or give it --postfix-config)")
+_TOO_BIG_NOW = TOO_BIG_FOR_SIZE.line.encode()
 
 
 class FilterEnvelope(SMTPEnvelope):
@@ -49,7 +60,7 @@ class FilterEnvelope(SMTPEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.xforward: dict[str, str] = {}
-        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (R15)
+        #: (replay key, attempt number) once `AttemptLog.begin` counted this delivery (poison counting)
         self.attempt: tuple[str, int] | None = None
         #: ``time.monotonic()`` when the upstream gets 451 for taking too long (set by `deliver`)
         self.deadline: float | None = None
@@ -162,7 +173,7 @@ class FilterSMTP(SMTP):
         await self.push("250 2.0.0 Ok")
 
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA with `lamsonfilter.spool.read_data`; the reply comes from `ProxyHandler.deliver`."""
+        """DATA with `lamsonfilter.contentfilter.spool.read_data`; the reply comes from `ProxyHandler.deliver`."""
         if await self.check_helo_needed():
             return
         envelope = self.envelope

@@ -13,7 +13,7 @@ Two things, both about not losing mail:
   again at every reload (SIGHUP): a ``postfix reload`` can break a set-up
   that was fine at start.  `PostfixGuard` runs the checks (the functions of
   `lamsonfilter.check`, not a copy) and remembers the answer for a few
-  seconds, for `lamsonfilter.looptrace`, which asks it whether a message that
+  seconds, for `lamsonfilter.contentfilter.looptrace`, which asks it whether a message that
   came back may now be passed on.
 
     limit = size_limit(Path("/etc/postfix"))            # None when Postfix has no limit (0)
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .app import StartupError
+from ..app import StartupError
 
 __all__ = ["size_limit", "PostfixGuard", "GUARD_TTL", "describe"]
 
@@ -81,7 +81,7 @@ class PostfixGuard:
 
     def refresh(self) -> list[Any]:
         """Run the checks now (blocking: several postconf calls); the error findings."""
-        from .check import check_postfix
+        from ..check import check_postfix
 
         errors = [f for f in check_postfix(str(self.config_dir), self._settings()) if f.severity == "error"]
         with self._lock:

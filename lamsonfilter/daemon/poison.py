@@ -1,4 +1,4 @@
-"""Poison messages: mail that kills the filter process again and again (reliability R15).
+"""Poison messages: mail that kills the filter process again and again.
 
 A message that takes the whole filter down (a segfault in a C library,
 the kernel's OOM killer, ``os._exit`` in a handler) would otherwise be
@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from .quarantine import write_durably
+from ..contentfilter.quarantine import write_durably
 
 __all__ = ["DEFAULT_LIMIT", "AttemptLog"]
 

@@ -18,7 +18,7 @@ Rules, each a reason this module exists instead of aiosmtpd's reader:
   message past the filter (CVE-2023-51764 family, CVE-2024-27305).
 * **Memory is bounded.**  At most one unfinished line (`DataLimits.max_line`)
   is buffered; aiosmtpd 1.4.6 buffers a line without CRLF without bound
-  (reliability F2).  Messages larger than `DataLimits.memory` go to a
+  (a memory exhaustion).  Messages larger than `DataLimits.memory` go to a
   temporary file; the total is capped by `DataLimits.hard_limit`.
 * **Refusal is early.**  An over-long line or an oversize message raises
   `DataError` at once, carrying the SMTP reply; the caller sends it and
@@ -32,6 +32,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
+
+from .. import replies
 
 __all__ = ["DataError", "DataLimits", "Spool", "read_data", "stuff", "TERMINATOR"]
 
@@ -70,8 +72,8 @@ class DataError(Exception):
         self.reply = reply
 
 
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets); closing connection"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size; closing connection"
+LINE_TOO_LONG = replies.LINE_TOO_LONG.line
+TOO_BIG = replies.TOO_BIG.line
 
 
 class Spool:
@@ -224,7 +226,7 @@ def stuff(data: bytes, at_line_start: bool = True) -> bytes:
     """Make CRLF-only bytes safe to send as DATA: bare CR and LF become CRLF, leading dots doubled.
 
     Normalising first and stuffing second means no content, however it was
-    received, can produce ``CRLF . CRLF`` on the wire (reliability R11, S5).
+    received, can produce ``CRLF . CRLF`` on the wire (SMTP smuggling).
     """
     if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

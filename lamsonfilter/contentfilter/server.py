@@ -16,7 +16,7 @@ means an outbox message is never sent twice by two processes.
 
 Start-up refuses, naming the problem: a listener off loopback without
 ``--allow-remote`` (whoever reaches it relays through the reinjection
-listener, reliability S1), a reinjection address equal to the listening
+listener), a reinjection address equal to the listening
 one (a loop), a port already taken, bad settings or routes, and a state
 database without the lamsonfilter schema (run ``lamsonfilter db init``).
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import os
 import shutil
@@ -36,14 +35,17 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .app import StartupError
-from .metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
+from ..app import StartupError
+from ..daemon.endpoint import is_loopback
+from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
+from ..daemon.process import Reloader
+from ..daemon.runtime import Runtime
+from ..daemon.service import Service
+from .handler import ProxyConfig, ProxyHandler
 from .policy import PolicyServer
-from .postfixsetup import describe, size_limit
+from .postfix import describe, size_limit
 from .reinjector import Reinjector
-from .runtime import Runtime
-from .service import Service
-from .smtpproxy import ProxyConfig, ProxyHandler, protocol_factory
+from .session import protocol_factory
 from .spool import spool_directory
 
 __all__ = ["check_config", "run", "is_loopback", "bind_socket", "build_runtime", "ProxyServer"]
@@ -54,15 +56,6 @@ log = logging.getLogger("lamsonfilter.smtpproxy")
 POSTFIX_DATA_DONE_TIMEOUT = 600.0
 #: How long a stopping process waits for messages in progress.
 STOP_GRACE = 30.0
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_config(config: ProxyConfig) -> None:
@@ -142,9 +135,9 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
 
 
 def _refuse_broken_postfix(config: ProxyConfig, runtime: Runtime) -> None:
-    """L1: with --postfix-config, the errors `lamsonfilter check` would report stop the start
+    """With --postfix-config, the errors `lamsonfilter check` would report stop the start
     (a reinjection listener that filters again loops mail; one that is missing loses it)."""
-    from .check import check_postfix
+    from ..check import check_postfix
 
     errors = [f for f in check_postfix(str(config.postfix_config), runtime.app.settings) if f.severity == "error"]
     if errors:
@@ -237,19 +230,11 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     service = Service() if on_outbox is None else None  # workers: the parent talks to systemd
     last_tick = [time.monotonic()]
 
-    def reload() -> None:
-        if service is not None:
-            service.reloading()
-        error = runtime.reload()
-        unsafe = _recheck_postfix(proxy)
-        if service is not None:
-            text = f"reload refused, old application running: {error}" if error else status
-            service.reloaded(text + (f"; Postfix set-up UNSAFE: {unsafe}" if unsafe else ""))
-
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(proxy.executor, reload))
     mode = "LMTP" if config.lmtp else "SMTP"
     status = f"listening on {config.listen[0]}:{config.listen[1]} ({mode}), reinjecting to " \
              f"{config.reinject[0]}:{config.reinject[1]}"
+    reloader = Reloader(runtime, service, recheck=lambda: _recheck_postfix(proxy), ok_status=status)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     log.info("smtpproxy (pid %d) %s", os.getpid(), status)
     if service is not None:
         service.ready(status)
@@ -268,7 +253,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
 
 def _recheck_postfix(proxy: ProxyServer) -> str:
     """At reload: the loop guard again (a `postfix reload` may have broken the set-up since the start).
-    Logged, not fatal: mail that comes back is held (lamsonfilter.looptrace).  Returns the problem."""
+    Logged, not fatal: mail that comes back is held (lamsonfilter.contentfilter.looptrace).  Returns the problem."""
     guard = proxy.handler.guard
     if guard is None:
         return ""
@@ -294,13 +279,14 @@ def _supervise(config: ProxyConfig) -> int:
     probe.stop()
     bind_socket(*config.listen, reuse_port=True).close()  # the port is free and ours
     if metrics_at:  # before any fork: a taken metrics port is one line, not N workers started and stopped
-        from .settings import parse_hostport
+        from ..settings import parse_hostport
 
         host, port = parse_hostport(str(metrics_at))
         try:
             bind_socket(host, port).close()
-        except StartupError as exc:
-            raise StartupError(f"{exc} (the METRICS address)") from None
+        except StartupError as exc:  # worded as `Metrics.serve` words it
+            reason = str(exc).split(": ", 1)[-1]
+            raise StartupError(f"cannot listen on {host}:{port} for metrics: {reason} (METRICS)") from None
     if config.policy:
         bind_socket(*config.policy, reuse_port=True).close()
     # before prometheus-client is imported here or in a worker: the workers count into files there

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .decisions import Action, Decision
-from .mail import MailRequest
+from ..decisions import Action, Decision
+from ..mail import MailRequest
+from ..replies import DELIVERED, TEMPFAIL
 
 __all__ = ["ReinjectionPlan", "reinjection_plan"]
 
@@ -62,7 +63,7 @@ class ReinjectionPlan:
         return " ".join(parts)
 
 
-TEMPFAIL_REPLY = "451 4.3.0 Temporary failure, try again later"
+TEMPFAIL_REPLY = TEMPFAIL.line
 
 
 def reinjection_plan(decision: Decision, request: MailRequest, lmtp: bool = False) -> ReinjectionPlan:
@@ -80,7 +81,7 @@ def reinjection_plan(decision: Decision, request: MailRequest, lmtp: bool = Fals
         if o.action is Action.REJECT:
             rcpt_replies.append((o.recipient, o.reply))
         else:
-            rcpt_replies.append((o.recipient, "250 2.0.0 Ok"))
+            rcpt_replies.append((o.recipient, DELIVERED.line))
     if rejects and not lmtp:
         notes.append(
             "rejected after queueing: discarded and quarantined instead of a 5xx "
@@ -94,7 +95,7 @@ def reinjection_plan(decision: Decision, request: MailRequest, lmtp: bool = Fals
         sender,
         recipients,
         data,
-        "250 2.0.0 Ok",
+        DELIVERED.line,
         tuple(rcpt_replies) if lmtp else (),
         quarantine,
         tuple(notes),

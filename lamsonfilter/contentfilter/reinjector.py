@@ -11,7 +11,7 @@ Exim's) accept the message for **every** recipient:
     # ReinjectionError: answer 451 upstream.
     await reinjector.close()
 
-What "careful" means (reliability R1, R9, R11, R12):
+What "careful" means (never a 250 for mail that went nowhere, bounded waits, no smuggling):
 
 * The envelope is passed on exactly: ``MAIL FROM:<>`` stays ``<>``, every
   recipient is given, nothing is rebuilt from headers.  XFORWARD attributes
@@ -42,7 +42,7 @@ from .spool import Spool, stuff
 
 __all__ = ["Reinjector", "ReinjectionError", "Transaction", "xtext_encode", "xtext_decode", "XFORWARD_ATTRS"]
 
-log = logging.getLogger("lamsonfilter.reinjection")
+log = logging.getLogger("lamsonfilter.contentfilter.plan")
 
 #: XFORWARD attributes (Postfix XFORWARD_README), in the order Postfix sends them.
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
@@ -69,7 +69,7 @@ class Transaction:
     xforward: Mapping[str, str] = field(default_factory=dict)
     smtputf8: bool = False
     eightbit: bool = False
-    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.looptrace`'s trace field
+    #: header lines sent before `data` (CRLF-terminated), e.g. `lamsonfilter.contentfilter.looptrace`'s trace field
     prefix: bytes = b""
 
 
@@ -100,7 +100,7 @@ def xtext_encode(value: str) -> str:
 
 
 def _address(addr: str) -> bytes:
-    """``<addr>`` as bytes; refuses anything that could inject a command (RFC 5321 §4.1.2, S6)."""
+    """``<addr>`` as bytes; refuses anything that could inject a command (RFC 5321 §4.1.2; no SMTP command injection)."""
     if any(c in addr for c in "\r\n\x00"):
         raise ReinjectionError(f"refusing to send unsafe address {addr!r}")
     return b"<" + addr.encode("utf-8", "surrogateescape") + b">"

@@ -35,15 +35,15 @@ worker that dies and is started again.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import tempfile
 from typing import Any, Iterator
 
-from .app import StartupError
-from .decisions import Decision
-from .state import StateStorage
+from ..app import StartupError
+from ..decisions import Decision
+from ..state import StateStorage
+from .endpoint import is_loopback
 
 __all__ = ["Metrics", "MetricsError", "MULTIPROC_ENV", "multiprocess_directory"]
 
@@ -139,7 +139,7 @@ class Metrics:
         return data
 
     def serve(self, host: str, port: int, allow_remote: bool = False) -> None:
-        if not allow_remote and not _loopback(host):
+        if not allow_remote and not is_loopback(host):
             raise MetricsError(f"metrics address {host} is not loopback; use --allow-remote to expose it")
         try:
             self._server = self._prom.start_http_server(port, addr=host, registry=self.registry)
@@ -153,15 +153,6 @@ class Metrics:
             server.shutdown()
             server.server_close()
             self._server = None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _PendingOutbox:

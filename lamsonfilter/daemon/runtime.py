@@ -1,11 +1,20 @@
-"""What a running daemon shares across transports: the app, the outbox worker, the per-message log line.
+"""The transport contract: what the runtime does for every transport, in one place.
 
-Both daemons (``lamsonfilter milter`` and ``lamsonfilter smtpproxy``) build a
-`Runtime` and call `Runtime.process` once per message:
+A transport (the milter, the content filter, a future queue worker) builds
+one `MailRequest`, which it does not change afterwards, and calls
+`Runtime.process` with the message's replay key and deadline as arguments
+(the queue id travels in the request's envelope).  The runtime then does,
+the same way for every transport: replay of a committed decision and the
+deadline (through `App.process`), the per-message log line, metrics, and
+waking the outbox sender.  Poison counting is a service next to it
+(`count_attempts`, `begin_attempt`, `end_attempt`) that a transport which
+can see its own process die uses.  docs/design.rst has a worked example::
 
     runtime = Runtime.from_directory("examples/mailinglist", {"RELAY": "127.0.0.1:10026"})
     runtime.start()                      # checks the schema, starts the outbox worker
-    decision = runtime.process(request)  # App.process + one log line + wake the outbox
+    key = replay_key(request, queue_id_is_stable=True)
+    decision = runtime.process(request, replay_key=key, deadline=time.monotonic() + 120,
+                               transport="queue")   # never raises
     runtime.stop()
 
 `from_directory` refuses to start (`StartupError`) on bad settings, bad
@@ -16,20 +25,22 @@ run ``lamsonfilter db init``).  `process` never raises.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from .app import App, StartupError
-from .decisions import Decision, Outcome
-from .mail import MailRequest
+from ..app import App, StartupError
+from ..decisions import Decision, Outcome
+from ..mail import MailRequest
+from ..relay import OutboxWorker, Relay, message_id
+from ..state import StorageError
 from .metrics import Metrics
-from .relay import OutboxWorker, Relay, message_id
-from .state import StorageError
+from .poison import DEFAULT_LIMIT, AttemptLog
 
-__all__ = ["Runtime", "REPLAY_TTL"]
+__all__ = ["Runtime", "REPLAY_TTL", "replay_key"]
 
 #: Every this many messages the process gives the C heap's free pages back to the system.
 TRIM_EVERY = 2000
@@ -56,13 +67,17 @@ class Runtime:
         self.overrides = dict(overrides or {})
         self._reload_lock = threading.Lock()
         self.metrics: Metrics | None = None
+        #: Called after a message that produced outbox mail when the outbox sender runs in
+        #: another process (the content filter's workers wake their parent with it).
+        self.outbox_elsewhere: Callable[[], None] | None = None
+        self.attempts: AttemptLog | None = None
         self._processed = 0  # approximate (not locked): only paces release_free_memory
 
     @classmethod
     def from_directory(
         cls, directory: str | Path, overrides: Mapping[str, Any] | None = None, outbox_interval: float = 30.0
     ) -> "Runtime":
-        from .settings import load_app, parse_hostport
+        from ..settings import parse_hostport
 
         app = _load_checked(directory, overrides, reload=False)
         host, port = parse_hostport(app.settings["RELAY"])
@@ -96,7 +111,7 @@ class Runtime:
         """Serve metrics if settings ask (METRICS = "127.0.0.1:9125"), start the outbox worker."""
         metrics = self.app.settings.get("METRICS")
         if metrics and self.metrics is None:
-            from .settings import parse_hostport
+            from ..settings import parse_hostport
 
             self.serve_metrics(*parse_hostport(metrics))
         if self.worker is not None:
@@ -139,13 +154,15 @@ class Runtime:
             log.error("rcpt check for %r failed: %s", address, exc)
             return None
 
-    def process(self, request: MailRequest, *, transport: str = "") -> Decision:
-        """Run the application once and log one line: queue id, routes, decision, time taken."""
+    def process(self, request: MailRequest, *, replay_key: str | None = None, deadline: float | None = None,
+                transport: str = "") -> Decision:
+        """Run the application once (replaying a committed decision for `replay_key`, committing
+        nothing past `deadline`), log one line, count it in the metrics, wake the outbox sender."""
         started = time.monotonic()
-        decision = self.app.process(request)
+        decision = self.app.process(request, replay_key=replay_key, deadline=deadline)
         took = (time.monotonic() - started) * 1000
         routes = ",".join(sorted({o.route for o in decision.outcomes if o.route})) or "-"
-        # X2: say so when two MIME readers could disagree -- for the application's own (routed) mail;
+        # say so when two MIME readers could disagree (mime=ambiguous) -- for the application's own (routed) mail;
         # pass-through mail is never parsed, and logging must not start parsing it
         ambiguous = routes != "-" and request.ambiguous_mime
         # the Message-IDs tie each outbox message to this queue id (relay.py logs them when sent)
@@ -163,12 +180,75 @@ class Runtime:
         )
         if self.metrics is not None:
             self.metrics.observe(decision, took / 1000)
-        if decision.outbox and self.worker is not None:
-            self.worker.wake()
+        if decision.outbox:
+            self.wake_outbox()
         self._processed += 1
         if self._processed % TRIM_EVERY == 0:
             release_free_memory()
         return decision
+
+
+    def wake_outbox(self) -> None:
+        """New outbox mail: wake the sender, here or in the process that runs it."""
+        if self.worker is not None:
+            self.worker.wake()
+        if self.outbox_elsewhere is not None:
+            self.outbox_elsewhere()
+
+    # ------------------------------------------------------------ poison counting
+    def count_attempts(self, path: str | Path) -> AttemptLog:
+        """Count attempts at messages durably under `path` (`lamsonfilter.daemon.poison`); forget old counts."""
+        self.attempts = AttemptLog(path)
+        try:  # counts of messages that left the MTA's queue long ago
+            self.attempts.purge(REPLAY_TTL)
+        except OSError as exc:
+            log.warning("%r: cannot purge old attempt counts: %s", self.attempts, exc)
+        return self.attempts
+
+    @property
+    def poison_limit(self) -> int:
+        """Attempts that died with the process before a message is poison (``POISON_LIMIT``; 0: never)."""
+        return int(self.app.settings.get("POISON_LIMIT", DEFAULT_LIMIT))
+
+    def begin_attempt(self, replay_key: str | None) -> int:
+        """Count an attempt *before* the handlers run (a kill still counts); 0 when nothing is counted.
+
+        More than `poison_limit` means the message killed the process that many
+        times: the transport keeps it aside instead of running it again.
+        """
+        if self.attempts is None or replay_key is None or self.poison_limit <= 0:
+            return 0
+        return self.attempts.begin(replay_key)
+
+    def end_attempt(self, replay_key: str, n: int, final: bool) -> None:
+        """The attempt ended in this process: forget the count after a final answer, else undo
+        this attempt (a 4xx from a live process is never held against the message).  Never raises."""
+        if self.attempts is None:
+            return
+        try:
+            if final:
+                self.attempts.clear(replay_key)
+            else:
+                self.attempts.forgive(replay_key, n)
+        except OSError as exc:
+            log.warning("attempt count of %s not updated: %s", replay_key, exc)
+
+
+def replay_key(request: MailRequest, *, queue_id_is_stable: bool) -> str | None:
+    """What identifies this message across the MTA's retries, so a retry replays its decision.
+
+    With a queue id that stays the same across retries (the content filter:
+    Postfix's XFORWARD IDENT), the queue id plus the recipients (Postfix may
+    split one queue file into several deliveries).  Otherwise (the milter: a
+    client's retry is a new transaction with a new queue id; mail without
+    XFORWARD) a digest of Message-ID, envelope and body
+    (`MailRequest.content_replay_key`), None without a Message-ID.
+    """
+    if queue_id_is_stable and request.queue_id:
+        rcpts = hashlib.sha256("\0".join(sorted(r.lower() for r in request.recipients)).encode(
+            "utf-8", "surrogateescape")).hexdigest()[:16]
+        return f"ident:{request.queue_id}:{rcpts}"
+    return request.content_replay_key()
 
 
 def release_free_memory() -> bool:
@@ -199,7 +279,7 @@ _malloc_trim: Any = None
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
     """Load and start the app, and refuse a database without the lamsonfilter schema."""
-    from .settings import load_app
+    from ..settings import load_app
 
     app = load_app(directory, overrides, reload=reload)
     try:

@@ -17,8 +17,8 @@ Protocol: Postfix sends ``name=value`` lines ending with an empty line and
 reads ``action=...`` and an empty line back; one connection carries many
 requests.  The answer is ``550 5.1.1 ...`` for an address at an
 application host that no route takes, ``501 5.1.3 ...`` for an address
-the filter itself would refuse (over-long, control characters: reliability
-S6), ``DUNNO`` (no opinion: the other restrictions decide) for everything
+the filter itself would refuse (over-long, control characters: it would
+be a bounce after queueing), ``DUNNO`` (no opinion: the other restrictions decide) for everything
 else, including errors.  Requests are
 bounded (line length, attribute count); a malformed one closes the
 connection, and Postfix's ``default_action`` applies.
@@ -30,13 +30,12 @@ import asyncio
 import logging
 import socket
 
-from .decisions import Action
-from .mail import AddressError, normalize_address
-from .runtime import Runtime
+from ..daemon.runtime import Runtime
+from ..daemon.steps import rcpt_step
 
 __all__ = ["PolicyServer", "policy_answer"]
 
-log = logging.getLogger("lamsonfilter.policy")
+log = logging.getLogger("lamsonfilter.contentfilter.policy")
 
 _MAX_LINE = 8192
 _MAX_ATTRIBUTES = 200
@@ -48,17 +47,11 @@ def policy_answer(runtime: Runtime, attributes: dict[str, str]) -> str:
         return "DUNNO"
     if attributes.get("protocol_state", "RCPT").upper() != "RCPT":
         return "DUNNO"
-    try:
-        recipient = normalize_address(attributes.get("recipient", ""))
-    except AddressError as exc:
-        # the filter would answer 501 at RCPT after queueing, and Postfix would bounce (S6):
-        # refuse it now, while the client is still connected
-        return _refused(attributes, f"501 5.1.3 Bad recipient address syntax: {exc}")
-    if not recipient:
-        return "DUNNO"
-    outcome = runtime.check_recipient(recipient)
-    if outcome is not None and outcome.action is Action.REJECT:
-        return _refused(attributes, outcome.reply)
+    # a bad address: the filter would answer 501 at RCPT after queueing, and Postfix
+    # would bounce it; refuse it now, while the client is still connected
+    step = rcpt_step(runtime, attributes.get("recipient", ""))
+    if step.refusal is not None:
+        return _refused(attributes, step.refusal.line)
     return "DUNNO"
 
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decisions import Action, Decision
-from .mail import MailRequest
+from ..decisions import Action, Decision
+from ..mail import MailRequest
+from ..replies import REJECTED, TEMPFAIL
 
 __all__ = ["MilterAction", "MilterPlan", "milter_plan"]
 
@@ -74,17 +75,18 @@ def milter_plan(decision: Decision, request: MailRequest) -> MilterPlan:
     """The one mapping from a `Decision` to milter actions (see the module table)."""
     if decision.is_tempfail:
         o = next((o for o in decision.outcomes if o.action is Action.TEMPFAIL), None)
-        text = (o.text if o and o.text else "Temporary failure, try again later")
-        return MilterPlan((), "TEMPFAIL", (str(o.code if o and o.code else 451), (o.enhanced if o and o.enhanced else "4.3.0"), text))
+        text = (o.text if o and o.text else TEMPFAIL.text)
+        return MilterPlan((), "TEMPFAIL", (str(o.code if o and o.code else TEMPFAIL.code),
+                                           (o.enhanced if o and o.enhanced else TEMPFAIL.enhanced), text))
     outcomes = decision.outcomes
     rejects = decision.by_action(Action.REJECT)
     if outcomes and len(rejects) == len(outcomes):
         first = rejects[0]
-        return MilterPlan((), "REJECT", (str(first.code), first.enhanced or "5.7.1", first.text or "Rejected"))
+        return MilterPlan((), "REJECT", (str(first.code), first.enhanced or REJECTED.enhanced, first.text or REJECTED.text))
     if not decision.delivery_recipients and not decision.quarantine:
         if rejects:  # the others were consumed: the client must still hear of the refusal
             first = rejects[0]
-            return MilterPlan((), "REJECT", (str(first.code), first.enhanced or "5.7.1", first.text or "Rejected"),
+            return MilterPlan((), "REJECT", (str(first.code), first.enhanced or REJECTED.enhanced, first.text or REJECTED.text),
                               (f"{len(outcomes) - len(rejects)} recipient(s) consumed by the application; the "
                                f"message is refused for {', '.join(o.recipient for o in rejects)}",))
         return MilterPlan((), "DISCARD")

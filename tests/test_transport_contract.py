@@ -1,0 +1,95 @@
+"""The transport contract: a transport hands the runtime a request it does not change, and the retry facts as arguments.
+
+Both daemons are driven with routed mail while `Runtime.process` is
+watched: the `MailRequest` must arrive with no replay key and no deadline
+of its own (the transport does not write into it), and the replay key and
+deadline must arrive as arguments.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from pathlib import Path
+from typing import Any
+
+import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
+import pytest
+
+from lamsonfilter.daemon.runtime import Runtime
+from lamsonfilter.mail import MailRequest
+from lamsonfilter.milter import LamsonMilter
+from lamsonfilter.smtpproxy import ProxyConfig
+from tests.proxyrig import ProxyThread, ScriptedSMTP, make_app
+from tests.rig.postfix import free_port
+
+RAW = (b"From: Alice <alice@example.com>\r\nTo: crash@lists.example.org\r\nSubject: hello\r\n"
+       b"Message-ID: <contract-1@example.com>\r\n\r\nbody\r\n")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[MailRequest, dict[str, Any], tuple[Any, Any]]]:
+    seen: list[tuple[MailRequest, dict[str, Any], tuple[Any, Any]]] = []
+    original = Runtime.process
+
+    def watched(self: Runtime, request: MailRequest, **contract: Any) -> Any:
+        before = (request.replay_key, request.deadline)
+        decision = original(self, request, **contract)
+        seen.append((request, contract, before))
+        return decision
+
+    monkeypatch.setattr(Runtime, "process", watched)
+    return seen
+
+
+def _check(seen: list[tuple[MailRequest, dict[str, Any], tuple[Any, Any]]], transport: str) -> None:
+    assert len(seen) == 1
+    request, contract, before = seen[0]
+    assert before == (None, None) and (request.replay_key, request.deadline) == (None, None)
+    assert contract["transport"] == transport
+    assert contract["replay_key"]  # routed mail: a retry must replay
+    if transport == "smtpproxy":  # the milter has a deadline only with its thread pool (in `serve`)
+        assert contract["deadline"] > time.monotonic() - 60
+
+
+class _Ctx:
+    def getsymval(self, name: str) -> str | None:
+        return {"i": "4QCONTRACT"}.get(name)
+
+    def setpriv(self, priv: Any) -> None:
+        self.priv = priv
+
+    def getpriv(self) -> Any:
+        return getattr(self, "priv", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: 0
+
+
+def test_the_milter_keeps_to_the_contract(tmp_path: Path, calls: list[Any]) -> None:
+    m = LamsonMilter(Runtime.from_directory(make_app(tmp_path / "app"), {"DATABASE": "memory:"}))
+    m._setctx(_Ctx())
+    m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+    m.connect("[192.0.2.7]", 2, ("192.0.2.7", 40000))
+    m.hello("client.example.test")
+    m.envfrom("<alice@example.com>")
+    m.envrcpt("<crash@lists.example.org>")
+    m.data()
+    head, body = RAW.split(b"\r\n\r\n", 1)
+    for line in head.split(b"\r\n"):
+        name, value = line.split(b":", 1)
+        m.header_bytes(name.decode(), value[1:])
+    m.eoh()
+    m.body(body)
+    assert m.eom() == Milter.TEMPFAIL
+    _check(calls, "milter")
+
+
+def test_the_content_filter_keeps_to_the_contract(tmp_path: Path, calls: list[Any]) -> None:
+    with ScriptedSMTP() as scripted, ProxyThread(ProxyConfig(
+            app_dir=make_app(tmp_path / "app"), listen=("127.0.0.1", free_port()),
+            reinject=("127.0.0.1", scripted.port))) as proxy:
+        with smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test", timeout=30) as s, \
+                pytest.raises(smtplib.SMTPDataError):
+            s.sendmail("alice@example.com", ["crash@lists.example.org"], RAW)
+    _check(calls, "smtpproxy")
