@@ -30,7 +30,7 @@ from lamsonfilter.relay import OutboxWorker, Relay
 from lamsonfilter.state import MemoryStorage, StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.postfix import CaptureServer, _CaptureHandler
-from tests.test_state import ALL_BACKENDS, SQL_BACKENDS, pg_schema, pg_url  # noqa: F401 -- fixtures
+from tests.rig.storage import ALL_BACKENDS, SQL_BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = 1000

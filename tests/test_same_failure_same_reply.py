@@ -22,7 +22,7 @@ from lamsonfilter.cli import main
 from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.milter import LamsonMilter
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.proxyrig import ProxyThread, ScriptedSMTP, make_app
+from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
 from tests.rig.postfix import free_port
 
 CRASH = "crash@lists.example.org"

@@ -20,7 +20,7 @@ from lamsonfilter.mail import MailRequest
 from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SCHEMA_VERSION, SQLAlchemyStorage
 from lamsonfilter.testing import AppTester, make_message
-from tests.test_state import SQL_BACKENDS, pg_schema, pg_url  # noqa: F401 -- fixtures
+from tests.rig.storage import SQL_BACKENDS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
 LIST = "python@lists.example.org"

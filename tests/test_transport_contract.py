@@ -20,7 +20,7 @@ from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
 from lamsonfilter.milter import LamsonMilter
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.proxyrig import ProxyThread, ScriptedSMTP, make_app
+from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
 from tests.rig.postfix import free_port
 
 RAW = (b"From: Alice <alice@example.com>\r\nTo: crash@lists.example.org\r\nSubject: hello\r\n"
