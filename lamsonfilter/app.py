@@ -39,7 +39,9 @@ from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
 from .state import ConflictError, MemoryStorage, StateStorage
-from .transaction import DeadlinePassed, LazyTransaction, Replayed
+from .store import replay
+from .store.replay import REPLAY_PREFIX, Replayed
+from .transaction import DeadlinePassed, LazyTransaction
 from .views import Views
 
 __all__ = ["App", "StartupError", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
@@ -51,8 +53,6 @@ log = logging.getLogger("lamsonfilter")
 MAX_HOPS = 30
 #: How often a message is run again when a concurrent message changed the same key.
 CONFLICT_RETRIES = 8
-#: State keys under which committed decisions are kept for replay (`MailRequest.replay_key`).
-REPLAY_PREFIX = "lamsonfilter:done:"
 
 
 class StartupError(Exception):
@@ -101,6 +101,8 @@ class App:
         }
         self.reply_limits.update(reply_limits or {})
         self.reply_budget = reply_budget or ReplyBudget(300, 30)
+        # a database is shared by processes and hosts: so is the budget (in the message's transaction)
+        self.reply_budget.shared = not isinstance(self.storage, MemoryStorage)
         self.max_hops = max_hops
         self.router = Router()
         self._default_handler: Handler | None = None
@@ -264,7 +266,7 @@ class App:
         changes = MessageChanges()
         outcomes = dict(fixed)
         current: Context | None = None
-        replay_key = f"{REPLAY_PREFIX}{request.replay_key}" if request.replay_key else None
+        replay_key = replay.record_key(request.replay_key)
         try:
             with LazyTransaction(self.storage, commit, replay_key, request.deadline, trace) as tx:
                 for rcpt, match in routed:
@@ -283,7 +285,7 @@ class App:
                 if commit and outbox and changes.outbox:
                     tx.add_outbox(changes.outbox)
                 if commit and replay_key is not None and tx.opened:  # a decision with side effects
-                    tx.set(replay_key, "DONE", {**decision.to_record(), "at": now}, bookkeeping=True)
+                    replay.write(tx, replay_key, decision, now)
         except Replayed as replayed:  # a retry of a message whose decision committed
             log.info("queue_id=%s already processed (%s): decision replayed, handlers not run",
                      request.queue_id or "-", request.replay_key)
@@ -359,16 +361,7 @@ class App:
         records forgotten in one short transaction (one DELETE), so mail is
         never kept waiting behind the purge.  Returns how many.
         """
-        limit = (time.time() if now is None else now) - older_than
-        removed, after = 0, ""
-        while True:  # bounded: `after` moves forward through a finite key range
-            records = self.storage.scan(REPLAY_PREFIX, after=after, limit=batch)
-            old = [k for k, rec in records if float(rec.data.get("at", 0)) < limit]
-            if old:
-                removed += self.storage.delete_keys(old)
-            if len(records) < batch:
-                return removed
-            after = records[-1][0]
+        return replay.purge(self.storage, older_than, now, batch)
 
     def _move_to_error(self, ctx: Context, commit: bool) -> None:
         try:

@@ -212,7 +212,7 @@ class Context:
             if not self.app.reply_limit_for(self.handler).allow(self._tx, to_addr, self.now,
                                                                  responder=self.handler.name):
                 refusal = f"reply rate limit reached for {to_addr}"
-            elif not self.app.reply_budget.allow(to_addr, self.now):
+            elif not self.app.reply_budget.allow(to_addr, self.now, self._tx):
                 refusal = "the reply budget of this minute is spent (REPLY_BUDGET)"
         if refusal is not None:
             self._note(f"reply to {self.sender or '<>'} suppressed: {refusal}")
@@ -258,7 +258,7 @@ class Context:
             limit = self.app.reply_limit_for(self.handler)
             if not limit.would_allow(self._tx, self.sender, self.now, responder=self.handler.name):
                 refusal = f"reply rate limit reached for {self.sender}"
-            elif not self.app.reply_budget.would_allow(self.sender, self.now):
+            elif not self.app.reply_budget.would_allow(self.sender, self.now, self._tx):
                 refusal = "the reply budget of this minute is spent (REPLY_BUDGET)"
         return refusal
 

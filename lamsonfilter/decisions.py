@@ -20,7 +20,7 @@ with the edits applied textually and the body replaced if asked.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from email.header import Header
 from enum import Enum
 from typing import Any, Iterable, Mapping
@@ -204,14 +204,18 @@ class Decision:
 
     # ------------------------------------------------------------ storage
     def to_record(self) -> dict[str, Any]:
-        """JSON-able form, without the outbox (it is committed on its own)."""
+        """JSON-able form, without the outbox (it is committed on its own): the replay record.
+
+        Every value is stored under its field's name, with the record's
+        version (`RECORD_VERSION`), so a record written before a field was
+        added reads back with the field's default, and one written by a
+        newer lamsonfilter (another host, mid-upgrade) reads back without
+        the fields this one does not know.
+        """
         return {
-            "outcomes": [
-                [o.recipient, o.action.value, o.code, o.enhanced, o.text, list(o.redirect_to),
-                 o.route, o.handler, o.state_before, o.state_after]
-                for o in self.outcomes
-            ],
-            "headers": [[h.op, h.name, h.value, h.index] for h in self.header_changes],
+            "v": RECORD_VERSION,
+            "outcomes": [_named(o) for o in self.outcomes],
+            "headers": [_named(h) for h in self.header_changes],
             "body": None if self.body is None else base64.b64encode(self.body).decode("ascii"),
             "sender": self.sender,
             "quarantine": self.quarantine,
@@ -220,19 +224,15 @@ class Decision:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "Decision":
-        outcomes = tuple(
-            Outcome(r, Action(a), code, enh, text, tuple(redir), route, handler, sb, sa)
-            for r, a, code, enh, text, redir, route, handler, sb, sa in rec["outcomes"]
-        )
+        """The decision `to_record` stored (any version; version 1 was positional lists)."""
+        body = rec.get("body")
         return cls(
-            outcomes,
-            tuple(HeaderChange(op, name, value, index) for op, name, value, index in rec["headers"]),
-            None if rec["body"] is None else base64.b64decode(rec["body"]),
-            rec["sender"],
-            rec["quarantine"],
-            (),
-            None,
-            tuple(rec["notes"]),
+            outcomes=tuple(_outcome(o) for o in rec["outcomes"]),
+            header_changes=tuple(_header(h) for h in rec.get("headers", ())),
+            body=None if body is None else base64.b64decode(body),
+            sender=rec.get("sender"),
+            quarantine=rec.get("quarantine"),
+            notes=tuple(rec.get("notes", ())),
         )
 
     # ------------------------------------------------------------ bytes
@@ -303,3 +303,41 @@ def _field(name: str, value: str) -> bytes:
         return f"{name}: {value}".encode("ascii")
     encoded = Header(value, "utf-8", header_name=name).encode(linesep="\n")
     return f"{name}: {encoded}".encode("ascii")
+
+
+#: The version of `Decision.to_record`'s form.  1: positional lists (read, never written);
+#: 2: every value under its field's name.
+RECORD_VERSION = 2
+
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
+_HEADER_FIELDS = tuple(f.name for f in fields(HeaderChange))
+
+
+def _named(value: Outcome | HeaderChange) -> dict[str, Any]:
+    """A dataclass as {field name: JSON-able value} (enums by value, tuples as lists)."""
+    out: dict[str, Any] = {}
+    for f in fields(value):
+        v = getattr(value, f.name)
+        out[f.name] = v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _known(rec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields this version knows; a field missing takes its default, an unknown one is ignored."""
+    return {name: rec[name] for name in names if name in rec}
+
+
+def _outcome(rec: Any) -> Outcome:
+    if isinstance(rec, (list, tuple)):  # version 1
+        rec = dict(zip(_OUTCOME_FIELDS, rec))
+    kw = _known(rec, _OUTCOME_FIELDS)
+    kw["action"] = Action(kw["action"])
+    if "redirect_to" in kw:
+        kw["redirect_to"] = tuple(kw["redirect_to"])
+    return Outcome(**kw)
+
+
+def _header(rec: Any) -> HeaderChange:
+    if isinstance(rec, (list, tuple)):  # version 1
+        rec = dict(zip(_HEADER_FIELDS, rec))
+    return HeaderChange(**_known(rec, _HEADER_FIELDS))

@@ -78,6 +78,7 @@ __all__ = [
     "is_automated_sender",
     "reply_headers",
     "ReplyRateLimit",
+    "ReplyBudget",
 ]
 
 _MSGID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")  # printable, no < > or space
@@ -213,46 +214,83 @@ class ReplyRateLimit:
 
 class ReplyBudget:
     """A circuit breaker for generated replies: at most `per_minute` in all, and
-    `per_domain` to any one sender domain, per minute, in this process.
+    `per_domain` to any one sender domain, per minute.
 
     Confirmation requests go to a sender address anybody can forge; a flood
     of forged subscriptions must not turn the application into a spam
-    cannon (reliability A5).  Kept in memory: each filter process has its
-    own budget, and nothing is written to the database on the hot path.
+    cannon (reliability A5).  Where the count lives:
+
+    * `shared` (what `App` sets when its storage is a database): in the
+      state store, in the message's own transaction, under the one key
+      ``lamsonfilter:budget`` (state ``BUDGET``, data ``{"minute": ...,
+      "total": ..., "domains": {...}}``).  Every process and every filter
+      host on the database spends the same budget, and a message rolled
+      back spends nothing.  The key is locked from the reply to the commit,
+      so replying messages take turns for that short while (a deadlock with
+      another key ends as `ConflictError`: the message runs again);
+    * otherwise in this process's memory (`MemoryStorage`: tests, dry runs).
     """
 
-    def __init__(self, per_minute: int, per_domain: int) -> None:
+    STATE = "BUDGET"
+    KEY = "lamsonfilter:budget"
+
+    def __init__(self, per_minute: int, per_domain: int, *, shared: bool = False) -> None:
         if per_minute < 1 or per_domain < 1:
             raise ValueError("reply budget numbers must be at least 1")
         self.per_minute = per_minute
         self.per_domain = per_domain
+        self.shared = shared
         self._minute = -1
         self._total = 0
         self._domains: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def allow(self, recipient: str, now: float) -> bool:
+    def allow(self, recipient: str, now: float, tx: StateTransaction | None = None) -> bool:
+        """Count one reply to `recipient` at `now` and say whether it may go (in `tx` when shared)."""
         minute = int(now // 60)
         domain = recipient.rpartition("@")[2].lower()
+        if self.shared and tx is not None:
+            start, total, domains = self._stored(tx, minute)
+            if total >= self.per_minute or domains.get(domain, 0) >= self.per_domain:
+                return False
+            domains[domain] = domains.get(domain, 0) + 1
+            tx.set(self.KEY, self.STATE, {"minute": start, "total": total + 1, "domains": domains})
+            return True
         with self._lock:
-            # only forward: a message that began in the previous minute but gets here after
-            # one of this minute counts against this minute (no reset back and forth)
-            if minute > self._minute or minute < self._minute - 1:
-                self._minute, self._total, self._domains = minute, 0, {}
+            self._minute, self._total, self._domains = self._forward(
+                minute, self._minute, self._total, self._domains)
             if self._total >= self.per_minute or self._domains.get(domain, 0) >= self.per_domain:
                 return False
             self._total += 1
             self._domains[domain] = self._domains.get(domain, 0) + 1
             return True
 
-    def would_allow(self, recipient: str, now: float) -> bool:
+    def would_allow(self, recipient: str, now: float, tx: StateTransaction | None = None) -> bool:
         """Whether `allow` would say yes now, counting nothing."""
         minute = int(now // 60)
         domain = recipient.rpartition("@")[2].lower()
-        with self._lock:
-            if minute > self._minute or minute < self._minute - 1:
-                return True
-            return self._total < self.per_minute and self._domains.get(domain, 0) < self.per_domain
+        if self.shared and tx is not None:
+            _, total, domains = self._stored(tx, minute)
+        else:
+            with self._lock:
+                _, total, domains = self._forward(minute, self._minute, self._total, dict(self._domains))
+        return total < self.per_minute and domains.get(domain, 0) < self.per_domain
+
+    @staticmethod
+    def _forward(minute: int, start: int, total: int, domains: dict[str, int]) -> tuple[int, int, dict[str, int]]:
+        """The window as of `minute`.  Only forward: a message that began in the previous
+        minute but gets here after one of this minute counts against this minute."""
+        if minute > start or minute < start - 1:
+            return minute, 0, {}
+        return start, total, domains
+
+    def _stored(self, tx: StateTransaction, minute: int) -> tuple[int, int, dict[str, int]]:
+        record = tx.get(self.KEY)
+        data: Mapping[str, Any] = record.data if record is not None and record.state == self.STATE else {}
+        start, total, domains = data.get("minute"), data.get("total"), data.get("domains")
+        if not isinstance(start, int) or not isinstance(total, int) or not isinstance(domains, dict):
+            return minute, 0, {}  # none yet, or damaged: start over
+        return self._forward(minute, start, total, {str(k): int(v) for k, v in domains.items()})
 
     def __repr__(self) -> str:
         return f"ReplyBudget({self.per_minute}, {self.per_domain})"

@@ -37,7 +37,7 @@ Nothing lost, nothing repeated -- how errors surface:
   `max_age` (5 days, Postfix's ``maximal_queue_lifetime``) or
   `max_attempts` (200), it is given up: one ERROR line, and the row stays
   in the outbox table marked failed, with the recipients that never got it
-  (`StateStorage.failed_outbox`; housekeeping deletes only sent rows).
+  (`OutboxStore.failed_outbox`; housekeeping deletes only sent rows).
 * An envelope address that is not ASCII needs SMTPUTF8 (RFC 6531).  When
   the relay does not offer it, that recipient (or, for a non-ASCII sender,
   the whole message) is refused for good, as a 5xx would be.
@@ -61,8 +61,11 @@ list copy in Postfix's log leads back to the post that produced it:
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 import smtplib
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -73,7 +76,7 @@ if TYPE_CHECKING:
 
 from .decisions import OutboxMessage
 from .mail import _header_end
-from .state import PendingOutbox, StateStorage
+from .state import OutboxStore, PendingOutbox
 
 __all__ = ["MAX_ATTEMPTS", "MAX_RECIPIENTS", "OUTBOX_LIFETIME", "Delivery", "OutboxWorker", "Relay", "RelayError"]
 
@@ -85,6 +88,9 @@ MAX_RECIPIENTS = 500
 OUTBOX_LIFETIME = 5 * 24 * 3600.0
 #: ... or after this many failed attempts (with the default backoff, 5 days hold about 110).
 MAX_ATTEMPTS = 200
+#: How long an outbox worker's claim on a message lasts unless renewed (seconds); it
+#: renews after a third of it, before each SMTP transaction (`lamsonfilter.store.outbox`).
+OUTBOX_LEASE = 300.0
 #: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
 CAUSES_KEPT = 10_000
 
@@ -252,11 +258,17 @@ def _has_8bit(raw: bytes) -> bool:
 class OutboxWorker:
     """Sends committed outbox messages in a background thread (see the module docstring)."""
 
-    def __init__(self, storage: StateStorage, relay: Relay, interval: float = 30.0, batch: int = 100,
+    def __init__(self, storage: OutboxStore, relay: Relay, interval: float = 30.0, batch: int = 100,
                  housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0,
                  *, min_backoff: float | None = None, max_backoff: float = 4000.0,
-                 max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS,
+                 lease: float = OUTBOX_LEASE, worker_id: str | None = None) -> None:
         self.storage = storage
+        #: The name this worker's claims carry: host, process, and a random part.
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease = lease
+        self._held: set[int] = set()
+        self._renewed = 0.0
         self.housekeeping = housekeeping
         self.housekeeping_interval = housekeeping_interval
         self._last_housekeeping = 0.0
@@ -288,21 +300,25 @@ class OutboxWorker:
             # bounded: every round tries at least one message not tried before
             while True:
                 try:
-                    pending = self.storage.pending_outbox(self.batch, due_before=time.time())
+                    pending = self.storage.claim_outbox(self.worker_id, self.batch, self.lease,
+                                                        due_before=time.time())
                 except Exception as exc:  # noqa: BLE001 -- the store may be down; try later
-                    log.error("outbox: cannot read pending messages: %s", exc)
+                    log.error("outbox: cannot claim pending messages: %s", exc)
                     return len(tried)
+                self._held, self._renewed = {item.id for item in pending}, time.monotonic()
                 fresh = [item for item in pending if item.id not in tried]
-                if not fresh:
+                try:
+                    for item in fresh:
+                        tried.add(item.id)
+                        if self._keep_lease(item.id):
+                            self._deliver(item)
+                        self._held.discard(item.id)  # sent, deferred or failed: claim ended
+                except RelayError as exc:
+                    log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
                     return len(tried)
-                for item in fresh:
-                    tried.add(item.id)
-                    try:
-                        self._deliver(item)
-                    except RelayError as exc:
-                        log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
-                        return len(tried)
-                if len(pending) < self.batch:
+                finally:
+                    self._release()
+                if not fresh or len(pending) < self.batch:
                     return len(tried)
 
     def _deliver(self, item: PendingOutbox) -> None:
@@ -315,6 +331,10 @@ class OutboxWorker:
         step = max(1, self.relay.max_recipients)
         for start in range(0, len(remaining), step):
             chunk = remaining[start : start + step]
+            if start and not self._keep_lease(item.id):  # another worker has it now
+                if refused:
+                    self.storage.fail_recipients(item.id, [r for r, _ in refused], refused[-1][1])
+                return
             try:
                 result = self.relay.send(replace(message, recipients=tuple(chunk)))
             except RelayError:
@@ -365,6 +385,26 @@ class OutboxWorker:
         self.storage.defer_outbox(item.id, left, time.time() + delay, why)
         log.warning("outbox: message %d: %d recipient(s) deferred, attempt %d, next in %.0fs: %s",
                     item.id, len(left), attempts, delay, why)
+
+    def _keep_lease(self, id: int) -> bool:
+        """Whether this worker still holds message `id`, renewing the batch's lease
+        once a third of it has passed (so a long message keeps its claim)."""
+        if self._held and time.monotonic() - self._renewed > self.lease / 3:
+            self._held = self.storage.renew_claims(self.worker_id, sorted(self._held), self.lease)
+            self._renewed = time.monotonic()
+        if id not in self._held:
+            log.warning("outbox: message %d: claim lost (lease of %gs passed), left to the worker "
+                        "that took it over", id, self.lease)
+        return id in self._held
+
+    def _release(self) -> None:
+        """Give back the claims of messages this round did not finish (relay down, an error)."""
+        held, self._held = self._held, set()
+        if held:
+            try:
+                self.storage.release_claims(self.worker_id, sorted(held))
+            except Exception as exc:  # noqa: BLE001 -- they expire after the lease anyway
+                log.error("outbox: cannot release claims (they expire in %gs): %s", self.lease, exc)
 
     def _housekeep(self) -> None:
         now = time.monotonic()

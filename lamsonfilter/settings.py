@@ -245,7 +245,7 @@ def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:
     path = sqlite_path(resolved, app_dir) if app_dir is not None else None
     if path is not None and app_dir is not None and Path(app_dir).absolute() in path.parents:
         path.parent.mkdir(parents=True, exist_ok=True)  # APP/var belongs to the application
-    from .sqlstate import SQLAlchemyStorage
+    from .store.sql import SQLAlchemyStorage
 
     return SQLAlchemyStorage(resolved)
 

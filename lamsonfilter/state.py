@@ -1,4 +1,4 @@
-"""Where the state machines keep their state: the `StateStorage` protocol.
+"""Where the state machines keep their state: the `StateStore` and `OutboxStore` protocols.
 
 State is stored per key (a string such as
 ``mailinglist:python@lists.example.org:alice@example.com``) as a
@@ -16,8 +16,10 @@ neither:
 Two transactions touching the same key serialise: the second waits (or gets
 `ConflictError`, and `App.process` runs the message again).  Implementations:
 `MemoryStorage` here (tests, dry runs) and
-`lamsonfilter.sqlstate.SQLAlchemyStorage` (SQLite by default, PostgreSQL
-when several filter hosts share state).
+`lamsonfilter.store.sql.SQLAlchemyStorage` (SQLite by default, PostgreSQL
+when several filter hosts share state).  Both keep the two halves, the
+state (`StateStore`) and the outbox (`OutboxStore`), in one database: a
+`StateStorage`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .decisions import OutboxMessage
 __all__ = [
     "StateRecord",
     "StateTransaction",
+    "StateStore",
+    "OutboxStore",
     "StateStorage",
     "MemoryStorage",
     "StorageError",
@@ -101,7 +105,9 @@ class StateTransaction(Protocol):
         """Record an idempotency token; False if it was already recorded (a retry)."""
 
 
-class StateStorage(Protocol):
+class StateStore(Protocol):
+    """Where the state machines' records live: one transaction per message."""
+
     def transaction(self, commit: bool = True) -> Any:
         """A context manager yielding a `StateTransaction`; commits on success
         (rolls back instead when `commit` is False, for dry runs)."""
@@ -111,34 +117,6 @@ class StateStorage(Protocol):
 
     def create_schema(self) -> None:
         """Create (or upgrade) the tables; idempotent."""
-
-    def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
-        """Committed outbox messages neither sent nor failed, oldest first; with
-        `due_before` (a Unix time) only those whose next attempt is due by then."""
-
-    def mark_sent(self, ids: Sequence[int]) -> None:
-        """Mark outbox messages as handed to the relay (every recipient done)."""
-
-    def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
-        """Some recipients are done: only `remaining` are ever sent the message again."""
-
-    def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
-        """A failed attempt: count it, keep only `remaining`, try again at `next_attempt`."""
-
-    def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
-        """Give up: count the attempt and keep the message, marked failed, with the
-        recipients that never got it (never deleted by `purge_outbox`)."""
-
-    def fail_recipients(self, id: int, recipients: Sequence[str], error: str) -> None:
-        """Keep a failed copy of message `id` for `recipients` (refused for good): a new
-        row, as `fail_outbox` leaves one; the message itself goes on for the others."""
-
-    def failed_outbox(self, limit: int = 100) -> list[PendingOutbox]:
-        """Outbox messages given up on, oldest first (for the operator)."""
-
-    def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
-        """Delete at most `limit` messages marked sent before the Unix time `sent_before`
-        (one statement); returns how many.  Failed and pending messages stay."""
 
     def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
         """At most `limit` records whose key starts with `prefix` and sorts after
@@ -151,8 +129,67 @@ class StateStorage(Protocol):
         """Release connections."""
 
 
+class OutboxStore(Protocol):
+    """Where committed outbox messages wait for `lamsonfilter.relay.OutboxWorker`.
+
+    Messages enter the outbox only through `StateTransaction.add_outbox`,
+    in the transaction that commits the state change they belong to; the
+    worker then reads, sends and marks them through these methods.
+    """
+
+    def pending_outbox(self, limit: int = 100, due_before: float | None = None) -> list[PendingOutbox]:
+        """Committed outbox messages neither sent nor failed, oldest first; with
+        `due_before` (a Unix time) only those whose next attempt is due by then.
+        Claimed or not: for counting and showing, not for sending (`claim_outbox`)."""
+
+    def claim_outbox(self, worker: str, limit: int = 100, lease: float = 300.0,
+                     due_before: float | None = None) -> list[PendingOutbox]:
+        """Claim at most `limit` messages due by `due_before` that no worker holds (no
+        claim, or its lease passed) for `worker`, for `lease` seconds; oldest first.
+        Two workers never hold the same message (see `lamsonfilter.store.outbox`)."""
+
+    def renew_claims(self, worker: str, ids: Sequence[int], lease: float = 300.0) -> set[int]:
+        """Extend `worker`'s claims by `lease` seconds from now; returns the ids it still holds."""
+
+    def release_claims(self, worker: str, ids: Sequence[int]) -> None:
+        """Give up `worker`'s claims on these messages, unsent: any worker may take them."""
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        """Mark outbox messages as handed to the relay (every recipient done)."""
+
+    def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
+        """Some recipients are done: only `remaining` are ever sent the message again."""
+
+    def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
+        """A failed attempt: count it, keep only `remaining`, try again at `next_attempt`
+        (the claim ends)."""
+
+    def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
+        """Give up: count the attempt and keep the message, marked failed, with the
+        recipients that never got it (never deleted by `purge_outbox`; the claim ends)."""
+
+    def fail_recipients(self, id: int, recipients: Sequence[str], error: str) -> None:
+        """Keep a failed copy of message `id` for `recipients` (refused for good): a new
+        row, as `fail_outbox` leaves one; the message itself goes on for the others."""
+
+    def failed_outbox(self, limit: int = 100) -> list[PendingOutbox]:
+        """Outbox messages given up on, oldest first (for the operator)."""
+
+    def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
+        """Delete at most `limit` messages marked sent before the Unix time `sent_before`
+        (one statement); returns how many.  Failed and pending messages stay."""
+
+
+class StateStorage(StateStore, OutboxStore, Protocol):
+    """A store that keeps both, state and outbox, in one database (what
+    `App.storage` is): `MemoryStorage`, `lamsonfilter.store.sql.SQLAlchemyStorage`.
+    The outbox must share the state's database: `StateTransaction.add_outbox`
+    commits messages with the state change they belong to."""
+
+
 class MemoryStorage:
-    """State in a dict: for tests and dry runs.  One transaction at a time."""
+    """State and outbox in dicts (a `StateStorage`): for tests and dry runs.  One
+    transaction at a time."""
 
     def __init__(self) -> None:
         self._records: dict[str, StateRecord] = {}
@@ -160,6 +197,7 @@ class MemoryStorage:
         self._outbox: dict[int, PendingOutbox] = {}  # pending
         self._sent: dict[int, float] = {}  # id -> when marked sent
         self._failed: dict[int, PendingOutbox] = {}
+        self._claims: dict[int, tuple[str, float]] = {}  # id -> (worker, lease ends)
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -189,10 +227,34 @@ class MemoryStorage:
             items = [p for p in items if p.next_attempt is None or p.next_attempt <= due_before]
         return items[: max(0, limit)]
 
+    def claim_outbox(self, worker: str, limit: int = 100, lease: float = 300.0,
+                     due_before: float | None = None) -> list[PendingOutbox]:
+        with self._lock:
+            now = time.time()
+            free = [p for p in self.pending_outbox(len(self._outbox), due_before)
+                    if self._claims.get(p.id, ("", 0.0))[1] < now][: max(0, limit)]
+            for p in free:
+                self._claims[p.id] = (worker, now + lease)
+            return free
+
+    def renew_claims(self, worker: str, ids: Sequence[int], lease: float = 300.0) -> set[int]:
+        with self._lock:
+            held = {i for i in ids if i in self._outbox and self._claims.get(i, ("", 0.0))[0] == worker}
+            for i in held:
+                self._claims[i] = (worker, time.time() + lease)
+            return held
+
+    def release_claims(self, worker: str, ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in ids:
+                if self._claims.get(i, ("", 0.0))[0] == worker:
+                    del self._claims[i]
+
     def mark_sent(self, ids: Sequence[int]) -> None:
         with self._lock:
             now = time.time()
             for i in ids:
+                self._claims.pop(i, None)
                 if self._outbox.pop(i, None) is not None:
                     self._sent[i] = now
 
@@ -210,10 +272,12 @@ class MemoryStorage:
                     item, message=replace(item.message, recipients=tuple(remaining)),
                     attempts=item.attempts + 1, next_attempt=next_attempt, last_error=error,
                 )
+                self._claims.pop(id, None)
 
     def fail_outbox(self, id: int, remaining: Sequence[str], error: str) -> None:
         with self._lock:
             item = self._outbox.pop(id, None)
+            self._claims.pop(id, None)
             if item is not None:
                 self._failed[id] = replace(
                     item, message=replace(item.message, recipients=tuple(remaining)),

@@ -8,7 +8,8 @@
 
 Mail whose handlers touch neither state nor the outbox opens no database
 transaction at all.  When it does open, the message's replay record is
-read first, and a decision committed before is replayed (`Replayed`).  A
+read first, and a decision committed before is replayed (`Replayed`,
+`lamsonfilter.store.replay`).  A
 commit after the transport's deadline is refused (`DeadlinePassed`): the
 MTA was already told 4xx and sends the message again.  With a
 `lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
@@ -19,23 +20,17 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Sequence
 
-from .decisions import Decision, OutboxMessage
+from .decisions import OutboxMessage
 from .diagnostics import StateWrite, Trace
-from .state import StateRecord, StateStorage
+from .state import StateRecord, StateStore
+from .store import replay
+from .store.replay import Replayed
 
 __all__ = ["LazyTransaction", "DeadlinePassed", "Replayed"]
 
 
 class DeadlinePassed(Exception):
     """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
-
-
-class Replayed(Exception):
-    """The replay key has a committed decision: use it, run nothing (raised by `LazyTransaction`)."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__("decision replayed")
-        self.decision = decision
 
 
 class LazyTransaction:
@@ -46,11 +41,11 @@ class LazyTransaction:
     decision has no side effects, so running it again on a retry is harmless
     and no replay record is kept.  When the transaction does open, the
     replay record is looked up *first*: if this message's decision was
-    already committed, `_Replayed` aborts the run before anything the
+    already committed, `Replayed` (`lamsonfilter.store.replay`) aborts the run before anything the
     handlers did can be committed a second time (R13, M4).
     """
 
-    def __init__(self, storage: StateStorage, commit: bool, replay_key: str | None,
+    def __init__(self, storage: StateStore, commit: bool, replay_key: str | None,
                  deadline: float | None = None, trace: Trace | None = None) -> None:
         self._storage = storage
         self._commit = commit
@@ -69,10 +64,7 @@ class LazyTransaction:
             cm = self._storage.transaction(commit=self._commit)
             tx = cm.__enter__()
             self._cm, self._tx = cm, tx
-            if self._replay_key is not None:
-                done = tx.get(self._replay_key)
-                if done is not None:
-                    raise Replayed(Decision.from_record(done.data))
+            replay.check(tx, self._replay_key)
         return self._tx
 
     def __enter__(self) -> LazyTransaction:

@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 
 from lamsonfilter.decisions import OutboxMessage
 from lamsonfilter.relay import MAX_RECIPIENTS, Delivery, OutboxWorker, Relay, RelayError
-from lamsonfilter.sqlstate import SQLAlchemyStorage
+from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.state import MemoryStorage, StateStorage
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, free_port, wait_for

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.sqlstate import SCHEMA_VERSION, SQLAlchemyStorage
+from lamsonfilter.store.sql import SCHEMA_VERSION, SQLAlchemyStorage
 from lamsonfilter.state import (
     ConflictError,
     MemoryStorage,
@@ -902,6 +902,8 @@ def test_db_init_upgrades_a_schema_1_sqlite_file(tmp_path: Path) -> None:
         assert get(st, "k") == StateRecord("KEEP", {"v": 1})
         [pending] = st.pending_outbox()  # the sent one stays sent
         assert pending.id == 2 and pending.message.recipients == ("b@example.org",) and pending.attempts == 0
+        assert [p.id for p in st.claim_outbox("w", 5)] == [2]  # the claim columns were added
+        assert st.claim_outbox("other", 5) == []
         st.defer_outbox(2, ["b@example.org"], time.time() + 60, "451 later")
         assert st.pending_outbox(due_before=time.time()) == []
         assert st.purge_outbox(sent_before=time.time()) == 1
@@ -920,7 +922,8 @@ def test_create_schema_upgrades_a_schema_1_postgresql_database(pg_url: str) -> N
         with st.transaction() as tx:
             tx.add_outbox([msg(1)])
         _execute(pg_url, "ALTER TABLE lamsonfilter_outbox DROP COLUMN next_attempt_at, "
-                         "DROP COLUMN failed_at, DROP COLUMN last_error")
+                         "DROP COLUMN failed_at, DROP COLUMN last_error, "
+                         "DROP COLUMN claimed_by, DROP COLUMN claimed_until")
         _execute(pg_url, "UPDATE lamsonfilter_meta SET value = '1'")
         with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs"):
             st.check_schema()
@@ -928,6 +931,7 @@ def test_create_schema_upgrades_a_schema_1_postgresql_database(pg_url: str) -> N
         st.check_schema()
         [pending] = st.pending_outbox()
         assert pending.message == msg(1)
+        assert [p.id for p in st.claim_outbox("w", 5)] == [pending.id]  # claim columns added
         st.fail_outbox(pending.id, ["user1@example.org"], "550 no")
         assert [f.last_error for f in st.failed_outbox()] == ["550 no"]
     finally:

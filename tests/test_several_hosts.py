@@ -1,0 +1,121 @@
+"""Several filter hosts on one database: what they share, tested with two `App`s.
+
+Each "host" is an `App` with a storage of its own (its own engine and
+connections) on the same database -- SQLite and PostgreSQL.  They share
+the reply budget and the reply rate limit (counted in the database), the
+replay records (a retry through the other host replays the decision), and
+the schema (`create_schema` run by two hosts at once).  The outbox claims
+are tested in test_outbox_claims.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lamsonfilter.mail import MailRequest
+from lamsonfilter.state import StateStorage
+from lamsonfilter.store.sql import SCHEMA_VERSION, SQLAlchemyStorage
+from lamsonfilter.testing import AppTester, make_message
+from tests.test_state import SQL_BACKENDS, pg_schema, pg_url  # noqa: F401 -- fixtures
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
+LIST = "python@lists.example.org"
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    url: str = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def two_storages(db_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
+    a, b = SQLAlchemyStorage(db_url), SQLAlchemyStorage(db_url)
+    a.create_schema()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def outbox(storage: StateStorage) -> list[tuple[str, ...]]:
+    return [p.message.recipients for p in storage.pending_outbox(10_000)]
+
+
+def test_two_hosts_together_stay_within_the_reply_budget(
+    two_storages: tuple[SQLAlchemyStorage, SQLAlchemyStorage],
+) -> None:
+    hosts = [AppTester.from_directory(EXAMPLE, st, overrides={"REPLY_BUDGET": (20, 5)}, now=6000.0)
+             for st in two_storages]
+    replies = 0
+    for i in range(60):  # forged subscriptions, alternating between the hosts
+        r = hosts[i % 2].send(f"victim{i}@domain{i % 12}.example", "python-subscribe@lists.example.org")
+        replies += len(r.replies)
+    assert replies == 20  # not 20 per host
+    assert len(outbox(two_storages[0])) == 20
+
+
+def test_two_hosts_share_the_reply_rate_limit(
+    two_storages: tuple[SQLAlchemyStorage, SQLAlchemyStorage],
+) -> None:
+    hosts = [AppTester.from_directory(EXAMPLE, st, overrides={"REPLY_LIMIT": (2, 3600)}, now=6000.0)
+             for st in two_storages]
+    replies = [len(hosts[i % 2].send("alice@example.com", "python-help@lists.example.org").replies)
+               for i in range(6)]
+    assert sum(replies) == 2  # the limit per sender, whichever host answers
+
+
+def test_a_retry_through_another_host_replays_the_committed_decision(
+    two_storages: tuple[SQLAlchemyStorage, SQLAlchemyStorage],
+) -> None:
+    first, second = (AppTester.from_directory(EXAMPLE, st, now=6000.0).app for st in two_storages)
+    raw = make_message("alice@example.com", ("python-subscribe@lists.example.org",), "subscribe", "please\n")
+
+    def request() -> MailRequest:
+        r = MailRequest.from_bytes(raw, sender="alice@example.com",
+                                   recipients=("python-subscribe@lists.example.org",), queue_id="Q1")
+        r.replay_key = "xforward:host-a:Q1"  # what the transport derives; the same for the retry
+        return r
+
+    done = first.process(request(), now=6000.0)
+    assert len(done.outbox) == 1  # the confirmation request
+    again = second.process(request(), now=6001.0)  # Postfix retried through the other host
+    assert "retry: decision replayed" in again.notes
+    assert [o.action for o in again.outcomes] == [o.action for o in done.outcomes]
+    assert outbox(two_storages[1]) == [("alice@example.com",)]  # one confirmation, not two
+
+
+def test_two_hosts_creating_the_schema_at_once_both_succeed(db_url: str) -> None:
+    storages = [SQLAlchemyStorage(db_url) for _ in range(4)]
+    start = threading.Barrier(len(storages))
+    errors: list[BaseException] = []
+
+    def init(st: SQLAlchemyStorage) -> None:
+        try:
+            start.wait(10)
+            st.create_schema()
+        except BaseException as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=init, args=(st,)) for st in storages]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        for st in storages:
+            st.check_schema()  # complete, and in this version
+        from sqlalchemy import text
+
+        with storages[0]._begin("reading", read_only=True) as conn:
+            versions = conn.execute(text("SELECT value FROM lamsonfilter_meta")).all()
+        assert versions == [(str(SCHEMA_VERSION),)]  # one row, not one per host
+    finally:
+        for st in storages:
+            st.close()
