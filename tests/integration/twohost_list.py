@@ -42,7 +42,7 @@ from typing import Any
 from tests.integration.deploy import LIST_HOST
 from tests.reliability.accounting import Injected, Injector, delivered_seqs
 from tests.rig.postfix import CapturedMessage, wait_for
-from tests.rig.twohost import TwoHostRig
+from tests.integration.twohost import TwoHostRig
 
 __all__ = ["ListFigures", "run_list", "subscriber"]
 
@@ -74,6 +74,7 @@ class ListFigures:
     welcomes: int = 0
     welcome_duplicated: int = 0
     welcome_missing: int = 0
+    transitions_twice: int = 0  # subscribers whose state row was written more than twice by two messages
     refusals: int = 0  # other replies to subscribers (e.g. "bad confirmation": a confirm applied twice)
     post_copies: int = 0
     post_lost: int = 0  # (post, member) pairs with no copy
@@ -89,7 +90,8 @@ class ListFigures:
         return (f"{'+'.join(self.modes)}: {self.subscribers} subscribers, {self.posts} posts, "
                 f"{self.kills} kills: confirmations {self.confirm_requests} "
                 f"(dup {self.confirm_duplicated}, missing {self.confirm_missing}), welcomes {self.welcomes} "
-                f"(dup {self.welcome_duplicated}, missing {self.welcome_missing}), refusals {self.refusals}, "
+                f"(dup {self.welcome_duplicated}, missing {self.welcome_missing}), "
+                f"transitions applied twice {self.transitions_twice}, refusals {self.refusals}, "
                 f"post copies {self.post_copies} (lost {self.post_lost}, dup {self.post_duplicated}), "
                 f"resent {self.resent}, {self.seconds:.0f} s")
 
@@ -178,6 +180,15 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
     _wait_count(rig, lambda: sum(1 for s in subs if _to(rig.capture.messages, s, WELCOME_SUBJECT)),
                 subscribers, "subscribers with a welcome", figures)
     rig.settle()
+    # two messages per subscriber, two transitions (START -> PENDING -> MEMBER): the row's version
+    # counter is 2; a subscribe or confirm applied twice (a retry not replayed) makes it 3 or more
+    rows = {str(k): (str(state), int(str(v))) for k, state, v in rig.database.rows(
+        "SELECT key, state, version FROM lamsonfilter_state WHERE key LIKE %s", (f"mailinglist:{LIST}:%",))}
+    for s in subs:
+        state, version = rows.get(f"mailinglist:{LIST}:{s.lower()}", ("-", 0))
+        figures.transitions_twice += version > 2
+        if state != "MEMBER":
+            figures.problems.append(f"{s}: state {state} (version {version}), not MEMBER")
 
     # 3. posts by members, alternating hosts
     post_jobs = [(p % n_hosts, subs[p % subscribers], f"{LIST}@{LIST_HOST}") for p in range(posts)]
@@ -213,7 +224,7 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
             figures.post_duplicated += n > 1
     figures.seconds = time.monotonic() - started
     for name in ("confirm_duplicated", "confirm_missing", "welcome_duplicated", "welcome_missing",
-                 "refusals", "post_lost", "post_duplicated"):
+                 "transitions_twice", "refusals", "post_lost", "post_duplicated"):
         if getattr(figures, name):
             figures.problems.append(f"{name}: {getattr(figures, name)}")
     return figures

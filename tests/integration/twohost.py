@@ -34,6 +34,9 @@ Test settings written into both applications: ``REPLY_BUDGET = (2000, 30)``
 test, not the outbox: a 200-subscriber run sends 400 replies in about a
 minute).
 
+It lives beside tests/integration/deploy.py, whose `Deployment` each host
+is, rather than in tests/rig (the rig's classes stand alone).
+
 Safety: loopback only; every wait is bounded; the only processes signalled
 are the filter processes and Postfix masters this rig started; the only
 database dropped is the one it created.
@@ -94,6 +97,14 @@ class SharedDatabase:
         self._created = True
         return self
 
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """The rows of one read-only query on the database (to count what the hosts wrote)."""
+        import psycopg
+
+        dsn = self.url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+
     def drop(self) -> None:
         """Drop the database this object created (FORCE: ends the hosts' leftover sessions)."""
         if not self._created:
@@ -113,7 +124,7 @@ def _prepare_shared_app(dep: Deployment, database_url: str) -> None:
     (dep.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
     with open(dep.app_dir / "config" / "settings.py", "a") as f:
         f.write(
-            "\n# added by tests/rig/twohost.py\n"
+            "\n# added by tests/integration/twohost.py\n"
             'HANDLERS = HANDLERS + ["lftest"]\n'
             f'RELAY = "127.0.0.1:{dep.relay_port}"\n'
             f"DATABASE_URL = {database_url!r}\n" + RIG_SETTINGS
