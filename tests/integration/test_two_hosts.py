@@ -1,6 +1,6 @@
 """Two filter hosts on one PostgreSQL database: the example list exactly once (issue 16).
 
-The two-host rig (tests/rig/twohost.py: two private Postfix instances,
+The two-host rig (tests/integration/twohost.py: two private Postfix instances,
 two lamsonfilter processes, one database of the test's own on the server
 at 127.0.0.1:5432, one capture server) carries the example list through
 tests/integration/twohost_list.py's three phases: subscribers spread over
@@ -25,7 +25,7 @@ import pytest
 from tests.integration.twohost_list import run_list
 from tests.reliability.accounting import figures_path
 from tests.rig.fixtures import POSTFIX_BINARIES, require, require_module, skip_or_fail
-from tests.rig.twohost import TwoHostRig
+from tests.integration.twohost import TwoHostRig
 
 SMALL = (40, 10)
 FULL = (200, 50)
