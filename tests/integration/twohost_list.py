@@ -19,7 +19,11 @@ counts every (post, member) copy.
 
 `kill` (optional) is called in a thread of its own while each phase's
 second half is being sent: the test of SIGKILLs passes
-``lambda phase: (rig.kill(0), rig.restart(0))``.
+``lambda phase: (rig.kill(0), rig.restart(0))``.  A host killed while
+sending leaves outbox messages claimed; another worker takes them over
+when the claim's lease (``lamsonfilter.relay.OUTBOX_LEASE``, 300 s) has
+passed, so with `kill` every wait is longer by the lease: such a run takes
+up to three leases more.
 
 What comes back (`ListFigures`) is what the assertions and
 docs/reliability.rst use: confirmation requests and welcomes per
@@ -39,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lamsonfilter.relay import OUTBOX_LEASE
 from tests.integration.deploy import LIST_HOST
 from tests.reliability.accounting import Injected, Injector, delivered_seqs
 from tests.rig.postfix import CapturedMessage, wait_for
@@ -140,10 +145,10 @@ def _send_phase(rig: TwoHostRig, injectors: list[Injector], jobs: list[tuple[int
 
 
 def _wait_count(rig: TwoHostRig, count: Callable[[], int], expected: int, what: str,
-                figures: ListFigures) -> None:
-    """Wait (bounded, ~1 minute + 0.2 s a message) until `count()` reaches `expected`; flush as it
-    goes.  A shortfall is noted in `figures.problems` (the count at the end says what is missing)."""
-    deadline = time.monotonic() + 60 + 0.2 * expected
+                figures: ListFigures, patience: float) -> None:
+    """Wait (bounded, ~1 minute + 0.2 s a message + `patience`) until `count()` reaches `expected`;
+    flush as it goes.  A shortfall is noted in `figures.problems` (the final count says what)."""
+    deadline = time.monotonic() + 60 + 0.2 * expected + patience
     while time.monotonic() < deadline:  # bounded by the deadline
         if count() >= expected:
             return
@@ -157,6 +162,9 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
     """The three phases (see the module doc) through `rig`; the counted `ListFigures`."""
     started = time.monotonic()
     figures = ListFigures(rig.modes, subscribers, posts)
+    # A SIGKILLed host leaves the outbox messages it had claimed; another worker takes them over
+    # once the lease has passed (lamsonfilter.relay.OUTBOX_LEASE): with kills, waits include it.
+    patience = OUTBOX_LEASE + 30 if kill is not None else 0.0
     subs = [subscriber(i) for i in range(subscribers)]
     n_hosts = len(rig.hosts)
     injectors = [Injector(h, f"h{i}") for i, h in enumerate(rig.hosts)]
@@ -165,8 +173,8 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
     _send_phase(rig, injectors, [(i % n_hosts, s, f"{LIST}-subscribe@{LIST_HOST}") for i, s in enumerate(subs)],
                 "subscribe", kill, figures)
     _wait_count(rig, lambda: sum(1 for s in subs if _to(rig.capture.messages, s, CONFIRM_SUBJECT)),
-                subscribers, "subscribers with a confirmation request", figures)
-    rig.settle()
+                subscribers, "subscribers with a confirmation request", figures, patience)
+    rig.settle(120 + patience)
 
     # 2. confirm, each through the other host, with the token of its (first) request
     messages = rig.capture.messages
@@ -178,8 +186,8 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
             jobs.append(((i + 1) % n_hosts, s, m.group(0)))
     _send_phase(rig, injectors, jobs, "confirm", kill, figures)
     _wait_count(rig, lambda: sum(1 for s in subs if _to(rig.capture.messages, s, WELCOME_SUBJECT)),
-                subscribers, "subscribers with a welcome", figures)
-    rig.settle()
+                subscribers, "subscribers with a welcome", figures, patience)
+    rig.settle(120 + patience)
     # two messages per subscriber, two transitions (START -> PENDING -> MEMBER): the row's version
     # counter is 2; a subscribe or confirm applied twice (a retry not replayed) makes it 3 or more
     rows = {str(k): (str(state), int(str(v))) for k, state, v in rig.database.rows(
@@ -198,8 +206,8 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
     def copies() -> Counter[tuple[str, str]]:
         return Counter({k: n for k, n in delivered_seqs(rig.capture.messages).items() if k[0] in post_seqs})
 
-    _wait_count(rig, lambda: len(copies()), posts * subscribers, "(post, member) pairs delivered", figures)
-    rig.settle()
+    _wait_count(rig, lambda: len(copies()), posts * subscribers, "(post, member) pairs delivered", figures, patience)
+    rig.settle(120 + patience)
 
     # the count
     messages = rig.capture.messages
