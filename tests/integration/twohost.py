@@ -228,13 +228,13 @@ class TwoHostRig:
         for host in reversed(self.hosts):
             try:
                 host.stop()
-            except Exception as exc:  # keep stopping the others
+            except Exception as exc:  # noqa: BLE001 -- keep stopping the others
                 errors.append(f"{host.mode} host {host.workdir}: {exc}")
         self.hosts = []
         self.capture.stop()
         try:
             self.database.drop()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- reported below, with the others
             errors.append(f"DROP DATABASE {self.database.name}: {exc}")
         if errors:
             raise RuntimeError("two-host rig: " + "; ".join(errors))

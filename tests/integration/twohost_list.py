@@ -45,9 +45,9 @@ from typing import Any
 
 from lamsonfilter.relay import OUTBOX_LEASE
 from tests.integration.deploy import LIST_HOST
-from tests.reliability.accounting import Injected, Injector, delivered_seqs
-from tests.rig.postfix import CapturedMessage, wait_for
 from tests.integration.twohost import TwoHostRig
+from tests.reliability.accounting import Injected, Injector, delivered_seqs
+from tests.rig.postfix import CapturedMessage
 
 __all__ = ["ListFigures", "run_list", "subscriber"]
 
