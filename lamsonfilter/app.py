@@ -40,7 +40,7 @@ from .mail import MailRequest, split_address
 from .routing import Router, RouteMatch, RoutingError, handler_signature_problems
 from .state import ConflictError, MemoryStorage, StateStorage
 from .store import replay
-from .store.replay import REPLAY_PREFIX, Replayed
+from .store.replay import Replayed
 from .transaction import DeadlinePassed, LazyTransaction
 from .views import Views
 

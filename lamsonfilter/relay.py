@@ -2,7 +2,7 @@
 
 Handlers never send mail.  `App.process` commits the outbox together with
 the state change; the transports then wake an `OutboxWorker`, which reads
-the committed messages from the state store, hands each to the `Relay`
+the committed messages it claimed from the store, hands each to the `Relay`
 (Postfix's reinjection listener, which does not filter again, so generated
 mail is never handled twice) and records, per recipient, what the relay
 said.  The outbox is in the database, not in memory: whatever was not
@@ -15,34 +15,26 @@ handed over is tried again later, also after a restart.
     worker.wake()            # after each processed message
     worker.stop()
 
-Nothing lost, nothing repeated -- how errors surface:
+Nothing lost, nothing repeated (docs/design.rst, "Handlers ask, the
+runtime acts" and "Claims and leases", says why each rule is so):
 
-* The relay is unreachable (refused connection, no greeting, EHLO
-  refused): nothing was attempted; the batch stops, every message stays
-  pending as it was (one WARNING line) and is tried at the next wake-up.
-* Each recipient is accounted for on its own.  Recipients the relay
-  accepted are taken out of the message for good (recorded after every
-  SMTP transaction), so they are never sent it again.  A 5xx drops that
-  recipient with one ERROR line naming the message and the recipient,
-  and keeps a failed copy of the message for the refused recipients.
-  A 4xx, a broken connection or a timeout in the middle of a transaction
-  keeps the recipient for the next attempt.
-* At most `Relay.max_recipients` (500) recipients go into one SMTP
-  transaction, below Postfix's ``smtpd_recipient_limit`` (1000 by
-  default; past it smtpd answers ``452 4.5.3 Error: too many recipients``).
-* A message with recipients left counts a failed attempt and backs off on
-  its own (`OutboxWorker.min_backoff`, by default the worker's interval,
-  30 s, doubling up to `max_backoff`, 4000 s like Postfix's
-  ``maximal_backoff_time``); the messages behind it go on.  After
-  `max_age` (5 days, Postfix's ``maximal_queue_lifetime``) or
-  `max_attempts` (200), it is given up: one ERROR line, and the row stays
-  in the outbox table marked failed, with the recipients that never got it
-  (`OutboxStore.failed_outbox`; housekeeping deletes only sent rows).
-* An envelope address that is not ASCII needs SMTPUTF8 (RFC 6531).  When
-  the relay does not offer it, that recipient (or, for a non-ASCII sender,
-  the whole message) is refused for good, as a 5xx would be.
-* Any other exception is a failed attempt of that message; the worker
-  thread logs it (one line, the traceback at DEBUG) and keeps running.
+* The worker sends only what it claimed (`OutboxStore.claim_outbox`), so
+  any number of workers, processes or hosts, share one outbox; it renews
+  the lease while it sends and stops on a message it no longer holds.
+* A relay that cannot be reached (refused connection, no greeting, EHLO
+  refused) stops the batch: nothing attempted, claims released, one WARNING.
+* Each recipient is accounted for on its own: the accepted ones are taken
+  out of the stored message after every SMTP transaction; a 5xx (or an
+  address needing SMTPUTF8 the relay lacks) drops that recipient with one
+  ERROR line and keeps a failed copy for it; a 4xx, a broken connection or
+  a timeout keeps it for the next attempt.  At most `Relay.max_recipients`
+  (500) go into one transaction, below Postfix's ``smtpd_recipient_limit``.
+* A message with recipients left backs off on its own (`min_backoff`,
+  doubling up to `max_backoff`, 4000 s like Postfix); after `max_age` (5
+  days) or `max_attempts` (200) it is given up and its row kept, marked
+  failed (`OutboxStore.failed_outbox`; housekeeping deletes only sent rows).
+* Any other exception is a failed attempt of that message, logged in one
+  line (the traceback at DEBUG); the thread keeps running.
 
 Tracing: every message handed over is logged with its ``Message-ID`` and
 the relay's reply to the final dot (Postfix's ``250 2.0.0 Ok: queued as

@@ -218,7 +218,9 @@ def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> N
     finally:
         st.close()
     with HoldingCapture(victim="w0", at=5) as capture:
-        procs = [spawn(db_url, capture.port, f"w{i}", lease=2.0) for i in range(workers)]
+        # a short lease, so the takeover comes soon, yet longer than any one SMTP transaction
+        # on a loaded machine (a stall past the lease would let another worker send it too)
+        procs = [spawn(db_url, capture.port, f"w{i}", lease=6.0) for i in range(workers)]
         try:
             assert capture.held.wait(60), "the victim never reached its 5th message"
             os.kill(procs[0].pid, signal.SIGKILL)  # mid-flush: claims held, a message on the wire
@@ -260,3 +262,57 @@ def test_a_worker_stops_sending_a_message_it_no_longer_holds(storage: StateStora
     assert relay.thief == [pending.id]
     assert pending.message.recipients == ("b@x.test", "c@x.test")  # progress kept for the new holder
     assert storage.renew_claims("thief", [pending.id]) == {pending.id}
+
+
+class _Clock:
+    """A clock the test moves: `time.time` and `time.monotonic` of the worker and the stores."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _SlowRelay(Relay):
+    """Each SMTP transaction takes 200 s of the test's clock; after each, a thief tries to claim."""
+
+    def __init__(self, storage: StateStorage, clock: _Clock) -> None:
+        super().__init__(max_recipients=1)
+        self.storage, self.clock = storage, clock
+        self.sent: list[tuple[str, ...]] = []
+        self.stolen: list[int] = []
+
+    def send(self, message: OutboxMessage) -> Any:
+        from lamsonfilter.relay import Delivery
+
+        self.clock.advance(200.0)
+        self.sent.append(message.recipients)
+        self.stolen += [p.id for p in self.storage.claim_outbox("thief", 5, lease=300.0)]
+        return Delivery(accepted=message.recipients)
+
+
+def test_the_lease_is_renewed_while_a_long_message_is_sent(
+    storage: StateStorage, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lamsonfilter.relay
+    import lamsonfilter.state
+    import lamsonfilter.store.outbox
+
+    clock = _Clock()
+    for module in (lamsonfilter.relay, lamsonfilter.state, lamsonfilter.store.outbox):
+        monkeypatch.setattr(module, "time", clock)
+    rcpts = tuple(f"r{i}@x.test" for i in range(4))
+    with storage.transaction() as tx:
+        tx.add_outbox([OutboxMessage("s@example.org", rcpts, b"Subject: x\r\n\r\n", "message")])
+    relay = _SlowRelay(storage, clock)
+    OutboxWorker(storage, relay, interval=3600.0, lease=300.0, worker_id="slow").flush()
+    assert relay.stolen == []  # 800 s of sending under a 300 s lease: renewed, never free
+    assert relay.sent == [(r,) for r in rcpts]
+    assert storage.pending_outbox() == []

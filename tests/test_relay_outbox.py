@@ -478,7 +478,8 @@ def _sqlite_statements(storage: SQLAlchemyStorage) -> list[str]:
 
 
 def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path: Path) -> None:
-    from lamsonfilter.app import REPLAY_PREFIX, App
+    from lamsonfilter.app import App
+    from lamsonfilter.store.replay import REPLAY_PREFIX
     from lamsonfilter.runtime import Runtime
 
     storage = SQLAlchemyStorage(f"sqlite:///{tmp_path / 'state.db'}")

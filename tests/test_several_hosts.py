@@ -119,3 +119,24 @@ def test_two_hosts_creating_the_schema_at_once_both_succeed(db_url: str) -> None
     finally:
         for st in storages:
             st.close()
+
+
+def test_a_host_starting_on_a_fresh_sqlite_file_waits_for_another_in_a_transaction(tmp_path: Path) -> None:
+    """SQLite's switch of a new file to WAL says "database is locked" at once (no busy
+    handler) while another connection writes; the storage waits for it instead."""
+    import sqlite3
+
+    db = tmp_path / "fresh.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE elsewhere (x)")  # another host's first transaction, still open
+    done = threading.Timer(0.3, other.execute, args=("COMMIT",))  # it ends well within lock_timeout
+    done.start()
+    st = SQLAlchemyStorage(f"sqlite:///{db}", lock_timeout=20.0)
+    try:
+        st.create_schema()
+        st.check_schema()
+    finally:
+        done.join(20)
+        st.close()
+        other.close()

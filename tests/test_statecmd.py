@@ -27,7 +27,8 @@ def test_list_and_show_the_keys_a_message_wrote(tmp_path: Path) -> None:
     [line] = [x for x in r.output.splitlines() if x.startswith("mailinglist:")]
     assert line.startswith(f"{key}  PENDING  {{")
     objs = [json.loads(x) for x in invoke("state", "list", "--app", APP, "--database", db, "--json").output.splitlines()]
-    assert {o["key"] for o in objs} == {key, "lamsonfilter:rate:mailinglist:alice@example.com"}
+    assert {o["key"] for o in objs} == {key, "lamsonfilter:rate:mailinglist:alice@example.com",
+                                        "lamsonfilter:budget"}  # the reply limit and budget, shared
     shown = json.loads(invoke("state", "show", "--app", APP, "--database", db, "--json", key).output)
     assert shown["state"] == "PENDING" and len(shown["data"]["token"]) == 32
     r = invoke("state", "show", "--app", APP, "--database", db, key)

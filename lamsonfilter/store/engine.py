@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sqlite3
 import threading
+import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -91,6 +93,26 @@ def _display(url: URL) -> str:
         url = url.difference_update_query(["password"])
     return url.render_as_string(hide_password=True)
 
+
+
+def _switch_to_wal(cursor: Any, timeout: float) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting up to `timeout` seconds for the lock it needs.
+
+    On a file still in rollback mode (a fresh database) the switch needs an
+    exclusive lock, and SQLite answers "database is locked" at once, without
+    its busy handler, when another connection is in a transaction (several
+    processes or hosts starting on a new file together).  Once the file is
+    in WAL mode the pragma is a no-op.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # bounded by the deadline: a retry, not a wait for anyone
 
 
 class SQLEngine:
@@ -180,7 +202,7 @@ class SQLEngine:
                 try:
                     cursor.execute(f"PRAGMA busy_timeout = {timeout_ms}")
                     if not memory:
-                        cursor.execute("PRAGMA journal_mode = WAL")
+                        _switch_to_wal(cursor, timeout_ms / 1000)
                 finally:
                     cursor.close()
 
