@@ -2,7 +2,7 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap bootstrap-run test run dry-run check soak
+.PHONY: bootstrap bootstrap-run test run dry-run check soak twohost
 
 # everything, the test toolchain included (mypy, hypothesis, atheris, docutils, ruff, pytest)
 bootstrap:
@@ -36,3 +36,9 @@ MINUTES ?= 60
 SOAK_ARGS ?=
 soak: bootstrap
 	$(VENV)/bin/python -m tests.reliability.soak --mode $(MODE) --minutes $(MINUTES) $(SOAK_ARGS)
+
+# issue 16: the example list through two filter hosts on one PostgreSQL database at full size
+# (200 subscribers, 50 posts; the default suite runs 40 and 10), every pairing of modes,
+# with and without SIGKILLs (tests/integration/test_two_hosts.py).
+twohost: bootstrap
+	LF_TWOHOST_FULL=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -s tests/integration/test_two_hosts.py

@@ -33,6 +33,8 @@
 #        BENCH_LARGE_N BENCH_LARGE_L BENCH_WARMUP BENCH_CONFIGS BENCH_RCPT BENCH_REP_TIMEOUT
 #        BENCH_SMTPD_PORT BENCH_PIN_CPU BENCH_MILTER_ARGS (extra options for `lamsonfilter milter`)
 #        BENCH_SOURCE_ARGS (extra smtp-source options, e.g. -d: several messages per connection)
+#        BENCH_SOURCE (the load program, default smtp-source; it gets smtp-source's options:
+#        bench/stateful_bench.sh uses bench/stateful_source.py)
 #        BENCH_APP (another application directory; default examples/mailinglist)
 #        BENCH_TAG=1 adds a handler for tag@lists.example.org that adds a header and delivers
 #        (with BENCH_RCPT=tag@lists.example.org: routed mail with an end-of-message change)
@@ -297,7 +299,7 @@ send_batch() {  # send_batch N LEN -> DELIVERED ELAPSED SRC_RC
   "$PY" "$RUN/watch.py" "$SINK_OUT" "$c0" "$n" "$((REP_TIMEOUT + 30))" > "$wout" &
   wpid=$!; PIDS+=("$wpid"); sleep 0.2
   t0=$(now); SRC_RC=0
-  timeout "$REP_TIMEOUT" smtp-source ${BENCH_SOURCE_ARGS:-} -s "$SESSIONS" -m "$n" -l "$len" -M bench.localdomain \
+  timeout "$REP_TIMEOUT" ${BENCH_SOURCE:-smtp-source} ${BENCH_SOURCE_ARGS:-} -s "$SESSIONS" -m "$n" -l "$len" -M bench.localdomain \
     -f bench@example.test -t "$RCPT" -S "milter bench" 127.0.0.1:"$SMTPD_PORT" \
     >> "$LOG/smtp-source.out" 2>&1 || SRC_RC=$?
   if [ "$SRC_RC" != 0 ]; then
