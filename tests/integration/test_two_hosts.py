@@ -1,9 +1,9 @@
 """Two filter hosts on one PostgreSQL database: the example list exactly once (issue 16).
 
-The two-host rig (tests/integration/twohost.py: two private Postfix instances,
+The two-host rig (tests/rig/twohost.py: two private Postfix instances,
 two lamsonfilter processes, one database of the test's own on the server
 at 127.0.0.1:5432, one capture server) carries the example list through
-tests/integration/twohost_list.py's three phases: subscribers spread over
+tests/rig/twohost_list.py's three phases: subscribers spread over
 both hosts, each confirming through the *other* host, then posts.  Every
 subscriber must get exactly one confirmation request and one welcome,
 every member exactly one copy of every post.
@@ -28,9 +28,9 @@ import os
 
 import pytest
 
-from tests.integration.twohost import TwoHostRig
-from tests.integration.twohost_list import run_list
-from tests.reliability.accounting import figures_path
+from tests.rig.twohost import TwoHostRig
+from tests.rig.twohost_list import run_list
+from tests.rig.accounting import figures_path
 from tests.rig.fixtures import POSTFIX_BINARIES, require, require_module, skip_or_fail
 
 SMALL = (40, 10)

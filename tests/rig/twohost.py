@@ -53,9 +53,9 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from tests.integration.deploy import EXAMPLE, TEST_HANDLER, Deployment, SendResult
-from tests.integration.deploy_milter import MilterDeployment
-from tests.integration.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.deploy import EXAMPLE, TEST_HANDLER, Deployment, SendResult
+from tests.rig.deploy_milter import MilterDeployment
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.postfix import CaptureServer
 
 __all__ = ["HOST_MODES", "PG_SERVER_URL", "SharedDatabase", "TwoHostRig", "make_host"]
@@ -124,7 +124,7 @@ def _prepare_shared_app(dep: Deployment, database_url: str) -> None:
     (dep.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
     with open(dep.app_dir / "config" / "settings.py", "a") as f:
         f.write(
-            "\n# added by tests/integration/twohost.py\n"
+            "\n# added by tests/rig/twohost.py\n"
             'HANDLERS = HANDLERS + ["lftest"]\n'
             f'RELAY = "127.0.0.1:{dep.relay_port}"\n'
             f"DATABASE_URL = {database_url!r}\n" + RIG_SETTINGS

@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lamsonfilter.relay import OUTBOX_LEASE
-from tests.integration.deploy import LIST_HOST
-from tests.integration.twohost import TwoHostRig
-from tests.reliability.accounting import Injected, Injector, delivered_seqs
+from tests.rig.deploy import LIST_HOST
+from tests.rig.twohost import TwoHostRig
+from tests.rig.accounting import Injected, Injector, delivered_seqs
 from tests.rig.postfix import CapturedMessage
 
 __all__ = ["ListFigures", "run_list", "subscriber"]
