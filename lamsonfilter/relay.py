@@ -82,6 +82,7 @@ OUTBOX_LIFETIME = 5 * 24 * 3600.0
 MAX_ATTEMPTS = 200
 #: How long an outbox worker's claim on a message lasts unless renewed (seconds); it
 #: renews after a third of it, before each SMTP transaction (`lamsonfilter.store.outbox`).
+#: The default of the application setting ``OUTBOX_LEASE``, which the daemons pass on.
 OUTBOX_LEASE = 300.0
 #: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
 CAUSES_KEPT = 10_000

@@ -40,6 +40,10 @@ REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (
 POISON_LIMIT       content filter: attempts at one message that     ``5``
                    crashed or timed out before it is quarantined
                    (``0``: never; reliability R15, lamsonfilter.daemon.poison)
+OUTBOX_LEASE       seconds an outbox worker's claim on a message    ``300``
+                   lasts: a dead worker's claims are taken over
+                   after it; longer than any SMTP transaction to
+                   RELAY (docs/several-hosts.rst)
 =================  ===============================================  ==========================
 
 Names in capitals are settings.  An application may add its own (the
@@ -94,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_TTL": 7 * 24 * 3600,
     "METRICS": None,
     "POISON_LIMIT": 5,
+    "OUTBOX_LEASE": 300,
 }
 
 
@@ -204,6 +209,9 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         fail("POISON_LIMIT", f"must be a number of attempts (0: never quarantine), not {pl!r}")
     if not isinstance(values["REPLAY_TTL"], (int, float)) or values["REPLAY_TTL"] < 3600:
         fail("REPLAY_TTL", "must be a number of seconds, at least 3600 (longer than the MTA retries)")
+    lease = values["OUTBOX_LEASE"]
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
+        fail("OUTBOX_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
 
 
 def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:

@@ -155,3 +155,28 @@ def test_the_runtime_releases_free_memory_every_trim_every_messages(app_dir, mon
         rt.process(req("friend@elsewhere.example"))
     rt.stop()
     assert len(calls) == 2  # after the 3rd and the 6th message
+
+
+def test_the_outbox_lease_setting_reaches_the_outbox_worker(app_dir):
+    CliRunner().invoke(main, ["db", "init", "--app", str(app_dir)], catch_exceptions=False)
+    with open(app_dir / "config" / "settings.py", "a") as f:
+        f.write("\nOUTBOX_LEASE = 12\n")
+    rt = Runtime.from_directory(app_dir)
+    try:
+        assert rt.worker is not None and rt.worker.lease == 12.0
+    finally:
+        rt.stop()
+    rt = Runtime.from_directory(app_dir, {"OUTBOX_LEASE": 45})
+    try:
+        assert rt.worker is not None and rt.worker.lease == 45.0
+    finally:
+        rt.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", '"300"', "True", "float('inf')"])
+def test_a_bad_outbox_lease_is_refused_at_start_up_with_one_line(app_dir, value):
+    with open(app_dir / "config" / "settings.py", "a") as f:
+        f.write(f"\nOUTBOX_LEASE = {value}\n")
+    r = CliRunner().invoke(main, ["routes", "--app", str(app_dir)])
+    assert r.exit_code == 2
+    assert r.output.count("\n") == 1 and "OUTBOX_LEASE must be a positive number of seconds" in r.output

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 from ..app import App, StartupError
 from ..decisions import Decision, Outcome
 from ..mail import MailRequest
-from ..relay import OutboxWorker, Relay, message_id
+from ..relay import OUTBOX_LEASE, OutboxWorker, Relay, message_id
 from ..state import StorageError
 from .metrics import Metrics
 from .poison import DEFAULT_LIMIT, AttemptLog
@@ -60,7 +60,8 @@ class Runtime:
         self.app = app
         self.relay = relay
         self.worker = (
-            OutboxWorker(app.storage, relay, interval=outbox_interval, housekeeping=self._housekeeping)
+            OutboxWorker(app.storage, relay, interval=outbox_interval, housekeeping=self._housekeeping,
+                         lease=float(app.settings.get("OUTBOX_LEASE", OUTBOX_LEASE)))
             if relay else None
         )
         self.directory = directory
@@ -100,6 +101,7 @@ class Runtime:
             old, self.app = self.app, new
             if self.worker is not None:
                 self.worker.storage = new.storage
+                self.worker.lease = float(new.settings.get("OUTBOX_LEASE", OUTBOX_LEASE))
             if self.metrics is not None:
                 self.metrics.storage = new.storage
             log.info("reloaded %s", self.directory)

@@ -32,7 +32,10 @@ accounting harness (tests/reliability/accounting.py: `Injector`,
 Test settings written into both applications: ``REPLY_BUDGET = (2000, 30)``
 (the default 300 replies a minute per process would be the limit under
 test, not the outbox: a 200-subscriber run sends 400 replies in about a
-minute).
+minute) and ``OUTBOX_LEASE = 15`` (`RIG_LEASE`: a SIGKILLed host's claimed
+outbox messages are taken over after 15 s instead of 5 minutes; an SMTP
+transaction to the loopback capture server takes well under a second, so
+the lease cannot run out mid-send and cause a second copy).
 
 It lives beside tests/integration/deploy.py, whose `Deployment` each host
 is, rather than in tests/rig (the rig's classes stand alone).
@@ -58,13 +61,15 @@ from tests.rig.deploy_milter import MilterDeployment
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.postfix import CaptureServer
 
-__all__ = ["HOST_MODES", "PG_SERVER_URL", "SharedDatabase", "TwoHostRig", "make_host"]
+__all__ = ["HOST_MODES", "PG_SERVER_URL", "RIG_LEASE", "SharedDatabase", "TwoHostRig", "make_host"]
 
 #: The PostgreSQL server the rig creates its database on (any database of it to connect to).
 PG_SERVER_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 HOST_MODES = ("smtpproxy", "milter")
+#: The outbox lease (seconds) the rig's applications run with (setting OUTBOX_LEASE).
+RIG_LEASE = 15.0
 #: The settings the rig adds to each host's copy of the example application.
-RIG_SETTINGS = "REPLY_BUDGET = (2000, 30)\n"
+RIG_SETTINGS = f"REPLY_BUDGET = (2000, 30)\nOUTBOX_LEASE = {RIG_LEASE!r}\n"
 
 
 class SharedDatabase:

@@ -21,9 +21,9 @@ counts every (post, member) copy.
 second half is being sent: the test of SIGKILLs passes
 ``lambda phase: (rig.kill(0), rig.restart(0))``.  A host killed while
 sending leaves outbox messages claimed; another worker takes them over
-when the claim's lease (``lamsonfilter.relay.OUTBOX_LEASE``, 300 s) has
-passed, so with `kill` every wait is longer by the lease: such a run takes
-up to three leases more.
+when the claim's lease (the setting ``OUTBOX_LEASE`` the rig writes,
+`tests.rig.twohost.RIG_LEASE`) has passed, so with `kill` every wait is
+longer by the lease: such a run takes up to three leases more.
 
 What comes back (`ListFigures`) is what the assertions and
 docs/reliability.rst use: confirmation requests and welcomes per
@@ -43,9 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lamsonfilter.relay import OUTBOX_LEASE
 from tests.rig.deploy import LIST_HOST
-from tests.rig.twohost import TwoHostRig
+from tests.rig.twohost import RIG_LEASE, TwoHostRig
 from tests.rig.accounting import Injected, Injector, delivered_seqs
 from tests.rig.postfix import CapturedMessage
 
@@ -163,8 +162,8 @@ def run_list(rig: TwoHostRig, subscribers: int, posts: int,
     started = time.monotonic()
     figures = ListFigures(rig.modes, subscribers, posts)
     # A SIGKILLed host leaves the outbox messages it had claimed; another worker takes them over
-    # once the lease has passed (lamsonfilter.relay.OUTBOX_LEASE): with kills, waits include it.
-    patience = OUTBOX_LEASE + 30 if kill is not None else 0.0
+    # once the lease has passed (the rig's setting OUTBOX_LEASE): with kills, waits include it.
+    patience = RIG_LEASE + 30 if kill is not None else 0.0
     subs = [subscriber(i) for i in range(subscribers)]
     n_hosts = len(rig.hosts)
     injectors = [Injector(h, f"h{i}") for i, h in enumerate(rig.hosts)]
