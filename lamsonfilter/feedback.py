@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from email.message import Message
 
-from .bounce import (
+from .bounceparts import (
     BounceRecipient,
     BounceReport,
     _ctype,

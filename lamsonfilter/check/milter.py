@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..daemon.endpoint import DEFAULT_MILTER_SOCKET, MilterSocket
 from .findings import Finding
-from .postfix import DEFAULT_QUEUE_DIRECTORY, PostfixConfig, _smtpd_services
+from .postconf import DEFAULT_QUEUE_DIRECTORY, PostfixConfig, smtpd_services
 
 __all__ = ["MilterEntry", "milter_findings", "parse_milters", "smtpd_milters_value"]
 
@@ -105,7 +105,7 @@ def smtpd_milters_value(endpoint: MilterSocket, config_dir: str | Path | None = 
             pass
         else:
             queue = pc.queue_directory
-            chrooted = any(pc.chrooted(s) for s in _smtpd_services(pc, None))
+            chrooted = any(pc.chrooted(s) for s in smtpd_services(pc, None))
     inside = endpoint.path.startswith(queue + "/")
     if chrooted is False:
         return endpoint.postfix

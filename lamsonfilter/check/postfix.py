@@ -17,140 +17,20 @@ reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .findings import Finding
+from .milter import milter_findings
+from .postconf import ADDRESS_CLASSES, DEFAULT_QUEUE_DIRECTORY, PostfixConfig, smtpd_services
 
 __all__ = ["ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY", "PostfixConfig", "check_postfix"]
-
-#: Where Debian's Postfix keeps its queue, and chroots its daemons.
-DEFAULT_QUEUE_DIRECTORY = "/var/spool/postfix"
-
-#: The main.cf parameters that make Postfix accept mail for a domain (ADDRESS_CLASS_README):
-#: local, virtual alias, virtual mailbox and relay domains.  A domain in none of them gets
-#: "Relay access denied" from every client but mynetworks.
-ADDRESS_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_domains", "relay_domains")
-
-#: Parameters whose values (defaults included, ``$name`` expanded) the checks read.
-_EXPANDED = (*ADDRESS_CLASSES, "message_size_limit", "queue_directory", "compatibility_level",
-             "default_process_limit", "smtpd_recipient_restrictions", "smtpd_relay_restrictions",
-             "parent_domain_matches_subdomains")
-
-
-def _postconf() -> str:
-    exe = shutil.which("postconf") or ("/usr/sbin/postconf" if Path("/usr/sbin/postconf").exists() else None)
-    if exe is None:
-        raise FileNotFoundError("postconf not found (is Postfix installed?)")
-    return exe
-
-
-@dataclass
-class PostfixConfig:
-    """What ``postconf`` says about one configuration directory."""
-
-    main: dict[str, str]
-    explicit: set[str]  # names set in main.cf (postconf -n), not defaults
-    services: list[list[str]]  # postconf -M fields: name type private unpriv chroot wakeup maxproc command args
-    overrides: dict[tuple[str, str], dict[str, str]]  # (name, type) -> -o name=value
-    expanded: dict[str, str] = field(default_factory=dict)  # _EXPANDED, with defaults, $name expanded
-    config_dir: str = ""
-
-    @classmethod
-    def read(cls, config_dir: str | Path) -> PostfixConfig:
-        exe = _postconf()
-
-        def run(*args: str) -> str:
-            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
-                [exe, "-c", str(config_dir), *args], capture_output=True, text=True, timeout=60, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr.strip() or f"postconf {' '.join(args)} failed")
-            return proc.stdout
-
-        def pairs(text: str) -> list[tuple[str, str]]:  # "name = value", "name =" when empty
-            out = []
-            for line in text.splitlines():
-                m = re.match(r"^(\S+) =(?: (.*))?$", line)
-                if m:
-                    out.append((m.group(1), (m.group(2) or "").strip()))
-            return out
-
-        main = dict(pairs(run("-n")))
-        explicit = set(main)
-        # a few defaults the checks depend on
-        for name in ("milter_default_action", "soft_bounce", "receive_override_options", "non_smtpd_milters"):
-            if name not in main:
-                main[name] = run("-h", name).strip()
-        expanded = dict(pairs(run("-x", *_EXPANDED)))
-        services = [line.split() for line in run("-M").splitlines() if line.strip()]
-        overrides: dict[tuple[str, str], dict[str, str]] = {}
-        for key, value in pairs(run("-P")):
-            parts = key.split("/")
-            if len(parts) == 3:
-                overrides.setdefault((parts[0], parts[1]), {})[parts[2]] = value
-        return cls(main, explicit, services, overrides, expanded, str(config_dir))
-
-    def service(self, name: str, type_: str) -> list[str] | None:
-        for s in self.services:
-            if len(s) >= 8 and s[0] == name and s[1] == type_:
-                return s
-        return None
-
-    def override(self, name: str, type_: str, param: str) -> str | None:
-        return self.overrides.get((name, type_), {}).get(param)
-
-    def effective(self, service: list[str], param: str) -> str:
-        """`param` as the service sees it: its ``-o`` override, else main.cf (or the default)."""
-        value = self.override(service[0], service[1], param)
-        if value is not None:
-            return value
-        return self.main.get(param, self.expanded.get(param, ""))
-
-    @property
-    def queue_directory(self) -> str:
-        return self.expanded.get("queue_directory", "").rstrip("/") or DEFAULT_QUEUE_DIRECTORY
-
-    def maxproc(self, service: list[str]) -> int:
-        """The service's process limit ("-" is default_process_limit, 100 by default)."""
-        value = service[6]
-        if value == "-":
-            value = self.expanded.get("default_process_limit", "100") or "100"
-        try:
-            return int(value)
-        except ValueError:
-            return 100
-
-    def chrooted(self, service: list[str]) -> bool:
-        """master.cf's chroot column: "y", or "-" below compatibility_level 1 (where it meant y)."""
-        column = service[4]
-        if column == "-":
-            level = self.expanded.get("compatibility_level", "0") or "0"
-            return level.split(".")[0] in ("0", "")
-        return column == "y"
-
-    def lookup(self, table: str, key: str) -> bool | None:
-        """Whether lookup table `table` (``type:name``) has `key`; None when it cannot be asked."""
-        exe = shutil.which("postmap") or "/usr/sbin/postmap"
-        try:
-            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
-                [exe, "-c", self.config_dir, "-q", key, table], capture_output=True, text=True, timeout=60, check=False)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return {0: True, 1: False}.get(proc.returncode)
 
 
 def _listener_names(host: str, port: int) -> list[str]:
     return [f"{host}:{port}", f"[{host}]:{port}", str(port)]
-
-
-def _smtpd_services(pc: PostfixConfig, listener: list[str] | None) -> list[list[str]]:
-    """The smtpd services clients talk to (master.cf's ``smtp inet`` and the like, not the listener)."""
-    return [s for s in pc.services
-            if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and s is not listener]
 
 
 def _tokens(value: str) -> list[str]:
@@ -195,7 +75,7 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     relay_host, relay_port = parse_hostport(settings.get("RELAY", "127.0.0.1:10026"))
     listener = next((s for s in pc.services
                      if len(s) >= 8 and s[1] == "inet" and s[0] in _listener_names(relay_host, relay_port)), None)
-    smtpds = _smtpd_services(pc, listener)
+    smtpds = smtpd_services(pc, listener)
     # content_filter in main.cf, or only on some smtpd services (FILTER_README's "-o content_filter=" on smtp inet)
     filtered = [s for s in smtpds if pc.effective(s, "content_filter")]
     content_filter = pc.main.get("content_filter", "") or (pc.effective(filtered[0], "content_filter") if filtered else "")
@@ -213,8 +93,6 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     if content_filter:
         findings += _content_filter_findings(pc, content_filter, filtered or smtpds, listener, settings, max_size)
     if milters:
-        from .milter import milter_findings
-
         findings += milter_findings(pc, milters, milter_socket, smtpds)
     return findings
 
