@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Sequence
 
+from ..mailqueue.maildir import unique_name as _unique_name, write_durably
 from .reinjector import xtext_decode, xtext_encode
 from .spool import Spool
 
@@ -71,8 +69,6 @@ class QuarantinedMessage:
         return self.sender is not None and bool(self.recipients)
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
-_counter_lock = threading.Lock()
-_counter = 0
 
 
 class Quarantine:
@@ -185,43 +181,3 @@ def _unbracket(value: str) -> str:
 def _header_text(value: str) -> str:
     """One header line's worth: control characters squeezed to a space, at most 900 characters."""
     return _UNSAFE.sub(" ", value)[:900]
-
-
-def _unique_name() -> str:
-    """Maildir's unique name: time, pid and a counter, and the host name."""
-    global _counter
-    with _counter_lock:
-        _counter += 1
-        n = _counter
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{n}.{host}"
-
-
-def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False,
-                  sync: bool = True) -> None:
-    """Write `tmp` with `write`, fsync it, rename it to `final`, fsync the directory: after
-    this returns the file survives a crash or power loss; on failure `tmp` is removed.
-    With `sync=False` the file is whole or absent after a process crash (the rename is
-    atomic), but a power loss may lose it: no fsync."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    if not sync:
-        return
-    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..contentfilter.quarantine import write_durably
+from ..mailqueue.maildir import write_durably
 
 __all__ = ["DEFAULT_LIMIT", "AttemptLog"]
 

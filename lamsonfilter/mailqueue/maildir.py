@@ -1,0 +1,366 @@
+"""The mail queue: a Maildir that `lamsonfilter deq` works through, with claims.
+
+Postfix (virtual(8) or local(8) Maildir delivery) or lamsonfilter itself
+(``ctx.defer()``) writes one file per message and recipient into ``new/``;
+the envelope is the file's first lines, as Postfix writes them::
+
+    Return-Path: <alice@example.com>        the envelope sender (<> for the null sender)
+    X-Original-To: python@lists.example.org (optional: the address as first given)
+    Delivered-To: python@lists.example.org  the recipient
+
+A worker **claims** a message by renaming it into ``claimed/`` (one rename:
+of two workers, also on two hosts sharing the directory, exactly one wins)
+and removes it only after its decision committed (`MailQueue.done`).  A
+claim carries its end in the file name; a claim whose worker died is taken
+back after that (`MailQueue.release_due`) and counts as an attempt.  A
+message that ended in a temporary failure waits in ``retry/`` until its
+time.  The file name's first part (before ``;``) never changes: it is the
+message's queue id and, for the runtime, its replay key.
+
+    q = MailQueue("/var/spool/lamsonfilter/queue", lease=300)
+    q.put(raw, "alice@example.com", "python@lists.example.org")   # durable when it returns
+    for name in q.scan():
+        msg = q.claim(name)          # None: another worker took it
+        ...                          # run the application on msg.sender, msg.recipient, msg.raw
+        q.done(msg)                  # or q.retry(msg, delay=60)
+
+`claim` raises `EnvelopeMissing` for a file without a readable envelope
+(its caller moves it aside; the envelope is never guessed from ``To:``).
+Any other `OSError` propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+__all__ = ["MailQueue", "QueuedMessage", "QueueEntry", "EnvelopeMissing", "QueueError", "STATES"]
+
+#: The queue's folders, in the order a message goes through them.
+STATES = ("new", "claimed", "retry")
+#: Names the operator commands accept: Maildir's characters plus our ``;k=v`` fields.
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._,:=\\;+-]*\Z")
+#: At most this many bytes of leading envelope lines are read.
+_ENVELOPE_MAX = 4096
+
+_counter_lock = threading.Lock()
+_counter = 0
+
+
+class QueueError(Exception):
+    """A queued message that does not exist or cannot be acted on (the text says which)."""
+
+
+class EnvelopeMissing(Exception):
+    """A queue file without ``Return-Path:`` and ``Delivered-To:`` lines at its top."""
+
+    def __init__(self, name: str, path: Path, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.path, self.reason = name, path, reason
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A claimed message: its envelope, the message bytes (envelope lines removed)."""
+
+    name: str          # the stable first part of the file name: queue id and replay key
+    path: Path         # the claimed file
+    sender: str        # "" for the null sender
+    recipient: str
+    raw: bytes
+    attempts: int      # earlier attempts that ended without a decision
+    until: float       # the claim's end (time.time())
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One file of the queue as the operator commands list it."""
+
+    name: str
+    state: str         # new, claimed, retry
+    path: Path
+    attempts: int
+    size: int
+    mtime: float
+    due: float | None  # retry: when; claimed: the claim's end
+    owner: str | None  # claimed: host.pid of the worker
+
+
+def _fields(filename: str) -> tuple[str, dict[str, str]]:
+    base, *rest = filename.split(";")
+    return base, dict(part.partition("=")[::2] for part in rest)
+
+
+def _filename(base: str, **fields: object) -> str:
+    return ";".join([base, *(f"{k}={v}" for k, v in fields.items() if v not in (None, "", 0))])
+
+
+class MailQueue:
+    """A Maildir queue with ``claimed/`` and ``retry/`` beside ``tmp/``, ``new/``, ``cur/``."""
+
+    def __init__(self, path: str | Path, lease: float = 300.0) -> None:
+        self.path = Path(path)
+        self.lease = lease
+        host = socket.gethostname().replace("/", "_").replace(";", "_").replace("=", "_")
+        self.owner = f"{host}.{os.getpid()}"
+
+    def __repr__(self) -> str:
+        return f"MailQueue({str(self.path)!r})"
+
+    def ensure(self) -> None:
+        """Create the folders (mode 0700 when new); raise OSError naming the problem."""
+        for sub in ("tmp", "new", "cur", "claimed", "retry"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(self.path / "new", os.W_OK):
+            raise PermissionError(f"queue {self.path} is not writable")
+
+    # ------------------------------------------------------------------ writing
+    def put(self, raw: bytes, sender: str, recipient: str, name: str | None = None) -> str:
+        """Queue one message for one recipient; durable (file and folder fsynced) when it
+        returns.  A `name` already in ``new/`` is left alone (an idempotent retry)."""
+        self.ensure()
+        base = name or unique_name()
+        if not _NAME.match(base) or ";" in base:
+            raise QueueError(f"{base!r} is not a usable queue file name")
+        for ch in "\r\n<>":
+            if ch in sender or ch in recipient:
+                raise QueueError(f"envelope address with {ch!r} cannot be queued")
+        eol = b"\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
+        head = b"Return-Path: <" + sender.encode("utf-8") + b">" + eol
+        head += b"Delivered-To: " + recipient.encode("utf-8") + eol
+        final = self.path / "new" / base
+        if name is not None and final.exists():
+            return base
+
+        def write(f: BinaryIO) -> None:
+            f.write(head)
+            f.write(raw)
+
+        write_durably(self.path / "tmp" / base, final, write, exclusive=True)
+        return base
+
+    # ------------------------------------------------------------------ working
+    def scan(self) -> Iterator[str]:
+        """The file names in ``new/``, lazily (memory stays small however long the queue)."""
+        try:
+            with os.scandir(self.path / "new") as it:
+                for entry in it:
+                    if not entry.name.startswith("."):
+                        yield entry.name
+        except FileNotFoundError:
+            return
+
+    def claim(self, filename: str, now: float | None = None) -> QueuedMessage | None:
+        """Take ``new/filename`` for this worker until now + lease; None if another took it."""
+        now = time.time() if now is None else now
+        base, fields = _fields(filename)
+        attempts = int(fields.get("n", "0") or 0)
+        until = now + self.lease
+        claimed = self.path / "claimed" / _filename(base, n=attempts, until=f"{until:.0f}", by=self.owner)
+        try:
+            os.rename(self.path / "new" / filename, claimed)
+        except FileNotFoundError:
+            return None
+        data = claimed.read_bytes()
+        sender, recipient, start = parse_envelope(base, claimed, data)
+        return QueuedMessage(base, claimed, sender, recipient, data[start:], attempts, until)
+
+    def done(self, msg: QueuedMessage) -> bool:
+        """The message's decision committed: remove it.  False if the claim was taken back
+        meanwhile (a worker past its lease; the one that took it over replays the decision)."""
+        try:
+            msg.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def retry(self, msg: QueuedMessage, delay: float, now: float | None = None) -> bool:
+        """Give the message back for a later attempt (one more counted); False if no longer ours."""
+        now = time.time() if now is None else now
+        target = self.path / "retry" / _filename(msg.name, n=msg.attempts + 1, after=f"{now + delay:.0f}")
+        try:
+            os.rename(msg.path, target)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def release_due(self, now: float | None = None, grace: float = 5.0) -> int:
+        """Move retries whose time came, and claims `grace` seconds past their end (their
+        worker died: one more attempt counted), back to ``new/``.  Returns how many."""
+        now = time.time() if now is None else now
+        moved = 0
+        for sub, field, extra in (("retry", "after", 0), ("claimed", "until", 1)):
+            try:
+                with os.scandir(self.path / sub) as it:
+                    names = [e.name for e in it]
+            except FileNotFoundError:
+                continue
+            for filename in names:
+                base, fields = _fields(filename)
+                try:
+                    end = float(fields.get(field, "0"))
+                except ValueError:
+                    end = 0.0
+                if end + (grace if extra else 0) > now:
+                    continue
+                attempts = int(fields.get("n", "0") or 0) + extra
+                try:
+                    os.rename(self.path / sub / filename, self.path / "new" / _filename(base, n=attempts))
+                    moved += 1
+                except FileNotFoundError:
+                    pass  # another worker moved it first
+        return moved
+
+    # ------------------------------------------------------------------ the operator's view
+    def entries(self, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
+        """Every file in the given folders (unsorted; read lazily)."""
+        for sub in states:
+            try:
+                it = os.scandir(self.path / sub)
+            except FileNotFoundError:
+                continue
+            with it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    base, fields = _fields(e.name)
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    due = fields.get("after") or fields.get("until")
+                    yield QueueEntry(base, sub, Path(e.path), int(fields.get("n", "0") or 0), st.st_size,
+                                     st.st_mtime, float(due) if due else None, fields.get("by"))
+
+    def count(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for sub in STATES:
+            try:
+                with os.scandir(self.path / sub) as it:
+                    counts[sub] = sum(1 for e in it if not e.name.startswith("."))
+            except FileNotFoundError:
+                pass
+        return counts
+
+    def find(self, name: str) -> QueueEntry:
+        if not _NAME.match(name) or ";" in name:
+            raise QueueError(f"{name!r} is not the name of a queued message")
+        for entry in self.entries():
+            if entry.name == name:
+                return entry
+        raise QueueError(f"no message {name} in the queue {self.path}")
+
+    def read(self, name: str) -> tuple[QueueEntry, str | None, str | None, bytes]:
+        """One message for ``queue show``: its entry, sender and recipient (None when
+        unreadable) and the message bytes."""
+        entry = self.find(name)
+        data = entry.path.read_bytes()
+        try:
+            sender, recipient, start = parse_envelope(name, entry.path, data)
+        except EnvelopeMissing:
+            return entry, None, None, data
+        return entry, sender, recipient, data[start:]
+
+    def requeue(self, name: str) -> QueueEntry:
+        """Move a waiting retry back to ``new/`` now (a claimed message only once its claim ended)."""
+        entry = self.find(name)
+        if entry.state == "new":
+            return entry
+        if entry.state == "claimed" and (entry.due or 0) > time.time():
+            raise QueueError(f"{name} is being processed by {entry.owner} until "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(entry.due))}")
+        target = self.path / "new" / _filename(name, n=entry.attempts)
+        try:
+            os.rename(entry.path, target)
+        except FileNotFoundError:
+            raise QueueError(f"{name} moved while being requeued; look again") from None
+        return self.find(name)
+
+    def remove(self, name: str) -> QueueEntry:
+        """Delete a message for good (not one that is being processed)."""
+        entry = self.find(name)
+        if entry.state == "claimed" and (entry.due or 0) > time.time():
+            raise QueueError(f"{name} is being processed by {entry.owner}; try again after its claim ends")
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            raise QueueError(f"{name} moved while being removed; look again") from None
+        return entry
+
+
+def parse_envelope(name: str, path: Path, data: bytes) -> tuple[str, str, int]:
+    """(sender, recipient, offset of the message) from the file's leading envelope lines:
+    ``Return-Path:``, an optional ``X-Original-To:``, then ``Delivered-To:`` (Postfix's order)."""
+    sender: str | None = None
+    recipient: str | None = None
+    pos = 0
+    limit = min(len(data), _ENVELOPE_MAX)
+    while pos < limit:
+        end = data.find(b"\n", pos, limit)
+        if end < 0:
+            break
+        line = data[pos:end].rstrip(b"\r")
+        key, sep, value = line.partition(b":")
+        key = key.lower()
+        if not sep or key not in (b"return-path", b"delivered-to", b"x-original-to"):
+            break
+        text = value.strip().decode("utf-8", "replace")
+        if key == b"return-path" and sender is None:
+            if not (text.startswith("<") and text.endswith(">")):
+                raise EnvelopeMissing(name, path, f"Return-Path {text!r} is not <address>")
+            sender = text[1:-1]
+        pos = end + 1
+        if key == b"delivered-to":  # Postfix writes it last; later ones are the message's own
+            recipient = text
+            break
+    if sender is None:
+        raise EnvelopeMissing(name, path, "no Return-Path: line at the top (the envelope sender)")
+    if not recipient:
+        raise EnvelopeMissing(name, path, "no Delivered-To: line at the top (the envelope recipient)")
+    return sender, recipient, pos
+
+
+def unique_name() -> str:
+    """Maildir's unique name: time, pid and a counter, and the host name."""
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        n = _counter
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(";", "_")
+    return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{n}.{host}"
+
+
+def write_durably(tmp: Path, final: Path, write: Callable[[BinaryIO], object], exclusive: bool = False,
+                  sync: bool = True) -> None:
+    """Write `tmp` with `write`, fsync it, rename it to `final`, fsync the directory: after
+    this returns the file survives a crash or power loss; on failure `tmp` is removed.
+    With `sync=False` the file is whole or absent after a process crash (the rename is
+    atomic), but a power loss may lose it: no fsync."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if not sync:
+        return
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
