@@ -171,6 +171,9 @@ class MailRequest:
     #: for a message the MTA will send again.  None: no limit.  Like `replay_key`,
     #: a fallback: transports pass it to `Runtime.process`.
     deadline: float | None = None
+    #: True when ``lamsonfilter deq`` runs this message from the mail queue (Postfix
+    #: delivered it there, or a handler deferred it with ``ctx.defer()``).
+    from_queue: bool = False
     _extra_defects: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
