@@ -81,6 +81,7 @@ __all__ = [
     "figures_path",
     "maillog_anomalies",
     "seqs_in_header",
+    "stamped_message",
     "wait_settled",
 ]
 
@@ -161,6 +162,24 @@ def _is_tempfail(result: SendResult) -> bool:
     return not refusals or any(400 <= r.code < 500 for r in refusals)
 
 
+def stamped_message(seq: str, *, sender: str, rcpts: Sequence[str], subject: str = "reliability {seq}",
+                    body: str = "reliability test message {seq}\n",
+                    extra_headers: dict[str, str] | None = None) -> tuple[str, bytes]:
+    """(Message-ID, CRLF bytes) of one message stamped ``X-Test-Seq: seq`` with a unique Message-ID:
+    what `Injector` sends, and what a rig that puts mail somewhere else (a queue) writes."""
+    msg = EmailMessage(policy=SMTP_POLICY)
+    message_id = f"<{seq}.{uuid.uuid4().hex}@client.example.test>"
+    msg["From"] = sender or "MAILER-DAEMON@client.example.test"
+    msg["To"] = ", ".join(rcpts)
+    msg["Subject"] = subject.format(seq=seq)
+    msg["Message-ID"] = message_id
+    msg[SEQ_HEADER] = seq
+    for name, value in (extra_headers or {}).items():
+        msg[name] = value
+    msg.set_content(body.format(seq=seq))
+    return message_id, msg.as_bytes()
+
+
 class Injector:
     """Sends X-Test-Seq stamped messages to the deployment's Postfix smtpd; records every reply.
 
@@ -182,17 +201,8 @@ class Injector:
     def build(self, seq: str, *, sender: str, rcpts: Sequence[str], subject: str, body: str,
               extra_headers: dict[str, str] | None) -> tuple[str, bytes]:
         """(Message-ID, CRLF bytes) of one stamped message."""
-        msg = EmailMessage(policy=SMTP_POLICY)
-        message_id = f"<{seq}.{uuid.uuid4().hex}@client.example.test>"
-        msg["From"] = sender or "MAILER-DAEMON@client.example.test"
-        msg["To"] = ", ".join(rcpts)
-        msg["Subject"] = subject.format(seq=seq)
-        msg["Message-ID"] = message_id
-        msg[SEQ_HEADER] = seq
-        for name, value in (extra_headers or {}).items():
-            msg[name] = value
-        msg.set_content(body.format(seq=seq))
-        return message_id, msg.as_bytes()
+        return stamped_message(seq, sender=sender, rcpts=rcpts, subject=subject, body=body,
+                               extra_headers=extra_headers)
 
     def inject(
         self,
