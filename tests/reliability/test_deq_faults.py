@@ -9,8 +9,12 @@ is counted (tests/rig/accounting.py).  No Postfix is needed: what Postfix
 does in front of the queue is issue 17's Postfix test.
 
 * kill -9 at seeded random points while draining: every message
-  processed, no reply sent twice (per subscriber, per Message-ID, per
-  token), no state transition applied twice (each row at version 2);
+  processed, no handler's work done twice (one token per subscriber, one
+  welcome made), no state transition applied twice (each row at version
+  2), and no reply sent twice except in the outbox's window: the relay
+  answered 250 and the process died before it committed "sent" (counted
+  per Message-ID at the capture server and checked against the logs,
+  `window_duplicates`; see docs/reliability.rst);
 * two processes on one queue: each message processed once;
 * a message that kills its process ends in the quarantine after
   ``POISON_LIMIT`` attempts with its reason, the others are processed, and
@@ -56,7 +60,9 @@ def test_kill9_while_draining_loses_nothing_and_does_nothing_twice(capture: Capt
         assert figures.kills >= KILLS and len(set(figures.killed_pids)) == figures.kills, figures.summary()
         assert not figures.problems, f"{figures.summary()}\n{figures.problems}\n{rig.log_tail()}"
         assert figures.processed == MESSAGES
-        assert figures.confirm_requests == figures.welcomes == MESSAGES // 2
+        # a reply goes out twice only in the window between the relay's 250 and the outbox's commit of
+        # "sent" (one message per killed process at most); every other copy is a failure (problems)
+        assert figures.replies_twice == figures.replies_twice_in_window <= figures.kills, figures.summary()
 
 
 def test_two_deq_processes_on_one_queue_process_each_message_once(capture: CaptureServer) -> None:
