@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from tests.rig.deqrig import DeqProcess, DeqRig, window_duplicates
@@ -119,6 +120,10 @@ def kill_points(rng: random.Random, total: int, kills: int) -> list[int]:
     return sorted(rng.sample(range(low, high), kills))
 
 
+def _done_at_least(rig: DeqRig, phase_total: int, target: int) -> bool:
+    return phase_total - rig.remaining() >= target
+
+
 def _drain_with_kills(rig: DeqRig, proc: DeqProcess, total: int, kills: int, rng: random.Random,
                       timeout: float, figures: DeqListFigures) -> DeqProcess:
     """Kill the running process at `kills` seeded points of this phase (of `total` messages),
@@ -128,7 +133,7 @@ def _drain_with_kills(rig: DeqRig, proc: DeqProcess, total: int, kills: int, rng
     for point in kill_points(rng, total, kills):
         done_before = base + start_remaining - rig.remaining()
         target = max(point, done_before + 1)  # the process to kill has finished one of its own
-        rig.wait_until(lambda: base + start_remaining - rig.remaining() >= target, timeout,
+        rig.wait_until(partial(_done_at_least, rig, base + start_remaining, target), timeout,
                        f"{target} of {total} done before kill {figures.kills + 1}", pause=rng.uniform(0.005, 0.02))
         time.sleep(rng.uniform(0, 0.02))
         code = proc.kill()

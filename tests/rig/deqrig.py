@@ -45,15 +45,28 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 from lamsonfilter.mailqueue.maildir import MailQueue
-from tests.rig.accounting import Accounting, delivered_seqs, replies, seqs_in_header, stamped_message
+from tests.rig.accounting import (
+    Accounting,
+    delivered_seqs,
+    replies,
+    seqs_in_header,
+    stamped_message,
+)
 from tests.rig.handlers import handler_source
 from tests.rig.postfix import CaptureServer
 
-__all__ = ["DeqProcess", "DeqRig", "QUEUE_LEASE", "OUTBOX_LEASE", "RIG_SETTINGS", "decision_lines",
-           "window_duplicates"]
+__all__ = [
+    "OUTBOX_LEASE",
+    "QUEUE_LEASE",
+    "RIG_SETTINGS",
+    "DeqProcess",
+    "DeqRig",
+    "decision_lines",
+    "window_duplicates",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
@@ -145,7 +158,7 @@ class DeqRig:
         self.staging = MailQueue(self.workdir / "staging", lease=QUEUE_LEASE)
 
     # ------------------------------------------------------------------ set-up
-    def prepare(self) -> DeqRig:
+    def prepare(self) -> Self:
         shutil.copytree(EXAMPLE, self.app_dir, ignore=shutil.ignore_patterns("var", "__pycache__", "tests"))
         extra = list(self.handlers)
         for name in extra:
@@ -160,7 +173,7 @@ class DeqRig:
         self.lamsonfilter("db", "init", "--app", str(self.app_dir))
         return self
 
-    def __enter__(self) -> DeqRig:
+    def __enter__(self) -> Self:
         return self.prepare()
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +231,7 @@ class DeqRig:
     def start(self, *, once: bool = False, workers: int | None = None) -> DeqProcess:
         """Start one deq process (its stderr to logs/deq-K.log); it is stopped at the rig's end."""
         log_path = self.logs / f"deq-{len(self.processes)}.log"
-        log_file = open(log_path, "ab")
+        log_file = open(log_path, "ab")  # noqa: SIM115 -- closed when the process is reaped (DeqProcess.wait)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM", "INVOCATION_ID"):
             env.pop(name, None)  # the log goes to the file, never to the test runner's systemd
