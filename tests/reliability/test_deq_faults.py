@@ -33,10 +33,15 @@ import os
 from functools import partial
 from pathlib import Path
 
+import pytest
+
 from tests.rig.accounting import delivered_seqs
 from tests.rig.deqlist import CONFIRM_SUBJECT, run_list, subscriber
 from tests.rig.deqrig import DeqProcess, DeqRig
+from tests.rig.fixtures import skip_or_fail
 from tests.rig.postfix import CaptureServer
+from tests.rig.storage import PG_URL, pg_admin
+from tests.rig.twohost import SharedDatabase
 
 FULL = os.environ.get("LF_DEQ_FULL", "").strip() not in ("", "0")
 #: Messages queued by the kill test (two per subscriber) and by the two-process test.
@@ -48,6 +53,15 @@ LIMIT = 2
 GOOD = 40
 
 
+def _postgresql() -> SharedDatabase:
+    """A fresh database on the test server (skipped, or failed under CI, when it is unreachable)."""
+    try:
+        pg_admin().close()
+    except Exception as exc:  # noqa: BLE001 -- any reason the server cannot be used
+        skip_or_fail(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
+    return SharedDatabase(PG_URL, prefix="lf_deqrel")
+
+
 def _dead_or_kept(rig: DeqRig, proc: DeqProcess) -> bool:
     return not proc.alive() or bool(rig.quarantined())
 
@@ -56,9 +70,12 @@ def _report(what: str, summary: str) -> None:
     print(f"\n{what}: {summary}")
 
 
-def test_kill9_while_draining_loses_nothing_and_does_nothing_twice(capture: CaptureServer) -> None:
-    with DeqRig(capture, workers=4) as rig:
-        figures = run_list(rig, MESSAGES // 2, KILLS, SEED, scenario=f"deq: kill -9 x{KILLS} while draining")
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_kill9_while_draining_loses_nothing_and_does_nothing_twice(capture: CaptureServer, backend: str) -> None:
+    database = _postgresql() if backend == "postgresql" else None
+    with DeqRig(capture, workers=4, database=database) as rig:
+        figures = run_list(rig, MESSAGES // 2, KILLS, SEED,
+                           scenario=f"deq ({backend}): kill -9 x{KILLS} while draining")
         _report("kill -9 while draining", figures.summary())
         assert figures.kills >= KILLS and len(set(figures.killed_pids)) == figures.kills, figures.summary()
         assert not figures.problems, f"{figures.summary()}\n{figures.problems}\n{rig.log_tail()}"
@@ -103,7 +120,7 @@ def test_two_deq_processes_on_one_queue_process_each_message_once(capture: Captu
                 for r in m.rcpt_tos:
                     requests[r.lower()] = requests.get(r.lower(), 0) + 1
         rows = {str(k): int(str(v)) for k, v in
-                rig.sql("SELECT key, version FROM lamsonfilter_state WHERE key LIKE 'mailinglist:python:%'")}
+                rig.sql("SELECT key, version FROM lamsonfilter_state WHERE key LIKE ?", ("mailinglist:python:%",))}
         summary = (f"{subscribers} subscribes + {len(gates)} gate messages, 2 processes "
                    f"({', '.join(f'{pid}: {n}' for pid, n in per_pid.items())} decisions); {acc.summary()}; "
                    f"confirmations {sum(requests.values())}, decided twice {len(twice)}")

@@ -74,6 +74,8 @@ class DeqListFigures:
     left_in_queue: int = 0
     quarantined: int = 0
     reruns: int = 0  # messages that ran again after a kill (the decision replayed or never committed)
+    claims_left: list[str] = field(default_factory=list)  # queue messages a killed process held
+    outbox_claims_left: int = 0  # outbox messages a killed process held, not sent
     confirm_requests: int = 0
     confirm_duplicated: int = 0
     confirm_missing: int = 0
@@ -96,13 +98,14 @@ class DeqListFigures:
         return len(self.killed_pids)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kills": self.kills}
+        return {**asdict(self), "kills": self.kills, "claims_left": len(self.claims_left)}
 
     def summary(self) -> str:
         return (f"deq: {self.messages} messages ({self.subscribers} subscribers), {self.kills} kills "
                 f"(seed {self.seed}, {self.workers} workers, {self.processes} processes): "
                 f"processed {self.processed}, lost {self.lost}, left {self.left_in_queue}, "
-                f"quarantined {self.quarantined}, ran again {self.reruns}; confirmations "
+                f"quarantined {self.quarantined}, ran again {self.reruns}; left claimed by the kills: "
+                f"{len(self.claims_left)} queue messages, {self.outbox_claims_left} outbox messages; confirmations "
                 f"{self.confirm_requests} (dup {self.confirm_duplicated}, missing {self.confirm_missing}), "
                 f"welcomes {self.welcomes} (dup {self.welcome_duplicated}, missing {self.welcome_missing}), "
                 f"replies sent twice {self.replies_twice} ({self.replies_twice_in_window} in the window "
@@ -141,6 +144,9 @@ def _drain_with_kills(rig: DeqRig, proc: DeqProcess, total: int, kills: int, rng
             figures.problems.append(f"deq {proc.pid} had exited by itself ({code}) before kill {figures.kills + 1}")
         else:
             figures.killed_pids.append(proc.pid)
+            names, outbox = rig.left_by(proc.pid)
+            figures.claims_left.extend(names)
+            figures.outbox_claims_left += outbox
         proc = rig.start()
     return proc
 
@@ -205,7 +211,11 @@ def _count(rig: DeqRig, subs: list[str], seqs: list[str], figures: DeqListFigure
     figures.processes = len(rig.processes)
     figures.quarantined = len(rig.quarantined())
     figures.outbox_failed = rig.outbox_failed()
-    figures.reruns = sum(1 for kinds in rig.decisions().values() if len(kinds) > 1)
+    decisions = rig.decisions()
+    figures.reruns = sum(1 for kinds in decisions.values() if len(kinds) > 1)
+    never = [n for n in figures.claims_left if not any(k != "tempfail" for k in decisions.get(n, []))]
+    if never:
+        figures.problems.append(f"claims of killed processes never decided: {never[:10]}")
     for s in subs:
         requests, welcomes = _to(messages, s, CONFIRM_SUBJECT), _to(messages, s, WELCOME_SUBJECT)
         figures.confirm_requests += len(requests)

@@ -6,7 +6,9 @@
   given) whose ``RELAY`` is a `CaptureServer`, so every reply, list copy
   and delivered message ends there and is counted; settings for the run
   (`RIG_SETTINGS`: short leases, a reply budget that 2,000 subscribers do
-  not exhaust) and ``lamsonfilter db init`` (SQLite, ``var/state.db``);
+  not exhaust) and ``lamsonfilter db init`` (SQLite, ``var/state.db``, or
+  with ``database=SharedDatabase()`` a fresh PostgreSQL database on the
+  test server, dropped at the end);
 * the queue ``queue/`` (`MailQueue`, as Postfix's Maildir delivery or
   ``ctx.defer()`` fills it) and the quarantine ``APP/var/quarantine`` (the
   content filter's default, so ``lamsonfilter quarantine`` finds both).
@@ -57,6 +59,7 @@ from tests.rig.accounting import (
 )
 from tests.rig.handlers import handler_source
 from tests.rig.postfix import CaptureServer
+from tests.rig.twohost import SharedDatabase
 
 __all__ = [
     "OUTBOX_LEASE",
@@ -144,6 +147,8 @@ class DeqRig:
     handlers: tuple[str, ...] = ()
     settings: str = ""
     workers: int = 2
+    #: a fresh PostgreSQL database for the state instead of SQLite (created here, dropped at the end)
+    database: SharedDatabase | None = None
     processes: list[DeqProcess] = field(default_factory=list)
     #: seq -> queue file name, for every message `put` wrote
     names: dict[str, str] = field(default_factory=dict)
@@ -165,6 +170,8 @@ class DeqRig:
             (self.app_dir / "app" / "handlers" / f"{name}.py").write_text(handler_source(name))
         with open(self.app_dir / "config" / "settings.py", "a", encoding="utf-8") as f:
             f.write(f"\n# tests/rig/deqrig.py\nRELAY = '127.0.0.1:{self.capture.port}'\n{RIG_SETTINGS}")
+            if self.database is not None:
+                f.write(f"DATABASE_URL = {self.database.create().url!r}\n")
             if extra:
                 f.write(f"HANDLERS = HANDLERS + {extra!r}\n")
             f.write(self.settings)
@@ -178,6 +185,8 @@ class DeqRig:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+        if self.database is not None:
+            self.database.drop()
         if os.environ.get("LF_RIG_KEEP") != "1" and not any(exc):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -256,8 +265,14 @@ class DeqRig:
         return "\n".join(self.log().splitlines()[-lines:])
 
     # ------------------------------------------------------------------ the state database
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.database is None else "postgresql"
+
     def sql(self, query: str, params: Iterable[object] = ()) -> list[tuple[object, ...]]:
-        """Rows of a read-only query on the application's SQLite database."""
+        """Rows of a read-only query (``?`` placeholders) on the application's database."""
+        if self.database is not None:
+            return self.database.rows(query.replace("?", "%s"), tuple(params))
         con = sqlite3.connect(f"file:{self.app_dir / 'var' / 'state.db'}?mode=ro", uri=True, timeout=30)
         try:
             return list(con.execute(query, tuple(params)))
@@ -268,6 +283,14 @@ class DeqRig:
         """Outbox messages neither sent nor given up."""
         [(n,)] = self.sql("SELECT COUNT(*) FROM lamsonfilter_outbox WHERE sent_at IS NULL AND failed_at IS NULL")
         return int(str(n))
+
+    def left_by(self, pid: int) -> tuple[list[str], int]:
+        """What a dead process `pid` left claimed: queue names (``claimed/``, ``by=HOST.PID``) and
+        outbox messages (``claimed_by`` ``HOST:PID:...``, not sent)."""
+        names = [e.name for e in self.queue.entries(("claimed",)) if (e.owner or "").endswith(f".{pid}")]
+        [(n,)] = self.sql("SELECT COUNT(*) FROM lamsonfilter_outbox WHERE sent_at IS NULL AND claimed_by LIKE ?",
+                          (f"%:{pid}:%",))
+        return names, int(str(n))
 
     def outbox_failed(self) -> int:
         [(n,)] = self.sql("SELECT COUNT(*) FROM lamsonfilter_outbox WHERE failed_at IS NOT NULL")
