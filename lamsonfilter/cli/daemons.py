@@ -279,12 +279,14 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
     from ..mailqueue.maildir import MailQueue
 
     config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine)
-    for what, path, ensure in (
-        ("queue", deq.queue_path(app_dir, settings["QUEUE"], queue), lambda p: MailQueue(p).ensure()),
-        ("quarantine", deq.quarantine_path(app_dir, quarantine), lambda p: Quarantine(p).ensure()),
-    ):
+    places: list[tuple[str, MailQueue | Quarantine]] = [
+        ("queue", MailQueue(deq.queue_path(app_dir, settings["QUEUE"], queue))),
+        ("quarantine", Quarantine(deq.quarantine_path(app_dir, quarantine))),
+    ]
+    for what, place in places:
+        path = place.path
         try:
-            ensure(path)
+            place.ensure()
         except OSError as exc:
             fail(f"{what} {path} cannot be used: {exc.strerror or exc}"
                  + (f": {exc.filename}" if getattr(exc, "filename", None) else ""))

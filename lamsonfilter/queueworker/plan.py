@@ -88,7 +88,7 @@ class QueuePlan:
 
 def backoff(attempts: int) -> float:
     """Seconds before the next attempt, after `attempts` earlier ones."""
-    return min(RETRY_FIRST * 2 ** min(max(attempts, 0), 16), RETRY_MAX)
+    return min(RETRY_FIRST * float(2 ** min(max(attempts, 0), 16)), RETRY_MAX)
 
 
 def retry_plan(attempts: int, poison_limit: int, why: str) -> QueuePlan:

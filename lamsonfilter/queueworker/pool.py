@@ -134,8 +134,10 @@ class Feeder:
         due = self.next_due()
         if due is not None:
             timeout = min(timeout, max(due - time.time(), 0.0) + 0.5)
+        log.debug("queue empty: sleeping up to %.1f s", timeout)
         if self.watch is not None:
-            self.watch.wait(timeout)
+            if self.watch.wait(timeout) and not self._stop.is_set():
+                log.debug("woken: new mail in %s", self.watch.directory)
         else:
             self._stop.wait(timeout)
 
