@@ -118,8 +118,8 @@ class MessageWorker:
                 return self._give_back(msg, backoff(msg.attempts), count=False)
         if not plan.finished:
             assert plan.retry_after is not None
-            log.info("queue_id=%s waits %g s for attempt %d: %s", msg.name, plan.retry_after,
-                     msg.attempts + (2 if plan.counts_attempt else 1), "; ".join(plan.notes))
+            log.info("queue_id=%s retry in %g s (%d failed attempt(s)): %s", msg.name, plan.retry_after,
+                     msg.attempts + (1 if plan.counts_attempt else 0), "; ".join(plan.notes))
             return self._give_back(msg, plan.retry_after, plan.counts_attempt)
         if plan.send_to:
             assert plan.data is not None
