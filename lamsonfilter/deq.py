@@ -119,12 +119,12 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
             except StartupError as exc:
                 print(f"lamsonfilter: {exc}", file=sys.stderr)
                 return 2
-            thread = threading.Thread(target=run, name="lamsonfilter-deq-feeder", daemon=True)
-            thread.start()
             how = "inotify" if watch is not None and watch.watching else "a timer"
             log.info("deq working through %s with %d worker(s)%s; quarantine %s", queue.path, feeder.workers,
                      " until it is empty" if config.once else f", sleeping on {how} when it is empty",
                      quarantine.path)
+            thread = threading.Thread(target=run, name="lamsonfilter-deq-feeder", daemon=True)
+            thread.start()
             if service is not None:
                 service.ready(f"working through {queue.path}")
                 service.start_watchdog(thread.is_alive)

@@ -6,7 +6,9 @@ subprocess (``--once``, or resident and stopped with SIGTERM) and looks at
 what reached the relay (`tests.rig.postfix.CaptureServer`), the queue and
 the quarantine.  The application is the example list plus the content
 filter tests' handler (`tests.rig.proxy.make_app`: ``tag@`` delivers with a
-header added, ``crash@`` raises, ``refuse@`` rejects, ``slow@`` sleeps).
+header added, ``crash@`` raises, ``refuse@`` rejects), or, under a
+NOTIFY_SOCKET, the service tests' (`tests.rig.service`: ``hold@`` waits for
+the test's go).
 Every wait is on a condition with a bounded timeout.
 """
 
@@ -25,8 +27,11 @@ import pytest
 
 from lamsonfilter.contentfilter.quarantine import Quarantine
 from lamsonfilter.mailqueue.maildir import MailQueue
+from tests.rig.fixtures import require_module
 from tests.rig.postfix import CaptureServer
 from tests.rig.proxy import make_app
+from tests.rig.service import Notifications
+from tests.rig.service import make_app as service_app
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "lists.example.org"
@@ -210,18 +215,41 @@ def test_resident_deq_wakes_on_new_mail_and_stops_cleanly(app: Path, queue: Mail
     assert "SIGTERM: stopping" in deq_proc.text()
 
 
-def test_sigterm_lets_the_message_in_flight_finish(tmp_path: Path, queue: MailQueue, capture: CaptureServer) -> None:
-    app = make_app(tmp_path / "app", "SLOW = 2\n")
+def test_under_systemd_ready_watchdog_reload_and_a_stop_after_the_message_in_flight(
+        tmp_path: Path, queue: MailQueue, capture: CaptureServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_module("systemd.daemon")
+    app = service_app(tmp_path)
+    notify = Notifications(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
     deq_proc = Resident(app, queue, capture, tmp_path / "deq.log")
     try:
-        wait_until("deq idle", lambda: "queue empty: sleeping" in deq_proc.text())
-        queue.put(message("alice@example.com", f"slow@{HOST}", "slow one"), "alice@example.com", f"slow@{HOST}")
-        wait_until("the message claimed", lambda: queue.count()["claimed"] == 1)
-        assert deq_proc.stop() == 0
+        assert "STATUS=working through" in notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")
+        queue.put(message("alice@example.com", f"tag@{HOST}", "one"), "alice@example.com", f"tag@{HOST}")
+        assert capture.wait_for_count(1)[0].message["X-Version"] == "one"
+
+        handler = app / "app" / "handlers" / "svc.py"  # SIGHUP: the new code runs the next message
+        handler.write_text(handler.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+        deq_proc.proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        assert "STATUS=reloaded" in notify.wait_for("READY=1")
+        queue.put(message("alice@example.com", f"tag@{HOST}", "two"), "alice@example.com", f"tag@{HOST}")
+        assert capture.wait_for_count(2)[1].message["X-Version"] == "two"
+
+        # SIGTERM while a message is in the handler: it finishes, then deq exits 0
+        queue.put(message("alice@example.com", f"hold@{HOST}", "held"), "alice@example.com", f"hold@{HOST}")
+        wait_until("the message in the handler", lambda: (tmp_path / "started").exists())
+        deq_proc.proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert deq_proc.proc.poll() is None  # still finishing the message
+        (tmp_path / "go").touch()
+        assert deq_proc.proc.wait(timeout=60) == 0
     finally:
         deq_proc.kill()
-    [sent] = capture.wait_for_count(1, timeout=30)
-    assert sent.message["Subject"] == "slow one"
+        notify.close()
+    assert capture.wait_for_count(3)[2].message["Subject"] == "held"
     assert queue.count() == {"new": 0, "claimed": 0, "retry": 0}
 
 
