@@ -109,7 +109,7 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     def run() -> None:
         try:
             feeder.run()
-        except BaseException as exc:  # noqa: BLE001 -- reported below, exit status 1
+        except BaseException as exc:
             failed.append(exc)
 
     with daemon.SignalWaiter() as signals:

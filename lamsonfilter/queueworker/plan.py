@@ -38,8 +38,8 @@ message is not at fault; see `relay_failure_plan`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..decisions import Action, Decision
 from ..mail import MailRequest

@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from ..mailqueue.maildir import MailQueue
 from .watch import NewMailWatch
@@ -116,7 +116,7 @@ class Feeder:
     def _work(self, name: str) -> None:
         try:
             self.handle(name)
-        except Exception:  # noqa: BLE001 -- handle never raises; a bug here must not stop the pool
+        except Exception:  # handle never raises; a bug there must not stop the pool
             log.exception("queue_id=%s unexpected error in the worker", name)
         finally:
             with self._cond:

@@ -35,7 +35,14 @@ from ..decisions import OutboxMessage
 from ..mail import AddressError, Envelope, MailRequest
 from ..mailqueue.maildir import EnvelopeMissing, MailQueue, QueuedMessage
 from ..relay import Relay, RelayError
-from .plan import QueuePlan, backoff, no_envelope_plan, poison_plan, queue_plan, relay_failure_plan
+from .plan import (
+    QueuePlan,
+    backoff,
+    no_envelope_plan,
+    poison_plan,
+    queue_plan,
+    relay_failure_plan,
+)
 
 __all__ = ["MessageWorker", "Tally", "OUTCOMES"]
 
@@ -89,8 +96,8 @@ class MessageWorker:
             return "skipped"  # another worker has it
         try:
             return self._run(msg)
-        except Exception as exc:  # noqa: BLE001 -- nothing lost: the message waits for a retry
-            log.exception("queue_id=%s internal error, retrying later: %s", msg.name, exc)
+        except Exception:  # nothing lost: the message waits for a retry
+            log.exception("queue_id=%s internal error, retrying later", msg.name)
             return self._give_back(msg, backoff(msg.attempts), count=True)
 
     def _run(self, msg: QueuedMessage) -> str:
