@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.contentfilter.quarantine import Quarantine
+from lamsonfilter.daemon.runtime import Runtime
+from lamsonfilter.mail import Envelope, MailRequest
 from lamsonfilter.mailqueue.maildir import MailQueue
 from tests.rig.fixtures import require_module
 from tests.rig.postfix import CaptureServer
@@ -109,6 +111,25 @@ def test_the_list_runs_from_the_queue(app: Path, queue: MailQueue, capture: Capt
                lambda: sorted(r for m in capture.messages for r in m.rcpt_tos) == sorted(members))
     assert all(m.message["Subject"].endswith("the first post") for m in capture.messages)
     assert quarantined(app) == []
+
+
+def test_a_message_whose_decision_committed_is_replayed_not_run_again(app: Path, queue: MailQueue,
+                                                                       capture: CaptureServer) -> None:
+    """A worker that died after the commit, before removing the file: the next run replays."""
+    raw = message("carol@example.com", f"python-subscribe@{HOST}", "subscribe carol")
+    name = queue.put(raw, "carol@example.com", f"python-subscribe@{HOST}")
+    runtime = Runtime.from_directory(app, {"RELAY": f"127.0.0.1:{capture.port}"})
+    try:  # what the dead worker did: the decision committed (state, outbox), the file left in new/
+        request = MailRequest(Envelope("carol@example.com", (f"python-subscribe@{HOST}",), queue_id=name), raw,
+                              from_queue=True)
+        first = runtime.process(request, replay_key=f"queue:{name}", transport="queue")
+        assert len(first.outbox) == 1
+    finally:
+        runtime.app.storage.close()  # not started: nothing sent from here
+    proc = deq(app, queue.path, capture)
+    assert summary(proc) == (1, 0, 0)
+    assert "decision replayed, handlers not run" in proc.stderr
+    assert [m.rcpt_tos for m in capture.messages] == [("carol@example.com",)]  # one confirmation, not two
 
 
 def test_deliver_goes_through_the_relay_with_the_changes(app: Path, queue: MailQueue,
