@@ -59,8 +59,10 @@ __all__ = ["DeqConfig", "serve", "queue_path", "quarantine_path"]
 
 log = logging.getLogger("lamsonfilter.deq")
 
-#: Seconds a relay conversation step may take (the claim's end bounds the whole send too).
+#: Seconds a step of the relay conversation may take: an eighth of the claim, within these bounds
+#: (a send starts only while a quarter of the claim is left).
 RELAY_TIMEOUT = 60.0
+RELAY_TIMEOUT_LEAST = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
                       lease=float(settings["QUEUE_LEASE"]))
     quarantine = Quarantine(quarantine_path(config.app_dir, config.quarantine))
     relay = runtime.relay or Relay(*parse_hostport(settings["RELAY"]))
-    worker = MessageWorker(runtime, queue, quarantine,
-                           Relay(relay.host, relay.port, timeout=min(RELAY_TIMEOUT, queue.lease / 8)))
+    timeout = min(RELAY_TIMEOUT, max(RELAY_TIMEOUT_LEAST, queue.lease / 8))
+    worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout))
     watch = None if config.once else NewMailWatch(queue.path / "new")
     feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once)
     failed: list[BaseException] = []

@@ -183,12 +183,19 @@ def test_a_file_without_an_envelope_is_quarantined_never_guessed(app: Path, queu
     assert capture.messages == [] and queue.count() == {"new": 0, "claimed": 0, "retry": 0}
 
 
-def test_a_bad_queue_directory_is_one_line_and_exit_2(app: Path, tmp_path: Path, capture: CaptureServer) -> None:
+@pytest.mark.parametrize("bad", ["queue", "app"])
+def test_bad_configuration_is_one_line_and_exit_2(app: Path, tmp_path: Path, capture: CaptureServer,
+                                                  bad: str) -> None:
     (tmp_path / "a-file").write_text("not a directory\n")
-    proc = deq(app, tmp_path / "a-file" / "queue", capture)
+    if bad == "queue":  # a queue that cannot be made
+        proc = deq(app, tmp_path / "a-file" / "queue", capture)
+    else:  # an application that does not load
+        (app / "config" / "settings.py").write_text('HANDLERS = ["mailinglist"]\nQUEUE_LEASE = -1\n')
+        proc = deq(app, tmp_path / "queue", capture)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "queue" in lines[0] and "a-file" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert ("a-file" in lines[0]) if bad == "queue" else ("QUEUE_LEASE must be a positive number" in lines[0])
 
 
 class Resident:

@@ -219,7 +219,8 @@ def smtpproxy_cmd(
                    "large the queue.")
 @click.option("--once", is_flag=True,
               help="Work until new/ and the due retries are empty, then exit 0 with one summary line "
-                   "on stderr (for cron, tests, or draining by hand).")
+                   "on stderr: 'deq: N processed, R waiting for a retry, Q quarantined' (processed: "
+                   "finished and removed from the queue, the quarantined included).")
 @database_option
 @click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
               help="Where delivered and redirected mail and the outbox go (overrides RELAY): an smtpd "
@@ -287,6 +288,9 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
         path = place.path
         try:
             place.ensure()
+        except (FileExistsError, NotADirectoryError) as exc:
+            fail(f"{what} {path} cannot be used: {exc.filename or path} is not a directory")
+            return
         except OSError as exc:
             fail(f"{what} {path} cannot be used: {exc.strerror or exc}"
                  + (f": {exc.filename}" if getattr(exc, "filename", None) else ""))
