@@ -288,8 +288,9 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
         path = place.path
         try:
             place.ensure()
-        except (FileExistsError, NotADirectoryError) as exc:
-            fail(f"{what} {path} cannot be used: {exc.filename or path} is not a directory")
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+            fail(f"{what} {path} cannot be used: {blocker} is not a directory")
             return
         except OSError as exc:
             fail(f"{what} {path} cannot be used: {exc.strerror or exc}"
