@@ -281,6 +281,12 @@ def test_under_systemd_ready_watchdog_reload_and_a_stop_after_the_message_in_fli
     assert queue.count() == {"new": 0, "claimed": 0, "retry": 0}
 
 
-def test_the_summary_counts_what_is_left(app: Path, queue: MailQueue, capture: CaptureServer) -> None:
-    assert summary(deq(app, queue.path, capture)) == (0, 0, 0)  # an empty (new) queue is no error
-    assert (queue.path / "new").is_dir() and os.access(queue.path / "new", os.W_OK)
+def test_the_queue_is_the_applications_queue_setting_by_default(app: Path, capture: CaptureServer) -> None:
+    queue = MailQueue(app / "var" / "queue")  # QUEUE = "var/queue", relative to the application
+    queue.put(message("alice@example.com", f"tag@{HOST}", "default"), "alice@example.com", f"tag@{HOST}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lamsonfilter", "deq", "--app", str(app), "--relay", f"127.0.0.1:{capture.port}",
+         "--once"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        env={k: v for k, v in os.environ.items() if k != "LAMSONFILTER_QUEUE"})
+    assert summary(proc) == (1, 0, 0)
+    assert capture.wait_for_count(1)[0].message["Subject"] == "default"
