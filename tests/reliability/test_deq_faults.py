@@ -37,7 +37,7 @@ import pytest
 
 from tests.rig.accounting import delivered_seqs
 from tests.rig.deqlist import CONFIRM_SUBJECT, run_list, subscriber
-from tests.rig.deqrig import DeqProcess, DeqRig
+from tests.rig.deqrig import DeqProcess, DeqRig, Lifetime, window_duplicates
 from tests.rig.fixtures import skip_or_fail
 from tests.rig.postfix import CaptureServer
 from tests.rig.storage import PG_URL, pg_admin
@@ -182,3 +182,25 @@ def test_poison_message_is_quarantined_after_the_limit_and_released_to_the_relay
         [sent] = [m for m in capture.messages if ("poison", "die@lists.example.org") in delivered_seqs([m])]
         assert sent.mail_from == "alice@example.com" and sent.message["Subject"] == "lethal"
         assert not list(Path(rig.quarantine_dir / "new").iterdir())
+
+
+# --------------------------------------------------------------------------- the window check itself
+
+
+def test_window_check_explains_only_one_resend_per_kill() -> None:
+    """`window_duplicates` against made-up runs: it can fail (no processes, no Postfix here)."""
+    a, b, c = Lifetime(1, 0.0, 10.0, True), Lifetime(2, 10.5, 20.0, True), Lifetime(3, 20.5, None, False)
+    runs = [a, b, c]
+    # <m1> sent by A as its last message, A killed, B sent it again: the window
+    assert window_duplicates({"<m1>": [9.0, 11.0]}, runs, {1: ["<m0>", "<m1>"], 2: ["<m1>"]}) == (1, [])
+    # A killed before it logged the send: still the window
+    assert window_duplicates({"<m1>": [9.9, 11.0]}, runs, {1: ["<m0>"], 2: ["<m1>"]}) == (1, [])
+    # not A's last send: A had marked it, or went on without marking it -- not the window
+    assert window_duplicates({"<m1>": [9.0, 11.0]}, runs, {1: ["<m1>", "<m2>"], 2: ["<m1>"]})[0] == 0
+    # two resends explained by one kill, three copies, or a process that was not killed: no
+    two = window_duplicates({"<m1>": [9.0, 11.0], "<m2>": [9.5, 12.0]}, runs, {1: [], 2: ["<m1>", "<m2>"]})
+    assert two[0] == 1 and len(two[1]) == 1
+    assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>"], 3: ["<m1>"]})[0] == 0
+    assert window_duplicates({"<m1>": [21.0, 22.0]}, runs, {3: ["<m1>", "<m1>"]})[0] == 0
+    # no later process logged the second copy: not the takeover of a claim
+    assert window_duplicates({"<m1>": [9.0, 9.5]}, runs, {1: ["<m1>", "<m1>"]})[0] == 0

@@ -36,7 +36,6 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -227,9 +226,11 @@ def _count(rig: DeqRig, subs: list[str], seqs: list[str], figures: DeqListFigure
         tokens = {m.group(1) for r in requests for m in _CONFIRM_ADDR.finditer(r.data.decode("utf-8", "replace"))}
         made = {str(m.message.get("Message-ID", "")) for m in welcomes}
         figures.handler_ran_twice += len(tokens) > 1 or len(made) > 1  # copies of one reply are not this
-    ids = Counter(str(m.message.get("Message-ID", "")) for m in messages)
-    figures.replies_twice = sum(1 for n in ids.values() if n > 1)
-    figures.replies_twice_in_window, unexplained = window_duplicates(ids, rig.outbox_sends(), figures.killed_pids)
+    arrivals: dict[str, list[float]] = {}
+    for m in messages:
+        arrivals.setdefault(str(m.message.get("Message-ID", "")), []).append(m.received_at)
+    figures.replies_twice = sum(1 for times in arrivals.values() if len(times) > 1)
+    figures.replies_twice_in_window, unexplained = window_duplicates(arrivals, rig.lifetimes(), rig.outbox_sends())
     if unexplained:
         figures.problems.append(f"replies sent twice outside the window: {unexplained[:10]}")
     known = {CONFIRM_SUBJECT, WELCOME_SUBJECT}

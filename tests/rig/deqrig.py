@@ -44,10 +44,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, NamedTuple, Self
 
 from lamsonfilter.mailqueue.maildir import MailQueue
 from tests.rig.accounting import (
@@ -102,6 +102,8 @@ class DeqProcess:
     log_path: Path
     log_file: IO[bytes]
     killed: bool = False
+    started: float = field(default_factory=time.time)
+    ended: float | None = None  # when SIGKILL was sent, or when it was found exited
 
     @property
     def pid(self) -> int:
@@ -113,6 +115,7 @@ class DeqProcess:
     def kill(self) -> int:
         """SIGKILL this PID (if it still runs) and reap it; the exit status (-9 when killed)."""
         if self.proc.poll() is None:
+            self.ended = time.time()
             os.kill(self.proc.pid, signal.SIGKILL)
             self.killed = True
         return self.wait()
@@ -129,6 +132,8 @@ class DeqProcess:
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         code = self.proc.wait(timeout)
+        if self.ended is None:
+            self.ended = time.time()
         self.log_file.close()
         return code
 
@@ -332,6 +337,9 @@ class DeqRig:
                 sends.setdefault(int(m.group(1)), []).append(m.group(2))
         return sends
 
+    def lifetimes(self) -> list[Lifetime]:
+        return [Lifetime(p.pid, p.started, p.ended, p.killed) for p in self.processes]
+
     def per_process(self) -> Counter[int]:
         """PID -> decision lines it logged."""
         return Counter({p.pid: len(decision_lines(p.log())) for p in self.processes})
@@ -360,33 +368,47 @@ class DeqRig:
         return acc
 
 
-def window_duplicates(copies: Counter[str], sends: dict[int, list[str]], killed: Iterable[int]) -> tuple[int, list[str]]:
+class Lifetime(NamedTuple):
+    """When one deq process ran (``time.time()``), and whether the rig killed it."""
+
+    pid: int
+    started: float
+    ended: float | None
+    killed: bool
+
+
+def window_duplicates(arrivals: dict[str, list[float]], processes: Sequence[Lifetime],
+                      sends: dict[int, list[str]]) -> tuple[int, list[str]]:
     """(explained, unexplained) Message-IDs the capture server got more than once.
 
     The outbox marks a message sent in the database after the relay's 250
     (lamsonfilter/relay.py): a process killed between the two has sent it,
     and the sender that takes its claim over sends it again.  Such a copy
-    is *explained* when the message went out exactly twice, the first
-    send was logged by a killed PID and was the last send that PID logged
-    (its sender handles one message at a time, so at most one such message
-    per kill).  Anything else -- three copies, a first copy from a process
-    that was not killed, or one sent before other messages of its process
-    -- is unexplained.
+    is *explained* when, with the processes running one at a time (the
+    kill test): the message arrived exactly twice; the process running
+    when the first copy arrived (`arrivals`: the capture server's times)
+    was then killed; that process logged the message as the last one it
+    sent, or did not log it at all (killed before its log line); no other
+    message is explained by the same kill (its sender handles one message
+    at a time); and a later process logged sending it.  Anything else is
+    unexplained.  `sends`: PID -> Message-IDs its outbox logged, in order.
     """
-    dead = set(killed)
-    last = {pid: mids[-1] for pid, mids in sends.items() if mids}
-    senders: dict[str, list[int]] = {}
-    for pid, mids in sends.items():
-        for mid in mids:
-            senders.setdefault(mid, []).append(pid)
+    explained_by: set[int] = set()
     explained, unexplained = 0, []
-    for mid, n in sorted(copies.items()):
-        if n < 2:
+    for mid, times in sorted(arrivals.items()):
+        if len(times) < 2:
             continue
-        by = senders.get(mid, [])
-        first = by[0] if by else None
-        if n == 2 and len(by) == 2 and first in dead and last.get(first) == mid:
+        first = min(times)
+        running = [p for p in processes if p.started <= first <= (p.ended or float("inf"))]
+        p = running[0] if len(running) == 1 else None
+        mine = sends.get(p.pid, []) if p is not None else []
+        later = [q.pid for q in processes if p is not None and q.started > p.started and mid in sends.get(q.pid, [])]
+        if (len(times) == 2 and p is not None and p.killed and p.pid not in explained_by
+                and (mid not in mine or mine[-1] == mid) and later):
+            explained_by.add(p.pid)
             explained += 1
         else:
-            unexplained.append(f"{mid}: {n} copies, sent by {by}")
+            who = {q.pid: sends[q.pid].count(mid) for q in processes if mid in sends.get(q.pid, [])}
+            unexplained.append(f"{mid}: {len(times)} copies, logged by {who}, "
+                               f"running at the first: {[q.pid for q in running]}")
     return explained, unexplained
