@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def test_two_deq_processes_on_one_queue_process_each_message_once(capture: Captu
                     staged=True)
         rig.release_staged()  # all at once, while both processes hold a gate message
         (gate / "open").touch()
+        opened = time.monotonic()
         rig.wait_drained(300 + 0.5 * subscribers)
+        took = time.monotonic() - opened
         assert a.terminate() == 0 and b.terminate() == 0, rig.log_tail()
 
         decisions = {n: [k for k in kinds if k != "tempfail"] for n, kinds in rig.decisions().items()}
@@ -123,9 +126,10 @@ def test_two_deq_processes_on_one_queue_process_each_message_once(capture: Captu
                 rig.sql("SELECT key, version FROM lamsonfilter_state WHERE key LIKE ?", ("mailinglist:python:%",))}
         summary = (f"{subscribers} subscribes + {len(gates)} gate messages, 2 processes "
                    f"({', '.join(f'{pid}: {n}' for pid, n in per_pid.items())} decisions); {acc.summary()}; "
-                   f"confirmations {sum(requests.values())}, decided twice {len(twice)}")
+                   f"confirmations {sum(requests.values())}, decided twice {len(twice)}; "
+                   f"drained and sent in {took:.0f} s")
         _report("two processes", summary)
-        acc.record(processes=dict(per_pid), decided_twice=len(twice))
+        acc.record(processes=dict(per_pid), decided_twice=len(twice), seconds=round(took, 1))
         assert len(decisions) == subscribers + len(gates) and not twice, summary
         assert all(n > 0 for n in per_pid.values()), summary
         assert sorted(set(requests.values())) == [1], summary
@@ -143,6 +147,7 @@ def test_poison_message_is_quarantined_after_the_limit_and_released_to_the_relay
             seqs.append(f"sub-{i}")
             rig.put(seqs[-1], subscriber(i), "python-subscribe@lists.example.org", subject="subscribe {seq}")
         deaths = 0
+        bystanders: set[str] = set()
         proc = rig.start()
         for _ in range(LIMIT + 2):  # bounded: LIMIT deaths, then the quarantine
             rig.wait_until(partial(_dead_or_kept, rig, proc), 300, "a death or the quarantine")
@@ -150,6 +155,8 @@ def test_poison_message_is_quarantined_after_the_limit_and_released_to_the_relay
                 break
             assert proc.proc.returncode == -9, rig.log_tail()  # the handler's SIGKILL
             deaths += 1
+            proc.wait()
+            bystanders.update(n for n in rig.left_by(proc.pid)[0] if n != poison)  # in flight with it
             proc = rig.start()
         rig.wait_drained(300)
         assert proc.terminate() == 0, rig.log_tail()
@@ -159,8 +166,8 @@ def test_poison_message_is_quarantined_after_the_limit_and_released_to_the_relay
         assert len(rig.quarantined()) == 1, rig.quarantined()
         listed = rig.lamsonfilter("quarantine", "list", "--quarantine", str(rig.quarantine_dir), "--json")
         [entry] = json.loads(listed.stdout)
-        summary = (f"{deaths} deaths (POISON_LIMIT {LIMIT}), quarantined {entry['name']}: {entry['reason']!r}; "
-                   f"{acc.summary()}")
+        summary = (f"{deaths} deaths (POISON_LIMIT {LIMIT}), {len(bystanders)} other messages in flight at a "
+                   f"death, quarantined {entry['name']}: {entry['reason']!r}; {acc.summary()}")
         _report("poison", summary)
         assert deaths == LIMIT, summary
         assert "poison" in entry["reason"] and str(LIMIT) in entry["reason"], summary
@@ -172,7 +179,7 @@ def test_poison_message_is_quarantined_after_the_limit_and_released_to_the_relay
         confirmed = {r.lower() for m in capture.messages if str(m.message.get("Subject", "")) == CONFIRM_SUBJECT
                      for r in m.rcpt_tos}
         assert confirmed == {subscriber(i) for i in range(GOOD)}, summary
-        acc.record(deaths=deaths, reason=entry["reason"])
+        acc.record(deaths=deaths, bystanders=len(bystanders), reason=entry["reason"])
 
         released = rig.lamsonfilter("quarantine", "release", entry["name"], "--quarantine", str(rig.quarantine_dir),
                                     "--reinject", f"127.0.0.1:{capture.port}")
