@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["MailQueue", "QueuedMessage", "QueueEntry", "EnvelopeMissing", "QueueError", "STATES"]
+__all__ = ["MailQueue", "QueuedMessage", "QueueEntry", "EnvelopeMissing", "QueueError", "STATES", "taken_back"]
 
 #: The queue's folders, in the order a message goes through them.
 STATES = ("new", "claimed", "retry")
@@ -194,7 +194,8 @@ class MailQueue:
 
     def release_due(self, now: float | None = None, grace: float = 5.0) -> int:
         """Move retries whose time came, and claims `grace` seconds past their end (their
-        worker died: one more attempt counted), back to ``new/``.  Returns how many."""
+        worker died: one more attempt counted, and the name marked ``died=1``: `taken_back`),
+        back to ``new/``.  Returns how many."""
         now = time.time() if now is None else now
         moved = 0
         for sub, field, extra in (("retry", "after", 0), ("claimed", "until", 1)):
@@ -212,8 +213,10 @@ class MailQueue:
                 if end + (grace if extra else 0) > now:
                     continue
                 attempts = int(fields.get("n", "0") or 0) + extra
+                # a dead claim comes back marked (`taken_back`): deq runs it alone
+                target = _filename(base, n=attempts, died=extra)
                 try:
-                    os.rename(self.path / sub / filename, self.path / "new" / _filename(base, n=attempts))
+                    os.rename(self.path / sub / filename, self.path / "new" / target)
                     moved += 1
                 except FileNotFoundError:
                     pass  # another worker moved it first
@@ -294,6 +297,12 @@ class MailQueue:
         except FileNotFoundError:
             raise QueueError(f"{name} moved while being removed; look again") from None
         return entry
+
+
+def taken_back(filename: str) -> bool:
+    """Whether a file name in ``new/`` is a claim taken back from a worker that died
+    (`MailQueue.release_due`): the message may be what killed it."""
+    return _fields(filename)[1].get("died") == "1"
 
 
 def parse_envelope(name: str, path: Path, data: bytes) -> tuple[str, str, int]:

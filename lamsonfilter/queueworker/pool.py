@@ -17,6 +17,13 @@ pass found nothing and nothing was moved, it sleeps: on the inotify watch
 next retry or claim is due, and at most `RESCAN` seconds (what another host
 writes to a shared directory is seen then).  No busy polling.
 
+A claim taken back from a worker that died (``died=1`` in its name,
+`lamsonfilter.mailqueue.maildir.taken_back`) may be what killed it: it is
+handed out only when nothing else is in flight, and nothing else while it
+is.  A poison message then dies alone, and the messages that happened to
+be in flight at its first death are not charged with the next ones (each
+death counts an attempt towards ``POISON_LIMIT``).
+
 With ``once=True`` it stops instead of sleeping: when a pass handed out
 nothing and nothing became due.  `stop` (SIGTERM) ends the pass; the
 messages in flight finish first.
@@ -30,7 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..mailqueue.maildir import MailQueue
+from ..mailqueue.maildir import MailQueue, taken_back
 from .watch import NewMailWatch
 
 __all__ = ["Feeder", "RESCAN"]
@@ -58,6 +65,7 @@ class Feeder:
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._inflight = 0
+        self._alone = False    # a message taken back from a dead worker is in flight, alone
         self.peak = 0          # the most messages in flight at once (never above `workers`)
         self.passes = 0
 
@@ -102,18 +110,23 @@ class Feeder:
     def _one_pass(self, pool: ThreadPoolExecutor) -> int:
         handed = 0
         for name in self.queue.scan():
+            # A claim taken back from a dead worker runs alone: if it kills this process as
+            # well, no other message in flight is charged with the death (POISON_LIMIT).
+            alone = taken_back(name)
             with self._cond:
-                while self._inflight >= self.workers and not self._stop.is_set():
+                while ((self._inflight >= self.workers or self._alone or (alone and self._inflight))
+                       and not self._stop.is_set()):
                     self._cond.wait()
                 if self._stop.is_set():
                     break
                 self._inflight += 1
+                self._alone = alone
                 self.peak = max(self.peak, self._inflight)
-            pool.submit(self._work, name)
+            pool.submit(self._work, name, alone)
             handed += 1
         return handed
 
-    def _work(self, name: str) -> None:
+    def _work(self, name: str, alone: bool = False) -> None:
         try:
             self.handle(name)
         except Exception:  # handle never raises; a bug there must not stop the pool
@@ -121,6 +134,8 @@ class Feeder:
         finally:
             with self._cond:
                 self._inflight -= 1
+                if alone:
+                    self._alone = False
                 self._cond.notify_all()
 
     def _wait_idle(self) -> None:
