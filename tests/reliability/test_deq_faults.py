@@ -207,7 +207,9 @@ def test_window_check_explains_only_one_resend_per_kill() -> None:
     # two resends explained by one kill, three copies, or a process that was not killed: no
     two = window_duplicates({"<m1>": [9.0, 11.0], "<m2>": [9.5, 12.0]}, runs, {1: [], 2: ["<m1>", "<m2>"]})
     assert two[0] == 1 and len(two[1]) == 1
-    assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>"], 3: ["<m1>"]})[0] == 0
+    # caught in the window twice: A killed, then B killed before it marked it, C sent it
+    assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>"], 3: ["<m1>"]}) == (1, [])
+    assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>", "<m2>"], 3: ["<m1>"]})[0] == 0
     assert window_duplicates({"<m1>": [21.0, 22.0]}, runs, {3: ["<m1>", "<m1>"]})[0] == 0
     # no later process logged the second copy: not the takeover of a claim
     assert window_duplicates({"<m1>": [9.0, 9.5]}, runs, {1: ["<m1>", "<m1>"]})[0] == 0

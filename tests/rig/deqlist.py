@@ -83,6 +83,7 @@ class DeqListFigures:
     welcome_missing: int = 0
     replies_twice: int = 0  # replies (Message-IDs) the capture server got more than once ...
     replies_twice_in_window: int = 0  # ... of which in the outbox's window (`window_duplicates`)
+    extra_copies: int = 0  # copies beyond the first, of all replies
     handler_ran_twice: int = 0  # subscribers given two tokens or two welcomes made apart: no replay
     transitions_twice: int = 0  # state rows past version 2
     not_member: int = 0
@@ -107,8 +108,9 @@ class DeqListFigures:
                 f"{len(self.claims_left)} queue messages, {self.outbox_claims_left} outbox messages; confirmations "
                 f"{self.confirm_requests} (dup {self.confirm_duplicated}, missing {self.confirm_missing}), "
                 f"welcomes {self.welcomes} (dup {self.welcome_duplicated}, missing {self.welcome_missing}), "
-                f"replies sent twice {self.replies_twice} ({self.replies_twice_in_window} in the window "
-                f"between the relay's 250 and the outbox's commit), handlers run twice {self.handler_ran_twice}, "
+                f"replies sent more than once {self.replies_twice} ({self.extra_copies} extra copies; "
+                f"{self.replies_twice_in_window} in the window between the relay's 250 and the outbox's commit), "
+                f"handlers run twice {self.handler_ran_twice}, "
                 f"transitions applied twice {self.transitions_twice}, not member {self.not_member}, "
                 f"refusals {self.refusals}, outbox failed {self.outbox_failed}; "
                 f"{self.seconds:.0f} s ({self.drain_seconds:.0f} s draining)")
@@ -230,6 +232,7 @@ def _count(rig: DeqRig, subs: list[str], seqs: list[str], figures: DeqListFigure
     for m in messages:
         arrivals.setdefault(str(m.message.get("Message-ID", "")), []).append(m.received_at)
     figures.replies_twice = sum(1 for times in arrivals.values() if len(times) > 1)
+    figures.extra_copies = sum(len(times) - 1 for times in arrivals.values())
     figures.replies_twice_in_window, unexplained = window_duplicates(arrivals, rig.lifetimes(), rig.outbox_sends())
     if unexplained:
         figures.problems.append(f"replies sent twice outside the window: {unexplained[:10]}")

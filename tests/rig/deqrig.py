@@ -383,32 +383,39 @@ def window_duplicates(arrivals: dict[str, list[float]], processes: Sequence[Life
 
     The outbox marks a message sent in the database after the relay's 250
     (lamsonfilter/relay.py): a process killed between the two has sent it,
-    and the sender that takes its claim over sends it again.  Such a copy
-    is *explained* when, with the processes running one at a time (the
-    kill test): the message arrived exactly twice; the process running
-    when the first copy arrived (`arrivals`: the capture server's times)
-    was then killed; that process logged the message as the last one it
-    sent, or did not log it at all (killed before its log line); no other
-    message is explained by the same kill (its sender handles one message
-    at a time); and a later process logged sending it.  Anything else is
-    unexplained.  `sends`: PID -> Message-IDs its outbox logged, in order.
+    and the sender that takes its claim over sends it again -- and once
+    more if that one is killed in the same window.  With the processes
+    running one at a time (the kill test), every copy but the last is
+    *explained* when the process running at its arrival (`arrivals`: the
+    capture server's times) was then killed, logged the message as the
+    last one it sent or did not log it at all (killed before its log
+    line), and explains no other copy (its sender handles one message at a
+    time: one per kill); and the next copy was logged by a later process.
+    Anything else is unexplained.  `sends`: PID -> Message-IDs its outbox
+    logged, in order.
     """
     explained_by: set[int] = set()
     explained, unexplained = 0, []
     for mid, times in sorted(arrivals.items()):
         if len(times) < 2:
             continue
-        first = min(times)
-        running = [p for p in processes if p.started <= first <= (p.ended or float("inf"))]
-        p = running[0] if len(running) == 1 else None
-        mine = sends.get(p.pid, []) if p is not None else []
-        later = [q.pid for q in processes if p is not None and q.started > p.started and mid in sends.get(q.pid, [])]
-        if (len(times) == 2 and p is not None and p.killed and p.pid not in explained_by
-                and (mid not in mine or mine[-1] == mid) and later):
+        ordered = sorted(times)
+        why = ""
+        for at in ordered[:-1]:
+            running = [p for p in processes if p.started <= at <= (p.ended or float("inf"))]
+            if len(running) != 1 or not running[0].killed:
+                why = f"a copy at {at:.3f} while {[p.pid for p in running]} ran (not one killed process)"
+                break
+            p = running[0]
+            mine = sends.get(p.pid, [])
+            later = [q.pid for q in processes if q.started > p.started and mid in sends.get(q.pid, [])]
+            if p.pid in explained_by or (mid in mine and mine[-1] != mid) or not later:
+                why = f"{p.pid}: already explains one, sent others after it, or nobody sent it after it"
+                break
             explained_by.add(p.pid)
-            explained += 1
-        else:
+        if why:
             who = {q.pid: sends[q.pid].count(mid) for q in processes if mid in sends.get(q.pid, [])}
-            unexplained.append(f"{mid}: {len(times)} copies, logged by {who}, "
-                               f"running at the first: {[q.pid for q in running]}")
+            unexplained.append(f"{mid}: {len(times)} copies, logged by {who}: {why}")
+        else:
+            explained += 1
     return explained, unexplained
