@@ -44,6 +44,9 @@ OUTBOX_LEASE       seconds an outbox worker's claim on a message    ``300``
                    lasts: a dead worker's claims are taken over
                    after it; longer than any SMTP transaction to
                    RELAY (docs/several-hosts.rst)
+QUEUE              the mail queue's Maildir, relative to the app:   ``var/queue``
+                   ``ctx.defer()`` writes there, ``lamsonfilter
+                   deq`` works through it
 =================  ===============================================  ==========================
 
 Names in capitals are settings.  An application may add its own (the
@@ -74,7 +77,7 @@ from .views import ViewError, Views
 
 __all__ = [
     "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",
-    "parse_hostport", "resolve_database_url", "sqlite_path",
+    "parse_hostport", "resolve_database_url", "sqlite_path", "queue_dir",
 ]
 
 
@@ -99,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
     "METRICS": None,
     "POISON_LIMIT": 5,
     "OUTBOX_LEASE": 300,
+    "QUEUE": "var/queue",
 }
 
 
@@ -212,6 +216,8 @@ def _validate(values: dict[str, Any], path: Path) -> None:
     lease = values["OUTBOX_LEASE"]
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
         fail("OUTBOX_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
+    if not isinstance(values["QUEUE"], str) or not values["QUEUE"]:
+        fail("QUEUE", f"must be a directory (the queue's Maildir), not {values['QUEUE']!r}")
 
 
 def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -243,6 +249,13 @@ def resolve_database_url(url: str, app_dir: str | Path | None) -> str:
         return url
     query = url.partition("?")[2]
     return f"sqlite:///{Path(path).absolute()}" + (f"?{query}" if query else "")
+
+
+def queue_dir(settings: Mapping[str, Any]) -> Path:
+    """The queue's directory: the QUEUE setting, a relative one inside the application."""
+    path = Path(settings.get("QUEUE") or DEFAULTS["QUEUE"])
+    app_dir = settings.get("APP_DIR")
+    return path if path.is_absolute() or app_dir is None else Path(app_dir) / path
 
 
 def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:

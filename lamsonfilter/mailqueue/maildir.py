@@ -123,7 +123,7 @@ class MailQueue:
     # ------------------------------------------------------------------ writing
     def put(self, raw: bytes, sender: str, recipient: str, name: str | None = None) -> str:
         """Queue one message for one recipient; durable (file and folder fsynced) when it
-        returns.  A `name` already in ``new/`` is left alone (an idempotent retry)."""
+        returns.  A `name` the queue already holds (`holds`) is left alone (an idempotent retry)."""
         self.ensure()
         base = name or unique_name()
         if not _NAME.match(base) or ";" in base:
@@ -135,7 +135,7 @@ class MailQueue:
         head = b"Return-Path: <" + sender.encode("utf-8") + b">" + eol
         head += b"Delivered-To: " + recipient.encode("utf-8") + eol
         final = self.path / "new" / base
-        if name is not None and final.exists():
+        if name is not None and self.holds(base):
             return base
 
         def write(f: BinaryIO) -> None:
@@ -144,6 +144,23 @@ class MailQueue:
 
         write_durably(self.path / "tmp" / base, final, write, exclusive=True)
         return base
+
+    def holds(self, base: str) -> bool:
+        """True when a message named `base` waits in ``new/``, is claimed or waits for a retry.
+
+        Looks up ``new/base`` first, then reads ``claimed/`` and ``retry/`` and, for a
+        message given back after an attempt (``base;n=1``), ``new/``."""
+        if (self.path / "new" / base).exists():
+            return True
+        prefix = base + ";"
+        for sub in ("claimed", "retry", "new"):
+            try:
+                with os.scandir(self.path / sub) as it:
+                    if any(e.name.startswith(prefix) for e in it):
+                        return True
+            except FileNotFoundError:
+                continue
+        return False
 
     # ------------------------------------------------------------------ working
     def scan(self) -> Iterator[str]:
