@@ -17,7 +17,8 @@ MTA was already told 4xx and sends the message again.  With a
 `mark()` before a state function and `undo(mark)` after it (else
 `keep()`) take back what that one call wrote (``ctx.defer()``: the call's writes are dropped,
 the other recipients' stay); `mark()` remembers each key's record before
-its first write, so it costs a read only for keys the call writes.
+its first write (as the call first read it, else read then), so it costs
+a read only for a key the call writes without reading it first.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DeadlinePassed(Exception):
 class _Mark:
     """What a state function's call wrote so far: each key's record before its first write."""
 
-    before: dict[str, StateRecord | None] = field(default_factory=dict)
+    seen: dict[str, StateRecord | None] = field(default_factory=dict)  # as first read in the call
+    written: list[str] = field(default_factory=list)  # in the order of their first write
     trace: list[StateWrite] = field(default_factory=list)
 
 
@@ -109,7 +111,8 @@ class LazyTransaction:
     def undo(self, mark: _Mark) -> None:
         """Put back every key `mark`'s call wrote, as it was before; forget them in the trace."""
         self._mark = None
-        for key, record in reversed(list(mark.before.items())):
+        for key in reversed(mark.written):
+            record = mark.seen[key]
             if record is None:
                 self._tx.clear(key)
             else:
@@ -118,11 +121,17 @@ class LazyTransaction:
             self._trace.writes[:] = mark.trace
 
     def _remember(self, tx: Any, key: str) -> None:
-        if self._mark is not None and key not in self._mark.before:
-            self._mark.before[key] = tx.get(key)
+        mark = self._mark
+        if mark is not None and key not in mark.seen:  # a key read first costs no second read
+            mark.seen[key] = tx.get(key)
+        if mark is not None and key not in mark.written:
+            mark.written.append(key)
 
     def get(self, key: str) -> StateRecord | None:
-        return self._open().get(key)  # type: ignore[no-any-return]
+        record: StateRecord | None = self._open().get(key)
+        if self._mark is not None and key not in self._mark.seen:
+            self._mark.seen[key] = record
+        return record
 
     def set(self, key: str, state: str, data: Mapping[str, Any] | None = None, *, bookkeeping: bool = False) -> None:
         tx = self._open()

@@ -34,6 +34,7 @@ def defer_app(storage=None) -> App:
         ctx.set_state("other-key", "DONE", {"by": "deferred call"})
         ctx.send(b"Subject: from a deferred call\r\n\r\nx\r\n", sender="slow@app.example",
                  recipients=("ops@app.example",))
+        assert ctx.reply(body="we are on it")  # counts against the reply limit: taken back too
         if ctx.header("Subject") == "swallow":
             try:
                 ctx.defer()
@@ -101,6 +102,7 @@ def test_defer_drops_the_calls_side_effects_and_keeps_the_other_recipients(stora
     # neither the conversation's state nor ctx.set_state's key was written
     assert state(app, SLOW_KEY) is None and state(app, "slow:other-key") is None
     assert [w.key for w in trace.writes] == []  # the dry run's list too
+    assert storage.scan("") == []  # no reply-limit counter, no key at all
     assert any("deferred to the queue" in n for n in d.notes)
     assert not d.is_tempfail and d.kind == "modify"
 
@@ -123,6 +125,8 @@ def test_the_run_from_the_queue_does_the_work(storage):
     rec = state(app, SLOW_KEY)
     assert rec.state == "DONE" and rec.data == {"seen": True, "ran": "from the queue"}
     assert state(app, "slow:other-key").state == "DONE"
+    assert len([m for m in later.outbox if m.kind == "reply"]) == 1  # the run that did the work replied
+    assert f"lamsonfilter:rate:slow:{ALICE}" in [k for k, _r in app.storage.scan("")]  # counted this time
 
 
 def test_defer_from_the_queue_is_a_handler_error_naming_the_mistake(storage, caplog):
