@@ -40,13 +40,12 @@ REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (
 POISON_LIMIT       content filter: attempts at one message that     ``5``
                    crashed or timed out before it is quarantined
                    (``0``: never; reliability R15, lamsonfilter.daemon.poison)
+QUEUE              the Maildir queue ``lamsonfilter deq`` works     ``var/queue``
+                   through (``--queue``); relative to the app
 OUTBOX_LEASE       seconds an outbox worker's claim on a message    ``300``
                    lasts: a dead worker's claims are taken over
                    after it; longer than any SMTP transaction to
                    RELAY (docs/several-hosts.rst)
-QUEUE              the mail queue's Maildir, relative to the app:   ``var/queue``
-                   ``ctx.defer()`` writes there, ``lamsonfilter
-                   deq`` works through it
 =================  ===============================================  ==========================
 
 Names in capitals are settings.  An application may add its own (the
@@ -216,8 +215,9 @@ def _validate(values: dict[str, Any], path: Path) -> None:
     lease = values["OUTBOX_LEASE"]
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
         fail("OUTBOX_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
-    if not isinstance(values["QUEUE"], str) or not values["QUEUE"]:
-        fail("QUEUE", f"must be a directory (the queue's Maildir), not {values['QUEUE']!r}")
+    queue = values["QUEUE"]
+    if not isinstance(queue, str) or not queue.strip():
+        fail("QUEUE", f"must be a directory (absolute, or relative to the application), not {queue!r}")
 
 
 def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:
