@@ -166,3 +166,32 @@ def test_deferral_names_are_usable_queue_names(key):
     from lamsonfilter.mailqueue.maildir import _NAME
 
     assert _NAME.match(name) and ";" not in name
+
+
+def test_the_daemons_queue_option_overrides_the_setting(tmp_path):
+    """``--queue`` / LAMSONFILTER_QUEUE (the same as deq's) reaches the runtime's queue."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from lamsonfilter.cli import main
+    from lamsonfilter.contentfilter.config import ProxyConfig
+    from lamsonfilter.contentfilter.server import build_runtime
+
+    root = Path(__file__).resolve().parents[1]
+    app = tmp_path / "app"
+    shutil.copytree(root / "examples" / "mailinglist", app, ignore=shutil.ignore_patterns("var", "__pycache__"))
+    CliRunner().invoke(main, ["db", "init", "--app", str(app)], catch_exceptions=False)
+    rt = build_runtime(ProxyConfig(app_dir=app, queue=str(tmp_path / "elsewhere")))
+    try:
+        assert rt.queue.path == tmp_path / "elsewhere"
+    finally:
+        rt.stop()
+    rt = build_runtime(ProxyConfig(app_dir=app))
+    try:
+        assert rt.queue.path == app.resolve() / "var" / "queue"
+    finally:
+        rt.stop()
+    for cmd in ("milter", "smtpproxy"):
+        out = CliRunner().invoke(main, [cmd, "--help"]).output
+        assert "--queue DIR" in out and "LAMSONFILTER_QUEUE" in out

@@ -35,6 +35,14 @@ def database_option(f: Any) -> Any:
     )(f)
 
 
+def queue_option(f: Any) -> Any:
+    return click.option(
+        "--queue", "queue", metavar="DIR", default=None, envvar="LAMSONFILTER_QUEUE",
+        help="The queue ctx.defer() writes into, the one lamsonfilter deq works through (overrides "
+             "QUEUE; env LAMSONFILTER_QUEUE).",
+    )(f)
+
+
 def fail(message: str) -> None:
     click.echo(f"lamsonfilter: {message}", err=True)
     sys.exit(2)

@@ -111,7 +111,7 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
     """The application (settings, routes, schema checked), with the outbox sent to --reinject."""
     host, port = config.reinject
     overrides = {"RELAY": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                 "DATABASE_URL": config.database}
+                 "DATABASE_URL": config.database, "QUEUE": config.queue}
     runtime = Runtime.from_directory(config.app_dir, overrides, outbox_interval=outbox_interval)
     if config.postfix_config is not None:
         _refuse_broken_postfix(config, runtime)
