@@ -1,6 +1,6 @@
-"""ctx.defer(): App and Context (the call's side effects dropped, other recipients kept), the
-transports' tables, the replay record, AppTester, the dry run.  The runtime's queue write is
-in test_defer_runtime.py."""
+"""ctx.defer(): App and Context (the call's side effects dropped, other recipients kept),
+AppTester, the dry run.  The runtime's queue write is in test_defer_runtime.py; the tables in
+test_plans.py, the replay record in test_decisions.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from click.testing import CliRunner
 
 from lamsonfilter import Action, App, Handler, MailRequest, stateless
 from lamsonfilter.cli import main
-from lamsonfilter.contentfilter.plan import reinjection_plan
-from lamsonfilter.decisions import Decision, Outcome
 from lamsonfilter.diagnostics import Trace
-from lamsonfilter.milterparts.plan import milter_plan
 from lamsonfilter.testing import AppTester, make_message
 
 HOST = "app.example"
@@ -161,40 +158,6 @@ def test_a_deferral_is_replayed_on_a_retry(storage):
     again = app.process(req([SLOW]), replay_key="ident:Q1:x")
     assert first.outcomes[0].action is again.outcomes[0].action is Action.DEFER
     assert "retry: decision replayed" in again.notes
-
-
-# ---------------------------------------------------------------- records and tables
-def test_replay_record_round_trip_with_defer_and_old_records_still_load():
-    d = Decision((Outcome(SLOW, Action.DEFER, route="slow.START", handler="slow", state_before="START",
-                          state_after="START"), Outcome(TAG, Action.DELIVER)))
-    rec = json.loads(json.dumps(d.to_record()))
-    assert rec["outcomes"][0]["action"] == "defer" and rec["v"] == 2
-    assert Decision.from_record(rec) == d
-    old = {"outcomes": [[TAG, "drop", None, None, None, [], "r", "h", "START", "START"]]}  # version 1
-    assert Decision.from_record(old).outcomes[0].action is Action.DROP
-
-
-def test_milter_plan_removes_a_deferred_recipient_and_discards_when_all_are():
-    request = req([SLOW, TAG])
-    mixed = Decision((Outcome(SLOW, Action.DEFER), Outcome(TAG, Action.DELIVER)))
-    plan = milter_plan(mixed, request)
-    assert plan.result == "ACCEPT" and [str(a) for a in plan.actions] == [f"delrcpt('<{SLOW}>')"]
-    assert any("deferred to the queue" in n for n in plan.notes)
-    only = Decision((Outcome(SLOW, Action.DEFER),))
-    assert milter_plan(only, req([SLOW])).result == "DISCARD"
-    assert only.kind == "defer"
-
-
-def test_content_filter_plan_does_not_reinject_to_a_deferred_recipient():
-    request = req([SLOW, TAG])
-    mixed = Decision((Outcome(SLOW, Action.DEFER), Outcome(TAG, Action.DELIVER)))
-    plan = reinjection_plan(mixed, request)
-    assert plan.recipients == (TAG,) and plan.reply.startswith("250")
-    assert any(SLOW in n and "not reinjected" in n for n in plan.notes)
-    only = reinjection_plan(Decision((Outcome(SLOW, Action.DEFER),)), req([SLOW]))
-    assert not only.reinjects and only.reply.startswith("250")
-    lmtp = reinjection_plan(mixed, request, lmtp=True)
-    assert [r for _a, r in lmtp.rcpt_replies] == [lmtp.reply, lmtp.reply]  # 250 for both
 
 
 # ---------------------------------------------------------------- AppTester
