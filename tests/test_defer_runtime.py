@@ -195,3 +195,15 @@ def test_the_daemons_queue_option_overrides_the_setting(tmp_path):
     for cmd in ("milter", "smtpproxy"):
         out = CliRunner().invoke(main, [cmd, "--help"]).output
         assert "--queue DIR" in out and "LAMSONFILTER_QUEUE" in out
+
+
+def test_a_bounce_is_queued_with_the_null_sender(tmp_path):
+    queue = tmp_path / "queue"
+    rt = make_runtime(queue)
+    raw = make_message("", SLOW, subject="Undelivered Mail Returned to Sender")
+    request = MailRequest.from_bytes(raw, sender="", recipients=[SLOW], queue_id="QB")
+    assert rt.process(request, replay_key="ident:QB:x").outcomes[0].action is Action.DEFER
+    (path,) = queued(queue)
+    assert path.read_bytes().startswith(f"Return-Path: <>\r\nDelivered-To: {SLOW}\r\n".encode())
+    msg = MailQueue(queue).claim(path.name)
+    assert msg is not None and (msg.sender, msg.recipient) == ("", SLOW)
