@@ -14,11 +14,11 @@ commit after the transport's deadline is refused (`DeadlinePassed`): the
 MTA was already told 4xx and sends the message again.  With a
 `lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
 
-`mark()` before a state function and `undo(mark)` after it (else
-`keep()`) take back what that one call wrote (``ctx.defer()``: the call's writes are dropped,
-the other recipients' stay); `mark()` remembers each key's record before
-its first write (as the call first read it, else read then), so it costs
-a read only for a key the call writes without reading it first.
+`mark()` before a state function, then `undo(mark)` (``ctx.defer()``:
+that call's writes are taken back, the other recipients' stay) or
+`keep()`.  A mark remembers each key's record before the call's first
+write to it (as the call first read it, else read then), so it costs a
+read only for a key the call writes without reading it first.
 """
 
 from __future__ import annotations

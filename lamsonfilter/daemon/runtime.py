@@ -193,7 +193,6 @@ class Runtime:
             release_free_memory()
         return decision
 
-
     @property
     def queue(self) -> MailQueue:
         """The application's mail queue (the ``QUEUE`` setting, relative to the app)."""
