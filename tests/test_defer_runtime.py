@@ -207,3 +207,22 @@ def test_a_bounce_is_queued_with_the_null_sender(tmp_path):
     assert path.read_bytes().startswith(f"Return-Path: <>\r\nDelivered-To: {SLOW}\r\n".encode())
     msg = MailQueue(queue).claim(path.name)
     assert msg is not None and (msg.sender, msg.recipient) == ("", SLOW)
+
+
+def test_a_retry_after_the_queued_message_ran_does_not_queue_it_again(tmp_path, storage):
+    """The MTA's retry after our 2xx was lost, once deq has run and removed the message."""
+    queue = tmp_path / "queue"
+    rt = make_runtime(queue, storage)
+    key = "ident:QID1:abc"
+    rt.process(req([SLOW]), replay_key=key)
+    q = MailQueue(queue)
+    (name,) = list(q.scan())
+    msg = q.claim(name)
+    assert msg is not None
+    later = MailRequest.from_bytes(msg.raw, sender=msg.sender, recipients=[msg.recipient], queue_id=msg.name)
+    later.from_queue = True
+    assert rt.process(later, replay_key=msg.name, transport="queue").outcomes[0].action is Action.DROP
+    assert q.done(msg) and queued(queue) == []
+    again = rt.process(req([SLOW]), replay_key=key)  # replays the deferral ...
+    assert again.outcomes[0].action is Action.DEFER
+    assert queued(queue) == []  # ... but deq's replay record says it ran: not queued again

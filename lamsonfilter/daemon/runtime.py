@@ -208,7 +208,12 @@ class Runtime:
         queue = self.queue
         try:
             for rcpt in decision.deferred:
-                name = queue.put(request.raw, request.sender, rcpt, name=deferral_name(key, rcpt))
+                name = deferral_name(key, rcpt)
+                if name is not None and self._ran_from_queue(name):
+                    log.info("queue_id=%s rcpt=<%s> deferred: %s already ran from the queue; not queued again",
+                             request.queue_id or "-", rcpt, name)
+                    continue
+                name = queue.put(request.raw, request.sender, rcpt, name=name)
                 log.info("queue_id=%s rcpt=<%s> deferred: queued as %s in %s", request.queue_id or "-",
                          rcpt, name, queue.path)
         except (OSError, QueueError) as exc:
@@ -216,6 +221,20 @@ class Runtime:
                       request.queue_id or "-", queue.path, exc)
             return Decision.tempfail(request.recipients, f"deferral not queued: {exc}")
         return decision
+
+    def _ran_from_queue(self, name: str) -> bool:
+        """True when ``deq`` committed a decision for the queued message `name` (its replay key):
+        the MTA's retry of a message deferred, queued and run since must not queue it again.
+        One read that locks nothing; a message whose run committed nothing cannot be told."""
+        from ..store.replay import record_key
+
+        key = record_key(name)
+        assert key is not None
+        try:
+            return any(k == key for k, _rec in self.app.storage.scan(key, limit=1))
+        except StorageError as exc:  # cannot tell: queue it (at worst it runs once more)
+            log.warning("replay record of %s not readable: %s", name, exc)
+            return False
 
     def wake_outbox(self) -> None:
         """New outbox mail: wake the sender, here or in the process that runs it."""
