@@ -1,6 +1,6 @@
 """The ``lamsonfilter`` command: one click group, its commands in three families.
 
-    lamsonfilter milter | smtpproxy ...              the daemons (`daemons`)
+    lamsonfilter milter | smtpproxy | deq ...        the daemons (`daemons`)
     lamsonfilter test --app DIR [FILE|MAILDIR ...]   the dry run (`testcmd`, `dryrun`)
     lamsonfilter routes | gen | db init | check | graph | send | demo
                                                      the tools (`tools`)
@@ -20,7 +20,7 @@ import logging
 import click
 
 from .. import __version__
-from .daemons import milter_cmd, smtpproxy_cmd
+from .daemons import deq_cmd, milter_cmd, smtpproxy_cmd
 from .quarantine import quarantine_cmd
 from .state import state_cmd
 from .testcmd import test_cmd
@@ -45,5 +45,5 @@ def main(verbose: int) -> None:
 
 
 for _command in (test_cmd, routes_cmd, gen_cmd, db_cmd, check_cmd, demo_cmd, graph_cmd, send_cmd,
-                 milter_cmd, smtpproxy_cmd, state_cmd, quarantine_cmd):
+                 milter_cmd, smtpproxy_cmd, deq_cmd, state_cmd, quarantine_cmd):
     main.add_command(_command)

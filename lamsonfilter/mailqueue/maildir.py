@@ -180,10 +180,12 @@ class MailQueue:
             return False
         return True
 
-    def retry(self, msg: QueuedMessage, delay: float, now: float | None = None) -> bool:
-        """Give the message back for a later attempt (one more counted); False if no longer ours."""
+    def retry(self, msg: QueuedMessage, delay: float, now: float | None = None, count: bool = True) -> bool:
+        """Give the message back for a later attempt (one more counted, unless `count` is False:
+        the message was not at fault); False if no longer ours."""
         now = time.time() if now is None else now
-        target = self.path / "retry" / _filename(msg.name, n=msg.attempts + 1, after=f"{now + delay:.0f}")
+        attempts = msg.attempts + (1 if count else 0)
+        target = self.path / "retry" / _filename(msg.name, n=attempts, after=f"{now + delay:.0f}")
         try:
             os.rename(msg.path, target)
         except FileNotFoundError:
