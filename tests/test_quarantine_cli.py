@@ -24,7 +24,9 @@ def test_list_show_delete_and_usage_errors(tmp_path: Path) -> None:
     name = q.store(MSG, "review", "4Qid", sender="alice@example.com", recipients=["a@example.org", "b@example.net"])
     code, out, _ = run("list", "--quarantine", str(q.path), "--json")
     assert code == 0
-    [entry] = json.loads(out)
+    listing = json.loads(out)
+    assert (listing["total"], listing["shown"], listing["more"]) == (1, 1, 0)
+    [entry] = listing["messages"]
     assert entry["name"] == name and entry["recipients"] == ["a@example.org", "b@example.net"]
     assert entry["subject"] == "kept" and entry["queue_id"] == "4Qid"
     code, out, _ = run("show", name, "--quarantine", str(q.path), "--json")
@@ -35,7 +37,9 @@ def test_list_show_delete_and_usage_errors(tmp_path: Path) -> None:
     assert code == 2 and "is not a quarantine" in err
     code, _, err = run("list")
     assert code == 2 and "--quarantine DIR" in err
-    code, out, _ = run("delete", name, "--quarantine", str(q.path))
+    code, _, err = run("delete", name, "--quarantine", str(q.path))
+    assert code == 2 and "refused without --yes" in err and q.names() == [name]
+    code, out, _ = run("delete", name, "--quarantine", str(q.path), "--yes")
     assert code == 0 and q.names() == []
 
 
