@@ -184,3 +184,44 @@ def test_where_the_queue_is(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out)["new"] == 2
     code, _, err = run("list", "--app", str(tmp_path / "noapp"))
     assert code == 2 and one_line_error(err)
+
+
+def test_remove_asks_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal (a real pty) remove asks: no keeps the message (exit 1), yes removes it."""
+    import pty
+    import select
+
+    q, names = queue_with(tmp_path, 1)
+
+    def answer(reply: bytes) -> tuple[int, bytes]:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the command on the pty
+            os.execv(sys.executable, [sys.executable, "-m", "lamsonfilter", "queue", "remove", names[0],
+                                      "--queue", str(q.path)])
+        seen = b""
+        try:
+            for _ in range(600):  # bounded: until the question shows (at most 600 reads of 0.1 s)
+                if select.select([fd], [], [], 0.1)[0]:
+                    seen += os.read(fd, 4096)
+                if b"[y/N]" in seen:
+                    break
+            os.write(fd, reply + b"\n")
+            for _ in range(600):  # bounded: until the child closes the pty
+                if select.select([fd], [], [], 0.1)[0]:
+                    try:
+                        chunk = os.read(fd, 4096)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    seen += chunk
+        finally:
+            _, status = os.waitpid(pid, 0)
+            os.close(fd)
+        return os.waitstatus_to_exitcode(status), seen
+
+    code, seen = answer(b"n")
+    assert code == 1 and b"Remove 1 message(s) from the queue" in seen and b"nothing done" in seen
+    assert q.count()["new"] == 1
+    code, seen = answer(b"y")
+    assert code == 0 and f"{names[0]}: removed".encode() in seen and q.count()["new"] == 0

@@ -28,13 +28,14 @@ import json
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence, TypeVar
 
 import click
 
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "HEAD_MAX", "ago", "confirm",
-           "emit_json", "emit_json_line", "fail", "fields", "header", "header_block", "json_option",
+__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "HEAD_MAX", "OperatorCommand", "OperatorGroup", "ago",
+           "confirm", "emit_json", "emit_json_line", "fail", "fields", "header", "header_block", "json_option",
            "limit_option", "more_line", "operator_errors", "relative", "safe", "table", "utc", "where_options",
            "write_binary", "yes_option"]
 
@@ -82,6 +83,46 @@ def operator_errors(f: _F) -> _F:
             fail(f"{where}{exc.strerror or exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- usage errors in one line
+#: click's "no arguments: here is the help" (click >= 8.2) is not an error to shorten.
+_HELP_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(click.exceptions, n) for n in ("NoArgsIsHelpError",) if hasattr(click.exceptions, n))
+
+
+@contextmanager
+def _one_line_usage(ctx: click.Context) -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as exc:
+        if isinstance(exc, _HELP_ERRORS):
+            raise
+        fail(f"{exc.format_message()} (see {ctx.command_path} --help)")
+
+
+class OperatorCommand(click.Command):
+    """A command whose usage errors (a missing argument, a bad option value) are one line too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage(ctx):
+            return super().parse_args(ctx, args)
+
+
+class OperatorGroup(click.Group):
+    """``queue``, ``outbox``, ``quarantine``: `OperatorCommand`s; an unknown one is one line."""
+
+    command_class = OperatorCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage(ctx):
+            return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                            list[str]]:
+        with _one_line_usage(ctx):
+            return super().resolve_command(ctx, args)
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- options

@@ -33,9 +33,9 @@ import click
 
 from ..state import OutboxBusy, OutboxEntry, StateStorage
 from .common import open_database
-from .opview import (EXIT_REFUSED, ago, confirm, emit_json, emit_json_line, fail, fields, header, header_block,
-                     json_option, limit_option, more_line, operator_errors, relative, safe, table, utc, where_options,
-                     write_binary, yes_option)
+from .opview import (OperatorGroup, EXIT_REFUSED, ago, confirm, emit_json, emit_json_line, fail, fields,
+                     header, header_block, json_option, limit_option, more_line, operator_errors, relative,
+                     safe, table, utc, where_options, write_binary, yes_option)
 
 __all__ = ["outbox_cmd"]
 
@@ -84,7 +84,7 @@ def _recipients(rcpts: tuple[str, ...]) -> str:
     return first + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "")
 
 
-@click.group("outbox")
+@click.group("outbox", cls=OperatorGroup)
 def outbox_cmd() -> None:
     """Look at outbox messages that wait or failed; retry or drop them.
 

@@ -35,9 +35,9 @@ from typing import Any
 import click
 
 from ..contentfilter.quarantine import Quarantine, QuarantinedMessage, QuarantineError
-from .opview import (EXIT_REFUSED, HEAD_MAX, ago, confirm, emit_json, emit_json_line, fail, fields, header,
-                     header_block, json_option, limit_option, more_line, operator_errors, safe, table, utc,
-                     where_options, write_binary, yes_option)
+from .opview import (OperatorGroup, EXIT_REFUSED, HEAD_MAX, ago, confirm, emit_json, emit_json_line, fail,
+                     fields, header, header_block, json_option, limit_option, more_line, operator_errors, safe,
+                     table, utc, where_options, write_binary, yes_option)
 
 __all__ = ["quarantine_cmd"]
 
@@ -76,7 +76,7 @@ def _sender(m: QuarantinedMessage) -> str:
     return f"<{m.sender}>" if m.has_envelope else "(no envelope: cannot be released)"
 
 
-@click.group("quarantine")
+@click.group("quarantine", cls=OperatorGroup)
 def quarantine_cmd() -> None:
     """Look at, release or delete quarantined messages.
 

@@ -27,9 +27,9 @@ from typing import Any, Iterator
 import click
 
 from ..mailqueue.maildir import STATES, EnvelopeMissing, MailQueue, QueueEntry, QueueError, open_regular, parse_envelope
-from .opview import (EXIT_REFUSED, HEAD_MAX, ago, confirm, emit_json, emit_json_line, fail, fields,
-                     header, header_block, json_option, limit_option, more_line, operator_errors, relative, safe,
-                     table, utc, where_options, write_binary, yes_option)
+from .opview import (OperatorGroup, EXIT_REFUSED, HEAD_MAX, ago, confirm, emit_json, emit_json_line, fail,
+                     fields, header, header_block, json_option, limit_option, more_line, operator_errors,
+                     relative, safe, table, utc, where_options, write_binary, yes_option)
 
 __all__ = ["queue_cmd"]
 
@@ -88,7 +88,7 @@ def _due(e: QueueEntry, now: float) -> str:
     return "-"
 
 
-@click.group("queue")
+@click.group("queue", cls=OperatorGroup)
 def queue_cmd() -> None:
     """Look at the mail queue deq works through; requeue or remove messages.
 
