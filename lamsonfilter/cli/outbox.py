@@ -18,7 +18,7 @@ it is failed again.  ``drop`` deletes it for good.
 A message a running worker holds (its claim, on any host sharing the
 database, has not ended) is never retried or dropped under it: the command
 refuses it (exit status 1; try again once the worker is done with it).
-The check and the change are one transaction (`lamsonfilter.store.outboxadmin`).
+The check and the change are one transaction (`lamsonfilter.store.outboxops`).
 The options, output and exit status are those of every operator command
 (`lamsonfilter.cli.opview`).
 """

@@ -23,14 +23,14 @@ from .engine import _from_unix, _to_unix
 from .outbox import _ITEM_COLUMNS, SQLOutbox
 from .schema import OUTBOX_TABLE, SQLSchema
 
-__all__ = ["SQLOutboxAdmin"]
+__all__ = ["SQLOutboxOps"]
 
 _STATES = ("pending", "failed")
 _ENTRY_COLUMNS = (*_ITEM_COLUMNS, OUTBOX_TABLE.c.failed_at, OUTBOX_TABLE.c.sent_at, OUTBOX_TABLE.c.claimed_by,
                   OUTBOX_TABLE.c.claimed_until)
 
 
-class SQLOutboxAdmin(SQLSchema):
+class SQLOutboxOps(SQLSchema):
     """`lamsonfilter.state.OutboxStore`'s operator methods on SQLite and PostgreSQL."""
 
     def outbox_entries(self, states: Sequence[str] = _STATES, after: int = 0,
