@@ -354,6 +354,8 @@ class MemoryStorage:
 
     def outbox_entries(self, states: Sequence[str] = ("pending", "failed"), after: int = 0,
                        limit: int = 100) -> list[OutboxEntry]:
+        if set(states) - {"pending", "failed"}:
+            raise ValueError(f"outbox states are pending and failed, not {list(states)}")
         with self._lock:
             ids = sorted(i for i in (*self._outbox, *self._failed) if i > after)
             found = [self._entry(i) for i in ids]

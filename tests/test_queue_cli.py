@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 from click.testing import CliRunner
 
 from lamsonfilter.cli import main
-from lamsonfilter.mailqueue.maildir import MailQueue
+from lamsonfilter.mailqueue.maildir import MailQueue, QueueEntry
 
 MSG = b"From: alice@example.com\r\nSubject: hello \x1b[2J\x1b]0;owned\x07 there\r\nMessage-ID: <m1@x>\r\n\r\nbody\r\n"
 
@@ -92,7 +94,7 @@ def test_list_count_show_and_the_states(tmp_path: Path) -> None:
     assert ";" in filename and run("show", filename, *where, "--json")[0] == 0
 
 
-def _never() -> object:
+def _never() -> NoReturn:
     raise AssertionError("the claim failed")
 
 
@@ -225,3 +227,27 @@ def test_remove_asks_on_a_terminal(tmp_path: Path) -> None:
     assert q.count()["new"] == 1
     code, seen = answer(b"y")
     assert code == 0 and f"{names[0]}: removed".encode() in seen and q.count()["new"] == 0
+
+
+def test_list_reads_only_the_envelopes_it_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 queued files, --limit 5: five envelopes read, the oldest five, and "5 of 300"."""
+    q = MailQueue(tmp_path / "queue")
+    q.ensure()
+    now = time.time()
+    for i in range(300):  # written directly (as Postfix's delivery would), not one fsync each
+        path = q.path / "new" / f"{1_700_000_000 + i}.M{i}P1Q1.mx"
+        path.write_bytes(b"Return-Path: <a@example.com>\nDelivered-To: b@example.org\n\nx\n")
+        os.utime(path, (now - 10_000 + (299 - i), now - 10_000 + (299 - i)))  # the last written is the oldest
+    read: list[str] = []
+    real = MailQueue.envelope
+
+    def counting(self: MailQueue, entry: QueueEntry) -> tuple[str, str] | None:
+        read.append(entry.name)
+        return real(self, entry)
+
+    monkeypatch.setattr(MailQueue, "envelope", counting)
+    code, out, _ = run("list", "--queue", str(q.path), "--limit", "5", "--json")
+    listing = json.loads(out)
+    assert code == 0 and (listing["total"], listing["shown"], listing["more"]) == (300, 5, 295)
+    assert [m["name"] for m in listing["messages"]] == [f"{1_700_000_000 + i}.M{i}P1Q1.mx" for i in range(299, 294, -1)]
+    assert sorted(read) == sorted(m["name"] for m in listing["messages"])

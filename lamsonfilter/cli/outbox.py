@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import click
 
-from ..state import OutboxBusy, OutboxEntry, StateStorage
+from ..state import OutboxBusy, OutboxEntry, OutboxNotFound, StateStorage
 from .common import open_database
 from .opview import (OperatorGroup, EXIT_REFUSED, ago, confirm, emit_json, emit_json_line, fail, fields,
                      header, header_block, json_option, limit_option, more_line, operator_errors, relative,
@@ -166,7 +166,8 @@ def show_cmd(id_text: str, database: str | None, app_dir: Path | None, as_json: 
 def _act(database: str | None, app_dir: Path | None, ids: list[int], as_json: bool,
          question: Callable[[int], str] | None, yes: bool,
          action: Callable[[StateStorage, int], OutboxEntry], said: Callable[[OutboxEntry, OutboxEntry], str]) -> None:
-    """Check every id, then act on each; one refused (a worker holds it) makes the status 1."""
+    """Check every id, then act on each; one refused (a worker holds it, or it was sent or
+    dropped since the check) makes the status 1."""
     storage = _storage(database, app_dir)
     try:
         before = {id: storage.outbox_entry(id) for id in ids}  # exit 2 for an id not there, nothing done yet
@@ -176,7 +177,7 @@ def _act(database: str | None, app_dir: Path | None, ids: list[int], as_json: bo
         for id in ids:
             try:
                 after = action(storage, id)
-            except OutboxBusy as exc:
+            except (OutboxBusy, OutboxNotFound) as exc:  # held, or sent or dropped since the check
                 refused += 1
                 if as_json:
                     emit_json_line({"id": id, "ok": False, "error": str(exc)})
