@@ -26,7 +26,8 @@ from typing import Any, Iterator
 
 import click
 
-from ..mailqueue.maildir import STATES, EnvelopeMissing, MailQueue, QueueEntry, QueueError, open_regular, parse_envelope
+from ..mailqueue.maildir import (STATES, EnvelopeMissing, MailQueue, QueueEntry, QueueError, open_regular,
+                                 parse_envelope)
 from .opview import (OperatorGroup, EXIT_REFUSED, HEAD_MAX, ago, confirm, emit_json, emit_json_line, fail,
                      fields, header, header_block, json_option, limit_option, more_line, operator_errors,
                      relative, safe, table, utc, where_options, write_binary, yes_option)
