@@ -5,8 +5,8 @@ application's queue (``var/queue``) before Postfix hears the filter's 2xx; the o
 recipient of the same message is delivered as if nothing happened; the deferral's own
 changes reach nobody.  With the queue unwritable the message is not accepted (milter: 4xx to
 the client; content filter: deferred in Postfix's queue), nothing is lost, and once the queue
-can be written it is queued, once.  The queued message carries the envelope and runs through
-the runtime with ``from_queue`` (what ``lamsonfilter deq`` does with it).
+can be written it is queued, once.  The queued message carries the envelope, and
+``lamsonfilter deq --once`` runs it: the handler, from the queue, delivers it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 from email.policy import SMTP
 
 import pytest
 
 from lamsonfilter.daemon.runtime import Runtime
-from lamsonfilter.decisions import Action
 from lamsonfilter.mail import MailRequest
 from tests.rig.deferral import DeferralMixin, deferral_deployment
 from tests.rig.deploy import LIST_HOST, Deployment, SendResult
@@ -52,6 +52,15 @@ def message(subject: str) -> bytes:
     msg["Message-ID"] = f"<{uuid.uuid4().hex}@client.example.test>"
     msg.set_content("test\n")
     return msg.as_bytes(policy=SMTP)
+
+
+@contextmanager
+def runtime_of(dep: Deployment) -> Iterator[Runtime]:
+    runtime = Runtime.from_directory(dep.app_dir)
+    try:
+        yield runtime
+    finally:
+        runtime.stop()
 
 
 def mixin(dep: Deployment) -> DeferralMixin:
@@ -86,22 +95,23 @@ def test_deferral_is_queued_before_the_2xx_and_runs_from_the_queue(dep: Deployme
     assert [r.lower() for r in tagged.rcpt_tos] == [TAG]
     dep.settle()
     assert dep.messages_to(SLOW) == []  # consumed: Postfix did not deliver it
-    # the queued message carries the envelope; run it as deq does
-    msg = q.queue.claim(name)
-    assert msg is not None and (msg.sender, msg.recipient) == (ALICE, SLOW)
-    request = MailRequest.from_bytes(msg.raw, sender=msg.sender, recipients=[msg.recipient], queue_id=msg.name)
-    assert str(request.message["Subject"]) == "slow work" and not request.message["X-Lamsonfilter-Deferred"]
-    request.from_queue = True
-    runtime = Runtime.from_directory(dep.app_dir)
-    try:
-        decision = runtime.process(request, replay_key=msg.name, transport="queue")
-    finally:
-        runtime.stop()
-    (o,) = decision.outcomes
-    assert o.action is Action.DELIVER and o.route == "lfdefer.START", decision
-    assert [(h.name, h.value) for h in decision.header_changes] == [
-        ("X-Lamsonfilter-Deferred", "ran from the queue")]
-    assert q.queue.done(msg) and q.queued() == []
+    # the queued message carries the envelope ...
+    _entry, sender, rcpt, raw = q.queue.read(name)
+    assert (sender, rcpt) == (ALICE, SLOW)
+    queued = MailRequest.from_bytes(raw, sender=sender, recipients=[rcpt])
+    assert str(queued.message["Subject"]) == "slow work" and not queued.message["X-Lamsonfilter-Deferred"]
+    # ... and lamsonfilter deq runs it: the handler, from the queue, delivers it through the relay
+    assert q.run_deq() == (1, 0, 0)
+    (done,) = dep.wait_for_mail(SLOW, "slow work")
+    assert done.header_values("X-Lamsonfilter-Deferred") == ["ran from the queue"]
+    assert done.mail_from == ALICE and [r.lower() for r in done.rcpt_tos] == [SLOW]
+    assert q.queued() == [] and q.queue.count() == {"new": 0, "claimed": 0, "retry": 0}
+    with runtime_of(dep) as runtime:  # the state the run from the queue committed
+        with runtime.app.storage.transaction(commit=False) as tx:
+            record = tx.get(f"lfdefer:{ALICE}:{SLOW}")
+        assert record is not None and record.data == {"subject": "slow work"}
+    dep.settle()
+    assert len(dep.messages_to(SLOW)) == 1  # once
 
 
 def test_unwritable_queue_loses_nothing_and_queues_once_mended(dep: Deployment) -> None:
@@ -127,3 +137,7 @@ def test_unwritable_queue_loses_nothing_and_queues_once_mended(dep: Deployment) 
     assert (sender, rcpt) == (ALICE, SLOW) and b"while the queue is broken" in queued
     dep.settle()
     assert dep.messages_to(SLOW) == [] and "status=bounced" not in pf.maillog()
+    assert q.run_deq() == (1, 0, 0)
+    dep.wait_for_mail(SLOW, "while the queue is broken")
+    dep.settle()
+    assert len(dep.messages_to(SLOW, "while the queue is broken")) == 1  # nothing lost, nothing twice

@@ -7,12 +7,17 @@ delivers when run from the queue).  The queue is the application's default,
 ``var/queue`` inside the app directory, so the test also checks that
 default.  `break_queue` makes it unwritable even for root (a regular file
 where the directory should be; the filter runs as root in the rig) and
-`mend_queue` puts the directory back with what it held.
+`mend_queue` puts the directory back with what it held.  `run_deq` runs
+``lamsonfilter deq --once`` over it, sending through the deployment's outbox
+listener (so the capture server sees what deq delivers).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ class DeferralMixin:
     """Adds ``lfdefer`` to the deployment's application; the queue's helpers."""
 
     app_dir: Path
+    relay_port: int
     _prepared: bool
 
     def prepare_app(self) -> None:
@@ -70,6 +76,20 @@ class DeferralMixin:
 
     def drop_queue(self) -> None:
         shutil.rmtree(self.queue_dir, ignore_errors=True)
+
+    def run_deq(self) -> tuple[int, int, int]:
+        """``lamsonfilter deq --once`` on the application (its default queue), sending through the
+        deployment's outbox listener (an smtpd that filters nothing); its summary
+        (processed, waiting for a retry, quarantined)."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "lamsonfilter", "deq", "--app", str(self.app_dir), "--once",
+             "--relay", f"127.0.0.1:{self.relay_port}"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, f"deq: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        m = re.search(r"^deq: (\d+) processed, (\d+) waiting for a retry, (\d+) quarantined$", proc.stderr,
+                      re.MULTILINE)
+        assert m, proc.stderr
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 def deferral_deployment(mode: str) -> Deployment:
