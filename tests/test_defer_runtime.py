@@ -21,6 +21,22 @@ TAG = f"tag@{HOST}"
 ALICE = "alice@example.com"
 
 
+def tag_handler() -> Handler:
+    """A stateful handler that delivers and counts its messages (the recipient not deferred)."""
+    t = Handler("tag", default_action="deliver")
+
+    @t.route("tag@(host)")
+    def START(ctx, host):
+        ctx.data["n"] = ctx.data.get("n", 0) + 1
+        return COUNTED
+
+    @t.state
+    def COUNTED(ctx):
+        ctx.data["n"] += 1
+
+    return t
+
+
 def make_runtime(queue: Path, storage=None) -> Runtime:
     h = Handler("slow")
 
@@ -35,16 +51,7 @@ def make_runtime(queue: Path, storage=None) -> Runtime:
     def DONE(ctx):
         return None
 
-    t = Handler("tag", default_action="deliver")
-
-    @t.route("tag@(host)")
-    def START(ctx, host):
-        ctx.data["n"] = ctx.data.get("n", 0) + 1
-        return COUNTED
-
-    @t.state
-    def COUNTED(ctx):
-        ctx.data["n"] += 1
+    t = tag_handler()
 
     kw = {"storage": storage} if storage is not None else {}
     app = App(hosts=[HOST], handlers=[h, t], route_defaults={"host": r"app\.example"},
