@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-from .context import Context, MessageChanges
-from .decisions import Action, Decision, Outcome
+from .context import Context
+from .decisions import Action, Decision, MessageChanges, Outcome
 from .diagnostics import Trace, describe_failure, format_traceback
 from .errors import Deferred
 from .fsm import (

@@ -29,7 +29,6 @@ from __future__ import annotations
 import email.policy
 import logging
 import re
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
@@ -38,7 +37,8 @@ from typing import Any, Mapping, NoReturn
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
 from .contextneeds import AppServices, HandlerInfo, RouteArgs
-from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
+from .decisions import (Action, HeaderChange, HeaderValueError, MessageChanges, OutboxMessage, Outcome,
+                        check_header_value)
 from .errors import Deferred, HandlerError
 from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
 from .mail import MailRequest, header_end, normalize_address
@@ -48,28 +48,6 @@ from .views import Response, check_decoded_header_value, serialise
 __all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
 log = logging.getLogger("lamsonfilter")
-
-@dataclass
-class MessageChanges:
-    """The message-level part of a decision, collected from every recipient's handler."""
-
-    headers: list[HeaderChange] = field(default_factory=list)
-    body: bytes | None = None
-    sender: str | None = None
-    quarantine: str | None = None
-    outbox: list[OutboxMessage] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def snapshot(self) -> tuple[Any, ...]:
-        """What `restore` puts back: the changes as they are before one state function's call."""
-        return (len(self.headers), self.body, self.sender, self.quarantine, len(self.outbox))
-
-    def restore(self, snapshot: tuple[Any, ...]) -> None:
-        """Drop what one call added (``ctx.defer()``); its notes stay, they explain the run."""
-        headers, self.body, self.sender, self.quarantine, outbox = snapshot
-        del self.headers[headers:]
-        del self.outbox[outbox:]
-
 
 class Context:
     """One recipient of one message, as seen by a state function."""
@@ -161,20 +139,14 @@ class Context:
         return self.request.from_queue
 
     def defer(self) -> NoReturn:
-        """Take the message now and run this state function again later, from the queue.
+        """Take the message now; run this state function again later, from the queue (`from_queue`).
 
-        Stops the state function (it raises; a handler that catches the
-        exception is still deferred).  Nothing this call did is kept: its
-        state, its outbox, its header and message changes; the other
-        recipients' outcomes stand.  The transport treats the recipient as
-        consumed (the milter removes it, the content filter does not pass
-        it on), and the runtime has the message in the queue
-        (``QUEUE``) before the client hears 2xx; ``lamsonfilter deq`` later
-        runs the same route and state function with `from_queue` True.
-
-        From the queue, deferring again is a mistake (`HandlerError`, a
-        tempfail), as is deferring after `claim` (a claimed token cannot be
-        given back): defer first, then do the work.
+        Raises (a handler that catches it is still deferred).  Nothing this
+        call did is kept (state, outbox, message changes); the other
+        recipients' outcomes stand.  The recipient counts as consumed; the
+        runtime has the message in the queue (``QUEUE``) before the 2xx.
+        A `HandlerError` (a tempfail) from the queue, or after `claim` (a
+        claimed token cannot be given back): defer first, then do the work.
         """
         if self.from_queue:
             raise HandlerError(

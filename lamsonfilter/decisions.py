@@ -39,6 +39,7 @@ __all__ = [
     "Outcome",
     "HeaderChange",
     "OutboxMessage",
+    "MessageChanges",
     "Decision",
     "check_header_value",
     "HeaderValueError",
@@ -141,6 +142,28 @@ class OutboxMessage:
     def __post_init__(self) -> None:
         if not self.recipients:
             raise ValueError("an outbox message needs recipients")
+
+
+@dataclass
+class MessageChanges:
+    """The message-level part of a decision, collected from every recipient's handler."""
+
+    headers: list[HeaderChange] = field(default_factory=list)
+    body: bytes | None = None
+    sender: str | None = None
+    quarantine: str | None = None
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What `restore` puts back: the changes as they are before one state function's call."""
+        return (len(self.headers), self.body, self.sender, self.quarantine, len(self.outbox))
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        """Drop what one call added (``ctx.defer()``); its notes stay, they explain the run."""
+        headers, self.body, self.sender, self.quarantine, outbox = snapshot
+        del self.headers[headers:]
+        del self.outbox[outbox:]
 
 
 @dataclass(frozen=True)
