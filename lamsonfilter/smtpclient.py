@@ -11,9 +11,11 @@ which does not filter again) and differ only in what a refusal means:
   recipient, as deferred (4xx, a lost connection) or refused (5xx).
 
 Everything else is here, once: opening a session (greeting, EHLO, the
-extensions), reply parsing, xtext and XFORWARD, the ``MAIL FROM``
-parameters (SIZE, ``BODY=8BITMIME``, SMTPUTF8), PIPELINING, dot-stuffing
-the content (`stuff`), and the per-recipient result (`Delivery`):
+extensions), reply parsing, XFORWARD, the ``MAIL FROM`` parameters (SIZE,
+``BODY=8BITMIME``, SMTPUTF8), PIPELINING, sending the content dot-stuffed,
+and the per-recipient result (`Delivery`); the byte-level encodings it
+shares with the content filter's server side (xtext, XFORWARD lines,
+`stuff`) are in `lamsonfilter.smtpwire`:
 
     conn = await connect("127.0.0.1", 10026, "filter.example.org", connect_timeout=30)
     delivery, alive = await transact(conn, Transaction("", ("bob@example.net",), raw), partial=True)
@@ -36,16 +38,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Protocol
 
-from .mail import header_end
+from .smtpwire import XFORWARD_ATTRS, stuff, utf8_addresses, utf8_headers, xforward_commands, xtext_decode, xtext_encode
 
 __all__ = ["ClientError", "Unreachable", "ConnectionLost", "Refused", "Connection", "Content", "Delivery",
            "Transaction", "connect", "transact", "stuff", "xtext_encode", "xtext_decode", "xforward_commands",
            "XFORWARD_ATTRS", "utf8_addresses", "utf8_headers"]
 
-#: XFORWARD attributes (Postfix XFORWARD_README), in the order Postfix sends them.
-XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
-#: A command line, CRLF included, stays within RFC 5321 §4.5.3.1.4's 512 octets.
-_MAX_COMMAND = 512
 
 
 class ClientError(Exception):
@@ -123,76 +121,6 @@ def _answer(recipients: tuple[str, ...] | list[str], code: int, text: str) -> De
     """Every recipient with one reply: 5xx refused, anything else deferred."""
     entries = tuple((r, f"{code} {text}" if code else text) for r in recipients)
     return Delivery(refused=entries) if 500 <= code < 600 else Delivery(deferred=entries)
-
-
-# ---------------------------------------------------------------------- encodings
-def xtext_decode(value: str) -> str:
-    """RFC 3461 §4 xtext: ``+XX`` is a hex-encoded byte."""
-    if "+" not in value:
-        return value
-    out = bytearray()
-    raw = value.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i:i + 1] == b"+" and i + 3 <= len(raw):
-            try:
-                out.append(int(raw[i + 1:i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out.append(raw[i])
-        i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
-def xtext_encode(value: str) -> str:
-    """xtext-encode: printable ASCII except ``+`` and ``=`` as is, every other byte as ``+XX``."""
-    raw = value.encode("utf-8", "surrogateescape")
-    return "".join(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}" for b in raw)
-
-
-def xforward_commands(attrs: Mapping[str, str], supported: str | None) -> list[bytes]:
-    """XFORWARD lines for the attributes the server supports, each within 512 octets."""
-    if supported is None or not attrs:
-        return []
-    allowed = set(supported.split()) or set(XFORWARD_ATTRS)
-    items = [f"{k}={xtext_encode(attrs[k][:255])}" for k in XFORWARD_ATTRS if k in attrs and k in allowed]
-    lines: list[bytes] = []
-    line = "XFORWARD"
-    for item in items:
-        if len(line) + 1 + len(item) + 2 > _MAX_COMMAND and line != "XFORWARD":
-            lines.append(line.encode("ascii"))
-            line = "XFORWARD"
-        line += " " + item
-    if line != "XFORWARD":
-        lines.append(line.encode("ascii"))
-    return lines
-
-
-def stuff(data: bytes, at_line_start: bool = True) -> bytes:
-    """Make CRLF-only bytes safe to send as DATA: bare CR and LF become CRLF, leading dots doubled.
-
-    Normalising first and stuffing second means no content, however it was
-    received, can produce ``CRLF . CRLF`` on the wire (SMTP smuggling).
-    """
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if b"\r\n." in data:
-        data = data.replace(b"\r\n.", b"\r\n..")
-    if at_line_start and data.startswith(b"."):
-        data = b"." + data
-    return data
-
-
-def utf8_addresses(sender: str, recipients: tuple[str, ...] | list[str]) -> bool:
-    """Whether the envelope needs SMTPUTF8 (RFC 6531): a non-ASCII address."""
-    return not (sender.isascii() and all(r.isascii() for r in recipients))
-
-
-def utf8_headers(raw: bytes) -> bool:
-    """Whether the header block has UTF-8 (RFC 6532), which SMTPUTF8 announces when offered."""
-    return not raw[:header_end(raw)].isascii()
 
 
 def _address(addr: str) -> bytes:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
-from ..smtpclient import xtext_decode, xtext_encode
+from ..smtpwire import xtext_decode, xtext_encode
 from .spool import Spool
 
 __all__ = ["Quarantine", "QuarantinedMessage", "QuarantineError"]
