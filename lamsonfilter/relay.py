@@ -128,7 +128,10 @@ class Relay:
 
     One connection per `send` (loopback by default), `max_recipients` per
     transaction; `timeout` bounds the session's opening and every read and
-    write after it.
+    write after it.  Each `send` runs the client's coroutines on a loop of
+    its own: about 1 ms more CPU per message than ``smtplib`` took
+    (``bench/relay_bench.py``: 1.3-1.6 against 0.6 ms through loopback), the
+    price of one implementation of the protocol for both transports.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 10026, timeout: float = 60.0,

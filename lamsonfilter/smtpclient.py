@@ -149,15 +149,18 @@ class Connection:
         return code, " ".join(lines)
 
     async def reply_lines(self) -> tuple[int, list[str]]:
+        if self.timeout is None:
+            return await self._reply_lines()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._reply_lines()
+        except TimeoutError:
+            raise ConnectionLost(f"no reply within {self.timeout:g}s") from None
+
+    async def _reply_lines(self) -> tuple[int, list[str]]:
         lines: list[str] = []
         while True:
-            try:
-                if self.timeout is None:
-                    line = await self.reader.readline()
-                else:
-                    line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            except asyncio.TimeoutError:
-                raise ConnectionLost(f"no reply within {self.timeout:g}s") from None
+            line = await self.reader.readline()
             if not line.endswith(b"\n"):
                 raise ConnectionLost("connection closed by the reinjection listener")
             text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -172,8 +175,9 @@ class Connection:
             await self.writer.drain()
             return
         try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+        except TimeoutError:
             raise ConnectionLost(f"could not write within {self.timeout:g}s") from None
 
     async def command(self, line: bytes) -> tuple[int, str]:
@@ -199,8 +203,9 @@ class Connection:
         try:
             if not self.closing:
                 self.writer.write(b"QUIT\r\n")
-                await asyncio.wait_for(self.writer.drain(), wait)
-        except (OSError, asyncio.TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.writer.drain()
+        except (OSError, TimeoutError):
             pass
         self.writer.close()
 
@@ -213,8 +218,9 @@ async def connect(host: str, port: int, helo: str, *, connect_timeout: float,
     never greets: the bound covers the greeting and EHLO too.
     """
     try:
-        return await asyncio.wait_for(_open(host, port, helo, timeout), connect_timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(connect_timeout):
+            return await _open(host, port, helo, timeout)
+    except TimeoutError:
         raise Unreachable(f"{host}:{port} did not greet within {connect_timeout:g}s "
                           "(all its processes busy? raise its maxproc)") from None
 
