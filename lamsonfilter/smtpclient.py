@@ -303,7 +303,8 @@ async def transact(conn: Connection, tx: Transaction, *, partial: bool) -> tuple
             raise Refused(f"RCPT TO answered {code} {text} for <{rcpt}>")
         elif code == 421:  # closing: nobody gets this message now, the rest was never asked
             conn.abort()
-            return _answer(tx.recipients, 421, text), False
+            answered = {r for r, _ in outcome.deferred + outcome.refused}
+            return outcome + _answer([r for r in tx.recipients if r not in answered], 421, text), False
         else:
             outcome += _answer([rcpt], code, text if code else "no reply")
     code, text = replies[-1]
@@ -355,8 +356,8 @@ async def _exchange(conn: Connection, commands: list[bytes], first_rcpt: int, *,
 
     Without PIPELINING the exchange stops at the first refusal -- in
     partial mode a refused recipient is not one, but a 421 is, and DATA is
-    not sent when no recipient was accepted; the missing replies are
-    reported as code 0.
+    not sent when no recipient was accepted.  Either way it stops at a 421
+    (the server closes).  The missing replies are reported as code 0.
     """
     replies: list[tuple[int, str]] = []
     try:
@@ -364,6 +365,9 @@ async def _exchange(conn: Connection, commands: list[bytes], first_rcpt: int, *,
             conn.writer.write(b"".join(c + b"\r\n" for c in commands))
             for _ in commands:
                 replies.append(await conn.reply())
+                if replies[-1][0] == 421:  # the server is closing: no more replies will come
+                    break
+            replies.extend([(0, "no reply")] * (len(commands) - len(replies)))
             return replies
         for index, cmd in enumerate(commands):
             if cmd == b"DATA" and partial and not any(c in (250, 251) for c, _ in replies[first_rcpt:]):

@@ -87,6 +87,9 @@ class PipeliningServer:
                     addr = cmd.split(":", 1)[1].strip().strip("<>")
                     if addr in self.refuse:
                         writer.write(self.refuse[addr].encode() + b"\r\n")
+                        if self.refuse[addr].startswith("421"):  # Postfix closes after a 421
+                            await writer.drain()
+                            return
                     else:
                         rcpts.append(addr)
                         writer.write(b"250 2.1.5 Ok\r\n")
@@ -121,7 +124,8 @@ class PipeliningServer:
 @pytest.fixture
 def server() -> Iterator[PipeliningServer]:
     with PipeliningServer({"bad@example.net": "550 5.1.1 no such user",
-                           "later@example.net": "451 4.3.0 try again"}) as s:
+                           "later@example.net": "451 4.3.0 try again",
+                           "closing@example.net": "421 4.3.2 shutting down"}) as s:
         yield s
 
 
@@ -144,6 +148,17 @@ def test_a_transaction_with_nobody_left_is_reset_before_the_next(server: Pipelin
     assert d.accepted == ("a@example.org",) and [r for r, _ in d.refused] == ["bad@example.net"]
     assert "RSET" in server.commands
     assert [m[0] for m in server.messages] == [("a@example.org",)]
+
+
+def test_a_421_mid_rcpt_defers_everyone_not_refused_for_good(server: PipeliningServer) -> None:
+    """The server closes after a 421 in the middle of the pipelined RCPTs: nobody got the
+    message, so everyone is to be tried again -- except a recipient already refused with 5xx."""
+    rcpts = ("a@example.org", "bad@example.net", "closing@example.net", "b@example.org")
+    d = Relay("127.0.0.1", server.port, timeout=10.0).send(OutboxMessage("s@example.org", rcpts, RAW, "message"))
+    assert d.accepted == () and server.messages == []
+    assert [r for r, _ in d.refused] == ["bad@example.net"]
+    assert sorted(r for r, _ in d.deferred) == ["a@example.org", "b@example.org", "closing@example.net"]
+    assert all("421 4.3.2" in why for _, why in d.deferred)
 
 
 def test_all_or_nothing_never_sends_the_final_dot(server: PipeliningServer) -> None:
