@@ -4,9 +4,9 @@ Handlers never send mail.  `App.process` commits the outbox together with
 the state change; the transports then wake an `OutboxWorker`, which reads
 the committed messages it claimed from the store, hands each to the `Relay`
 (Postfix's reinjection listener, which does not filter again, so generated
-mail is never handled twice; the SMTP is `lamsonfilter.smtpclient`'s, the one
-client the content filter's reinjection uses too) and records, per recipient, what the relay
-said.  The outbox is in the database, not in memory: whatever was not
+mail is never handled twice; the SMTP is `lamsonfilter.smtpclient`'s, the
+one client the content filter's reinjection uses too) and records, per
+recipient, what the relay said.  The outbox is in the database, not in memory: whatever was not
 handed over is tried again later, also after a restart.
 
     relay = Relay("127.0.0.1", 10026)
