@@ -30,8 +30,15 @@ from lamsonfilter.devtools.localpostfix import TEST_DOMAINS
 from tests.rig.contentfilter import CONF
 from tests.rig.deploy_milter import read_main_cf
 
-__all__ = ["MAIN_CF", "MASTER_CF", "QUEUE_OWNER", "QueueSpool", "VIRTUAL_SERVICE", "queue_main_cf",
-           "queue_master_cf"]
+__all__ = [
+    "MAIN_CF",
+    "MASTER_CF",
+    "QUEUE_OWNER",
+    "VIRTUAL_SERVICE",
+    "QueueSpool",
+    "queue_main_cf",
+    "queue_master_cf",
+]
 
 MAIN_CF = CONF / "main.cf.queue"
 MASTER_CF = CONF / "master.cf.queue"
