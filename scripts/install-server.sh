@@ -167,6 +167,9 @@ else
   BOXES="inline:{"
   for h in $HOSTS; do BOXES="$BOXES {@$h = queue/},"; done
   BOXES="${BOXES%,} }"
+  OWN="inline:{"  # what the outbox listener puts on hold (master.cf.queue)
+  for h in $HOSTS; do OWN="$OWN {$h = HOLD sent back to its own domain by lamsonfilter deq},"; done
+  OWN="${OWN%,} }"
   QUID=$(id -u "$LF_USER")
   QGID=$(id -g "$LF_USER")
   # a Postfix that already delivers other domains with virtual(8) is merged by hand
@@ -196,6 +199,7 @@ awk '/^#/ || /^$/ {next} /^[ \t]/ {line = line " " $0; next} {if (line) print li
       virtual_mailbox_maps) line="$name = $BOXES";;
       virtual_uid_maps) line="$name = static:$QUID";;
       virtual_gid_maps) line="$name = static:$QGID";;
+      lamsonfilter_own_domains) line="$name = $OWN";;
     esac
     current=$(pc -nh "$name")
     if [ "$name" = smtpd_recipient_restrictions ] && [ -n "$current" ] && [[ "$current" != *check_policy_service* ]]; then

@@ -141,15 +141,26 @@ def test_other_domains_are_not_queued(qpf: QueuePostfix, capture: CaptureServer)
     assert list(qpf.claim_all()) == [LIST]
 
 
-def test_the_outbox_listener_relays_for_loopback(qpf: QueuePostfix, capture: CaptureServer) -> None:
-    """master.cf.queue's listener (settings RELAY) takes deq's outbox: mail out, and mail to the
-    application's own domains back into the queue."""
-    with smtplib.SMTP("127.0.0.1", qpf.outbox_port, local_hostname="lamsonfilter.localdomain", timeout=30) as s:
-        assert not s.sendmail("", ["alice@example.com", "python-confirm-x@lists.example.org"],
-                              message("confirm", to="alice@example.com"))
+def test_the_outbox_listener_relays_out_and_holds_mail_for_the_own_domains(
+        qpf: QueuePostfix, capture: CaptureServer) -> None:
+    """master.cf.queue's listener (settings RELAY) takes deq's outbox: mail to others goes out; mail to
+    the application's own domains is put on hold, not delivered into the queue again (a loop)."""
+    def outbox(rcpt: str, subject: str) -> None:
+        with smtplib.SMTP("127.0.0.1", qpf.outbox_port, local_hostname="lamsonfilter.localdomain",
+                          timeout=30) as s:
+            assert not s.sendmail("", [rcpt], message(subject, to=rcpt))
+
+    outbox("alice@example.com", "confirm")
+    outbox("python-confirm-x@lists.example.org", "back to itself")
     (got,) = capture.wait_for_count(1, timeout=WAIT)
     assert got.rcpt_tos == ("alice@example.com",)
-    qpf.wait_queued(1)
+    held = qpf.postfix.wait_for(lambda: [m for m in qpf.postfix.queue() if m["queue_name"] == "hold"], WAIT)
+    assert [r["address"] for r in held[0]["recipients"]] == ["python-confirm-x@lists.example.org"]
+    assert "sent back to its own domain by lamsonfilter deq" in qpf.postfix.maillog()
+    assert qpf.spool.files() == []
+    # the same address from outside (port 25) is the application's mail: into the queue
+    qpf.send("alice@example.com", ["python-confirm-x@lists.example.org"], message("from outside"))
+    qpf.postfix.wait_for(lambda: qpf.spool.files(), WAIT)
 
 
 def test_check_finds_nothing_wrong_in_the_queue_setup(qpf: QueuePostfix, tmp_path: Path) -> None:
