@@ -76,8 +76,8 @@ def test_unknown_list_address_is_refused(deployment: Deployment) -> None:
 
 
 # Not in queue mode: there Postfix has already delivered the message to its final destination, the
-# queue; a handler's ctx.deliver() to an address of the application's own domain would send it back
-# into the queue (Postfix routes a domain the same way whichever listener takes the mail).
+# queue; a handler's ctx.deliver() to an address of the application's own domain is put on hold by
+# the outbox listener (master.cf.queue), since delivered it would go round through the queue again.
 @pytest.mark.parametrize("deployment", ["milter", "smtpproxy"], indirect=True)
 def test_header_added_by_the_application_reaches_the_destination(deployment: Deployment) -> None:
     tag = f"tag@{LIST_HOST}"
