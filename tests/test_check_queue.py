@@ -1,4 +1,4 @@
-"""`lamsonfilter check --postfix-config` in queue mode: the shipped conf/postfix/main.cf.queue (PF301-PF305).
+"""`lamsonfilter check --postfix-config` in queue mode: the shipped conf/postfix/main.cf.queue (PF301-PF306).
 
 Every configuration is read by the real ``postconf`` and ``postmap`` from a scratch directory.
 """
@@ -71,6 +71,14 @@ def test_a_mailbox_file_instead_of_a_maildir(tmp_path):
 def test_no_virtual_service_in_master_cf(tmp_path):
     master = MASTER.replace("virtual   unix  -       n       n       -       -       virtual\n", "")
     assert found(write_postfix(tmp_path / "pf", FILLED_MAIN, master)) == ["PF305"]
+
+
+def test_an_outbox_listener_that_does_not_hold_mail_for_the_own_domains(tmp_path):
+    """The milter's listener (master.cf.milter) used in queue mode: deq's mail to itself would loop."""
+    master = MASTER.replace("check_recipient_access,$lamsonfilter_own_domains,", "")
+    findings = check_postfix(write_postfix(tmp_path / "pf", FILLED_MAIN, master), SETTINGS)
+    assert [(f.id, f.severity) for f in findings] == [("PF306", "warning")]
+    assert "lists.example.org" in findings[0].message
 
 
 def test_without_the_queue_lines_postfix_sends_nothing_to_lamsonfilter(tmp_path):

@@ -85,7 +85,7 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     if milters:
         findings += milter_findings(pc, milters, milter_socket, smtpds)
     if queued:
-        findings += queue_findings(pc, queued, user)
+        findings += queue_findings(pc, queued, user, listener)
     return findings
 
 

@@ -12,11 +12,14 @@ then each of these would lose, bounce or hold its mail::
            LAMSONFILTER_UID left in) or below virtual_minimum_uid: every message deferred
     PF304  the queue's owner is not the user the daemons run as (--user): deq cannot claim
     PF305  the domain's mail does not reach virtual(8) (transport_maps, virtual_transport)
+    PF306  the outbox listener (RELAY) passes mail for the domain on: deq's mail to its own
+           addresses would go round through the queue (master.cf.queue holds it)
 """
 
 from __future__ import annotations
 
 import pwd
+import re
 from collections.abc import Iterable
 
 from .findings import Finding
@@ -41,8 +44,10 @@ def _answer(pc: PostfixConfig, param: str, key: str) -> str | None:
     return None
 
 
-def queue_findings(pc: PostfixConfig, hosts: list[str], user: str | None = None) -> list[Finding]:
-    """The findings for `hosts` (from `queue_hosts`); `user` is who runs ``deq``, when known."""
+def queue_findings(pc: PostfixConfig, hosts: list[str], user: str | None = None,
+                   listener: list[str] | None = None) -> list[Finding]:
+    """The findings for `hosts` (from `queue_hosts`); `user` is who runs ``deq``, when known;
+    `listener` the master.cf service at settings RELAY, when there is one."""
     out: list[Finding] = []
     for host in hosts:
         others = [p for p in ADDRESS_CLASSES if p != "virtual_mailbox_domains" and accepts_domain(pc, p, host)]
@@ -68,6 +73,7 @@ def queue_findings(pc: PostfixConfig, hosts: list[str], user: str | None = None)
     if not hosts:
         return out
     out += _owner_findings(pc, hosts[0], user)
+    out += _hold_findings(pc, hosts, listener)
     name = (pc.expanded.get("virtual_transport") or "virtual").split(":", 1)[0]
     service = pc.service(name, "unix")
     if service is None or service[7] != "virtual":
@@ -109,3 +115,26 @@ def _owner_findings(pc: PostfixConfig, host: str, user: str | None) -> list[Find
                 f"(uid {entry.pw_uid}): lamsonfilter deq cannot claim them",
                 f"postconf -e \"virtual_uid_maps = static:{entry.pw_uid}\" \"virtual_gid_maps = static:{entry.pw_gid}\""))
     return out
+
+
+def _hold_findings(pc: PostfixConfig, hosts: list[str], listener: list[str] | None) -> list[Finding]:
+    """PF306: the outbox listener does not put mail for `hosts` on hold (check_recipient_access ... HOLD)."""
+    if listener is None:
+        return []  # PF110 says so
+    restrictions = re.sub(r"\$\{?(\w+)\}?", lambda m: pc.main.get(m.group(1), m.group(0)),
+                          pc.effective(listener, "smtpd_recipient_restrictions"))
+    items = tokens(restrictions)
+    held = set()
+    for i, item in enumerate(items[:-1]):
+        if item == "check_recipient_access":
+            held |= {h for h in hosts if (pc.query(items[i + 1], h) or "").upper().startswith("HOLD")}
+    missing = [h for h in hosts if h not in held]
+    if not missing:
+        return []
+    return [Finding(
+        "PF306", "warning",
+        f"the outbox listener {listener[0]} passes mail for {', '.join(missing)} on to virtual(8): what "
+        "lamsonfilter deq sends to the application's own addresses goes into the queue again, round and "
+        "round until Postfix's hop limit bounces it",
+        "put check_recipient_access,$lamsonfilter_own_domains first in its -o smtpd_recipient_restrictions "
+        "(conf/postfix/master.cf.queue), with lamsonfilter_own_domains of main.cf.queue")]
