@@ -39,7 +39,15 @@ REPLAY_TTL         seconds a committed decision is kept, so that    ``604800`` (
                    the MTA's retry of the message replays it
 POISON_LIMIT       content filter: attempts at one message that     ``5``
                    crashed or timed out before it is quarantined
-                   (``0``: never; reliability R15, lamsonfilter.daemon.poison)
+                   (``0``: never; reliability R15, lamsonfilter.daemon.poison);
+                   ``deq``: failed attempts (tempfails, dead claims)
+QUEUE              the Maildir queue ``lamsonfilter deq`` works     ``var/queue``
+                   through (``--queue``); relative to the app
+QUEUE_LEASE        seconds a ``deq`` worker's claim on a queued     ``300``
+                   message lasts: a dead worker's claims are
+                   taken back after it; the handlers' deadline is
+                   half of it, a send through RELAY starts only
+                   while a quarter is left
 OUTBOX_LEASE       seconds an outbox worker's claim on a message    ``300``
                    lasts: a dead worker's claims are taken over
                    after it; longer than any SMTP transaction to
@@ -99,6 +107,8 @@ DEFAULTS: dict[str, Any] = {
     "METRICS": None,
     "POISON_LIMIT": 5,
     "OUTBOX_LEASE": 300,
+    "QUEUE": "var/queue",
+    "QUEUE_LEASE": 300,
 }
 
 
@@ -212,6 +222,12 @@ def _validate(values: dict[str, Any], path: Path) -> None:
     lease = values["OUTBOX_LEASE"]
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
         fail("OUTBOX_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
+    queue = values["QUEUE"]
+    if not isinstance(queue, str) or not queue.strip():
+        fail("QUEUE", f"must be a directory (absolute, or relative to the application), not {queue!r}")
+    lease = values["QUEUE_LEASE"]
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
+        fail("QUEUE_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
 
 
 def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:

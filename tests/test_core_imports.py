@@ -7,7 +7,7 @@ CORE = [
     "lamsonfilter", "lamsonfilter.mail", "lamsonfilter.routing", "lamsonfilter.fsm",
     "lamsonfilter.state", "lamsonfilter.decisions", "lamsonfilter.views", "lamsonfilter.app",
     "lamsonfilter.context", "lamsonfilter.guards", "lamsonfilter.bounce", "lamsonfilter.settings",
-    "lamsonfilter.milterparts.plan", "lamsonfilter.contentfilter.plan", "lamsonfilter.testing", "lamsonfilter.store.sql",
+    "lamsonfilter.milterparts.plan", "lamsonfilter.contentfilter.plan", "lamsonfilter.queueworker.plan", "lamsonfilter.testing", "lamsonfilter.store.sql",
     "lamsonfilter.cli", "lamsonfilter.automated", "lamsonfilter.feedback", "lamsonfilter.robotsigns",
 ]
 

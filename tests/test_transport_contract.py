@@ -1,6 +1,6 @@
 """The transport contract: a transport hands the runtime a request it does not change, and the retry facts as arguments.
 
-Both daemons are driven with routed mail while `Runtime.process` is
+The three daemons are driven with routed mail while `Runtime.process` is
 watched: the `MailRequest` must arrive with no replay key and no deadline
 of its own (the transport does not write into it), and the replay key and
 deadline must arrive as arguments.
@@ -16,9 +16,13 @@ from typing import Any
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import pytest
 
+from lamsonfilter.contentfilter.quarantine import Quarantine
 from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
+from lamsonfilter.mailqueue.maildir import MailQueue
 from lamsonfilter.milter import LamsonMilter
+from lamsonfilter.queueworker.worker import MessageWorker
+from lamsonfilter.relay import Relay
 from lamsonfilter.smtpproxy import ProxyConfig
 from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
 from tests.rig.postfix import free_port
@@ -48,7 +52,7 @@ def _check(seen: list[tuple[MailRequest, dict[str, Any], tuple[Any, Any]]], tran
     assert before == (None, None) and (request.replay_key, request.deadline) == (None, None)
     assert contract["transport"] == transport
     assert contract["replay_key"]  # routed mail: a retry must replay
-    if transport == "smtpproxy":  # the milter has a deadline only with its thread pool (in `serve`)
+    if transport in ("smtpproxy", "queue"):  # the milter has a deadline only with its thread pool (in `serve`)
         assert contract["deadline"] > time.monotonic() - 60
 
 
@@ -93,3 +97,18 @@ def test_the_content_filter_keeps_to_the_contract(tmp_path: Path, calls: list[An
                 pytest.raises(smtplib.SMTPDataError):
             s.sendmail("alice@example.com", ["crash@lists.example.org"], RAW)
     _check(calls, "smtpproxy")
+
+
+def test_the_queue_worker_keeps_to_the_contract(tmp_path: Path, calls: list[Any]) -> None:
+    runtime = Runtime.from_directory(make_app(tmp_path / "app"))
+    queue = MailQueue(tmp_path / "queue")
+    name = queue.put(RAW, "alice@example.com", "crash@lists.example.org")
+    worker = MessageWorker(runtime, queue, Quarantine(tmp_path / "quarantine"), Relay("127.0.0.1", free_port()))
+    try:
+        assert worker.handle(name) == "retry"
+    finally:
+        runtime.stop()
+    _check(calls, "queue")
+    request, contract, _ = calls[0]
+    assert request.from_queue and request.queue_id == name
+    assert contract["replay_key"] == f"queue:{name}"  # the queue name never changes across retries

@@ -1,9 +1,9 @@
-"""The daemons' commands: ``lamsonfilter milter`` and ``lamsonfilter smtpproxy``.
+"""The daemons' commands: ``lamsonfilter milter``, ``lamsonfilter smtpproxy``, ``lamsonfilter deq``.
 
-Both refuse bad configuration before serving (one line, exit status 2)
-and hand over to their transport's entry module (`lamsonfilter.milter`,
-`lamsonfilter.smtpproxy`), imported only when the command runs so that the
-other commands work without pymilter or aiosmtpd.
+Each refuses bad configuration before serving (one line, exit status 2)
+and hands over to its transport's entry module (`lamsonfilter.milter`,
+`lamsonfilter.smtpproxy`, `lamsonfilter.deq`), imported only when the command
+runs so that the other commands work without pymilter or aiosmtpd.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..app import StartupError
 from ..state import StorageError
 from .common import app_option, database_option, fail, refuse_unwritable_database
 
-__all__ = ["milter_cmd", "smtpproxy_cmd"]
+__all__ = ["milter_cmd", "smtpproxy_cmd", "deq_cmd"]
 
 
 # ---------------------------------------------------------------- milter
@@ -205,3 +205,101 @@ def smtpproxy_cmd(
     except (StartupError, StorageError) as exc:
         fail(str(exc))
 
+
+
+# ---------------------------------------------------------------- deq (the queue)
+@click.command("deq")
+@app_option
+@click.option("--queue", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_QUEUE",
+              help="The Maildir queue to work through (created if missing).  Default: the application's "
+                   "QUEUE setting (var/queue, relative to the application).  Env LAMSONFILTER_QUEUE.")
+@click.option("--workers", type=click.IntRange(1, 256), default=4, show_default=True, metavar="N",
+              help="Threads running the application: at most N messages are claimed at once, however "
+                   "large the queue.")
+@click.option("--once", is_flag=True,
+              help="Work until new/ and the due retries are empty, then exit 0 with one summary line "
+                   "on stderr: 'deq: N processed, R waiting for a retry, Q quarantined' (processed: "
+                   "finished and removed from the queue, the quarantined included).")
+@database_option
+@click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
+              help="Where delivered and redirected mail and the outbox go (overrides RELAY): an smtpd "
+                   "that does not deliver into this queue again, e.g. 127.0.0.1:10026.  Env LAMSONFILTER_RELAY.")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              envvar="LAMSONFILTER_QUARANTINE",
+              help="Maildir for rejected, poison and envelope-less messages.  Default: APP/var/quarantine "
+                   "(the content filter's, so `lamsonfilter quarantine` shows both).  Env LAMSONFILTER_QUARANTINE.")
+@click.pass_context
+def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int, once: bool,
+            database: str | None, relay: str | None, quarantine: Path | None) -> None:
+    """Run the application over the messages in a Maildir queue (the third transport).
+
+    Postfix delivers the application's mail into the queue with its own
+    Maildir delivery (Return-Path: and Delivered-To: on top: the envelope;
+    see conf/postfix/main.cf.queue), or a handler defers a message there
+    with ctx.defer().  deq claims each message (a rename: two deq processes,
+    also on two hosts sharing the directory, never run one message twice),
+    runs the same routes and handlers as the milter and the content filter
+    (ctx.from_queue is true), and removes it only after its decision
+    committed:
+
+    \b
+      drop, defer        removed (replies go through the outbox)
+      deliver, redirect  sent on through --relay, then removed
+      reject             quarantined (never a bounce to a forged sender)
+      tempfail, error    retry/ after a backoff (60 s doubling to 4000 s);
+                         the POISON_LIMIT-th failed attempt: quarantined
+      no envelope        quarantined with the reason, never guessed from To:
+
+    A claim lasts QUEUE_LEASE seconds (default 300); a worker that died is
+    taken over after it.  Without --once it runs as a service: it sleeps
+    while the queue is empty (inotify on new/, a timer for retries), tells
+    systemd it is ready and pings the watchdog; SIGHUP reloads the
+    application, SIGTERM stops it after the messages in flight.  Bad
+    configuration (an unusable queue, a bad application) exits with status 2.
+
+    \b
+    Examples:
+      lamsonfilter deq --app /srv/lists --queue /var/spool/lamsonfilter/queue
+      lamsonfilter deq --app examples/mailinglist --once      # drain, then exit
+      lamsonfilter queue list --app examples/mailinglist      # what is waiting
+    """
+    from ..daemon.service import Service, setup_logging
+    from ..settings import load_settings
+
+    setup_logging(int((ctx.parent.params if ctx.parent else {}).get("verbose", 0)))
+    overrides = {"RELAY": relay, "DATABASE_URL": database}
+    try:
+        settings = load_settings(app_dir, overrides)
+    except StartupError as exc:
+        fail(str(exc))
+        return
+    from .. import deq
+    from ..contentfilter.quarantine import Quarantine
+    from ..daemon.runtime import Runtime
+    from ..mailqueue.maildir import MailQueue
+
+    config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine)
+    places: list[tuple[str, MailQueue | Quarantine]] = [
+        ("queue", MailQueue(deq.queue_path(app_dir, settings["QUEUE"], queue))),
+        ("quarantine", Quarantine(deq.quarantine_path(app_dir, quarantine))),
+    ]
+    for what, place in places:
+        path = place.path
+        try:
+            place.ensure()
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+            fail(f"{what} {path} cannot be used: {blocker} is not a directory")
+            return
+        except OSError as exc:
+            fail(f"{what} {path} cannot be used: {exc.strerror or exc}"
+                 + (f": {exc.filename}" if getattr(exc, "filename", None) else ""))
+            return
+    refuse_unwritable_database(app_dir, database)
+    try:
+        runtime = Runtime.from_directory(app_dir, overrides)
+    except (StartupError, StorageError) as exc:
+        fail(str(exc))
+        return
+    sys.exit(deq.serve(runtime, config, service=Service()))

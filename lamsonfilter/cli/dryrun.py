@@ -33,6 +33,7 @@ from ..decisions import Decision
 from ..diagnostics import Trace, format_traceback
 from ..mail import MailRequest
 from ..milterparts.plan import milter_plan
+from ..queueworker.plan import queue_plan
 
 __all__ = [
     "DryRunInputError", "list_sources", "read_messages", "check_address", "report", "as_json", "readable",
@@ -200,6 +201,7 @@ def as_json(name: str, request: MailRequest, decision: Decision, routes: dict[st
         ],
         "milter": str(milter_plan(decision, request)),
         "content_filter": str(reinjection_plan(decision, request)),
+        "queue": str(queue_plan(decision, request)),
         "defects": list(request.defects),
         "notes": list(decision.notes),
         "error": decision.error,
@@ -241,6 +243,7 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
     mp = milter_plan(decision, request)
     add(f"milter:    {mp}")
     add(f"content filter: {reinjection_plan(decision, request)}")
+    add(f"queue:     {queue_plan(decision, request)}")
     for n in (*decision.notes, *mp.notes):
         add(f"note:      {n}")
     if decision.changes_message:

@@ -1,0 +1,151 @@
+"""Queue mode: the application works through a Maildir queue at its own pace (``lamsonfilter deq``).
+
+The third transport on the contract, besides the milter and the content
+filter.  Postfix delivers the application's mail into a Maildir queue (its
+own Maildir delivery writes the envelope on top: ``Return-Path:``,
+``Delivered-To:``), or a handler defers a message there (``ctx.defer()``);
+``deq`` claims each file, builds one `MailRequest` (the file's envelope,
+``from_queue=True``), calls `Runtime.process` and carries out the queue's
+table (`lamsonfilter.queueworker.plan`): send on through the relay,
+quarantine, retry later, or simply remove.  Same routes, handlers, state,
+outbox, log line and metrics as the other two.  The rooms are in
+`lamsonfilter.queueworker`; the queue is `lamsonfilter.mailqueue.maildir`.
+
+    config = DeqConfig(app_dir=Path("examples/mailinglist"), queue=Path("/var/spool/lamsonfilter/queue"))
+    runtime = Runtime.from_directory(config.app_dir)
+    status = serve(runtime, config, service=Service())   # until SIGTERM, or empty with once=True
+
+What can happen to a message (nothing lost, nothing done twice):
+
+=====================================  =========================================
+event                                  what ``deq`` does
+=====================================  =========================================
+two workers or hosts see one file      one rename wins the claim; the other
+                                       skips it
+a decision (deliver, drop, reject...)  carried out, then the file removed
+a tempfail, the deadline, a bug        ``retry/`` with a backoff; the
+                                       ``POISON_LIMIT``-th time the quarantine
+the worker dies (kill -9, OOM)         the claim ends (``QUEUE_LEASE``) and is
+                                       taken back, one attempt counted; a
+                                       decision that had committed is replayed
+a file without an envelope             the quarantine with the reason
+SIGTERM                                no new claims; the messages in flight
+                                       finish, the outbox is flushed
+SIGHUP                                 the application is loaded again
+=====================================  =========================================
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .app import StartupError
+from .contentfilter.quarantine import Quarantine
+from .daemon import process as daemon
+from .daemon.runtime import Runtime
+from .mailqueue.maildir import MailQueue
+from .queueworker.pool import Feeder
+from .queueworker.watch import NewMailWatch
+from .queueworker.worker import MessageWorker
+from .relay import Relay
+from .settings import parse_hostport
+
+__all__ = ["DeqConfig", "serve", "queue_path", "quarantine_path"]
+
+log = logging.getLogger("lamsonfilter.deq")
+
+#: Seconds a step of the relay conversation may take: an eighth of the claim, within these bounds
+#: (a send starts only while a quarter of the claim is left).
+RELAY_TIMEOUT = 60.0
+RELAY_TIMEOUT_LEAST = 5.0
+
+
+@dataclass(frozen=True)
+class DeqConfig:
+    """Everything ``lamsonfilter deq`` is started with."""
+
+    app_dir: Path
+    queue: Path | None = None          # None: the application's QUEUE setting
+    workers: int = 4
+    once: bool = False
+    quarantine: Path | None = None     # None: APP/var/quarantine, as the content filter's
+
+
+def queue_path(app_dir: Path, setting: str, given: Path | None = None) -> Path:
+    """The queue directory: `given`, else the ``QUEUE`` setting (relative to the application)."""
+    path = given if given is not None else Path(setting)
+    return path if path.is_absolute() else Path(app_dir).resolve() / path
+
+
+def quarantine_path(app_dir: Path, given: Path | None = None) -> Path:
+    """The quarantine: `given`, else APP/var/quarantine -- the content filter's default, so
+    ``lamsonfilter quarantine`` finds what both kept aside."""
+    return given if given is not None else Path(app_dir).resolve() / "var" / "quarantine"
+
+
+def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
+    """Work through the queue until SIGTERM/SIGINT (or, with `config.once`, until it is empty).
+
+    The queue and the quarantine must exist and be writable (the command
+    checks first: `MailQueue.ensure`).  Returns 0 after a clean stop, 1 when
+    the feeder ended by itself (a bug: logged).  With `once`, one summary
+    line on stderr.  The runtime is started here and stopped on the way out
+    (the outbox is flushed).
+    """
+    settings = runtime.app.settings
+    queue = MailQueue(queue_path(config.app_dir, settings["QUEUE"], config.queue),
+                      lease=float(settings["QUEUE_LEASE"]))
+    quarantine = Quarantine(quarantine_path(config.app_dir, config.quarantine))
+    relay = runtime.relay or Relay(*parse_hostport(settings["RELAY"]))
+    timeout = min(RELAY_TIMEOUT, max(RELAY_TIMEOUT_LEAST, queue.lease / 8))
+    worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout))
+    watch = None if config.once else NewMailWatch(queue.path / "new")
+    feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            feeder.run()
+        except BaseException as exc:
+            failed.append(exc)
+
+    with daemon.SignalWaiter() as signals:
+        try:
+            try:  # a taken metrics port is a start-up error (one line, exit 2)
+                runtime.start()
+            except StartupError as exc:
+                print(f"lamsonfilter: {exc}", file=sys.stderr)
+                return 2
+            how = "inotify" if watch is not None and watch.watching else "a timer"
+            log.info("deq working through %s with %d worker(s)%s; quarantine %s", queue.path, feeder.workers,
+                     " until it is empty" if config.once else f", sleeping on {how} when it is empty",
+                     quarantine.path)
+            thread = threading.Thread(target=run, name="lamsonfilter-deq-feeder", daemon=True)
+            thread.start()
+            if service is not None:
+                service.ready(f"working through {queue.path}")
+                service.start_watchdog(thread.is_alive)
+            stopped_by = signals.wait(thread.is_alive, daemon.Reloader(runtime, service).request)
+            if stopped_by is not None:
+                if service is not None:
+                    service.stopping()
+                feeder.stop()
+            thread.join()
+        finally:
+            runtime.stop()
+            if watch is not None:
+                watch.close()
+    tally = worker.tally
+    if config.once:
+        waiting = queue.count()["retry"]
+        print(f"deq: {tally.get('done') + tally.get('quarantined')} processed, {waiting} waiting for a retry, "
+              f"{tally.get('quarantined')} quarantined", file=sys.stderr)
+    if failed:
+        log.error("the feeder stopped: %r", failed[0])
+        return 1
+    return 0

@@ -1,0 +1,152 @@
+"""The feeder and its bounded pool: names from ``new/`` to worker threads, never too many at once.
+
+One feeder thread walks the queue and hands file names to a pool of
+`workers` threads (each runs `MessageWorker.handle`)::
+
+    feeder = Feeder(queue, worker.handle, workers=4, watch=NewMailWatch(queue.path / "new"))
+    feeder.run()            # in its own thread, until feeder.stop() (or, with once=True, until empty)
+
+Memory stays bounded however large the queue: the feeder hands out a name
+only while fewer than `workers` are in flight, so at most `workers`
+messages are claimed or read at any time, and it reads ``new/`` lazily
+(`MailQueue.scan`, one ``readdir`` pass; it never lists the whole queue
+into memory).  After each pass, once the names it handed out are done, it
+moves due retries and dead claims back (`MailQueue.release_due`); if the
+pass found nothing and nothing was moved, it sleeps: on the inotify watch
+(`lamsonfilter.queueworker.watch`) until a file arrives, at most until the
+next retry or claim is due, and at most `RESCAN` seconds (what another host
+writes to a shared directory is seen then).  No busy polling.
+
+With ``once=True`` it stops instead of sleeping: when a pass handed out
+nothing and nothing became due.  `stop` (SIGTERM) ends the pass; the
+messages in flight finish first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ..mailqueue.maildir import MailQueue
+from .watch import NewMailWatch
+
+__all__ = ["Feeder", "RESCAN"]
+
+log = logging.getLogger("lamsonfilter.queueworker")
+
+#: The longest sleep of an idle feeder (seconds), inotify or not.
+RESCAN = 30.0
+#: Claims are taken back this long after they end (`MailQueue.release_due`'s grace).
+GRACE = 5.0
+
+
+class Feeder:
+    """Hands the names in ``new/`` to a bounded pool of threads."""
+
+    def __init__(self, queue: MailQueue, handle: Callable[[str], object], workers: int = 4,
+                 watch: NewMailWatch | None = None, once: bool = False) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.queue = queue
+        self.handle = handle
+        self.workers = workers
+        self.watch = watch
+        self.once = once
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self.peak = 0          # the most messages in flight at once (never above `workers`)
+        self.passes = 0
+
+    def stop(self) -> None:
+        """End the current pass; `run` returns once the messages in flight are done (thread-safe)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.watch is not None:
+            self.watch.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def inflight(self) -> int:
+        with self._cond:
+            return self._inflight
+
+    def run(self) -> None:
+        """Work until `stop` (or, with `once`, until nothing is left to do now)."""
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lamsonfilter-deq")
+        try:
+            while not self._stop.is_set():
+                if self.watch is not None:
+                    self.watch.drain()  # this pass sees every file that arrived so far
+                handed = self._one_pass(pool)
+                self._wait_idle()
+                if self._stop.is_set():
+                    break
+                moved = self.queue.release_due(grace=GRACE)
+                self.passes += 1
+                if handed or moved:
+                    continue
+                if self.once:
+                    break
+                self._sleep()
+        finally:
+            pool.shutdown(wait=True)  # the messages in flight finish first
+
+    def _one_pass(self, pool: ThreadPoolExecutor) -> int:
+        handed = 0
+        for name in self.queue.scan():
+            with self._cond:
+                while self._inflight >= self.workers and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    break
+                self._inflight += 1
+                self.peak = max(self.peak, self._inflight)
+            pool.submit(self._work, name)
+            handed += 1
+        return handed
+
+    def _work(self, name: str) -> None:
+        try:
+            self.handle(name)
+        except Exception:  # handle never raises; a bug there must not stop the pool
+            log.exception("queue_id=%s unexpected error in the worker", name)
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def _wait_idle(self) -> None:
+        with self._cond:
+            while self._inflight:
+                self._cond.wait()
+
+    def _sleep(self) -> None:
+        """Until a file arrives, the next retry or dead claim is due, `RESCAN`, or `stop`."""
+        timeout = RESCAN
+        due = self.next_due()
+        if due is not None:
+            timeout = min(timeout, max(due - time.time(), 0.0) + 0.5)
+        log.debug("queue empty: sleeping up to %.1f s", timeout)
+        if self.watch is not None:
+            if self.watch.wait(timeout) and not self._stop.is_set():
+                log.debug("woken: new mail in %s", self.watch.directory)
+        else:
+            self._stop.wait(timeout)
+
+    def next_due(self) -> float | None:
+        """When the first retry is due or the first claim (any worker's) is taken back."""
+        first: float | None = None
+        for entry in self.queue.entries(("retry", "claimed")):
+            if entry.due is None:
+                return time.time()
+            due = entry.due + (GRACE if entry.state == "claimed" else 0.0)
+            first = due if first is None else min(first, due)
+        return first
