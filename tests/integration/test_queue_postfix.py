@@ -90,7 +90,9 @@ def test_mail_for_the_domain_lands_in_the_queue_with_its_envelope(qpf: QueuePost
     st = path.stat()
     assert (st.st_uid, st.st_gid) == (qpf.spool.uid, qpf.spool.gid)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert qpf.spool.queue.stat().st_uid == qpf.spool.uid
+    # virtual(8) made the Maildir itself, as that user, private (README.rst's "Queue set-up")
+    for d in (qpf.spool.queue, *(qpf.spool.queue / sub for sub in ("tmp", "new", "cur"))):
+        assert (d.stat().st_uid, stat.S_IMODE(d.stat().st_mode)) == (qpf.spool.uid, 0o700), d
     data = path.read_bytes()
     assert data.startswith(b"Return-Path: <alice@example.com>\nX-Original-To: python@lists.example.org\n"
                            b"Delivered-To: python@lists.example.org\n"), data[:200]
