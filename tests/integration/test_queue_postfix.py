@@ -176,3 +176,16 @@ def test_check_finds_nothing_wrong_in_the_queue_setup(qpf: QueuePostfix, tmp_pat
         capture_output=True, text=True, timeout=120, check=False)
     pf_lines = [line for line in proc.stdout.splitlines() if line.startswith("PF")]
     assert pf_lines == [], proc.stdout + proc.stderr
+
+
+def test_without_the_spool_directory_postfix_keeps_the_mail(qpf: QueuePostfix) -> None:
+    """virtual(8) cannot make /var/spool/lamsonfilter itself (it works as the queue's owner): the
+    message is deferred, kept in Postfix's queue, and delivered once the directory is there."""
+    qpf.spool.path.rmdir()
+    qpf.send("alice@example.com", [LIST], message("early"))
+    qpf.postfix.wait_for(lambda: "status=deferred" in qpf.postfix.maillog(), WAIT)
+    assert [m["queue_name"] for m in qpf.postfix.queue()] == ["deferred"]
+    QueueSpool(qpf.spool.path)  # what the unit's ExecStartPre and install-server.sh do
+    (path,) = qpf.wait_queued(1)
+    assert b"Subject: early" in path.read_bytes()
+    assert "status=bounced" not in qpf.postfix.maillog()
