@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from ..mailqueue.maildir import unique_name as _unique_name, write_durably
-from .reinjector import xtext_decode, xtext_encode
+from ..smtpwire import xtext_decode, xtext_encode
 from .spool import Spool
 
 __all__ = ["Quarantine", "QuarantinedMessage", "QuarantineError"]
