@@ -23,22 +23,22 @@ for dry runs and tests.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-from .context import Context, MessageChanges
-from .decisions import Action, Decision, Outcome
+from .context import Context
+from .decisions import Action, Decision, MessageChanges, Outcome
 from .diagnostics import Trace, describe_failure, format_traceback
+from .errors import Deferred
 from .fsm import (
     ERROR,
     START,
     Handler,
     HandlerError,
+    call_state,
     handler_signature_problems,
     is_stateless,
     state_name,
@@ -358,7 +358,19 @@ class App:
             raise HandlerError(
                 f"handler {handler.name}: key {ctx.key} is in state {ctx.state!r}, which this handler no longer has"
             )
-        result = _call(func, ctx, match.args)
+        mark, before_changes = tx.mark(), ctx._changes.snapshot()
+        try:
+            result = call_state(func, ctx, match.args)
+        except Deferred:
+            result = None
+        if ctx.deferred:  # ctx.defer(): nothing of this call is kept, the message goes to the queue
+            tx.undo(mark)
+            ctx._changes.restore(before_changes)
+            ctx._note(f"{ctx.recipient}: deferred to the queue (ctx.defer())")
+            state = None if stateless else ctx.state
+            return Outcome(ctx.recipient, Action.DEFER, route=str(match.route), handler=handler.name,
+                           state_before=state, state_after=state)
+        tx.keep()
         state_before = ctx.state
         next_state = state_name(result)
         if next_state is not None and next_state not in handler.states:
@@ -425,23 +437,3 @@ class _HandlerTempfail(Exception):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.text)
         self.outcome = outcome
-
-
-def _call(func: Any, ctx: Context, args: Mapping[str, str]) -> Any:
-    """Call a state function with the captures its signature accepts."""
-    accepted = _accepted_captures(func)
-    if accepted is None:
-        return func(ctx, **args)
-    return func(ctx, **{k: v for k, v in args.items() if k in accepted})
-
-
-@functools.lru_cache(maxsize=4096)
-def _accepted_captures(func: Any) -> frozenset[str] | None:
-    """The keyword parameters of `func`, or None when it takes any (``**kw``) or cannot be inspected."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return frozenset(params)

@@ -13,7 +13,9 @@ nothing happens until the runtime acts on the resulting `Decision`:
         ctx.reject("You are not subscribed", code=550, enhanced="5.7.1")
 
 Per-recipient outcomes: `deliver`, `drop` (the default for routed mail:
-the application consumed it), `redirect`, `reject`, `tempfail`.  Message
+the application consumed it), `redirect`, `reject`, `tempfail`, and
+`defer` (take the message now, run this state function again later from
+the queue, where `from_queue` is True).  Message
 changes (shared by all recipients of the message): `add_header`,
 `change_header`, `remove_header`, `replace_body`, `change_sender`,
 `quarantine`.  New mail: `reply` (an automatic reply, subject to the
@@ -27,17 +29,17 @@ from __future__ import annotations
 import email.policy
 import logging
 import re
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
 from .contextneeds import AppServices, HandlerInfo, RouteArgs
-from .decisions import Action, HeaderChange, HeaderValueError, OutboxMessage, Outcome, check_header_value
-from .errors import HandlerError
+from .decisions import (Action, HeaderChange, HeaderValueError, MessageChanges, OutboxMessage, Outcome,
+                        check_header_value)
+from .errors import Deferred, HandlerError
 from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
 from .mail import MailRequest, header_end, normalize_address
 from .state import StateRecord, StateTransaction
@@ -46,18 +48,6 @@ from .views import Response, check_decoded_header_value, serialise
 __all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
 log = logging.getLogger("lamsonfilter")
-
-@dataclass
-class MessageChanges:
-    """The message-level part of a decision, collected from every recipient's handler."""
-
-    headers: list[HeaderChange] = field(default_factory=list)
-    body: bytes | None = None
-    sender: str | None = None
-    quarantine: str | None = None
-    outbox: list[OutboxMessage] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
 
 class Context:
     """One recipient of one message, as seen by a state function."""
@@ -87,6 +77,8 @@ class Context:
         self.state = "START"
         self.data: dict[str, Any] = {}
         self.outcome: Outcome | None = None
+        self.deferred = False
+        self._claimed = False
         self._answer_addresses: dict[str, str] | None = None
 
     # ------------------------------------------------------------ reading
@@ -140,6 +132,32 @@ class Context:
         self._set(
             Outcome(self.recipient, Action.REDIRECT, redirect_to=tuple(normalize_address(a) for a in addresses))
         )
+
+    @property
+    def from_queue(self) -> bool:
+        """True when this run comes from the queue (``lamsonfilter deq``), e.g. after `defer`."""
+        return self.request.from_queue
+
+    def defer(self) -> NoReturn:
+        """Take the message now; run this state function again later, from the queue (`from_queue`).
+
+        Raises (a handler that catches it is still deferred).  Nothing this
+        call did is kept (state, outbox, message changes); the other
+        recipients' outcomes stand.  The recipient counts as consumed; the
+        runtime has the message in the queue (``QUEUE``) before the 2xx.
+        A `HandlerError` (a tempfail) from the queue, or after `claim` (a
+        claimed token cannot be given back): defer first, then do the work.
+        """
+        if self.from_queue:
+            raise HandlerError(
+                f"ctx.defer() for {self.recipient} in a run from the queue: the message was deferred "
+                "already; do the slow work when ctx.from_queue is True instead of deferring again")
+        if self._claimed:
+            raise HandlerError(
+                f"ctx.defer() for {self.recipient} after ctx.claim(): a claimed token cannot be given "
+                "back; call ctx.defer() before ctx.claim()")
+        self.deferred = True
+        raise Deferred(self.recipient)
 
     def reject(self, text: str = "Rejected", code: int = 550, enhanced: str = "5.7.1") -> None:
         """Refuse permanently (the milter rejects; the content filter discards and says so)."""
@@ -388,6 +406,7 @@ class Context:
 
     def claim(self, token: str) -> bool:
         """Record a one-time token (e.g. a confirmation); False if it was used before."""
+        self._claimed = True
         return self._tx.claim(f"{self.handler.name}:{token}")
 
     def address(self, local: str, domain: str | None = None, name: str = "") -> str:

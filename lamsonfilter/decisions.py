@@ -1,7 +1,8 @@
 """What the application decided about one message: the `Decision` value.
 
 A `Decision` is immutable data.  It says, per recipient, what happens
-(`Outcome`: deliver, drop as consumed, redirect, reject, tempfail), what
+(`Outcome`: deliver, drop as consumed, defer to the queue, redirect, reject,
+tempfail), what
 changes on the message (`HeaderChange`, a new body, a new sender, quarantine)
 and which new messages the handlers produced (the **outbox**).  Transports
 turn it into protocol: `lamsonfilter.milterparts.plan` into milter actions, the
@@ -38,6 +39,7 @@ __all__ = [
     "Outcome",
     "HeaderChange",
     "OutboxMessage",
+    "MessageChanges",
     "Decision",
     "check_header_value",
     "HeaderValueError",
@@ -52,6 +54,9 @@ class Action(str, Enum):
     REDIRECT = "redirect"  #: deliver to other addresses instead
     REJECT = "reject"  #: permanent failure with code, enhanced code, text
     TEMPFAIL = "tempfail"  #: try again later (4xx)
+    #: consumed now (as DROP), and the runtime puts the message into the queue for this
+    #: recipient before the transport answers; ``lamsonfilter deq`` runs the handler later
+    DEFER = "defer"
 
     def __str__(self) -> str:
         return self.value
@@ -139,6 +144,28 @@ class OutboxMessage:
             raise ValueError("an outbox message needs recipients")
 
 
+@dataclass
+class MessageChanges:
+    """The message-level part of a decision, collected from every recipient's handler."""
+
+    headers: list[HeaderChange] = field(default_factory=list)
+    body: bytes | None = None
+    sender: str | None = None
+    quarantine: str | None = None
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What `restore` puts back: the changes as they are before one state function's call."""
+        return (len(self.headers), self.body, self.sender, self.quarantine, len(self.outbox))
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        """Drop what one call added (``ctx.defer()``); its notes stay, they explain the run."""
+        headers, self.body, self.sender, self.quarantine, outbox = snapshot
+        del self.headers[headers:]
+        del self.outbox[outbox:]
+
+
 @dataclass(frozen=True)
 class Decision:
     """The whole answer for one message."""
@@ -174,6 +201,11 @@ class Decision:
         return self.error is not None or any(o.action is Action.TEMPFAIL for o in self.outcomes)
 
     @property
+    def deferred(self) -> tuple[str, ...]:
+        """The recipients whose message goes into the queue (``ctx.defer()``)."""
+        return tuple(o.recipient for o in self.outcomes if o.action is Action.DEFER)
+
+    @property
     def changes_message(self) -> bool:
         return bool(self.header_changes) or self.body is not None
 
@@ -202,6 +234,8 @@ class Decision:
             return "quarantine"
         if actions == {Action.REJECT}:
             return "reject"
+        if actions == {Action.DEFER}:
+            return "defer"
         if not self.delivery_recipients:
             return "drop"
         if self.changes_message or self.sender is not None or actions - {Action.DELIVER}:

@@ -38,9 +38,10 @@ function it does not have (`HandlerError`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping
 
 from .errors import HandlerError
 from .routing import route_signature_problems
@@ -48,7 +49,7 @@ from .routing import route_signature_problems
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["Handler", "HandlerError", "RouteSpec", "stateless", "START", "ERROR", "state_name",
+__all__ = ["call_state", "Handler", "HandlerError", "RouteSpec", "stateless", "START", "ERROR", "state_name",
            "handler_signature_problems"]
 
 START = "START"
@@ -229,3 +230,23 @@ def handler_signature_problems(handler: Handler) -> list[str]:
             if problem not in problems:
                 problems.append(problem)
     return problems
+
+
+def call_state(func: Any, ctx: Any, args: Mapping[str, str]) -> Any:
+    """Call a state function with the captures its signature accepts."""
+    accepted = _accepted_captures(func)
+    if accepted is None:
+        return func(ctx, **args)
+    return func(ctx, **{k: v for k, v in args.items() if k in accepted})
+
+
+@functools.lru_cache(maxsize=4096)
+def _accepted_captures(func: Any) -> frozenset[str] | None:
+    """The keyword parameters of `func`, or None when it takes any (``**kw``) or cannot be inspected."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)

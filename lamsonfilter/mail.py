@@ -448,6 +448,3 @@ def header_end(raw: bytes) -> int:
     # keep the CRLF/LF that ends the last header line inside the header block
     nl = raw.index(b"\n", m.start())
     return nl + 1
-
-
-_header_end = header_end  # the older private name, still imported by relay.py

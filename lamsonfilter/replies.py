@@ -51,7 +51,7 @@ class Reply:
 
 TEMPFAIL = Reply("TEMPFAIL", 451, "4.3.0", "Temporary failure, try again later",
                  "any failure before the mail is safe: a handler error, the deadline, the database, "
-                 "reinjection refused or down, an internal error")
+                 "reinjection refused or down, a deferred message that could not be queued, an internal error")
 BAD_SENDER = Reply("BAD_SENDER", 501, "5.1.7", "Bad sender address",
                    "MAIL FROM that does not parse as an address")
 BAD_RECIPIENT = Reply("BAD_RECIPIENT", 501, "5.1.3", "Bad recipient address",

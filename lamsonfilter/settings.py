@@ -82,7 +82,7 @@ from .views import ViewError, Views
 
 __all__ = [
     "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",
-    "parse_hostport", "resolve_database_url", "sqlite_path",
+    "parse_hostport", "resolve_database_url", "sqlite_path", "queue_dir",
 ]
 
 
@@ -259,6 +259,13 @@ def resolve_database_url(url: str, app_dir: str | Path | None) -> str:
         return url
     query = url.partition("?")[2]
     return f"sqlite:///{Path(path).absolute()}" + (f"?{query}" if query else "")
+
+
+def queue_dir(settings: Mapping[str, Any]) -> Path:
+    """The queue's directory: the QUEUE setting, a relative one inside the application."""
+    path = Path(settings.get("QUEUE") or DEFAULTS["QUEUE"])
+    app_dir = settings.get("APP_DIR")
+    return path if path.is_absolute() or app_dir is None else Path(app_dir) / path
 
 
 def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:

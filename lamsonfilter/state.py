@@ -45,6 +45,9 @@ __all__ = [
     "ConflictError",
     "SchemaMissingError",
     "PendingOutbox",
+    "OutboxEntry",
+    "OutboxNotFound",
+    "OutboxBusy",
 ]
 
 
@@ -83,6 +86,30 @@ class PendingOutbox:
     created_at: float = 0.0
     next_attempt: float | None = None
     last_error: str = ""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An outbox message as the operator sees it (`OutboxStore.outbox_entries`): the
+    message, ``pending`` or ``failed``, and the worker holding it (``claimed_by``,
+    until the Unix time ``claimed_until``; a claim whose time passed holds nothing)."""
+
+    item: PendingOutbox
+    state: str
+    claimed_by: str | None = None
+    claimed_until: float | None = None
+
+    def held(self, now: float) -> bool:
+        """Whether a worker holds it now (its lease has not ended)."""
+        return self.claimed_until is not None and self.claimed_until >= now
+
+
+class OutboxNotFound(LookupError):
+    """No pending or failed outbox message with that id (never was, sent, or dropped)."""
+
+
+class OutboxBusy(Exception):
+    """A worker holds the outbox message (its lease has not ended): not changed under it."""
 
 
 class StateTransaction(Protocol):
@@ -178,6 +205,26 @@ class OutboxStore(Protocol):
     def purge_outbox(self, sent_before: float, limit: int = 500) -> int:
         """Delete at most `limit` messages marked sent before the Unix time `sent_before`
         (one statement); returns how many.  Failed and pending messages stay."""
+
+    # -- the operator's side (``lamsonfilter outbox``): reads lock nothing; each change is
+    # -- one short transaction that refuses a message a worker holds (`OutboxBusy`)
+    def outbox_entries(self, states: Sequence[str] = ("pending", "failed"), after: int = 0,
+                       limit: int = 100) -> list[OutboxEntry]:
+        """At most `limit` pending and/or failed messages with an id above `after`, by id."""
+
+    def outbox_counts(self, now: float | None = None) -> dict[str, int]:
+        """How many messages are ``pending``, ``failed``, and ``claimed`` (pending and held now)."""
+
+    def outbox_entry(self, id: int) -> OutboxEntry:
+        """One pending or failed message; `OutboxNotFound` otherwise."""
+
+    def retry_outbox(self, id: int, now: float | None = None) -> OutboxEntry:
+        """Make message `id` pending and due now (a failed one again, a waiting one at
+        once); `OutboxBusy` if a worker holds it, `OutboxNotFound` if there is none."""
+
+    def drop_outbox(self, id: int, now: float | None = None) -> OutboxEntry:
+        """Delete pending or failed message `id` for good (returns what it was);
+        `OutboxBusy` if a worker holds it, `OutboxNotFound` if there is none."""
 
 
 class StateStorage(StateStore, OutboxStore, Protocol):
@@ -304,6 +351,54 @@ class MemoryStorage:
             for i in old:
                 del self._sent[i]
             return len(old)
+
+    def outbox_entries(self, states: Sequence[str] = ("pending", "failed"), after: int = 0,
+                       limit: int = 100) -> list[OutboxEntry]:
+        if set(states) - {"pending", "failed"}:
+            raise ValueError(f"outbox states are pending and failed, not {list(states)}")
+        with self._lock:
+            ids = sorted(i for i in (*self._outbox, *self._failed) if i > after)
+            found = [self._entry(i) for i in ids]
+        return [e for e in found if e.state in states][: max(0, limit)]
+
+    def outbox_counts(self, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        with self._lock:
+            claimed = sum(1 for i in self._outbox if self._entry(i).held(now))
+            return {"pending": len(self._outbox), "failed": len(self._failed), "claimed": claimed}
+
+    def outbox_entry(self, id: int) -> OutboxEntry:
+        with self._lock:
+            return self._entry(id)
+
+    def _entry(self, id: int) -> OutboxEntry:
+        item, state = (self._outbox.get(id), "pending") if id in self._outbox else (self._failed.get(id), "failed")
+        if item is None:
+            raise OutboxNotFound(f"no pending or failed outbox message {id}")
+        worker, until = self._claims.get(id, (None, None)) if state == "pending" else (None, None)
+        return OutboxEntry(item, state, worker, until)
+
+    def _free(self, id: int, now: float | None) -> OutboxEntry:
+        entry = self._entry(id)
+        if entry.held(time.time() if now is None else now):
+            raise OutboxBusy(f"outbox message {id} is being sent by {entry.claimed_by}")
+        return entry
+
+    def retry_outbox(self, id: int, now: float | None = None) -> OutboxEntry:
+        with self._lock:
+            entry = self._free(id, now)
+            self._failed.pop(id, None)
+            self._claims.pop(id, None)
+            self._outbox[id] = replace(entry.item, next_attempt=None)
+            return self._entry(id)
+
+    def drop_outbox(self, id: int, now: float | None = None) -> OutboxEntry:
+        with self._lock:
+            entry = self._free(id, now)
+            self._failed.pop(id, None)
+            self._outbox.pop(id, None)
+            self._claims.pop(id, None)
+            return entry
 
     def scan(self, prefix: str, after: str = "", limit: int = 500) -> list[tuple[str, StateRecord]]:
         with self._lock:

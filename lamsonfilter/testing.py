@@ -15,6 +15,16 @@ assert on (routes, states, decision, outbox, the state keys written).
 State is committed, so a conversation continues across calls; the clock
 only moves when you say so.
 
+A handler that defers (``ctx.defer()``) gets ``Action.DEFER``; the tester
+keeps the message as the daemons would put it into the queue
+(`AppTester.queued`), and `AppTester.run_deferred` runs it later, as
+``lamsonfilter deq`` would, with ``ctx.from_queue`` True::
+
+    r = t.send("alice@example.com", "report@example.org")
+    assert r.action is Action.DEFER and len(t.queued) == 1
+    [later] = t.run_deferred()                 # or t.send(..., from_queue=True)
+    assert later.action is Action.DROP and not t.queued
+
 A handler that raises makes `send` raise that exception, with its
 traceback, so a test fails where the bug is.  (The daemons turn it into a
 ``451 4.3.0`` tempfail.)  To see that tempfail instead, as the MTA would::
@@ -40,7 +50,7 @@ from .mail import POLICY, MailRequest
 from .state import MemoryStorage, StateStorage
 from .views import _verify_serialised
 
-__all__ = ["AppTester", "Result", "make_message"]
+__all__ = ["AppTester", "Result", "Queued", "make_message"]
 
 
 def make_message(
@@ -142,6 +152,15 @@ class Result:
         return self.decision.apply(self.request.raw)
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A deferred message as the runtime puts it into the queue: one recipient each."""
+
+    sender: str
+    recipient: str
+    raw: bytes
+
+
 class AppTester:
     """Drive an `App` in process with a clock you control.
 
@@ -155,6 +174,8 @@ class AppTester:
         self.now = time.time() if now is None else now
         self.raise_errors = raise_errors
         self.results: list[Result] = []
+        #: Deferred messages not yet run from the queue (`run_deferred`), oldest first.
+        self.queued: list[Queued] = []
 
     @classmethod
     def from_directory(
@@ -187,8 +208,13 @@ class AppTester:
         queue_id: str | None = None,
         commit: bool = True,
         expect_tempfail: bool = False,
+        from_queue: bool = False,
     ) -> Result:
         """Process one message from `sender` to `to` (a raw message may be given instead).
+
+        `from_queue` runs it as ``lamsonfilter deq`` does (``ctx.from_queue``
+        True).  A deferral (``ctx.defer()``, committed) adds the message to
+        `queued` for each deferred recipient.
 
         Raises the handler's exception when one raised, unless
         `expect_tempfail` (or ``raise_errors=False``): then the result is
@@ -198,12 +224,24 @@ class AppTester:
         if raw is None:
             raw = make_message(sender, rcpts, subject, body, headers)
         request = MailRequest.from_bytes(raw, sender=sender, recipients=rcpts, queue_id=queue_id)
+        request.from_queue = from_queue
         trace = Trace()
         result = Result(request, self.app.process(request, commit=commit, now=self.now, trace=trace), trace)
         self.results.append(result)
+        if commit and not result.decision.is_tempfail:
+            self.queued.extend(Queued(request.sender, r, raw) for r in result.decision.deferred)
         if trace.error is not None and self.raise_errors and not expect_tempfail:
             raise trace.error
         return result
+
+    def run_deferred(self, **kwargs: Any) -> list[Result]:
+        """Run every queued message (`queued`) from the queue, as ``lamsonfilter deq`` would:
+        one recipient each, ``ctx.from_queue`` True.  Keyword arguments go to `send`."""
+        results = []
+        while self.queued:
+            q = self.queued.pop(0)
+            results.append(self.send(q.sender, q.recipient, raw=q.raw, from_queue=True, **kwargs))
+        return results
 
     def state(self, handler: str, key: str) -> str | None:
         """The committed state of `key` in `handler` (None when the key has none)."""

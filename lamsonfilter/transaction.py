@@ -13,11 +13,18 @@ read first, and a decision committed before is replayed (`Replayed`,
 commit after the transport's deadline is refused (`DeadlinePassed`): the
 MTA was already told 4xx and sends the message again.  With a
 `lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
+
+`mark()` before a state function, then `undo(mark)` (``ctx.defer()``:
+that call's writes are taken back, the other recipients' stay) or
+`keep()`.  A mark remembers each key's record before the call's first
+write to it (as the call first read it, else read then), so it costs a
+read only for a key the call writes without reading it first.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .decisions import OutboxMessage
@@ -31,6 +38,15 @@ __all__ = ["LazyTransaction", "DeadlinePassed", "Replayed"]
 
 class DeadlinePassed(Exception):
     """`MailRequest.deadline` passed before the state transaction committed: rolled back, 4xx."""
+
+
+@dataclass
+class _Mark:
+    """What a state function's call wrote so far: each key's record before its first write."""
+
+    seen: dict[str, StateRecord | None] = field(default_factory=dict)  # as first read in the call
+    written: list[str] = field(default_factory=list)  # in the order of their first write
+    trace: list[StateWrite] = field(default_factory=list)
 
 
 class LazyTransaction:
@@ -54,6 +70,7 @@ class LazyTransaction:
         self._trace = trace
         self._cm: Any = None
         self._tx: Any = None
+        self._mark: _Mark | None = None
 
     @property
     def opened(self) -> bool:
@@ -82,11 +99,44 @@ class LazyTransaction:
             raise late
         return cm.__exit__(exc_type, exc, tb)  # type: ignore[no-any-return]
 
+    def mark(self) -> _Mark:
+        """Start remembering the writes of one state function's call (see `undo`)."""
+        self._mark = _Mark(trace=list(self._trace.writes) if self._trace is not None else [])
+        return self._mark
+
+    def keep(self) -> None:
+        """The call ended normally: its writes stay; stop remembering."""
+        self._mark = None
+
+    def undo(self, mark: _Mark) -> None:
+        """Put back every key `mark`'s call wrote, as it was before; forget them in the trace."""
+        self._mark = None
+        for key in reversed(mark.written):
+            record = mark.seen[key]
+            if record is None:
+                self._tx.clear(key)
+            else:
+                self._tx.set(key, record.state, record.data)
+        if self._trace is not None:
+            self._trace.writes[:] = mark.trace
+
+    def _remember(self, tx: Any, key: str) -> None:
+        mark = self._mark
+        if mark is not None and key not in mark.seen:  # a key read first costs no second read
+            mark.seen[key] = tx.get(key)
+        if mark is not None and key not in mark.written:
+            mark.written.append(key)
+
     def get(self, key: str) -> StateRecord | None:
-        return self._open().get(key)  # type: ignore[no-any-return]
+        record: StateRecord | None = self._open().get(key)
+        if self._mark is not None and key not in self._mark.seen:
+            self._mark.seen[key] = record
+        return record
 
     def set(self, key: str, state: str, data: Mapping[str, Any] | None = None, *, bookkeeping: bool = False) -> None:
         tx = self._open()
+        if not bookkeeping:
+            self._remember(tx, key)
         before = self._before(tx, key) if not bookkeeping else None
         tx.set(key, state, data)
         if self._trace is not None and not bookkeeping:
@@ -95,6 +145,7 @@ class LazyTransaction:
 
     def clear(self, key: str) -> None:
         tx = self._open()
+        self._remember(tx, key)
         before = self._before(tx, key)
         tx.clear(key)
         if self._trace is not None:

@@ -160,3 +160,15 @@ def test_an_old_positional_record_still_reads() -> None:
         "at": 1767225600.0,
     }
     assert Decision.from_record(rec) == _full_decision()
+
+
+def test_replay_record_round_trip_with_defer_and_old_records_still_load():
+    import json
+
+    d = Decision((Outcome("slow@app.example", Action.DEFER, route="slow.START", handler="slow",
+                          state_before="START", state_after="START"), Outcome("tag@app.example", Action.DELIVER)))
+    rec = json.loads(json.dumps(d.to_record()))
+    assert rec["outcomes"][0]["action"] == "defer" and rec["v"] == 2
+    assert Decision.from_record(rec) == d
+    old = {"outcomes": [["tag@app.example", "drop", None, None, None, [], "r", "h", "START", "START"]]}  # v1
+    assert Decision.from_record(old).outcomes[0].action is Action.DROP

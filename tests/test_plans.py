@@ -111,3 +111,29 @@ def test_a_recipient_rejected_after_data_among_delivered_ones_is_removed_with_de
     assert any("closed@y.example" in n and "delrcpt" in n for n in mp.notes)
     # the content filter: reinjected to the delivered ones only
     assert reinjection_plan(d, r).recipients == ("b@y.example", "c@y.example")
+
+
+SLOW, TAG = "slow@app.example", "tag@app.example"
+
+
+def test_milter_plan_removes_a_deferred_recipient_and_discards_when_all_are():
+    request = req(SLOW, TAG)
+    mixed = Decision((Outcome(SLOW, Action.DEFER), Outcome(TAG, Action.DELIVER)))
+    plan = milter_plan(mixed, request)
+    assert plan.result == "ACCEPT" and [str(a) for a in plan.actions] == [f"delrcpt('<{SLOW}>')"]
+    assert any("deferred to the queue" in n for n in plan.notes)
+    only = Decision((Outcome(SLOW, Action.DEFER),))
+    assert milter_plan(only, req(SLOW)).result == "DISCARD"
+    assert only.kind == "defer"
+
+
+def test_content_filter_plan_does_not_reinject_to_a_deferred_recipient():
+    request = req(SLOW, TAG)
+    mixed = Decision((Outcome(SLOW, Action.DEFER), Outcome(TAG, Action.DELIVER)))
+    plan = reinjection_plan(mixed, request)
+    assert plan.recipients == (TAG,) and plan.reply.startswith("250")
+    assert any(SLOW in n and "not reinjected" in n for n in plan.notes)
+    only = reinjection_plan(Decision((Outcome(SLOW, Action.DEFER),)), req(SLOW))
+    assert not only.reinjects and only.reply.startswith("250")
+    lmtp = reinjection_plan(mixed, request, lmtp=True)
+    assert [r for _a, r in lmtp.rcpt_replies] == [lmtp.reply, lmtp.reply]  # 250 for both

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY", "PostfixConfig", "smtpd_services"]
+__all__ = ["ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY", "PostfixConfig", "accepts_domain", "smtpd_services", "tokens"]
 
 #: Where Debian's Postfix keeps its queue, and chroots its daemons.
 DEFAULT_QUEUE_DIRECTORY = "/var/spool/postfix"
@@ -33,7 +33,8 @@ ADDRESS_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_do
 #: Parameters whose values (defaults included, ``$name`` expanded) the checks read.
 _EXPANDED = (*ADDRESS_CLASSES, "message_size_limit", "queue_directory", "compatibility_level",
              "default_process_limit", "smtpd_recipient_restrictions", "smtpd_relay_restrictions",
-             "parent_domain_matches_subdomains")
+             "parent_domain_matches_subdomains", "transport_maps", "virtual_transport", "virtual_mailbox_maps",
+             "virtual_uid_maps", "virtual_gid_maps", "virtual_minimum_uid")
 
 
 def _postconf() -> str:
@@ -136,8 +137,55 @@ class PostfixConfig:
             return None
         return {0: True, 1: False}.get(proc.returncode)
 
+    def query(self, table: str, key: str) -> str | None:
+        """What lookup table `table` answers for `key`; None when it has no answer or cannot be asked."""
+        exe = shutil.which("postmap") or "/usr/sbin/postmap"
+        try:
+            proc = subprocess.run(  # noqa: S603 -- argv list, no shell, no message data
+                [exe, "-c", self.config_dir, "-q", key, table], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
 
 def smtpd_services(pc: PostfixConfig, listener: list[str] | None) -> list[list[str]]:
     """The smtpd services clients talk to (master.cf's ``smtp inet`` and the like, not the listener)."""
     return [s for s in pc.services
             if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and s is not listener]
+
+
+def tokens(value: str) -> list[str]:
+    """A list parameter's items; a ``type:{ ... }`` inline table (braces nested) stays one item."""
+    items: list[str] = []
+    current = ""
+    depth = 0
+    for ch in value:
+        if depth == 0 and (ch.isspace() or ch == ","):
+            if current:
+                items.append(current)
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        current += ch
+    if current:
+        items.append(current)
+    return items
+
+
+def accepts_domain(pc: PostfixConfig, param: str, host: str) -> bool | None:
+    """Whether address class `param` lists `host` (None: a table that could not be asked)."""
+    subdomains = param in tokens(pc.expanded.get("parent_domain_matches_subdomains", ""))
+    unknown = False
+    for item in tokens(pc.expanded.get(param, "")):
+        if re.match(r"^[a-z0-9_]+:", item, re.IGNORECASE) and not item.startswith("/"):
+            found = pc.lookup(item, host)
+            if found is None:
+                unknown = True
+            elif found:
+                return True
+            continue
+        item = item.lower().rstrip(".")
+        if item == host or (item.startswith(".") and host.endswith(item)) \
+                or (subdomains and host.endswith("." + item.lstrip("."))):
+            return True
+    return None if unknown else False

@@ -3,7 +3,8 @@
 The configuration is read with ``postconf -n``, ``-M`` and ``-P`` (so the
 checks see what Postfix sees, including ``-o`` overrides of master.cf), the
 mode is found (a ``content_filter`` in main.cf *or* on an smtpd service of
-master.cf → content filter; ``smtpd_milters`` → milter), and the lines each
+master.cf → content filter; ``smtpd_milters`` → milter; a domain of HOSTS in
+``virtual_mailbox_domains`` → queue), and the lines each
 mode needs are checked (integration.md §2, §3)::
 
     for f in check_postfix("/etc/postfix", app.settings, milter_socket=None, max_size=None):
@@ -11,12 +12,13 @@ mode needs are checked (integration.md §2, §3)::
 
 Finding IDs: PF001-PF004 general (PF004: the application's domains are in
 no Postfix address class), PF101-PF123 the content filter and its
-reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter`.
+reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter`,
+queue mode's PF301-PF305 (virtual(8) delivering into the queue) in
+`lamsonfilter.check.queue`.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +26,14 @@ from typing import Any
 
 from .findings import Finding
 from .milter import milter_findings
-from .postconf import ADDRESS_CLASSES, DEFAULT_QUEUE_DIRECTORY, PostfixConfig, smtpd_services
+from .postconf import (
+    ADDRESS_CLASSES,
+    DEFAULT_QUEUE_DIRECTORY,
+    PostfixConfig,
+    accepts_domain,
+    smtpd_services,
+)
+from .queue import queue_findings, queue_hosts
 
 __all__ = ["ADDRESS_CLASSES", "DEFAULT_QUEUE_DIRECTORY", "PostfixConfig", "check_postfix"]
 
@@ -33,36 +42,14 @@ def _listener_names(host: str, port: int) -> list[str]:
     return [f"{host}:{port}", f"[{host}]:{port}", str(port)]
 
 
-def _tokens(value: str) -> list[str]:
-    """A list parameter's items; a ``type:{ ... }`` inline table stays one item."""
-    return re.findall(r"[^\s,{}]*\{[^}]*\}|[^\s,]+", value)
-
-
-def _accepts_domain(pc: PostfixConfig, param: str, host: str) -> bool | None:
-    """Whether address class `param` lists `host` (None: a table that could not be asked)."""
-    subdomains = param in _tokens(pc.expanded.get("parent_domain_matches_subdomains", ""))
-    unknown = False
-    for item in _tokens(pc.expanded.get(param, "")):
-        if re.match(r"^[a-z0-9_]+:", item, re.IGNORECASE) and not item.startswith("/"):
-            found = pc.lookup(item, host)
-            if found is None:
-                unknown = True
-            elif found:
-                return True
-            continue
-        item = item.lower().rstrip(".")
-        if item == host or (item.startswith(".") and host.endswith(item)) \
-                or (subdomains and host.endswith("." + item.lstrip("."))):
-            return True
-    return None if unknown else False
-
-
 def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
-                  milter_socket: str | None = None, max_size: int | None = None) -> list[Finding]:
+                  milter_socket: str | None = None, max_size: int | None = None,
+                  user: str | None = None) -> list[Finding]:
     """Every Postfix finding for `settings` (HOSTS, RELAY) against the configuration in `config_dir`.
 
     `milter_socket` is where ``lamsonfilter milter`` listens (libmilter syntax);
-    `max_size` the SIZE ``lamsonfilter smtpproxy`` announces, when known.
+    `max_size` the SIZE ``lamsonfilter smtpproxy`` announces, when known;
+    `user` the user the daemons run as (queue mode: the queue files' owner).
     """
     try:
         pc = PostfixConfig.read(config_dir)
@@ -81,10 +68,13 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     content_filter = pc.main.get("content_filter", "") or (pc.effective(filtered[0], "content_filter") if filtered else "")
     milters = pc.main.get("smtpd_milters", "") or next(
         (v for s in smtpds if (v := pc.override(s[0], s[1], "smtpd_milters") or "")), "")
-    if not content_filter and not milters:
+    queued = queue_hosts(pc, settings.get("HOSTS", []))
+    if not content_filter and not milters and not queued:
         findings.append(Finding("PF002", "error", "Postfix sends no mail to lamsonfilter: neither "
                                 "content_filter nor smtpd_milters is set in main.cf or on an smtpd service "
-                                "of master.cf", "add the lines of conf/postfix/main.cf.milter or main.cf.content_filter"))
+                                "of master.cf, and no domain of HOSTS is delivered into the queue "
+                                "(virtual_mailbox_domains)",
+                                "add the lines of conf/postfix/main.cf.milter, main.cf.content_filter or main.cf.queue"))
     if pc.main.get("soft_bounce") == "yes":
         findings.append(Finding("PF003", "warning", "soft_bounce = yes turns every 5xx (also the milter's "
                                 "rejections) into 4xx", "set soft_bounce = no once the set-up works"))
@@ -94,6 +84,8 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
         findings += _content_filter_findings(pc, content_filter, filtered or smtpds, listener, settings, max_size)
     if milters:
         findings += milter_findings(pc, milters, milter_socket, smtpds)
+    if queued:
+        findings += queue_findings(pc, queued, user, listener)
     return findings
 
 
@@ -101,7 +93,7 @@ def _address_classes(pc: PostfixConfig, settings: Mapping[str, Any]) -> list[Fin
     """PF004: an application domain Postfix does not accept mail for (issue 14, item 6)."""
     out = []
     for host in sorted({h.lower() for h in settings.get("HOSTS", [])}):
-        answers = [_accepts_domain(pc, p, host) for p in ADDRESS_CLASSES]
+        answers = [accepts_domain(pc, p, host) for p in ADDRESS_CLASSES]
         if any(answers) or None in answers:
             continue
         out.append(Finding(

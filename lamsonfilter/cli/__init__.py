@@ -1,11 +1,17 @@
-"""The ``lamsonfilter`` command: one click group, its commands in three families.
+"""The ``lamsonfilter`` command: one click group, its commands in four families.
 
     lamsonfilter milter | smtpproxy | deq ...        the daemons (`daemons`)
     lamsonfilter test --app DIR [FILE|MAILDIR ...]   the dry run (`testcmd`, `dryrun`)
     lamsonfilter routes | gen | db init | check | graph | send | demo
                                                      the tools (`tools`)
     lamsonfilter state list|show ...                 the state of keys (`state`)
-    lamsonfilter quarantine list|show|release|delete the content filter's quarantine (`quarantine`)
+    lamsonfilter queue list|show|count|requeue|remove
+                                                     the mail queue deq works through (`queue`)
+    lamsonfilter outbox list|show|retry|drop         the outbox's waiting and failed messages (`outbox`)
+    lamsonfilter quarantine list|show|release|delete the quarantine (`quarantine`)
+
+The last three are the operator's commands: one family, one set of options,
+``--json``, one-line errors and exit statuses (`opview`).
 
 Every command that loads an application refuses bad configuration at once,
 with one line naming the file and setting, and exits with status 2
@@ -21,7 +27,9 @@ import click
 
 from .. import __version__
 from .daemons import deq_cmd, milter_cmd, smtpproxy_cmd
+from .outbox import outbox_cmd
 from .quarantine import quarantine_cmd
+from .queue import queue_cmd
 from .state import state_cmd
 from .testcmd import test_cmd
 from .tools import check_cmd, db_cmd, demo_cmd, gen_cmd, graph_cmd, routes_cmd, send_cmd
@@ -45,5 +53,5 @@ def main(verbose: int) -> None:
 
 
 for _command in (test_cmd, routes_cmd, gen_cmd, db_cmd, check_cmd, demo_cmd, graph_cmd, send_cmd,
-                 milter_cmd, smtpproxy_cmd, deq_cmd, state_cmd, quarantine_cmd):
+                 milter_cmd, smtpproxy_cmd, deq_cmd, state_cmd, queue_cmd, outbox_cmd, quarantine_cmd):
     main.add_command(_command)

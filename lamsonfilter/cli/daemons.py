@@ -17,7 +17,7 @@ import click
 
 from ..app import StartupError
 from ..state import StorageError
-from .common import app_option, database_option, fail, refuse_unwritable_database
+from .common import app_option, database_option, fail, queue_option, refuse_unwritable_database
 
 __all__ = ["milter_cmd", "smtpproxy_cmd", "deq_cmd"]
 
@@ -33,6 +33,7 @@ __all__ = ["milter_cmd", "smtpproxy_cmd", "deq_cmd"]
               help="Where the outbox goes (overrides RELAY): an smtpd that runs no milters, e.g. 127.0.0.1:10026.  "
                    "Env LAMSONFILTER_RELAY.")
 @database_option
+@queue_option
 @click.option("--allow-remote", is_flag=True, help="Allow an inet socket on a non-loopback address.")
 @click.option("--socket-group", default="postfix", show_default=True, metavar="GROUP",
               help="Group that may connect to a unix socket (Postfix's smtpd runs as user postfix).")
@@ -42,7 +43,7 @@ __all__ = ["milter_cmd", "smtpproxy_cmd", "deq_cmd"]
               envvar="LAMSONFILTER_POSTFIX_CONFIG",
               help="Postfix's configuration (e.g. /etc/postfix): the start-up line then gives the exact "
                    "smtpd_milters value for its smtpd (chrooted or not).  Env LAMSONFILTER_POSTFIX_CONFIG.")
-def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str | None,
+def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str | None, queue: str | None,
                allow_remote: bool, socket_group: str, no_nodelay: bool, postfix_config: Path | None) -> None:
     """Run the application as a Postfix milter (pre-queue).
 
@@ -77,7 +78,7 @@ def milter_cmd(app_dir: Path, socket_spec: str, relay: str | None, database: str
 
     refuse_unwritable_database(app_dir, database)
     try:
-        runtime = Runtime.from_directory(app_dir, {"RELAY": relay, "DATABASE_URL": database})
+        runtime = Runtime.from_directory(app_dir, {"RELAY": relay, "DATABASE_URL": database, "QUEUE": queue})
     except (StartupError, StorageError) as exc:
         fail(str(exc))
         return
@@ -151,6 +152,7 @@ def _hostport_option(value: str, flag: str) -> tuple[str, int]:
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes sharing the port (SO_REUSEPORT) when one CPU is not enough.")
 @database_option
+@queue_option
 @click.option("--allow-remote", is_flag=True, help="Allow --listen on a non-loopback address.")
 @click.option("--max-size", type=int, default=10_240_000, show_default=True, metavar="BYTES",
               help="SIZE announced to Postfix: at least its message_size_limit.")
@@ -170,7 +172,7 @@ def _hostport_option(value: str, flag: str) -> tuple[str, int]:
 @click.pass_context
 def smtpproxy_cmd(
     ctx: click.Context, app_dir: Path, listen: str, reinject: str, lmtp: bool, workers: int,
-    database: str | None, allow_remote: bool, max_size: int, deadline: float, quarantine: Path | None,
+    database: str | None, queue: str | None, allow_remote: bool, max_size: int, deadline: float, quarantine: Path | None,
     spool_dir: str | None, threads: int, policy: str | None, postfix_config: Path | None,
 ) -> None:
     """Run as Postfix's after-queue content filter (reinjecting to --reinject).
@@ -194,6 +196,7 @@ def smtpproxy_cmd(
     config = ProxyConfig(
         app_dir=app_dir, listen=_hostport_option(listen, "--listen"),
         reinject=_hostport_option(reinject, "--reinject"), lmtp=lmtp, workers=workers, database=database,
+        queue=queue,
         allow_remote=allow_remote, max_size=max_size, deadline=deadline, quarantine=quarantine,
         spool_dir=spool_dir, threads=max(1, threads),
         policy=_hostport_option(policy, "--policy") if policy else None,

@@ -10,7 +10,8 @@ directory with no messages is an error (`DryRunInputError`): a mistyped
 path must not look like a clean run.
 
 Report (`report`, `as_json`): for each message and recipient the route,
-the state before and after, the outcome; the decision as milter actions
+the state before and after, the outcome (a deferral says so: the dry run
+never writes to the queue); the decision as milter actions
 and as what the content filter would do; header changes as a diff; every
 state key the handlers wrote (their own, ``ctx.set_state``, ``ctx.claim``,
 the reply rate counter); the rendered outbox (``--json``: each message's
@@ -29,7 +30,7 @@ from typing import Any, Iterator
 
 from ..app import App
 from ..contentfilter.plan import reinjection_plan
-from ..decisions import Decision
+from ..decisions import Action, Decision
 from ..diagnostics import Trace, format_traceback
 from ..mail import MailRequest
 from ..milterparts.plan import milter_plan
@@ -191,6 +192,7 @@ def as_json(name: str, request: MailRequest, decision: Decision, routes: dict[st
         "body_replaced": decision.body is not None,
         "sender_changed_to": decision.sender,
         "quarantine": decision.quarantine,
+        "deferred": list(decision.deferred),  # never queued by the dry run
         "state_written": [w.to_json() for w in trace.writes] if trace is not None else [],
         "committed": commit,
         "outbox": len(decision.outbox),
@@ -232,6 +234,8 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
             what += f" ({o.reply})"
         if o.redirect_to:
             what += " to " + ", ".join(o.redirect_to)
+        if o.action is Action.DEFER:
+            what += " (ctx.defer(): the daemons queue the message for lamsonfilter deq; dry run: not queued)"
         add(f"  outcome: {what}")
     add(f"decision:  {decision.kind}" + (f"  error: {decision.error}" if decision.error else ""))
     if trace is not None and trace.error is not None:

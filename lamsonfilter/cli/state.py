@@ -39,28 +39,9 @@ def _fail(message: str) -> None:
 
 def _open(app_dir: Path, database: str | None) -> StateStorage:
     """The application's state database, read-only in spirit: never created here."""
-    from ..app import StartupError
-    from ..settings import load_settings, make_storage, sqlite_path
+    from .common import open_database
 
-    try:
-        settings = load_settings(app_dir, {"DATABASE_URL": database})
-    except StartupError as exc:
-        _fail(str(exc))
-        raise
-    url = settings["DATABASE_URL"]
-    path = sqlite_path(url, settings["APP_DIR"])
-    if path is not None and not path.exists():
-        _fail(f"the state database {path} does not exist yet (no state at all); "
-              f"lamsonfilter db init --app {app_dir} creates it")
-    if url in ("memory:", "memory://"):
-        _fail("DATABASE_URL is memory:, which keeps state inside one process only; give --database URL")
-    try:
-        storage = make_storage(url, settings["APP_DIR"])
-        storage.check_schema()
-    except StorageError as exc:
-        _fail(str(exc).replace("--app DIR", f"--app {app_dir}"))
-        raise
-    return storage
+    return open_database(app_dir, database)
 
 
 def _records(storage: StateStorage, prefix: str, limit: int | None) -> Iterator[tuple[str, StateRecord]]:

@@ -169,7 +169,8 @@ def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
 @click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
               help="The outbox/reinjection listener (overrides RELAY), to find it in master.cf.")
 @click.option("--user", "service_user", default=None, metavar="USER",
-              help="The user the daemons run as, to check that it can write the state database.  "
+              help="The user the daemons run as, to check that it can write the state database (and, in "
+                   "queue mode, owns the queue files: virtual_uid_maps).  "
                    "Default: this user; as root, the owner of the database's directory.")
 @database_option
 def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | None, max_size: int | None,
@@ -201,7 +202,7 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
     if postfix_config is not None:
-        findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size))
+        findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size, service_user))
     for f in findings:
         click.echo(str(f))
     errors = sum(f.severity == "error" for f in findings)

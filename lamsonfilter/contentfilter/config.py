@@ -18,6 +18,7 @@ class ProxyConfig:
     lmtp: bool = False
     workers: int = 1
     database: str | None = None
+    queue: str | None = None  # overrides the QUEUE setting (where ctx.defer() writes)
     allow_remote: bool = False
     max_size: int = 10_240_000
     deadline: float = 120.0

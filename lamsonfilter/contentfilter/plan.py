@@ -13,8 +13,9 @@ Decision                        content filter
 any tempfail / internal error   451 4.3.0, nothing reinjected
 deliver, no change              reinject the original bytes, then 250
 changes                         apply them to the bytes, reinject, 250
-some recipients dropped         reinject to the others only
-all dropped                     250, nothing reinjected
+some recipients dropped or      reinject to the others only (a deferred one is
+deferred                        in the queue already: the runtime wrote it)
+all dropped or deferred         250, nothing reinjected
 reject (SMTP)                   after queueing a 5xx makes Postfix bounce to a
                                 possibly forged sender: the rejected
                                 recipients are discarded and the message
@@ -88,6 +89,9 @@ def reinjection_plan(decision: Decision, request: MailRequest, lmtp: bool = Fals
             "(a 5xx here would make Postfix bounce to a possibly forged sender)"
         )
         quarantine = quarantine or "; ".join(f"{o.recipient}: {o.reply}" for o in rejects)
+    deferred = decision.deferred
+    if deferred:
+        notes.append(f"deferred to the queue, not reinjected: {', '.join(deferred)}")
     data = decision.apply(request.raw) if recipients else None
     if data is not None:
         notes.insert(0, "unchanged" if data is request.raw else "changed")

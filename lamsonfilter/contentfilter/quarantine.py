@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from ..mailqueue.maildir import unique_name as _unique_name, write_durably
-from .reinjector import xtext_decode, xtext_encode
+from ..smtpwire import xtext_decode, xtext_encode
 from .spool import Spool
 
 __all__ = ["Quarantine", "QuarantinedMessage", "QuarantineError"]
@@ -63,6 +64,7 @@ class QuarantinedMessage:
     recipients: tuple[str, ...]
     raw: bytes
     stored_at: float
+    size: int = -1  # of the whole message (`raw` may be only its start: `Quarantine.load`'s `max_bytes`)
 
     @property
     def has_envelope(self) -> bool:
@@ -134,12 +136,19 @@ class Quarantine:
                 return path
         raise QuarantineError(f"no message {name} in the quarantine {self.path}")
 
-    def load(self, name: str) -> QuarantinedMessage:
-        """Read one message: lamsonfilter's fields, the envelope and the original bytes."""
+    def load(self, name: str, max_bytes: int | None = None) -> QuarantinedMessage:
+        """Read one message: lamsonfilter's fields, the envelope and the original bytes (only
+        about the first `max_bytes` of them when given: enough to list or show a header)."""
         path = self._find(name)
         try:
-            data = path.read_bytes()
-            stored_at = path.stat().st_mtime
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise QuarantineError(f"{path} is not a regular file")
+                os.set_blocking(fd, True)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 64 * 1024)
+            stored_at = st.st_mtime
         except OSError as exc:
             raise QuarantineError(f"{path}: {exc.strerror or exc}") from None
         fields: list[tuple[str, str]] = []
@@ -158,7 +167,7 @@ class Quarantine:
             name=name, path=path, reason=get("quarantine", ""), queue_id=get("queue-id", "unknown"),
             sender=None if sender is None else _unbracket(sender),
             recipients=tuple(_unbracket(v) for k, v in fields if k == "envelope-to"),
-            raw=data[pos:], stored_at=stored_at,
+            raw=data[pos:], stored_at=stored_at, size=st.st_size - pos,
         )
 
     def remove(self, name: str) -> None:

@@ -38,7 +38,7 @@ from typing import Callable
 from ..app import StartupError
 from ..daemon.endpoint import is_loopback
 from ..daemon.metrics import MULTIPROC_ENV, Metrics, multiprocess_directory
-from ..daemon.process import Reloader
+from ..daemon.process import RELOAD_SIGNAL, WAKE_SIGNAL, Reloader, SignalActions
 from ..daemon.runtime import Runtime
 from ..daemon.service import Service
 from .handler import ProxyConfig, ProxyHandler
@@ -111,7 +111,7 @@ def build_runtime(config: ProxyConfig, outbox_interval: float = 30.0) -> Runtime
     """The application (settings, routes, schema checked), with the outbox sent to --reinject."""
     host, port = config.reinject
     overrides = {"RELAY": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                 "DATABASE_URL": config.database}
+                 "DATABASE_URL": config.database, "QUEUE": config.queue}
     runtime = Runtime.from_directory(config.app_dir, overrides, outbox_interval=outbox_interval)
     if config.postfix_config is not None:
         _refuse_broken_postfix(config, runtime)
@@ -225,8 +225,6 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     proxy = ProxyServer(config, runtime, sock, on_outbox, policy_sock)
     await proxy.start()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     service = Service() if on_outbox is None else None  # workers: the parent talks to systemd
     last_tick = [time.monotonic()]
 
@@ -234,7 +232,7 @@ async def _serve(config: ProxyConfig, runtime: Runtime, sock: socket.socket,
     status = f"listening on {config.listen[0]}:{config.listen[1]} ({mode}), reinjecting to " \
              f"{config.reinject[0]}:{config.reinject[1]}"
     reloader = Reloader(runtime, service, recheck=lambda: _recheck_postfix(proxy), ok_status=status)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    SignalActions(stop=lambda name: stop.set(), reload=reloader.request).add_to_loop(loop)
     log.info("smtpproxy (pid %d) %s", os.getpid(), status)
     if service is not None:
         service.ready(status)
@@ -309,22 +307,19 @@ def _supervise(config: ProxyConfig) -> int:
         raise
     stopping = False
 
-    def on_stop(signum: int, frame: object) -> None:
+    def on_stop(name: str) -> None:
         nonlocal stopping
         stopping = True
 
-    def on_wake(signum: int, frame: object) -> None:
+    def on_wake() -> None:
         if runtime.worker is not None:
             runtime.worker.wake()
 
-    def on_reload(signum: int, frame: object) -> None:
+    def on_reload() -> None:  # each worker reloads its own application
         for pid in children:
-            os.kill(pid, signal.SIGHUP)
+            os.kill(pid, RELOAD_SIGNAL)
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGUSR1, on_wake)
-    signal.signal(signal.SIGHUP, on_reload)
+    SignalActions(stop=on_stop, reload=on_reload, wake=on_wake).install()
     service = Service()
     service.ready(f"{config.workers} workers listening on {config.listen[0]}:{config.listen[1]}")
     service.start_watchdog()
@@ -378,8 +373,7 @@ def _fork_worker(config: ProxyConfig, index: int, parent: int) -> int:
         return pid
     status = 0
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
+        SignalActions.reset()
         runtime = build_runtime(config)
         runtime.worker = None  # the parent sends the outbox
         if os.environ.get(MULTIPROC_ENV):  # the parent serves the metrics, summed over the workers
@@ -387,7 +381,7 @@ def _fork_worker(config: ProxyConfig, index: int, parent: int) -> int:
 
         def wake_parent() -> None:
             try:
-                os.kill(parent, signal.SIGUSR1)
+                os.kill(parent, WAKE_SIGNAL)
             except ProcessLookupError:
                 pass
 

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from ..replies import TOO_BIG_FOR_SIZE
 from .config import ProxyConfig
-from .reinjector import XFORWARD_ATTRS, xtext_decode
+from ..smtpwire import XFORWARD_ATTRS, xtext_decode
 from .spool import DataError, DataLimits, Spool, read_data
 
 

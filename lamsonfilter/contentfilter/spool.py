@@ -35,7 +35,7 @@ from typing import IO, Callable, Iterator
 
 from .. import replies
 
-__all__ = ["DataError", "DataLimits", "Spool", "read_data", "stuff", "TERMINATOR"]
+__all__ = ["DataError", "DataLimits", "Spool", "read_data", "TERMINATOR"]
 
 #: The only end of DATA (RFC 5321 §4.1.1.4): CRLF "." CRLF.  The CRLF that
 #: ends the last content line belongs to the message.
@@ -220,21 +220,6 @@ def _unstuff(lines: bytes) -> bytes:
     if lines.startswith(b"."):
         lines = lines[1:]
     return lines
-
-
-def stuff(data: bytes, at_line_start: bool = True) -> bytes:
-    """Make CRLF-only bytes safe to send as DATA: bare CR and LF become CRLF, leading dots doubled.
-
-    Normalising first and stuffing second means no content, however it was
-    received, can produce ``CRLF . CRLF`` on the wire (SMTP smuggling).
-    """
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if b"\r\n." in data:
-        data = data.replace(b"\r\n.", b"\r\n..")
-    if at_line_start and data.startswith(b"."):
-        data = b"." + data
-    return data
 
 
 def spool_directory(path: str | None) -> str | None:

@@ -1,7 +1,13 @@
-"""What a daemon does around its protocol engine: the socket file, the TCP socket, signals.
+"""What a daemon does around its protocol engine: the socket file, the TCP socket, signals, reload.
 
-``lamsonfilter milter`` runs libmilter (through pymilter) in a thread of its
-own; this module holds the parts that do not speak the milter protocol::
+The signals mean the same to every lamsonfilter daemon, and that is said
+once, here (`SignalActions`): SIGTERM and SIGINT stop, SIGHUP reloads the
+application (`Reloader`: systemd hears ``RELOADING=1``, then ``READY=1``
+with the outcome), SIGUSR1 wakes the outbox worker.  The content filter
+installs them on its asyncio loop (`SignalActions.add_to_loop`), its
+``--workers`` parent as plain handlers (`SignalActions.install`), and the
+milter, whose libmilter takes signals in a thread of its own, through
+`SignalWaiter`::
 
     prepare_unix_socket("/run/lamsonfilter/milter.sock")   # dir made, live socket refused
     ...libmilter opens the socket...
@@ -10,6 +16,8 @@ own; this module holds the parts that do not speak the milter protocol::
     with SignalWaiter() as signals:                        # handlers in the main thread
         ...start threads; an engine thread calls SignalWaiter.block_here() first...
         signals.wait(engine_alive, on_reload=reloader.request)
+
+    SignalActions(stop=stopped.set, reload=Reloader(runtime, service).request).add_to_loop(loop)
 
 How errors surface: a socket another process serves raises `SocketInUse`;
 a group that cannot be given falls back to mode 0666 with a warning;
@@ -32,7 +40,7 @@ from types import TracebackType
 from typing import Any, Callable
 
 __all__ = ["SocketInUse", "prepare_unix_socket", "open_to_group", "set_listener_nodelay",
-           "SignalWaiter", "Reloader"]
+           "STOP_SIGNALS", "RELOAD_SIGNAL", "WAKE_SIGNAL", "SignalActions", "SignalWaiter", "Reloader"]
 
 log = logging.getLogger("lamsonfilter")
 
@@ -109,6 +117,60 @@ def set_listener_nodelay(port: int) -> bool:
     return done
 
 
+#: Stop: finish the messages in progress (bounded), flush the outbox, exit 0.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Reload the application (`Reloader`); the process and its connections stay.
+RELOAD_SIGNAL = signal.SIGHUP
+#: Wake the outbox worker (the content filter's workers tell their parent so).
+WAKE_SIGNAL = signal.SIGUSR1
+
+
+class SignalActions:
+    """What each signal means, for every daemon: `stop` (with the signal's name), `reload`, `wake`.
+
+    Calling it with a signal number logs the stop or the reload and acts;
+    a daemon without an outbox of its own passes no `wake`.
+    """
+
+    def __init__(self, stop: Callable[[str], None], reload: Callable[[], None],
+                 wake: Callable[[], None] | None = None) -> None:
+        self.stop = stop
+        self.reload = reload
+        self.wake = wake
+
+    @property
+    def signals(self) -> tuple[int, ...]:
+        return (*STOP_SIGNALS, RELOAD_SIGNAL) + ((WAKE_SIGNAL,) if self.wake is not None else ())
+
+    def __call__(self, signum: int) -> None:
+        if signum == RELOAD_SIGNAL:
+            log.info("%s: reloading the application", signal.Signals(signum).name)
+            self.reload()
+        elif signum == WAKE_SIGNAL:
+            if self.wake is not None:
+                self.wake()
+        elif signum in STOP_SIGNALS:
+            name = signal.Signals(signum).name
+            log.info("%s: stopping", name)
+            self.stop(name)
+
+    def add_to_loop(self, loop: Any) -> None:
+        """Act on the signals from an asyncio loop (`loop.add_signal_handler`)."""
+        for signum in self.signals:
+            loop.add_signal_handler(signum, self, signum)
+
+    def install(self) -> None:
+        """Act on the signals from plain Python handlers (in the main thread)."""
+        for signum in self.signals:
+            signal.signal(signum, lambda num, frame: self(num))
+
+    @staticmethod
+    def reset() -> None:
+        """Every signal a daemon handles back to its default (a forked worker, before its own set-up)."""
+        for signum in (*STOP_SIGNALS, RELOAD_SIGNAL, WAKE_SIGNAL):
+            signal.signal(signum, signal.SIG_DFL)
+
+
 class SignalWaiter:
     """SIGTERM, SIGINT and SIGHUP, received by the main thread, never by a C library's thread.
 
@@ -126,7 +188,7 @@ class SignalWaiter:
     stopping are dropped.
     """
 
-    SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    SIGNALS = frozenset({*STOP_SIGNALS, RELOAD_SIGNAL})
 
     def __init__(self) -> None:
         self._pending: collections.deque[int] = collections.deque()
@@ -169,6 +231,8 @@ class SignalWaiter:
         SIGHUP calls `on_reload` and goes on waiting.
         """
         assert self._reader is not None, "use SignalWaiter as a context manager"
+        stopped: list[str] = []
+        act = SignalActions(stop=stopped.append, reload=on_reload)
         while alive():
             if not self._pending:
                 select.select([self._reader], [], [], 1.0)
@@ -176,14 +240,9 @@ class SignalWaiter:
                     while self._reader.recv(512):
                         pass
             while self._pending:
-                signum = self._pending.popleft()
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading the application")
-                    on_reload()
-                    continue
-                name = signal.Signals(signum).name
-                log.info("%s: stopping", name)
-                return name
+                act(self._pending.popleft())
+                if stopped:
+                    return stopped[0]
         return None
 
 

@@ -35,12 +35,13 @@ from typing import Any, Callable, Mapping
 from ..app import App, StartupError
 from ..decisions import Decision, Outcome
 from ..mail import MailRequest
+from ..mailqueue.maildir import MailQueue, QueueError
 from ..relay import OUTBOX_LEASE, OutboxWorker, Relay, message_id
 from ..state import StorageError
 from .metrics import Metrics
 from .poison import DEFAULT_LIMIT, AttemptLog
 
-__all__ = ["Runtime", "REPLAY_TTL", "replay_key"]
+__all__ = ["Runtime", "REPLAY_TTL", "replay_key", "deferral_name"]
 
 #: Every this many messages the process gives the C heap's free pages back to the system.
 TRIM_EVERY = 2000
@@ -73,6 +74,7 @@ class Runtime:
         self.outbox_elsewhere: Callable[[], None] | None = None
         self.attempts: AttemptLog | None = None
         self._processed = 0  # approximate (not locked): only paces release_free_memory
+        self._queue: MailQueue | None = None
 
     @classmethod
     def from_directory(
@@ -162,6 +164,8 @@ class Runtime:
         nothing past `deadline`), log one line, count it in the metrics, wake the outbox sender."""
         started = time.monotonic()
         decision = self.app.process(request, replay_key=replay_key, deadline=deadline)
+        if decision.deferred and not decision.is_tempfail:
+            decision = self._queue_deferred(request, decision, replay_key)
         took = (time.monotonic() - started) * 1000
         routes = ",".join(sorted({o.route for o in decision.outcomes if o.route})) or "-"
         # say so when two MIME readers could disagree (mime=ambiguous) -- for the application's own (routed) mail;
@@ -189,6 +193,48 @@ class Runtime:
             release_free_memory()
         return decision
 
+    @property
+    def queue(self) -> MailQueue:
+        """The application's mail queue (the ``QUEUE`` setting, relative to the app)."""
+        from ..settings import queue_dir
+
+        path = queue_dir(self.app.settings)
+        if self._queue is None or self._queue.path != path:  # a reload may have moved it
+            self._queue = MailQueue(path, float(self.app.settings.get("QUEUE_LEASE", 300)))
+        return self._queue
+
+    def _queue_deferred(self, request: MailRequest, decision: Decision, key: str | None) -> Decision:
+        """Put the message into the queue for each deferred recipient, durably; a tempfail if not."""
+        queue = self.queue
+        try:
+            for rcpt in decision.deferred:
+                name = deferral_name(key, rcpt)
+                if name is not None and self._ran_from_queue(name):
+                    log.info("queue_id=%s rcpt=<%s> deferred: %s already ran from the queue; not queued again",
+                             request.queue_id or "-", rcpt, name)
+                    continue
+                name = queue.put(request.raw, request.sender, rcpt, name=name)
+                log.info("queue_id=%s rcpt=<%s> deferred: queued as %s in %s", request.queue_id or "-",
+                         rcpt, name, queue.path)
+        except (OSError, QueueError) as exc:
+            log.error("queue_id=%s tempfail: the deferred message could not be queued in %s: %s",
+                      request.queue_id or "-", queue.path, exc)
+            return Decision.tempfail(request.recipients, f"deferral not queued: {exc}")
+        return decision
+
+    def _ran_from_queue(self, name: str) -> bool:
+        """True when ``deq`` committed a decision for the queued message `name` (its replay key):
+        the MTA's retry of a message deferred, queued and run since must not queue it again.
+        One read that locks nothing; a message whose run committed nothing cannot be told."""
+        from ..store.replay import record_key
+
+        key = record_key(name)
+        assert key is not None
+        try:
+            return any(k == key for k, _rec in self.app.storage.scan(key, limit=1))
+        except StorageError as exc:  # cannot tell: queue it (at worst it runs once more)
+            log.warning("replay record of %s not readable: %s", name, exc)
+            return False
 
     def wake_outbox(self) -> None:
         """New outbox mail: wake the sender, here or in the process that runs it."""
@@ -251,6 +297,16 @@ def replay_key(request: MailRequest, *, queue_id_is_stable: bool) -> str | None:
             "utf-8", "surrogateescape")).hexdigest()[:16]
         return f"ident:{request.queue_id}:{rcpts}"
     return request.content_replay_key()
+
+
+def deferral_name(replay_key: str | None, recipient: str) -> str | None:
+    """The queue file name of a deferred message: from the replay key and the recipient, so
+    the MTA's retry of a message already queued finds it there (`MailQueue.put` leaves it);
+    None (a unique name) for a message without a replay key."""
+    if replay_key is None:
+        return None
+    digest = hashlib.sha256(f"{replay_key}\0{recipient.lower()}".encode("utf-8", "surrogateescape"))
+    return f"defer-{digest.hexdigest()[:40]}"
 
 
 def release_free_memory() -> bool:

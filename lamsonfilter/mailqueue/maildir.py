@@ -34,13 +34,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
-__all__ = ["MailQueue", "QueuedMessage", "QueueEntry", "EnvelopeMissing", "QueueError", "STATES", "taken_back"]
+__all__ = ["MailQueue", "QueuedMessage", "QueueEntry", "EnvelopeMissing", "QueueError", "STATES", "open_regular",
+           "parse_envelope", "taken_back"]
 
 #: The queue's folders, in the order a message goes through them.
 STATES = ("new", "claimed", "retry")
@@ -123,7 +125,7 @@ class MailQueue:
     # ------------------------------------------------------------------ writing
     def put(self, raw: bytes, sender: str, recipient: str, name: str | None = None) -> str:
         """Queue one message for one recipient; durable (file and folder fsynced) when it
-        returns.  A `name` already in ``new/`` is left alone (an idempotent retry)."""
+        returns.  A `name` the queue already holds (`holds`) is left alone (an idempotent retry)."""
         self.ensure()
         base = name or unique_name()
         if not _NAME.match(base) or ";" in base:
@@ -135,7 +137,7 @@ class MailQueue:
         head = b"Return-Path: <" + sender.encode("utf-8") + b">" + eol
         head += b"Delivered-To: " + recipient.encode("utf-8") + eol
         final = self.path / "new" / base
-        if name is not None and final.exists():
+        if name is not None and self.holds(base):
             return base
 
         def write(f: BinaryIO) -> None:
@@ -144,6 +146,23 @@ class MailQueue:
 
         write_durably(self.path / "tmp" / base, final, write, exclusive=True)
         return base
+
+    def holds(self, base: str) -> bool:
+        """True when a message named `base` waits in ``new/``, is claimed or waits for a retry.
+
+        Looks up ``new/base`` first, then reads ``claimed/`` and ``retry/`` and, for a
+        message given back after an attempt (``base;n=1``), ``new/``."""
+        if (self.path / "new" / base).exists():
+            return True
+        prefix = base + ";"
+        for sub in ("claimed", "retry", "new"):
+            try:
+                with os.scandir(self.path / sub) as it:
+                    if any(e.name.startswith(prefix) for e in it):
+                        return True
+            except FileNotFoundError:
+                continue
+        return False
 
     # ------------------------------------------------------------------ working
     def scan(self) -> Iterator[str]:
@@ -231,17 +250,24 @@ class MailQueue:
             except FileNotFoundError:
                 continue
             with it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    base, fields = _fields(e.name)
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:
-                        continue
-                    due = fields.get("after") or fields.get("until")
-                    yield QueueEntry(base, sub, Path(e.path), int(fields.get("n", "0") or 0), st.st_size,
-                                     st.st_mtime, float(due) if due else None, fields.get("by"))
+                yield from self._entries_of(sub, (e.name for e in it))
+
+    def _entries_of(self, sub: str, filenames: Iterable[str]) -> Iterator[QueueEntry]:
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            base, fields = _fields(filename)
+            path = self.path / sub / filename
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            due = fields.get("after") or fields.get("until")
+            try:
+                attempts, when = int(fields.get("n", "0") or 0), float(due) if due else None
+            except ValueError:
+                attempts, when = 0, None  # a name not ours: shown, never trusted
+            yield QueueEntry(base, sub, path, attempts, st.st_size, st.st_mtime, when, fields.get("by"))
 
     def count(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -254,18 +280,38 @@ class MailQueue:
         return counts
 
     def find(self, name: str) -> QueueEntry:
+        """The entry of the message `name` (the file name's part before ``;``), in any folder."""
         if not _NAME.match(name) or ";" in name:
             raise QueueError(f"{name!r} is not the name of a queued message")
-        for entry in self.entries():
-            if entry.name == name:
-                return entry
+        for sub in STATES:
+            try:
+                it = os.scandir(self.path / sub)
+            except FileNotFoundError:
+                continue
+            with it:
+                found = [e.name for e in it if e.name == name or e.name.startswith(name + ";")]
+            for filename in found:
+                for entry in self._entries_of(sub, [filename]):
+                    return entry
         raise QueueError(f"no message {name} in the queue {self.path}")
+
+    def envelope(self, entry: QueueEntry) -> tuple[str, str] | None:
+        """(sender, recipient) from the first lines of `entry`'s file (at most 4 KB read);
+        None when it has no readable envelope, is not a regular file, or moved meanwhile."""
+        try:
+            with open_regular(entry.path) as f:
+                data = f.read(_ENVELOPE_MAX)
+            sender, recipient, _ = parse_envelope(entry.name, entry.path, data)
+        except (OSError, QueueError, EnvelopeMissing):
+            return None
+        return sender, recipient
 
     def read(self, name: str) -> tuple[QueueEntry, str | None, str | None, bytes]:
         """One message for ``queue show``: its entry, sender and recipient (None when
         unreadable) and the message bytes."""
         entry = self.find(name)
-        data = entry.path.read_bytes()
+        with open_regular(entry.path) as f:
+            data = f.read()
         try:
             sender, recipient, start = parse_envelope(name, entry.path, data)
         except EnvelopeMissing:
@@ -335,6 +381,20 @@ def parse_envelope(name: str, path: Path, data: bytes) -> tuple[str, str, int]:
     if not recipient:
         raise EnvelopeMissing(name, path, "no Delivered-To: line at the top (the envelope recipient)")
     return sender, recipient, pos
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (not a link, FIFO or device: a
+    queue directory's hostile entry never blocks or redirects a reader); QueueError if not."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise QueueError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def unique_name() -> str:

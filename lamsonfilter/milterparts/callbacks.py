@@ -16,7 +16,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from email.header import Header
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
@@ -27,6 +27,18 @@ from ..daemon.runtime import Runtime, replay_key
 from ..daemon.steps import mail_step, rcpt_step
 from ..mail import Envelope, MailRequest
 from .plan import MilterAction, MilterPlan, milter_plan
+from .wrappers import (
+    CONTINUE,
+    REJECT,
+    TEMPFAIL,
+    decode,
+    guarded,
+    held,
+    macro_lists,
+    noreply,
+    noted,
+    symlist,
+)
 
 __all__ = ["LamsonMilter", "ACTION_FLAGS", "FLAGS", "SPOOL_THRESHOLD", "APP_THREADS", "APP_DEADLINE", "COMMIT_GRACE"]
 
@@ -71,93 +83,6 @@ COMMIT_GRACE = 10.0
 #: The reply for any internal error: transient (RFC 5321 §4.2.1), says nothing about why.
 TEMPFAIL_REPLY = replies.TEMPFAIL.milter
 
-F = TypeVar("F", bound=Callable[..., int])
-
-# pymilter's return codes, typed
-CONTINUE: int = Milter.CONTINUE
-ACCEPT: int = Milter.ACCEPT
-REJECT: int = Milter.REJECT
-TEMPFAIL: int = Milter.TEMPFAIL
-
-
-def _symlist(*macros: str) -> Callable[[F], F]:
-    """``@Milter.symlist``: the macros Postfix sends for this stage (at most 5)."""
-    decorate: Callable[[F], F] = Milter.symlist(*macros)
-    return decorate
-
-
-def _noreply(func: F) -> F:
-    """``@Milter.noreply``: Postfix does not wait for this step's reply (one round trip less)."""
-    decorated: F = Milter.noreply(func)
-    return decorated
-
-
-def _decode(strategy: str) -> Callable[[F], F]:
-    """``@Milter.decode``: how pymilter hands over header and envelope values."""
-    decorate: Callable[[F], F] = Milter.decode(strategy)
-    return decorate
-
-
-def _guarded(func: F) -> F:
-    """Wrap a reply-bearing callback: any exception → setreply 451 4.3.0 and TEMPFAIL."""
-
-    @functools.wraps(func)
-    def wrapper(self: LamsonMilter, *args: Any) -> int:
-        try:
-            return func(self, *args)
-        except Exception as exc:  # noqa: BLE001 -- the contract: tempfail, never leak
-            return self._fail(func.__name__, exc)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _noted(func: F) -> F:
-    """Wrap a callback whose reply Postfix does not wait for (`_noreply`): an exception is
-    logged and kept, and the next transaction of the connection is answered 451 4.3.0."""
-
-    @functools.wraps(func)
-    def wrapper(self: LamsonMilter, *args: Any) -> int:
-        try:
-            return func(self, *args)
-        except Exception as exc:  # noqa: BLE001 -- reported at MAIL FROM
-            self._fail(func.__name__, exc)
-            self._broken = f"{func.__name__} failed: {type(exc).__name__}"
-            return CONTINUE
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _held(func: F) -> F:
-    """Wrap a content step whose reply Postfix does not wait for (header, end of header,
-    body: `_noreply`): an exception is logged and kept in the transaction, and end of
-    message answers 451 4.3.0 -- the message is still refused, one round trip per step
-    cheaper."""
-
-    @functools.wraps(func)
-    def wrapper(self: LamsonMilter, *args: Any) -> int:
-        if self._tx is not None and self._tx.failed is not None:
-            return CONTINUE  # the message is refused anyway: skip the rest of its content
-        try:
-            return func(self, *args)
-        except Exception as exc:  # noqa: BLE001 -- reported at end of message
-            self._fail(func.__name__, exc)
-            if self._tx is not None and self._tx.failed is None:
-                self._tx.failed = f"{func.__name__} failed: {type(exc).__name__}"
-            return CONTINUE
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _macro_lists(cls: type) -> tuple[tuple[int, str], ...]:
-    """(stage, "macro macro") for each callback of `cls` with a `_symlist`."""
-    found = []
-    for callback, stage in Milter.MACRO_CALLBACKS.items():
-        macros = getattr(getattr(cls, callback), "_symlist", None)
-        if macros:
-            found.append((stage, " ".join(macros)))
-    return tuple(found)
-
-
 class _Transaction:
     """One MAIL FROM … end of message: the envelope so far and the message bytes."""
 
@@ -200,7 +125,7 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         do not negotiate), so Postfix would grant what lamsonfilter never
         uses.  The protocol steps follow from the overridden callbacks
         (``Milter.Base.protocol_mask``); the macro lists come from the
-        ``@_symlist`` decorators.  pymilter 1.0.5's own ``setsymlist`` hands
+        ``@symlist`` decorators.  pymilter 1.0.5's own ``setsymlist`` hands
         bytes to a C function that wants str on Python 3 (and its
         ``negotiate`` then silently falls back to "all options"), so this
         one calls the context directly; if the MTA refuses, the
@@ -218,9 +143,9 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
                     log.warning("setsymlist for stage %s refused: %s", stage, exc)
         return CONTINUE
 
-    @_symlist("{client_addr}", "{client_name}")
-    @_noreply
-    @_noted
+    @symlist("{client_addr}", "{client_name}")
+    @noreply
+    @noted
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         """A client connected to Postfix: remember who.  No reply (nothing is decided per connection)."""
         if isinstance(hostaddr, tuple) and hostaddr:
@@ -231,14 +156,14 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         self.client_name = None if not name or name.startswith("[") or name == "unknown" else name
         return CONTINUE
 
-    @_noreply
-    @_noted
+    @noreply
+    @noted
     def hello(self, heloname: str) -> int:
         """HELO/EHLO: remember the name.  No reply."""
         self.helo = heloname
         return CONTINUE
 
-    @_guarded
+    @guarded
     def envfrom(self, mailfrom: str, *params: str) -> int:
         """MAIL FROM: a new transaction.  CONTINUE; TEMPFAIL (whole message) on an internal error,
         also one in connect or hello, whose replies Postfix does not wait for."""
@@ -254,7 +179,7 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         self._tx = _Transaction(step.address, self.spool_threshold)
         return CONTINUE
 
-    @_guarded
+    @guarded
     def envrcpt(self, rcpt: str, *params: str) -> int:
         """RCPT TO.  REJECT (this recipient only, e.g. 550 5.1.1) when the application
         owns the domain but no route takes the address; otherwise CONTINUE."""
@@ -271,8 +196,8 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         tx.routed = tx.routed or self._routed(address)
         return CONTINUE
 
-    @_symlist("i")
-    @_guarded
+    @symlist("i")
+    @guarded
     def data(self) -> int:
         """DATA: every recipient is known.
 
@@ -298,9 +223,9 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         self._reset()
         return self._execute(plan)
 
-    @_decode("bytes")
-    @_noreply
-    @_held
+    @decode("bytes")
+    @noreply
+    @held
     def header(self, name: str, value: bytes) -> int:
         """One header field (Postfix's own Received: is never shown).  CONTINUE."""
         if not self._protocol & Milter.P_HDR_LEADSPC:
@@ -309,22 +234,22 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
         self._transaction().spool.write(name.encode("utf-8", "surrogateescape") + b":" + value + b"\r\n")
         return CONTINUE
 
-    @_noreply
-    @_held
+    @noreply
+    @held
     def eoh(self) -> int:
         """End of the header block.  CONTINUE."""
         self._transaction().spool.write(b"\r\n")
         return CONTINUE
 
-    @_noreply
-    @_held
+    @noreply
+    @held
     def body(self, chunk: bytes) -> int:
         """A body chunk, with CRLF line ends as Postfix sends them.  CONTINUE."""
         self._transaction().spool.write(chunk)
         return CONTINUE
 
-    @_symlist("i")
-    @_guarded
+    @symlist("i")
+    @guarded
     def eom(self) -> int:
         """End of message: run the application once and carry out its plan.
 
@@ -459,4 +384,4 @@ class LamsonMilter(Milter.Base):  # type: ignore[misc]
 #: The macro lists `LamsonMilter.negotiate` asks for, computed once.
 
 
-_MACRO_LISTS = _macro_lists(LamsonMilter)
+_MACRO_LISTS = macro_lists(LamsonMilter)

@@ -10,16 +10,23 @@ Decision                        milter
 ==============================  ==============================================
 any tempfail / internal error   TEMPFAIL, setreply 451 4.3.0
 every recipient rejected        REJECT, setreply with the first reject's text
-every recipient dropped         DISCARD
+every recipient dropped or      DISCARD
+deferred
 rejected ones, the rest dropped REJECT with the first reject's text (noted:
-                                the client must hear of the refusal)
+or deferred                     the client must hear of the refusal)
 quarantine                      modifications, quarantine(reason), ACCEPT
 otherwise                       chgfrom, delrcpt (dropped, rejected,
-                                redirected), addrcpt (redirect targets),
+                                redirected, deferred), addrcpt (redirect
+                                targets),
                                 header changes, replacebody; then ACCEPT
                                 (CONTINUE when nothing changes is not needed:
                                 ACCEPT skips the rest of the message)
 ==============================  ==============================================
+
+A deferred recipient (``Action.DEFER``) is consumed like a dropped one:
+the runtime has already put the message into the queue for it
+(`lamsonfilter.daemon.runtime.Runtime.process`), so Postfix must not
+deliver it too.
 
 After DATA a milter cannot refuse one recipient of several: a rejected
 recipient among delivered ones is removed with ``delrcpt`` and noted (refuse
@@ -102,6 +109,8 @@ def milter_plan(decision: Decision, request: MailRequest) -> MilterPlan:
             actions.append(MilterAction("delrcpt", (_bracket(o.recipient),)))
         if o.action is Action.REJECT:
             notes.append(f"{o.recipient}: rejected after DATA with others delivered; removed with delrcpt")
+        elif o.action is Action.DEFER:
+            notes.append(f"{o.recipient}: deferred to the queue; removed with delrcpt")
     original = {r.lower() for r in request.recipients}
     for r in decision.delivery_recipients:
         if r.lower() not in original:

@@ -63,13 +63,14 @@ raises `TypeError`, an over-long key `ValueError`.
 from __future__ import annotations
 
 from .outbox import SQLOutbox
+from .outboxops import SQLOutboxOps
 from .schema import METADATA, SCHEMA_VERSION
 from .statetx import SQLAlchemyTransaction, SQLState
 
 __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "METADATA"]
 
 
-class SQLAlchemyStorage(SQLState, SQLOutbox):
+class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
     """`StateStorage` and `OutboxStorage` on SQLite or PostgreSQL through SQLAlchemy 2.
 
     `url` is a SQLAlchemy database URL; ``postgresql://`` and
@@ -78,5 +79,6 @@ class SQLAlchemyStorage(SQLState, SQLOutbox):
     key (PostgreSQL) or the database (SQLite) before `StorageError`.
     Nothing connects until the first use.  The parts: `SQLEngine`
     (connections, errors), `SQLSchema` (tables, versions), `SQLState`
-    (state transactions), `SQLOutbox` (the outbox).
+    (state transactions), `SQLOutbox` (the outbox), `SQLOutboxOps` (the
+    operator's list, retry and drop).
     """

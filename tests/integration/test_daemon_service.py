@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 
+def message(subject: str) -> bytes:
+    return f"Subject: {subject}\r\nMessage-ID: <{subject}@t>\r\n\r\nhi\r\n".encode()
+
+
 def send(port: int, rcpt: str, results: list, subject: str = "x") -> None:
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
@@ -188,7 +192,8 @@ def _unit_command(unit: Path, env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], a) for a in argv[1:]]
 
 
-@pytest.mark.parametrize("unit_name", ["lamsonfilter-smtpproxy.service", "lamsonfilter-milter.service"])
+@pytest.mark.parametrize("unit_name", ["lamsonfilter-smtpproxy.service", "lamsonfilter-milter.service",
+                                       "lamsonfilter-deq.service"])
 def test_the_units_command_runs_with_a_read_only_application_directory(tmp_path, unit_name):
     """ProtectSystem=strict leaves only the state directory writable: the unit's own command line
     must put everything the daemon writes there (the smtpproxy's quarantine used to default to
@@ -206,6 +211,8 @@ def test_the_units_command_runs_with_a_read_only_application_directory(tmp_path,
         "LAMSONFILTER_POLICY": f"127.0.0.1:{free_port()}",
         "LAMSONFILTER_QUARANTINE": str(state / "quarantine"),
         "LAMSONFILTER_MILTER_SOCKET": f"unix:{state / 'milter.sock'}",
+        "LAMSONFILTER_QUEUE": str(state / "spool" / "queue"),  # stands in for /var/spool/lamsonfilter/queue
+        "LAMSONFILTER_RELAY": f"127.0.0.1:{free_port()}",
     }
     unit = ROOT / "conf" / "systemd" / unit_name
     text = unit.read_text()
@@ -235,3 +242,73 @@ def test_the_units_command_runs_with_a_read_only_application_directory(tmp_path,
                 proc.wait(10)
             notify.close()
     assert "Read-only file system" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_deq_notifies_systemd_and_reloads_with_a_message_in_flight(tmp_path):
+    """`lamsonfilter deq` as its unit runs it (Type=notify, WatchdogSec, ExecReload=kill -HUP): READY with
+    its PID, watchdog pings, a reload while a queued message is in its handler (that one finishes with
+    the old code, the next runs the new), broken code refused, STOPPING and exit 0 at SIGTERM."""
+    try:
+        import systemd.daemon  # noqa: F401
+    except ImportError:
+        skip_or_fail("systemd-python is not installed")
+    from lamsonfilter.mailqueue.maildir import MailQueue
+
+    app = make_app(tmp_path)
+    notify = Notifications(tmp_path / "notify")
+    capture = CaptureServer().start()
+    queue = MailQueue(tmp_path / "queue")
+    queue.ensure()
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "deq.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "deq", "--app", str(app), "--queue", str(queue.path),
+         "--relay", f"127.0.0.1:{capture.port}", "--quarantine", str(tmp_path / "quarantine")],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def deq_log() -> str:
+        return (tmp_path / "deq.log").read_text(errors="replace")
+
+    try:
+        try:
+            ready = notify.wait_for("READY=1")
+        except TimeoutError:
+            raise AssertionError(f"deq did not start (exit status {proc.poll()}):\n{deq_log()}") from None
+        assert f"MAINPID={proc.pid}" in ready, deq_log()
+        notify.wait_for("WATCHDOG=1")
+        notify.wait_for("WATCHDOG=1")
+
+        queue.put(message("held"), "alice@example.com", "hold@lists.example.org")
+        wait_for(lambda: (tmp_path / "started").exists(), 60, message=lambda: f"the held message's handler; {deq_log()}")
+        handler = app / "app" / "handlers" / "svc.py"
+        handler.write_text(HANDLER.replace('VERSION = "one"', 'VERSION = "two"'))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        (tmp_path / "go").touch()
+        assert "reload refused" not in notify.wait_for("READY=1")
+        queue.put(message("after"), "alice@example.com", "tag@lists.example.org")
+        msgs = capture.wait_for_count(2, timeout=60)
+        versions = {m.message["Subject"]: m.message["X-Version"] for m in msgs}
+        assert versions == {"held": "one", "after": "two"}  # in flight: old code; next: new code
+
+        # broken code: refused, the old application keeps running
+        handler.write_text(HANDLER + "\ndef broken(:\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        assert "SyntaxError" in notify.wait_for("STATUS=reload refused")
+        queue.put(message("still"), "alice@example.com", "tag@lists.example.org")
+        assert capture.wait_for_count(3, timeout=60)[-1].message["X-Version"] == "two"
+        wait_for(lambda: sum(queue.count().values()) == 0, 60, message=lambda: f"an empty queue; {deq_log()}")
+
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert proc.wait(60) == 0, deq_log()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        capture.stop()
+        notify.close()

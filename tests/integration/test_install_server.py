@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import smtplib
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -131,13 +132,19 @@ def send(port: int, sender: str, rcpt: str, subject: str) -> None:
         smtp.send_message(msg)
 
 
-@pytest.mark.parametrize("mode", ["milter", "content-filter"])
+UNITS = {"milter": "lamsonfilter-milter", "content-filter": "lamsonfilter-smtpproxy", "queue": "lamsonfilter-deq"}
+
+
+@pytest.mark.parametrize("mode", ["milter", "content-filter", "queue"])
 def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, str], mode: str) -> None:
     root, user = scratch
     work = root / f"pf-{mode}"
     listen, reinject, policy = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    # the rig's relay_domains has example.org, the parent of the list's domain: queue mode takes
+    # lists.example.org into virtual_mailbox_domains, and a domain has one address class only
+    main_cf = {"relay_domains": "example.com, example.net, example.test"} if mode == "queue" else {}
     with CaptureServer() as capture:
-        pf = PrivatePostfix(work, smtpd_port=free_port(), relay_port=capture.port)
+        pf = PrivatePostfix(work, smtpd_port=free_port(), relay_port=capture.port, main_cf=main_cf)
         proc = subprocess.run(
             ["bash", str(SCRIPT), mode, str(EXAMPLE)], capture_output=True, text=True, timeout=900, check=False,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("LAMSONFILTER_")},
@@ -151,7 +158,11 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
         assert state.stat().st_uid == entry.pw_uid and (state / "state.db").stat().st_uid == entry.pw_uid
         assert (root / "srv/lamsonfilter/app/config/settings.py").stat().st_uid == 0
         assert "postfix" in subprocess.run(["id", "-nG", user], capture_output=True, text=True, check=False).stdout.split()
-        unit = root / "etc/systemd/system" / f"lamsonfilter-{'milter' if mode == 'milter' else 'smtpproxy'}.service"
+        unit = root / "etc/systemd/system" / f"{UNITS[mode]}.service"
+        spool = root / "var/spool/lamsonfilter"
+        if mode == "queue":  # virtual_mailbox_base: the user's, where virtual(8) makes queue/ as the user
+            assert spool.stat().st_uid == entry.pw_uid and stat.S_IMODE(spool.stat().st_mode) == 0o750
+            assert pf.postconf("-h", "virtual_uid_maps").strip() == f"static:{entry.pw_uid}"
         log = root / f"{mode}.log"
         pf.start()
         daemon = run_unit(unit, log)
@@ -159,9 +170,11 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
             if mode == "milter":
                 sock = Path(pf.postconf("-h", "queue_directory").strip()) / "lamsonfilter" / "milter.sock"
                 ready = lambda: sock.exists() or daemon.poll() is not None
-            else:
+            elif mode == "content-filter":
                 port = int(listen.rsplit(":", 1)[1])
                 ready = lambda: port_accepts(port) or daemon.poll() is not None
+            else:  # deq listens nowhere: mail waits in the queue until it runs
+                ready = lambda: True
             wait_for(ready, 60, message=lambda: f"the {mode} unit to start: {log.read_text(errors='replace')}")
             assert daemon.poll() is None, log.read_text(errors="replace")
             send(pf.smtpd_port, "alice@example.com", "python-subscribe@lists.example.org", "join")
@@ -170,6 +183,10 @@ def test_the_readme_installation_works_in_a_scratch_root(scratch: tuple[Path, st
                          and "Confirm" in str(m.message.get("Subject", ""))],
                 60, message=lambda: f"the confirmation; {pf.maillog_tail(30)}\n{log.read_text(errors='replace')}")
             assert confirm[0].message["From"].startswith("python-confirm-")
+            if mode == "queue":  # Postfix delivered into the queue as the user; deq took it out
+                assert (spool / "queue").stat().st_uid == entry.pw_uid
+                assert "status=sent (delivered to maildir)" in pf.maillog()
+                wait_for(lambda: not list((spool / "queue" / "new").iterdir()), 60, message="an empty queue")
             if mode == "milter":  # the start-up line read the private Postfix: smtpd is not chrooted there
                 assert f"Postfix: smtpd_milters = unix:{sock}" in log.read_text(errors="replace")
         finally:

@@ -40,5 +40,5 @@ def test_a_broken_deployment_module_is_an_error_not_a_skip(monkeypatch: pytest.M
 
 
 def test_the_modes_that_exist_give_deployments() -> None:
-    for mode in ("milter", "smtpproxy"):
+    for mode in ("milter", "smtpproxy", "queue"):
         assert issubclass(modes.deployment_class(mode), Deployment)

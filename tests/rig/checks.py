@@ -54,4 +54,4 @@ GOOD_MAIN = ("content_filter = lamsonfilter:[127.0.0.1]:10025\nreceive_override_
 
 def ids(output: str) -> list[str]:
     """The sorted finding IDs (APP..., PF...) in the output of ``lamsonfilter check``."""
-    return sorted({line.split()[0] for line in output.splitlines() if line[:3] in ("APP", "PF0", "PF1", "PF2")})
+    return sorted({line.split()[0] for line in output.splitlines() if line[:3] in ("APP", "PF0", "PF1", "PF2", "PF3")})

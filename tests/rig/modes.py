@@ -1,4 +1,4 @@
-"""The two modes' deployments, found by name: which rig module builds each mode.
+"""The modes' deployments, found by name: which rig module builds each mode.
 
 `deployment_class` imports a mode's `Deployment` only when that mode runs;
 a mode whose module (or the library it needs) is missing is skipped with
@@ -21,6 +21,7 @@ __all__ = ["MODES", "deployment", "deployment_class"]
 MODES: dict[str, tuple[str, str, str]] = {
     "milter": ("tests.rig.deploy_milter", "MilterDeployment", "Milter"),
     "smtpproxy": ("tests.rig.deploy_smtpproxy", "SmtpproxyDeployment", "aiosmtpd"),
+    "queue": ("tests.rig.deploy_queue", "QueueDeployment", "aiosmtpd"),
 }
 
 
