@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.check import check_postfix
-from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy import LIST_HOST, read_main_cf
 from tests.rig.deploy_milter import (
     MAIN_CF,
     MASTER_CF,
     MilterDeployment,
-    read_main_cf,
     require_pymilter,
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, PostfixFactory, require

@@ -44,13 +44,13 @@ from tests.rig.deploy import (
     MAIL_TIMEOUT,
     ROOT,
     Deployment,
-    SendResult,
 )
 from tests.rig.deploy_milter import MilterDeployment, require_pymilter
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import _CALL_FAILED, POSTFIX_BINARIES, in_ci, require
 from tests.rig.handlers import handler_source
 from tests.rig.postfix import CapturedMessage, wait_for
+from tests.rig.submission import SendResult
 
 HELP = f"help@{LIST_HOST}"
 TAG = f"tag@{LIST_HOST}"

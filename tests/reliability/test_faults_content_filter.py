@@ -115,11 +115,8 @@ class FaultDeployment(SmtpproxyDeployment):
     # ------------------------------------------------------------ the reinjection listener
     def replace_reinjection(self, *sink_args: str) -> None:
         """Take the 10026 listener out of master.cf (reload) and put ``smtp-sink ARGS`` on its port."""
-        pf = self.postfix
-        assert pf is not None and self.sink is None
-        pf._run("postconf", "-M#", f"127.0.0.1:{self.relay_port}/inet")
-        pf.reload()
-        wait_for(lambda: not port_accepts(self.relay_port), 30, message="the reinjection listener to go")
+        assert self.sink is None
+        self.stop_reinjection()
         sink = find_binary("smtp-sink")
         assert sink is not None
         for _ in range(20):  # the port may linger a moment after Postfix let go of it
@@ -156,12 +153,8 @@ class FaultDeployment(SmtpproxyDeployment):
     def restore_reinjection(self) -> None:
         """Stop our smtp-sink and put the real listener back (master.cf rewritten, reload)."""
         self.stop_sink()
-        pf = self.postfix
-        assert pf is not None
         wait_for(lambda: not port_accepts(self.relay_port), 30, message="smtp-sink's port to close")
-        pf.write_config()
-        pf.reload()
-        wait_for(lambda: port_accepts(self.relay_port), 30, message="the reinjection listener to return")
+        self.start_reinjection()
 
     def stop(self) -> None:
         try:

@@ -46,14 +46,15 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.daemon.poison import AttemptLog
 from lamsonfilter.contentfilter.reinjector import IDLE_LIMIT
 from lamsonfilter.contentfilter.spool import DataLimits
-from tests.rig.deploy import LIST_HOST, SendResult
+from lamsonfilter.daemon.poison import AttemptLog
+from tests.rig.deploy import LIST_HOST
 from tests.rig.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require
 from tests.rig.handlers import handler_source
-from tests.rig.postfix import CapturedMessage, PrivatePostfix, wait_for
+from tests.rig.postfix import CapturedMessage, wait_for
+from tests.rig.submission import SendResult
 
 MiB = 1 << 20
 #: Postfix's message_size_limit in this deployment (the property is the ratio, not the size).
@@ -104,11 +105,6 @@ class LimitsDeployment(SmtpproxyDeployment):
         ))
 
     # ------------------------------------------------------------ helpers
-    @property
-    def pf(self) -> PrivatePostfix:
-        assert self.postfix is not None
-        return self.postfix
-
     def set_access(self, entries: dict[str, str]) -> None:
         """Rewrite the reinjection listener's recipient map and reload Postfix (new smtpd processes)."""
         self.access.write_text("".join(f"{k} {v}\n" for k, v in entries.items()))
