@@ -25,6 +25,7 @@ from tests.rig.deploy_milter import (
     require_pymilter,
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, PostfixFactory, require
+from tests.rig.modes import started
 from tests.rig.postfix import find_binary, wait_for
 
 pytestmark = pytest.mark.postfix
@@ -34,15 +35,9 @@ ALICE = "alice@example.com"
 
 @pytest.fixture
 def milter_deployment() -> Iterator[MilterDeployment]:
-    require(*POSTFIX_BINARIES, root=True)
     require_pymilter()
-    dep = MilterDeployment()
-    try:
-        dep.start()
+    with started(MilterDeployment()) as dep:
         yield dep
-    finally:
-        print(dep.diagnostics())  # shown only when the test fails
-        dep.stop()
 
 
 @pytest.fixture

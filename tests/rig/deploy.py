@@ -118,6 +118,10 @@ class Deployment(ABC):
     """lamsonfilter + a private Postfix + a capture server, in one work directory."""
 
     mode: ClassVar[str]
+    #: Fixture handlers (tests/fixtures/handlers/NAME.py) a kind of deployment adds to the app's HANDLERS.
+    extra_handlers: ClassVar[tuple[str, ...]] = ()
+    #: Settings a kind of deployment appends to the app's config/settings.py.
+    extra_settings: ClassVar[str] = ""
 
     def __init__(self, *, app: AppBuilder = lftest_app, settings: str = "",
                  capture: CaptureServer | None = None) -> None:
@@ -145,13 +149,18 @@ class Deployment(ABC):
 
     # ------------------------------------------------------------ the application
     def prepare_app(self) -> None:
-        """Build the app, point RELAY at the outbox listener, add the settings, db init."""
+        """Build the app, add `extra_handlers`, point RELAY at the outbox listener, add the settings
+        (`extra_settings`, then this deployment's), db init."""
         if self._prepared:
             return
         self.app_builder(self.app_dir)
+        for name in self.extra_handlers:
+            (self.app_dir / "app" / "handlers" / f"{name}.py").write_text(handler_source(name))
         with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write(f'\n# added by tests/rig/deploy.py\nRELAY = "127.0.0.1:{self.relay_port}"\n'
-                    + self.app_settings)
+            f.write("\n# added by tests/rig/deploy.py\n")
+            if self.extra_handlers:
+                f.write(f"HANDLERS = HANDLERS + {list(self.extra_handlers)!r}\n")
+            f.write(f'RELAY = "127.0.0.1:{self.relay_port}"\n{self.extra_settings}{self.app_settings}')
         # every deployment runs db init, as an operator setting up host after host would
         proc = subprocess.run(
             [sys.executable, "-m", "lamsonfilter.cli", "db", "init", "--app", str(self.app_dir)],

@@ -75,14 +75,6 @@ class FaultMilterDeployment(MilterDeployment):
         self.fault_dir = self.workdir / "faults"
         self.fault_dir.mkdir()
 
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()
-        (self.app_dir / "app" / "handlers" / "lffault.py").write_text(FAULT_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('\n# added by tests/rig/milterfaults.py\nHANDLERS = HANDLERS + ["lffault"]\n')
-
     def postfix_main_cf(self) -> dict[str, str | None]:
         params = super().postfix_main_cf()
         if self.content_timeout is not None:

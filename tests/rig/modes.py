@@ -53,11 +53,11 @@ def deployment_class(mode: str) -> type[Deployment]:
 
 
 @contextmanager
-def started(dep: D) -> Iterator[D]:
-    """`dep`, started (skipped -- failed under CI -- without a root Postfix); stopped at the end,
-    its logs printed (pytest shows them only for a failed test)."""
+def started(dep: D, *binaries: str) -> Iterator[D]:
+    """`dep`, started (skipped -- failed under CI -- without a root Postfix or one of `binaries`);
+    stopped at the end, its logs printed (pytest shows them only for a failed test)."""
     try:
-        require(*POSTFIX_BINARIES, root=True)
+        require(*POSTFIX_BINARIES, *binaries, root=True)
         dep.start()
         yield dep
     finally:
