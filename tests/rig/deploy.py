@@ -259,7 +259,7 @@ class Deployment(ABC):
         proc.wait(10)
 
     def filter_output(self) -> str:
-        """Everything the filter process logged so far (\"\" before it first ran)."""
+        """Everything the filter process logged so far (empty before it first ran)."""
         try:
             return self.filter_log.read_text(errors="replace")
         except FileNotFoundError:
