@@ -47,7 +47,7 @@ from tests.rig.deploy import ROOT, Deployment, read_main_cf
 from tests.rig.postfix import free_port, port_accepts, wait_for
 from tests.rig.submission import SendResult
 
-__all__ = ["SmtpproxyDeployment", "MAIN_CF", "MASTER_CF", "shipped_main_cf", "shipped_master_cf", "strip_received"]
+__all__ = ["MAIN_CF", "MASTER_CF", "SmtpproxyDeployment", "shipped_main_cf", "shipped_master_cf", "strip_received"]
 
 CONF = ROOT / "conf" / "postfix"
 MAIN_CF = CONF / "main.cf.content_filter"
