@@ -251,13 +251,16 @@ class Context:
                 response = Response(To=self.sender, From=from_addr or self.recipient, Subject=subject, Body=body or "")
             for name, value in headers.items():
                 response[name] = value
-            written = _addresses_written(response.to_bytes(), "To")
+            response[GENERATED_HEADER] = self.app.name
+            rendered = response.render()  # built once: checked here, queued as it is
+            written = _addresses_written(rendered[1], "To")
             if written != [self.sender]:  # e.g. a long non-ASCII sender folded apart (found by O3's fuzzer)
                 raise HeaderValueError(f"the To header would read {written!r}, not the envelope sender")
         except HeaderValueError as exc:
             self._note(f"reply to {self.sender} suppressed: {exc}")
             return False
-        self._queue(response, sender=sender if sender is not None else "", recipients=(self.sender,), kind="reply")
+        self._queue(response, sender=sender if sender is not None else "", recipients=(self.sender,), kind="reply",
+                    rendered=rendered)
         return True
 
     def reply_refusal(self, *, count_limits: bool = True) -> str | None:
@@ -326,11 +329,14 @@ class Context:
         recipients: tuple[str, ...] | None,
         kind: str,
         confirmed: bool = False,
+        rendered: tuple[EmailMessage, bytes] | None = None,
     ) -> None:
+        msg: EmailMessage | None
         if isinstance(message, Response):
-            message[GENERATED_HEADER] = self.app.name
-            raw = message.to_bytes()
-            msg: EmailMessage | None = message.to_message()
+            if rendered is None:
+                message[GENERATED_HEADER] = self.app.name
+                rendered = message.render()
+            msg, raw = rendered
         elif isinstance(message, EmailMessage):
             del message[GENERATED_HEADER]
             message[GENERATED_HEADER] = self.app.name

@@ -348,10 +348,15 @@ class Response:
         hold exactly the headers of `to_message` (a folding bug turned a
         value into an extra header) and `ValueError` for a line over 998 octets.
         """
+        return self.render()[1]
+
+    def render(self) -> tuple[EmailMessage, bytes]:
+        """`to_message` and `to_bytes` from one build (one Date, one Message-ID): building a
+        reply costs about 2 ms of CPU, most of a stateful message's own work."""
         msg = self.to_message()
         raw = serialise(msg)
         _verify_serialised(raw, [k.lower() for k in msg.keys()])
-        return raw
+        return msg, raw
 
 
 #: `POLICY` with RFC 6532 UTF-8 header fields, for mail to or from a non-ASCII mailbox.

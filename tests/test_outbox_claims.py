@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +26,13 @@ import pytest
 
 from lamsonfilter.decisions import OutboxMessage
 from lamsonfilter.relay import OutboxWorker, Relay
-from lamsonfilter.state import MemoryStorage, StateStorage
+from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.postfix import CaptureServer, _CaptureHandler
-from tests.rig.storage import ALL_BACKENDS, SQL_BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = 1000
 _MID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE)
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
-    if request.param == "memory":
-        yield MemoryStorage()
-        return
-    url = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    st = SQLAlchemyStorage(url)
-    st.create_schema()
-    try:
-        yield st
-    finally:
-        st.close()
-
-
-@pytest.fixture(params=SQL_BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database with the schema, on the back end of the parameter."""
-    url: str = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    st = SQLAlchemyStorage(url)
-    try:
-        st.create_schema()
-    finally:
-        st.close()
-    return url
 
 
 def message(i: int) -> OutboxMessage:
@@ -197,22 +169,22 @@ def delivered_once(capture: CaptureServer, url: str) -> None:
 
 
 @pytest.mark.parametrize("workers", [2, 8])
-def test_n_worker_processes_send_each_message_once(db_url: str, workers: int, capture: CaptureServer) -> None:
-    st = SQLAlchemyStorage(db_url)
+def test_n_worker_processes_send_each_message_once(sql_schema_url: str, workers: int, capture: CaptureServer) -> None:
+    st = SQLAlchemyStorage(sql_schema_url)
     try:
         fill(st, MESSAGES)
     finally:
         st.close()
-    procs = [spawn(db_url, capture.port, f"w{i}", lease=300.0) for i in range(workers)]
+    procs = [spawn(sql_schema_url, capture.port, f"w{i}", lease=300.0) for i in range(workers)]
     finish(procs)
-    delivered_once(capture, db_url)
+    delivered_once(capture, sql_schema_url)
     helos = collections.Counter(m.helo for m in capture.messages)
     assert len(helos) >= 2, f"one worker did everything: {helos}"  # they really ran side by side
 
 
 @pytest.mark.parametrize("workers", [2, 8])
-def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> None:
-    st = SQLAlchemyStorage(db_url)
+def test_a_worker_killed_mid_flush_is_taken_over(sql_schema_url: str, workers: int) -> None:
+    st = SQLAlchemyStorage(sql_schema_url)
     try:
         fill(st, MESSAGES)
     finally:
@@ -220,7 +192,7 @@ def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> N
     with HoldingCapture(victim="w0", at=5) as capture:
         # a short lease, so the takeover comes soon, yet longer than any one SMTP transaction
         # on a loaded machine (a stall past the lease would let another worker send it too)
-        procs = [spawn(db_url, capture.port, f"w{i}", lease=6.0) for i in range(workers)]
+        procs = [spawn(sql_schema_url, capture.port, f"w{i}", lease=6.0) for i in range(workers)]
         try:
             assert capture.held.wait(60), "the victim never reached its 5th message"
             os.kill(procs[0].pid, signal.SIGKILL)  # mid-flush: claims held, a message on the wire
@@ -228,7 +200,7 @@ def test_a_worker_killed_mid_flush_is_taken_over(db_url: str, workers: int) -> N
         finally:
             capture.release.set()
         finish(procs[1:])
-        delivered_once(capture, db_url)
+        delivered_once(capture, sql_schema_url)
         assert procs[0].returncode == -signal.SIGKILL
 
 

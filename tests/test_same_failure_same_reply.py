@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import smtplib
 from pathlib import Path
-from typing import Any
 
 import Milter  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import pytest
@@ -25,12 +24,12 @@ from lamsonfilter.contentfilter.quarantine import Quarantine
 from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.decisions import Decision
 from lamsonfilter.mailqueue.maildir import MailQueue
-from lamsonfilter.milter import LamsonMilter
 from lamsonfilter.queueworker.worker import MessageWorker
 from lamsonfilter.relay import Relay
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
+from tests.rig.milterdrive import connect, feed, split_message
 from tests.rig.postfix import free_port
+from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
 
 CRASH = "crash@lists.example.org"
 RAW = (b"From: Alice <alice@example.com>\r\nTo: crash@lists.example.org\r\nSubject: hello\r\n"
@@ -42,44 +41,11 @@ def app_dir(tmp_path: Path) -> Path:
     return make_app(tmp_path / "app")
 
 
-class _Ctx:
-    """pymilter's context as the milter sees it: macros in, every call recorded."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def getsymval(self, name: str) -> str | None:
-        return {"i": "4QSAME"}.get(name)
-
-    def setpriv(self, priv: Any) -> None:
-        self.priv = priv
-
-    def getpriv(self) -> Any:
-        return getattr(self, "priv", None)
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args: self.calls.append((name, *args)) or 0
-
-
 def test_the_milter_answers_tempfail_from_the_table(app_dir: Path) -> None:
     runtime = Runtime.from_directory(app_dir, {"DATABASE": "memory:"})
-    m = LamsonMilter(runtime)
-    ctx = _Ctx()
-    m._setctx(ctx)
-    assert m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0]) == Milter.CONTINUE
-    m.connect("[192.0.2.7]", 2, ("192.0.2.7", 40000))
-    m.hello("client.example.test")
-    assert m.envfrom("<alice@example.com>") == Milter.CONTINUE
-    assert m.envrcpt(f"<{CRASH}>") == Milter.CONTINUE
-    m.data()
-    head, body = RAW.split(b"\r\n\r\n", 1)
-    for line in head.split(b"\r\n"):
-        name, value = line.split(b":", 1)
-        m.header_bytes(name.decode(), value[1:])
-    m.eoh()
-    m.body(body)
-    assert m.eom() == Milter.TEMPFAIL
-    assert [c[1:] for c in ctx.calls if c[0] == "setreply"] == [replies.TEMPFAIL.milter]
+    m, ctx = connect(runtime, macros={"i": "4QSAME"})
+    assert feed(m, [CRASH], *split_message(RAW)) == Milter.TEMPFAIL
+    assert ctx.named("setreply") == [replies.TEMPFAIL.milter]
 
 
 def test_the_content_filter_answers_tempfail_from_the_table(app_dir: Path) -> None:

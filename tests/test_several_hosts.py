@@ -20,21 +20,14 @@ from lamsonfilter.mail import MailRequest
 from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SCHEMA_VERSION, SQLAlchemyStorage
 from lamsonfilter.testing import AppTester, make_message
-from tests.rig.storage import SQL_BACKENDS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
 LIST = "python@lists.example.org"
 
 
-@pytest.fixture(params=SQL_BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    url: str = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    return url
-
-
 @pytest.fixture
-def two_storages(db_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
-    a, b = SQLAlchemyStorage(db_url), SQLAlchemyStorage(db_url)
+def two_storages(sql_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
+    a, b = SQLAlchemyStorage(sql_url), SQLAlchemyStorage(sql_url)
     a.create_schema()
     try:
         yield a, b
@@ -90,8 +83,8 @@ def test_a_retry_through_another_host_replays_the_committed_decision(
     assert outbox(two_storages[1]) == [("alice@example.com",)]  # one confirmation, not two
 
 
-def test_two_hosts_creating_the_schema_at_once_both_succeed(db_url: str) -> None:
-    storages = [SQLAlchemyStorage(db_url) for _ in range(4)]
+def test_two_hosts_creating_the_schema_at_once_both_succeed(sql_url: str) -> None:
+    storages = [SQLAlchemyStorage(sql_url) for _ in range(4)]
     start = threading.Barrier(len(storages))
     errors: list[BaseException] = []
 

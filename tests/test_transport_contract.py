@@ -20,12 +20,12 @@ from lamsonfilter.contentfilter.quarantine import Quarantine
 from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
 from lamsonfilter.mailqueue.maildir import MailQueue
-from lamsonfilter.milter import LamsonMilter
 from lamsonfilter.queueworker.worker import MessageWorker
 from lamsonfilter.relay import Relay
 from lamsonfilter.smtpproxy import ProxyConfig
-from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
+from tests.rig.milterdrive import connect, feed, split_message
 from tests.rig.postfix import free_port
+from tests.rig.proxy import ProxyThread, ScriptedSMTP, make_app
 
 RAW = (b"From: Alice <alice@example.com>\r\nTo: crash@lists.example.org\r\nSubject: hello\r\n"
        b"Message-ID: <contract-1@example.com>\r\n\r\nbody\r\n")
@@ -56,36 +56,10 @@ def _check(seen: list[tuple[MailRequest, dict[str, Any], tuple[Any, Any]]], tran
         assert contract["deadline"] > time.monotonic() - 60
 
 
-class _Ctx:
-    def getsymval(self, name: str) -> str | None:
-        return {"i": "4QCONTRACT"}.get(name)
-
-    def setpriv(self, priv: Any) -> None:
-        self.priv = priv
-
-    def getpriv(self) -> Any:
-        return getattr(self, "priv", None)
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args: 0
-
-
 def test_the_milter_keeps_to_the_contract(tmp_path: Path, calls: list[Any]) -> None:
-    m = LamsonMilter(Runtime.from_directory(make_app(tmp_path / "app"), {"DATABASE": "memory:"}))
-    m._setctx(_Ctx())
-    m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
-    m.connect("[192.0.2.7]", 2, ("192.0.2.7", 40000))
-    m.hello("client.example.test")
-    m.envfrom("<alice@example.com>")
-    m.envrcpt("<crash@lists.example.org>")
-    m.data()
-    head, body = RAW.split(b"\r\n\r\n", 1)
-    for line in head.split(b"\r\n"):
-        name, value = line.split(b":", 1)
-        m.header_bytes(name.decode(), value[1:])
-    m.eoh()
-    m.body(body)
-    assert m.eom() == Milter.TEMPFAIL
+    runtime = Runtime.from_directory(make_app(tmp_path / "app"), {"DATABASE": "memory:"})
+    m, _ = connect(runtime, macros={"i": "4QCONTRACT"})
+    assert feed(m, ["crash@lists.example.org"], *split_message(RAW)) == Milter.TEMPFAIL
     _check(calls, "milter")
 
 

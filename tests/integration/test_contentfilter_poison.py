@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.contentfilter import ContentFilterSetup
-from tests.rig.fixtures import PostfixFactory
+from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.handlers import handler_source
+from tests.rig.modes import started
 from tests.rig.postfix import CaptureServer, wait_for
 from tests.rig.proxy import make_app
 
@@ -45,10 +45,15 @@ def mail(subject: str, to: str) -> bytes:
             f"Message-ID: <{subject.replace(' ', '.')}@example.com>\r\n\r\nbody\r\n").encode()
 
 
-def filter_hops(cf: ContentFilterSetup) -> list[str]:
+def filter_hops(cf: SmtpproxyDeployment) -> list[str]:
     """maillog lines of deliveries to the filter port that were deferred."""
     rx = re.compile(rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{cf.filter_port},.*status=deferred")
-    return [line for line in cf.postfix.maillog().splitlines() if rx.search(line)]
+    return [line for line in cf.pf.maillog().splitlines() if rx.search(line)]
+
+
+def bugs_filter(capture: CaptureServer) -> SmtpproxyDeployment:
+    """The shipped content-filter set-up (no policy service) running `app_with_bugs`."""
+    return SmtpproxyDeployment(app=app_with_bugs, policy=False, capture=capture)
 
 
 def quarantine(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,58 +62,51 @@ def quarantine(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_handler_exception_stays_deferred_past_the_poison_limit_then_delivered_once_after_the_fix(
-        postfix_factory: PostfixFactory, capture: CaptureServer, tmp_path: Path) -> None:
-    app = app_with_bugs(tmp_path / "app")
-    cf = ContentFilterSetup(postfix_factory, capture, app)
-    try:
-        cf.start()
-        cf.send("alice@example.com", ["bug@lists.example.org"], mail("broken deploy", "bug@lists.example.org"))
+        capture: CaptureServer) -> None:
+    with started(bugs_filter(capture)) as cf:
+        app = cf.app_dir
+        cf.submit("alice@example.com", ["bug@lists.example.org"], mail("broken deploy", "bug@lists.example.org"))
         # more attempts than POISON_LIMIT, each answered 451 by a filter that stays up
         wait_for(lambda: len(filter_hops(cf)) >= LIMIT + 2, WAIT,
-                 message=lambda: f"{LIMIT + 2} deferrals; maillog:\n{cf.postfix.maillog_tail()}\n{cf.filter_log()}")
+                 message=lambda: f"{LIMIT + 2} deferrals; maillog:\n{cf.pf.maillog_tail()}\n{cf.filter_output()}")
         hops = filter_hops(cf)
         assert all("451 4.3.0" in line for line in hops), hops
         assert len(cf.queue_ids()) == 1, "the message stays in Postfix's queue"
-        log = cf.filter_log()
+        log = cf.filter_output()
         assert "NameError" in log and "quarantined" not in log, log
         assert not list((app / "var" / "quarantine" / "new").iterdir())
         assert not capture.messages
 
         (app / "app" / "handlers" / "bugs.py").write_text(FIXED)
-        assert cf.proc is not None
-        cf.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reloaded" in cf.filter_log(), 30, message=cf.filter_log)
+        assert cf.filter_proc is not None
+        cf.filter_proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in cf.filter_output(), 30, message=cf.filter_output)
         delivered = capture.wait_for_count(1, timeout=WAIT)
         cf.wait_queue_empty(WAIT)
         assert len(capture.messages) == 1
         assert delivered[0].rcpt_tos == ("bug@lists.example.org",)
         assert delivered[0].message["X-Fixed"] == "yes"
-        assert "status=bounced" not in cf.postfix.maillog()
-    finally:
-        cf.stop_filter()
+        assert "status=bounced" not in cf.pf.maillog()
 
 
 def test_a_message_that_kills_the_filter_is_quarantined_with_its_envelope_and_released(
-        postfix_factory: PostfixFactory, capture: CaptureServer, tmp_path: Path) -> None:
-    app = app_with_bugs(tmp_path / "app")
-    cf = ContentFilterSetup(postfix_factory, capture, app)
-    qdir = app / "var" / "quarantine"
+        capture: CaptureServer) -> None:
     rcpts = ["die@lists.example.org", "hidden.bcc@example.net"]  # the second one only in the envelope
-    try:
-        cf.start()
-        cf.send("alice@example.com", rcpts, mail("lethal", "die@lists.example.org"))
+    with started(bugs_filter(capture)) as cf:
+        app = cf.app_dir
+        qdir = app / "var" / "quarantine"
+        cf.submit("alice@example.com", rcpts, mail("lethal", "die@lists.example.org"))
         for _ in range(LIMIT + 2):  # bounded: LIMIT deaths, then the quarantine
-            proc = cf.proc
+            proc = cf.filter_proc
             assert proc is not None
-            wait_for(lambda p=proc: p.poll() is not None or "quarantined as" in cf.filter_log(), WAIT,
-                     message=cf.filter_log)
+            wait_for(lambda p=proc: p.poll() is not None or "quarantined as" in cf.filter_output(), WAIT,
+                     message=cf.filter_output)
             if proc.poll() is None:
                 break
             assert proc.returncode == -signal.SIGKILL
-            cf.proc = None
             cf.start_filter()
         cf.wait_queue_empty(WAIT)
-        assert "release it with: lamsonfilter quarantine release" in cf.filter_log()
+        assert "release it with: lamsonfilter quarantine release" in cf.filter_output()
         assert not capture.messages
 
         listed = quarantine("list", "--quarantine", str(qdir), "--json")
@@ -122,7 +120,7 @@ def test_a_message_that_kills_the_filter_is_quarantined_with_its_envelope_and_re
         assert shown.returncode == 0 and "RCPT TO:    <hidden.bcc@example.net>" in shown.stdout, shown.stdout
 
         released = quarantine("release", entry["name"], "--quarantine", str(qdir),
-                              "--reinject", f"127.0.0.1:{cf.reinject_port}")
+                              "--reinject", f"127.0.0.1:{cf.relay_port}")
         assert released.returncode == 0, released.stdout + released.stderr
         assert "queued as" in released.stdout
         wait_for(lambda: sorted(r for m in capture.messages for r in m.rcpt_tos) == sorted(rcpts), WAIT,
@@ -132,5 +130,3 @@ def test_a_message_that_kills_the_filter_is_quarantined_with_its_envelope_and_re
         assert json.loads(quarantine("list", "--quarantine", str(qdir), "--json").stdout) == []
         again = quarantine("release", entry["name"], "--quarantine", str(qdir))
         assert again.returncode == 2 and "no message" in again.stderr
-    finally:
-        cf.stop_filter()

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.deploy import LIST_HOST, ROOT
+from tests.rig.deploy import LIST_HOST, ROOT, read_main_cf
 from tests.rig.deploy_milter import (
     MilterDeployment,
-    read_main_cf,
     require_pymilter,
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, require

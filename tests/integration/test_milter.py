@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 
 from lamsonfilter.check import check_postfix
-from tests.rig.deploy import LIST_HOST
+from tests.rig.deploy import LIST_HOST, read_main_cf
 from tests.rig.deploy_milter import (
     MAIN_CF,
     MASTER_CF,
     MilterDeployment,
-    read_main_cf,
     require_pymilter,
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, PostfixFactory, require
+from tests.rig.modes import started
 from tests.rig.postfix import find_binary, wait_for
 
 pytestmark = pytest.mark.postfix
@@ -35,15 +35,9 @@ ALICE = "alice@example.com"
 
 @pytest.fixture
 def milter_deployment() -> Iterator[MilterDeployment]:
-    require(*POSTFIX_BINARIES, root=True)
     require_pymilter()
-    dep = MilterDeployment()
-    try:
-        dep.start()
+    with started(MilterDeployment()) as dep:
         yield dep
-    finally:
-        print(dep.diagnostics())  # shown only when the test fails
-        dep.stop()
 
 
 @pytest.fixture

@@ -14,37 +14,23 @@ import pytest
 
 from tests.rig.deploy import LIST_HOST
 from tests.rig.deploy_milter import MilterDeployment, require_pymilter
-from tests.rig.fixtures import POSTFIX_BINARIES, require
-from tests.rig.handlers import handler_source
+from tests.rig.modes import started
 
 pytestmark = pytest.mark.postfix
 
-CLOSED_HANDLER = handler_source("lfclosed")  # tests/fixtures/handlers/lfclosed.py
 
 
 class ClosedAddressDeployment(MilterDeployment):
-    """The usual milter deployment plus the ``closed@`` route."""
+    """The usual milter deployment plus the ``closed@`` route (tests/fixtures/handlers/lfclosed.py)."""
 
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()
-        (self.app_dir / "app" / "handlers" / "lfclosed.py").write_text(CLOSED_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('HANDLERS = HANDLERS + ["lfclosed"]\n')
+    extra_handlers = ("lfclosed",)
 
 
 @pytest.fixture
 def deployment() -> Iterator[ClosedAddressDeployment]:
-    require(*POSTFIX_BINARIES, root=True)
     require_pymilter()
-    dep = ClosedAddressDeployment()
-    try:
-        dep.start()
+    with started(ClosedAddressDeployment()) as dep:
         yield dep
-    finally:
-        print(dep.diagnostics())  # shown only when the test fails
-        dep.stop()
 
 
 def test_a_recipient_rejected_after_data_is_not_delivered_while_the_other_is(

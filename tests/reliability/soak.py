@@ -98,7 +98,6 @@ from tests.rig.accounting import (
 from tests.rig.deploy import LIST_HOST, Deployment
 from tests.rig.deploy_milter import MilterDeployment
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
-from tests.rig.handlers import handler_source
 
 __all__ = [
     "Lifetime",
@@ -112,7 +111,6 @@ __all__ = [
     "run_soak",
 ]
 
-SOAK_HANDLER = handler_source("lfsoak")  # tests/fixtures/handlers/lfsoak.py
 
 #: Recipients the injectors draw from: pass-through, a header-adding route, a stateful route.
 RECIPIENTS = ("sink@example.net", f"tag@{LIST_HOST}", f"soak@{LIST_HOST}")
@@ -239,16 +237,7 @@ class Lifetime:
 class _SoakApp:
     """Adds the ``lfsoak`` handler module to the deployment's copy of the example app."""
 
-    app_dir: Path
-    _prepared: bool
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()  # type: ignore[misc]
-        (self.app_dir / "app" / "handlers" / "lfsoak.py").write_text(SOAK_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('\n# added by tests/reliability/soak.py\nHANDLERS = HANDLERS + ["lfsoak"]\n')
+    extra_handlers = ("lfsoak",)
 
 
 class SoakSmtpproxyDeployment(_SoakApp, SmtpproxyDeployment):

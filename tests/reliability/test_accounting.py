@@ -21,8 +21,8 @@ from tests.rig.accounting import (
     maillog_anomalies,
     seqs_in_header,
 )
-from tests.rig.deploy import Reply, SendResult
 from tests.rig.postfix import CapturedMessage
+from tests.rig.submission import Reply, SendResult
 
 
 def msg(seq: str | None, rcpt: str = "sink@example.net", sender: str = "inject@client.example.test") -> CapturedMessage:

@@ -12,7 +12,7 @@ escape the count).
 One deployment per mode is shared by the tests of this module (starting a
 Postfix is the expensive part).  The tests do not disturb each other: every
 test uses its own senders and subject tags, and counts only its own mail.
-The deployment adds the handler module ``lfcheck`` (`LFCHECK`) to the
+The deployment adds the handler module ``lfcheck`` (tests/fixtures/handlers/lfcheck.py) to the
 example application and sets the framework defaults the rules speak about:
 ``REPLY_LIMIT`` (1 reply per responder and sender per 7 days, RFC 3834) and
 a small ``REPLY_BUDGET`` per domain, so that A5 is visible with a dozen
@@ -44,41 +44,30 @@ from tests.rig.deploy import (
     MAIL_TIMEOUT,
     ROOT,
     Deployment,
-    SendResult,
 )
 from tests.rig.deploy_milter import MilterDeployment, require_pymilter
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
-from tests.rig.fixtures import _CALL_FAILED, POSTFIX_BINARIES, in_ci, require
-from tests.rig.handlers import handler_source
+from tests.rig.fixtures import _CALL_FAILED, in_ci, require
+from tests.rig.modes import started
 from tests.rig.postfix import CapturedMessage, wait_for
+from tests.rig.submission import SendResult
 
 HELP = f"help@{LIST_HOST}"
 TAG = f"tag@{LIST_HOST}"
 
-#: Extra routes for the checklist (added to the example app next to deploy.py's ``lftest``).
-LFCHECK = handler_source("lfcheck")  # tests/fixtures/handlers/lfcheck.py
-
+#: The checklist's settings (its extra routes, ``lfcheck``, are added next to deploy.py's ``lftest``).
 CHECKLIST_SETTINGS = (
     "\n# added by tests/reliability/test_checklist.py\n"
-    'HANDLERS = HANDLERS + ["lfcheck"]\n'
     "REPLY_LIMIT = (1, 7 * 24 * 3600)  # the RFC 3834 default (the example app allows 5 per hour)\n"
     "REPLY_BUDGET = (300, 4)  # at most 4 replies per minute to one domain (A5)\n"
 )
 
 
 class _ChecklistApp:
-    """Mixin: the example app plus `LFCHECK` and `CHECKLIST_SETTINGS`."""
+    """Mixin: the example app plus the ``lfcheck`` handler and `CHECKLIST_SETTINGS`."""
 
-    app_dir: Path
-    _prepared: bool
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()
-        (self.app_dir / "app" / "handlers" / "lfcheck.py").write_text(LFCHECK)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write(CHECKLIST_SETTINGS)
+    extra_handlers = ("lfcheck",)
+    extra_settings = CHECKLIST_SETTINGS
 
 
 class ChecklistSmtpproxy(_ChecklistApp, SmtpproxyDeployment):
@@ -98,7 +87,6 @@ MODES: dict[str, type[Deployment]] = {"milter": ChecklistMilter, "smtpproxy": Ch
 @pytest.fixture(scope="module", params=list(MODES))
 def dep(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """One started deployment per mode, shared by this module's tests."""
-    require(*POSTFIX_BINARIES, "postcat", root=True)
     if request.param == "milter":
         require_pymilter()
     else:
@@ -108,13 +96,8 @@ def dep(request: pytest.FixtureRequest) -> Iterator[Deployment]:
             if in_ci():
                 pytest.fail(f"content-filter mode needs aiosmtpd ({exc}) -- CI=true", pytrace=False)
             pytest.skip(f"content-filter mode needs aiosmtpd ({exc})")
-    d = MODES[request.param]()
-    try:
-        d.start()
+    with started(MODES[request.param](), "postcat") as d:
         yield d
-    finally:
-        print(d.diagnostics())
-        d.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -53,8 +53,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -77,7 +75,6 @@ from tests.rig.deploy import LIST_HOST
 from tests.rig.deploy_milter import MilterDeployment, require_pymilter
 from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
 from tests.rig.fixtures import POSTFIX_BINARIES, require
-from tests.rig.handlers import handler_source
 from tests.rig.pgcluster import PgCluster, pgcluster, require_pg  # noqa: F401 -- pgcluster: fixture
 from tests.rig.postfix import wait_for
 
@@ -96,7 +93,6 @@ POISON_LIMIT = 2
 #: ... so D2 keeps the database down for more attempts than that.
 OUTAGE_ATTEMPTS = 3
 
-COUNTER_HANDLER = handler_source("lfdb")  # tests/fixtures/handlers/lfdb.py
 
 
 # --------------------------------------------------------------------------- the deployments
@@ -108,35 +104,23 @@ class _StateDatabase:
     `database_url` None keeps the example's SQLite file (APP/var/state.db).
     """
 
+    extra_handlers = ("lfdb",)  # tests/fixtures/handlers/lfdb.py
+    extra_settings = f"POISON_LIMIT = {POISON_LIMIT}\n"
+
     database_url: str | None
     workdir: Path
     app_dir: Path
+    app_settings: str
     filter_env: dict[str, str]
-    _prepared: bool
 
     def _setup_state_database(self, database_url: str | None) -> None:
         self.database_url = database_url
+        if database_url is not None:
+            self.app_settings += f"DATABASE_URL = {database_url!r}\n"
         self.journal = self.workdir / "journal.jsonl"
         self.gates = self.workdir / "gates"
         self.gates.mkdir()
         self.filter_env.update(LF_DB_JOURNAL=str(self.journal), LF_DB_GATES=str(self.gates))
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()  # type: ignore[misc]  # the example app, lftest, db init (SQLite)
-        (self.app_dir / "app" / "handlers" / "lfdb.py").write_text(COUNTER_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write("\n# added by tests/reliability/test_database_faults.py\n"
-                    'HANDLERS = HANDLERS + ["lfdb"]\n'
-                    f"POISON_LIMIT = {POISON_LIMIT}\n")
-            if self.database_url is not None:
-                f.write(f"DATABASE_URL = {self.database_url!r}\n")
-        proc = subprocess.run(
-            [sys.executable, "-m", "lamsonfilter.cli", "db", "init", "--app", str(self.app_dir)],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
-        assert proc.returncode == 0, f"lamsonfilter db init failed:\n{proc.stdout}{proc.stderr}"
 
     @property
     def state_url(self) -> str:

@@ -12,7 +12,7 @@ breaks something, repairs it, flushes, and proves the invariant
 injected = delivered ∪ bounced ∪ queued ∪ discarded ∪ rejected with zero lost.
 Figures go to $LF_RELIABILITY_FIGURES when set.
 
-The application gets one extra handler module, ``lfrel`` (`LFREL_HANDLER`):
+The application gets one extra handler module, ``lfrel`` (tests/fixtures/handlers/lfrel.py):
 ``slow@lists.example.org`` sleeps ``$LFREL_SLEEP`` seconds then delivers
 (R5); ``count@lists.example.org`` is stateful (START -> COUNTED), appends a
 line to APP/var/lfrel-runs.log each time it runs, replies, and delivers
@@ -55,12 +55,10 @@ from tests.rig.fixtures import (
     _CALL_FAILED as CALL_FAILED,  # set by the rig's report hook
 )
 from tests.rig.fixtures import POSTFIX_BINARIES, require, require_module
-from tests.rig.handlers import handler_source
 from tests.rig.postfix import find_binary, port_accepts, wait_for
 
 pytestmark = pytest.mark.postfix
 
-LFREL_HANDLER = handler_source("lfrel")  # tests/fixtures/handlers/lfrel.py
 
 #: Generous bound on every wait for Postfix's log or the filter (seconds).
 WAIT = 90.0
@@ -73,19 +71,13 @@ SUBSCRIBE = f"python-subscribe@{LIST_HOST}"
 class FaultDeployment(SmtpproxyDeployment):
     """SmtpproxyDeployment + the lfrel handlers, a settable --deadline, and a swappable 10026."""
 
+    extra_handlers = ("lfrel",)  # tests/fixtures/handlers/lfrel.py
+
     def __init__(self) -> None:
         super().__init__()
         self.deadline: float | None = None
         self.sink: subprocess.Popen[bytes] | None = None
         self.sink_log = self.workdir / "smtp-sink.log"
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()
-        (self.app_dir / "app" / "handlers" / "lfrel.py").write_text(LFREL_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('HANDLERS = HANDLERS + ["lfrel"]\n')
 
     def filter_command(self) -> list[str]:
         extra = ["--deadline", f"{self.deadline:g}"] if self.deadline is not None else []
@@ -115,11 +107,8 @@ class FaultDeployment(SmtpproxyDeployment):
     # ------------------------------------------------------------ the reinjection listener
     def replace_reinjection(self, *sink_args: str) -> None:
         """Take the 10026 listener out of master.cf (reload) and put ``smtp-sink ARGS`` on its port."""
-        pf = self.postfix
-        assert pf is not None and self.sink is None
-        pf._run("postconf", "-M#", f"127.0.0.1:{self.relay_port}/inet")
-        pf.reload()
-        wait_for(lambda: not port_accepts(self.relay_port), 30, message="the reinjection listener to go")
+        assert self.sink is None
+        self.stop_reinjection()
         sink = find_binary("smtp-sink")
         assert sink is not None
         for _ in range(20):  # the port may linger a moment after Postfix let go of it
@@ -156,12 +145,8 @@ class FaultDeployment(SmtpproxyDeployment):
     def restore_reinjection(self) -> None:
         """Stop our smtp-sink and put the real listener back (master.cf rewritten, reload)."""
         self.stop_sink()
-        pf = self.postfix
-        assert pf is not None
         wait_for(lambda: not port_accepts(self.relay_port), 30, message="smtp-sink's port to close")
-        pf.write_config()
-        pf.reload()
-        wait_for(lambda: port_accepts(self.relay_port), 30, message="the reinjection listener to return")
+        self.start_reinjection()
 
     def stop(self) -> None:
         try:

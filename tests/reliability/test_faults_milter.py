@@ -53,6 +53,7 @@ from tests.rig.milterfaults import (
     ProcStats,
     proc_stats,
 )
+from tests.rig.modes import started
 from tests.rig.postfix import wait_for
 
 pytestmark = pytest.mark.postfix
@@ -77,25 +78,15 @@ def _deployment(**kwargs: str) -> FaultMilterDeployment:
 @pytest.fixture
 def dep() -> Iterator[FaultMilterDeployment]:
     """A started deployment for one test (the tests that kill the milter)."""
-    d = _deployment()
-    try:
-        d.start()
+    with started(_deployment()) as d:
         yield d
-    finally:
-        print(d.diagnostics())  # pytest shows it only when the test failed
-        d.stop()
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[FaultMilterDeployment]:
     """One deployment for the tests that leave the milter running (M2, R14): saves start-up time."""
-    d = _deployment()
-    try:
-        d.start()
+    with started(_deployment()) as d:
         yield d
-    finally:
-        print(d.diagnostics())
-        d.stop()
 
 
 # ---------------------------------------------------------------- helpers

@@ -46,14 +46,15 @@ from pathlib import Path
 
 import pytest
 
-from lamsonfilter.daemon.poison import AttemptLog
 from lamsonfilter.contentfilter.reinjector import IDLE_LIMIT
 from lamsonfilter.contentfilter.spool import DataLimits
-from tests.rig.deploy import LIST_HOST, SendResult
+from lamsonfilter.daemon.poison import AttemptLog
+from tests.rig.deploy import LIST_HOST
 from tests.rig.deploy_smtpproxy import MASTER_CF, SmtpproxyDeployment
-from tests.rig.fixtures import POSTFIX_BINARIES, require
-from tests.rig.handlers import handler_source
-from tests.rig.postfix import CapturedMessage, PrivatePostfix, wait_for
+from tests.rig.fixtures import require
+from tests.rig.modes import started
+from tests.rig.postfix import CapturedMessage, wait_for
+from tests.rig.submission import SendResult
 
 MiB = 1 << 20
 #: Postfix's message_size_limit in this deployment (the property is the ratio, not the size).
@@ -64,25 +65,18 @@ POISON_LIMIT = 3
 DEADLINE = 6.0
 WAIT = 120.0
 
-LIMITS_HANDLER = handler_source("lflimits")  # tests/fixtures/handlers/lflimits.py
 
 
 class LimitsDeployment(SmtpproxyDeployment):
     """The shipped content-filter set-up plus the knobs this module needs (see the module docstring)."""
 
+    extra_handlers = ("lflimits",)  # tests/fixtures/handlers/lflimits.py
+    extra_settings = f"POISON_LIMIT = {POISON_LIMIT}\nLFLIMITS_SLEEP = {DEADLINE + 2}\n"
+
     def __init__(self) -> None:
         super().__init__()
         self.access = self.workdir / "reinject_access"
         self.access.write_text("")
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()
-        (self.app_dir / "app" / "handlers" / "lflimits.py").write_text(LIMITS_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write(f'HANDLERS = HANDLERS + ["lflimits"]\nPOISON_LIMIT = {POISON_LIMIT}\n'
-                    f'LFLIMITS_SLEEP = {DEADLINE + 2}\n')
 
     def filter_command(self) -> list[str]:
         return [*super().filter_command(), "--deadline", str(DEADLINE)]
@@ -104,11 +98,6 @@ class LimitsDeployment(SmtpproxyDeployment):
         ))
 
     # ------------------------------------------------------------ helpers
-    @property
-    def pf(self) -> PrivatePostfix:
-        assert self.postfix is not None
-        return self.postfix
-
     def set_access(self, entries: dict[str, str]) -> None:
         """Rewrite the reinjection listener's recipient map and reload Postfix (new smtpd processes)."""
         self.access.write_text("".join(f"{k} {v}\n" for k, v in entries.items()))
@@ -170,14 +159,8 @@ class LimitsDeployment(SmtpproxyDeployment):
 
 @pytest.fixture(scope="module")
 def dep() -> Iterator[LimitsDeployment]:
-    require(*POSTFIX_BINARIES, root=True)
-    d = LimitsDeployment()
-    try:
-        d.start()
+    with started(LimitsDeployment()) as d:
         yield d
-    finally:
-        print(d.diagnostics())  # shown only when a test failed
-        d.stop()
 
 
 def body(size: int) -> str:

@@ -35,8 +35,8 @@ from tests.reliability.soak import (
     run_soak,
 )
 from tests.rig.accounting import Accounting, Injected
-from tests.rig.deploy import Reply, SendResult
 from tests.rig.fixtures import POSTFIX_BINARIES, require
+from tests.rig.submission import Reply, SendResult
 
 # --------------------------------------------------------------------------- the verdicts, no Postfix
 

@@ -67,8 +67,9 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Any
 
-from tests.rig.deploy import Deployment, Reply, SendResult, smtp_transaction
+from tests.rig.deploy import Deployment
 from tests.rig.postfix import CapturedMessage, find_binary
+from tests.rig.submission import Reply, SendResult, smtp_transaction
 
 __all__ = [
     "Accounting",

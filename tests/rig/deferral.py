@@ -23,29 +23,18 @@ from typing import Any
 
 from lamsonfilter.mailqueue.maildir import MailQueue
 from tests.rig.deploy import Deployment
-from tests.rig.handlers import handler_source
 from tests.rig.modes import deployment_class
 
-__all__ = ["DEFER_HANDLER", "deferral_deployment", "DeferralMixin"]
-
-#: tests/fixtures/handlers/lfdefer.py
-DEFER_HANDLER = handler_source("lfdefer")
-
+__all__ = ["DeferralMixin", "deferral_deployment"]
 
 class DeferralMixin:
     """Adds ``lfdefer`` to the deployment's application; the queue's helpers."""
 
+    extra_handlers: tuple[str, ...] = ("lfdefer",)
+
     app_dir: Path
     relay_port: int
     _prepared: bool
-
-    def prepare_app(self) -> None:
-        if self._prepared:
-            return
-        super().prepare_app()  # type: ignore[misc]
-        (self.app_dir / "app" / "handlers" / "lfdefer.py").write_text(DEFER_HANDLER)
-        with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write('\n# added by tests/rig/deferral.py\nHANDLERS = HANDLERS + ["lfdefer"]\n')
 
     @property
     def queue_dir(self) -> Path:

@@ -10,15 +10,19 @@ each mode (``milter``: deploy_milter.py; ``smtpproxy``: deploy_smtpproxy.py)::
 
 What the base class does for every mode:
 
-* copies examples/mailinglist into a fresh ``/tmp/lf-MODE-*`` directory and
-  adds the handler module ``lftest`` (`TEST_HANDLER`): ``tag@lists.example.org``
-  adds ``X-Lamsonfilter-Test: tagged`` and delivers, ``crash@lists.example.org``
-  raises; sets ``RELAY`` to the outbox listener's port and runs
-  ``lamsonfilter db init``;
+* builds the application in a fresh ``/tmp/lf-MODE-*`` directory: by
+  default (`lftest_app`) a copy of examples/mailinglist plus the handler
+  module ``lftest`` (`TEST_HANDLER`): ``tag@lists.example.org`` adds
+  ``X-Lamsonfilter-Test: tagged`` and delivers, ``crash@lists.example.org``
+  raises; or whatever the ``app`` builder given makes; then appends
+  ``RELAY`` (the outbox listener's port) and the ``settings`` given, and
+  runs ``lamsonfilter db init``;
 * starts a `CaptureServer` (the final destination of *all* mail: Postfix
-  relays everything there), the filter process (`filter_command`) and a
-  `PrivatePostfix` wired as the mode says (`postfix_main_cf`,
-  `postfix_master_cf`);
+  relays everything there; or uses the ``capture`` server given, which its
+  owner starts and stops, e.g. one shared by several hosts), writes the
+  configuration of a `PrivatePostfix` wired as the mode says
+  (`postfix_main_cf`, `postfix_master_cf`), starts the filter process
+  (`filter_command`), then Postfix;
 * sends mail with smtplib to Postfix's smtpd and records every reply
   (`SendResult`), so a scenario can ask where a transaction failed.
 
@@ -44,13 +48,12 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from lamsonfilter.settings import load_settings, make_storage
 from lamsonfilter.state import StateStorage
@@ -62,8 +65,10 @@ from tests.rig.postfix import (
     free_port,
     wait_for,
 )
+from tests.rig.submission import Reply, SendResult, reply_text, smtp_transaction
 
-__all__ = ["Deployment", "SendResult", "Reply", "TEST_HANDLER", "LIST_HOST", "ROOT", "smtp_transaction"]
+__all__ = ["LIST_HOST", "MAIL_TIMEOUT", "ROOT", "TEST_HANDLER", "Deployment", "lftest_app", "read_main_cf",
+           "wait_quiet"]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mailinglist"
@@ -75,64 +80,62 @@ MAIL_TIMEOUT = 60.0
 #: The scenarios' extra routes (tests/fixtures/handlers/lftest.py).
 TEST_HANDLER = handler_source("lftest")
 
-
-@dataclass(frozen=True)
-class Reply:
-    """One SMTP reply the client got: the command it answered, code and text."""
-
-    command: str  # "EHLO", "MAIL", "RCPT <addr>", "DATA", "."
-    code: int
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.command}: {self.code} {self.text}"
+#: Builds an application in the directory it is given (the return value is not used).
+AppBuilder = Callable[[Path], object]
 
 
-@dataclass
-class SendResult:
-    """Every reply of one SMTP transaction, in order; `error` if the connection broke."""
+def lftest_app(target: Path) -> None:
+    """The scenarios' application: examples/mailinglist plus the ``lftest`` handler."""
+    shutil.copytree(EXAMPLE, target, ignore=shutil.ignore_patterns("var", "__pycache__", "*.db"))
+    (target / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
+    with open(target / "config" / "settings.py", "a") as f:
+        f.write('\n# added by tests/rig/deploy.py\nHANDLERS = HANDLERS + ["lftest"]\n')
 
-    replies: list[Reply] = field(default_factory=list)
-    error: str | None = None
 
-    def reply(self, command: str) -> Reply | None:
-        return next((r for r in self.replies if r.command == command), None)
+def read_main_cf(path: Path) -> dict[str, str]:
+    """``name = value`` lines of a main.cf snippet (continuation lines joined, comments dropped)."""
+    params: dict[str, str] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and name is not None:
+            params[name] += " " + line.strip()
+            continue
+        m = re.match(r"^([A-Za-z0-9_]+)\s*=\s*(.*)$", line)
+        assert m, f"{path}: not a main.cf line: {line!r}"
+        name = m.group(1)
+        params[name] = m.group(2).strip()
+    return params
 
-    def rcpt(self, address: str) -> Reply | None:
-        return self.reply(f"RCPT <{address}>")
 
-    @property
-    def final(self) -> Reply | None:
-        """The reply to the final dot (None when DATA was never reached)."""
-        return self.reply(".")
-
-    @property
-    def accepted(self) -> bool:
-        return self.final is not None and 200 <= self.final.code < 300
-
-    @property
-    def temporary(self) -> list[Reply]:
-        return [r for r in self.replies if 400 <= r.code < 500]
-
-    def __str__(self) -> str:
-        lines = [str(r) for r in self.replies]
-        if self.error:
-            lines.append(f"error: {self.error}")
-        return "; ".join(lines) or "(no reply)"
+def wait_quiet(seconds: float) -> None:
+    """A bounded pause where a test must show that something does *not* happen."""
+    time.sleep(seconds)
 
 
 class Deployment(ABC):
     """lamsonfilter + a private Postfix + a capture server, in one work directory."""
 
     mode: ClassVar[str]
+    #: Fixture handlers (tests/fixtures/handlers/NAME.py) a kind of deployment adds to the app's HANDLERS.
+    extra_handlers: ClassVar[tuple[str, ...]] = ()
+    #: Settings a kind of deployment appends to the app's config/settings.py.
+    extra_settings: ClassVar[str] = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *, app: AppBuilder = lftest_app, settings: str = "",
+                 capture: CaptureServer | None = None) -> None:
+        """`app` builds the application, `settings` is appended to its config/settings.py;
+        `capture` is a destination server its owner starts and stops (default: one of our own)."""
         # not below pytest's tmp_path: its 0700 ancestors are closed to the postfix user
         self.workdir = Path(tempfile.mkdtemp(prefix=f"lf-{self.mode}-", dir="/tmp"))
         self.workdir.chmod(0o755)
         self.app_dir = self.workdir / "app"
+        self.app_builder = app
+        self.app_settings = settings
         self.relay_port = free_port()  # the outbox listener: an smtpd that filters nothing
-        self.capture = CaptureServer()
+        self.capture = capture if capture is not None else CaptureServer()
+        self._own_capture = capture is None
         self.postfix: PrivatePostfix | None = None
         self.filter_proc: subprocess.Popen[bytes] | None = None
         self.filter_log = self.workdir / "filter.log"
@@ -146,17 +149,19 @@ class Deployment(ABC):
 
     # ------------------------------------------------------------ the application
     def prepare_app(self) -> None:
-        """Copy the example app, add the lftest handler, point RELAY at the outbox listener, db init."""
+        """Build the app, add `extra_handlers`, point RELAY at the outbox listener, add the settings
+        (`extra_settings`, then this deployment's), db init."""
         if self._prepared:
             return
-        shutil.copytree(EXAMPLE, self.app_dir, ignore=shutil.ignore_patterns("var", "__pycache__", "*.db"))
-        (self.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
+        self.app_builder(self.app_dir)
+        for name in self.extra_handlers:
+            (self.app_dir / "app" / "handlers" / f"{name}.py").write_text(handler_source(name))
         with open(self.app_dir / "config" / "settings.py", "a") as f:
-            f.write(
-                "\n# added by tests/rig/deploy.py\n"
-                'HANDLERS = HANDLERS + ["lftest"]\n'
-                f'RELAY = "127.0.0.1:{self.relay_port}"\n'
-            )
+            f.write("\n# added by tests/rig/deploy.py\n")
+            if self.extra_handlers:
+                f.write(f"HANDLERS = HANDLERS + {list(self.extra_handlers)!r}\n")
+            f.write(f'RELAY = "127.0.0.1:{self.relay_port}"\n{self.extra_settings}{self.app_settings}')
+        # every deployment runs db init, as an operator setting up host after host would
         proc = subprocess.run(
             [sys.executable, "-m", "lamsonfilter.cli", "db", "init", "--app", str(self.app_dir)],
             capture_output=True, text=True, timeout=120, check=False,
@@ -165,12 +170,13 @@ class Deployment(ABC):
         self._prepared = True
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> Deployment:
-        """App, capture server, filter, Postfix -- in that order."""
+    def start(self) -> Self:
+        """App, capture server (our own), Postfix's configuration, filter, Postfix -- in that order."""
         self.prepare_app()
-        if not self._capture_started:
+        if self._own_capture and not self._capture_started:
             self.capture.start()
             self._capture_started = True
+        self.configure_postfix()
         self.start_filter()
         self.start_postfix()
         return self
@@ -196,7 +202,7 @@ class Deployment(ABC):
                 if os.environ.get("LF_RIG_KEEP") != "1":
                     shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Deployment:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -252,6 +258,13 @@ class Deployment(ABC):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
+    def filter_output(self) -> str:
+        """Everything the filter process logged so far (empty before it first ran)."""
+        try:
+            return self.filter_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def filter_log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.filter_log.read_text(errors="replace").splitlines()[-lines:])
@@ -267,12 +280,23 @@ class Deployment(ABC):
     def postfix_master_cf(self) -> str:
         """master.cf lines for this mode: at least the outbox listener on `relay_port`."""
 
+    @property
+    def pf(self) -> PrivatePostfix:
+        """The private Postfix (once `start` or `configure_postfix` made it)."""
+        assert self.postfix is not None, "Postfix is not configured yet"
+        return self.postfix
+
+    def configure_postfix(self) -> PrivatePostfix:
+        """The private Postfix, its configuration written (not started); made once."""
+        if self.postfix is None:
+            self.postfix = PrivatePostfix(
+                self.workdir / "postfix", smtpd_port=free_port(), relay_port=self.capture.port,
+                main_cf=self.postfix_main_cf(), master_cf_extra=self.postfix_master_cf(),
+            )
+        return self.postfix
+
     def start_postfix(self) -> None:
-        self.postfix = PrivatePostfix(
-            self.workdir / "postfix", smtpd_port=free_port(), relay_port=self.capture.port,
-            main_cf=self.postfix_main_cf(), master_cf_extra=self.postfix_master_cf(),
-        )
-        self.postfix.start()
+        self.configure_postfix().start()
 
     # ------------------------------------------------------------ mail
     def send(self, sender: str, rcpts: list[str], subject: str, body: str = "test\n",
@@ -297,10 +321,17 @@ class Deployment(ABC):
             with smtplib.SMTP("127.0.0.1", self.postfix.smtpd_port,
                               local_hostname="client.example.test", timeout=60) as smtp:
                 code, text = smtp.ehlo()
-                result.replies.append(Reply("EHLO", code, _text(text)))
+                result.replies.append(Reply("EHLO", code, reply_text(text)))
                 smtp_transaction(smtp, sender, rcpts, raw, result)
         except (smtplib.SMTPException, OSError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
+        return result
+
+    def submit(self, sender: str, rcpts: list[str], raw: bytes) -> SendResult:
+        """`send_message_bytes`, asserting that Postfix took the message for every recipient."""
+        result = self.send_message_bytes(sender, rcpts, raw)
+        assert result.accepted and not result.refused and result.error is None, (
+            f"Postfix did not take the message for all of {rcpts}: {result}\n{self.diagnostics()}")
         return result
 
     def messages_to(self, rcpt: str, subject_contains: str = "") -> list[CapturedMessage]:
@@ -354,6 +385,29 @@ class Deployment(ABC):
             wait_for(lambda: not [m for m in postfix.queue() if m["queue_name"] in ("incoming", "active")],
                      timeout, message=lambda: f"Postfix's incoming and active queues to empty; {self.diagnostics()}")
 
+    def queue_ids(self) -> list[str]:
+        """The queue ids of the messages in Postfix's queue."""
+        assert self.postfix is not None, "Postfix is not running"
+        return [str(m["queue_id"]) for m in self.postfix.queue()]
+
+    def wait_queue_empty(self, timeout: float = MAIL_TIMEOUT) -> None:
+        postfix = self.postfix
+        assert postfix is not None, "Postfix is not running"
+        wait_for(lambda: not postfix.queue(), timeout,
+                 message=lambda: f"Postfix's queue to empty; {self.diagnostics()}")
+
+    def wait_maillog(self, count: int, pattern: str, timeout: float = MAIL_TIMEOUT) -> list[str]:
+        """Wait until `count` lines of Postfix's maillog match `pattern`; return them."""
+        postfix = self.postfix
+        assert postfix is not None, "Postfix is not running"
+        rx = re.compile(pattern)
+
+        def found() -> list[str]:
+            lines = [line for line in postfix.maillog().splitlines() if rx.search(line)]
+            return lines if len(lines) >= count else []
+
+        return wait_for(found, timeout, message=lambda: f"{count} maillog lines /{pattern}/; {self.diagnostics()}")
+
     def outbox_due(self) -> int:
         """Outbox messages of the application that are due and neither sent nor failed
         (read from its state database, as the filter's outbox worker does)."""
@@ -382,37 +436,3 @@ class Deployment(ABC):
             parts.append(f"--- maillog (tail) ---\n{self.postfix.maillog_tail(40)}")
         parts.append(f"--- captured: {[(m.rcpt_tos, m.message.get('Subject')) for m in self.capture.messages]}")
         return "\n".join(parts)
-
-
-def smtp_transaction(smtp: smtplib.SMTP, sender: str, rcpts: Sequence[str], raw: bytes,
-                     result: SendResult) -> bool:
-    """MAIL, RCPT..., DATA, the message, dot; every reply into `result`.  True if the dot got 2xx.
-
-    The message goes as it is (only dot-stuffed and given a final CRLF):
-    smtplib's ``data()`` would rewrite bare line ends."""
-    code, text = smtp.mail(sender)
-    result.replies.append(Reply("MAIL", code, _text(text)))
-    if code != 250:
-        return False
-    accepted = 0
-    for rcpt in rcpts:
-        code, text = smtp.rcpt(rcpt)
-        result.replies.append(Reply(f"RCPT <{rcpt}>", code, _text(text)))
-        accepted += code in (250, 251)
-    if not accepted:
-        return False
-    code, text = smtp.docmd("DATA")
-    if code != 354:
-        result.replies.append(Reply("DATA", code, _text(text)))
-        return False
-    data = re.sub(rb"(?m)^\.", b"..", raw)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    smtp.send(data + b".\r\n")
-    code, text = smtp.getreply()
-    result.replies.append(Reply(".", code, _text(text)))
-    return 200 <= code < 300
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

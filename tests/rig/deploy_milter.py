@@ -15,17 +15,17 @@ message.
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.rig.deploy import ROOT, Deployment, SendResult
+from tests.rig.deploy import ROOT, Deployment, read_main_cf
 from tests.rig.fixtures import in_ci
 from tests.rig.postfix import free_port
+from tests.rig.submission import SendResult
 
-__all__ = ["MilterDeployment", "read_main_cf", "require_pymilter", "MAIN_CF", "MASTER_CF"]
+__all__ = ["MilterDeployment", "require_pymilter", "MAIN_CF", "MASTER_CF"]
 
 MAIN_CF = ROOT / "conf" / "postfix" / "main.cf.milter"
 MASTER_CF = ROOT / "conf" / "postfix" / "master.cf.milter"
@@ -46,28 +46,12 @@ def require_pymilter() -> None:
         pytest.skip(reason)
 
 
-def read_main_cf(path: Path) -> dict[str, str]:
-    """``name = value`` lines of a main.cf snippet (continuation lines joined, comments dropped)."""
-    params: dict[str, str] = {}
-    name = None
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0].isspace() and name is not None:
-            params[name] += " " + line.strip()
-            continue
-        m = re.match(r"^([A-Za-z0-9_]+)\s*=\s*(.*)$", line)
-        assert m, f"{path}: not a main.cf line: {line!r}"
-        name = m.group(1)
-        params[name] = m.group(2).strip()
-    return params
-
-
 class MilterDeployment(Deployment):
     mode = "milter"
 
-    def __init__(self, socket_kind: str = "unix") -> None:
-        super().__init__()
+    def __init__(self, socket_kind: str = "unix", **options: Any) -> None:
+        """`options`: `Deployment`'s (app, settings, capture)."""
+        super().__init__(**options)
         assert socket_kind in ("unix", "inet")
         self.socket_kind = socket_kind
         self.socket_path = self.workdir / "milter.sock"

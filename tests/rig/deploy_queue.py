@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from lamsonfilter.mailqueue.maildir import MailQueue
-from tests.rig.deploy import MAIL_TIMEOUT, Deployment, SendResult
+from tests.rig.deploy import MAIL_TIMEOUT, Deployment
+from tests.rig.submission import SendResult
 from tests.rig.postfix import wait_for
 from tests.rig.queue import QueueSpool, queue_main_cf, queue_master_cf
 from tests.rig.service import Notifications

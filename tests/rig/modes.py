@@ -3,19 +3,24 @@
 `deployment_class` imports a mode's `Deployment` only when that mode runs;
 a mode whose module (or the library it needs) is missing is skipped with
 the reason, and fails instead in CI (`tests.rig.fixtures.in_ci`).
+`started` runs any one deployment for the length of a ``with`` block.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import pytest
 
 from tests.rig.deploy import Deployment
 from tests.rig.fixtures import POSTFIX_BINARIES, in_ci, require
 
-__all__ = ["MODES", "deployment", "deployment_class"]
+__all__ = ["MODES", "deployment", "deployment_class", "started"]
+
+D = TypeVar("D", bound=Deployment)
 
 #: mode -> (module, class) of its Deployment, imported only when that mode runs.
 MODES: dict[str, tuple[str, str, str]] = {
@@ -48,14 +53,21 @@ def deployment_class(mode: str) -> type[Deployment]:
     return cls
 
 
-@pytest.fixture(params=list(MODES))
-def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    """A started deployment of one mode; its logs are printed if the test fails."""
-    require(*POSTFIX_BINARIES, root=True)
-    dep = deployment_class(request.param)()
+@contextmanager
+def started(dep: D, *binaries: str) -> Iterator[D]:
+    """`dep`, started (skipped -- failed under CI -- without a root Postfix or one of `binaries`);
+    stopped at the end, its logs printed (pytest shows them only for a failed test)."""
     try:
+        require(*POSTFIX_BINARIES, *binaries, root=True)
         dep.start()
         yield dep
     finally:
-        print(dep.diagnostics())  # pytest shows it only for a failed test
+        print(dep.diagnostics())
         dep.stop()
+
+
+@pytest.fixture(params=list(MODES))
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """A started deployment of one mode; its logs are printed if the test fails."""
+    with started(deployment_class(request.param)()) as dep:
+        yield dep

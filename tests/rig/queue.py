@@ -27,8 +27,8 @@ import pwd
 from pathlib import Path
 
 from lamsonfilter.devtools.localpostfix import TEST_DOMAINS
-from tests.rig.contentfilter import CONF
-from tests.rig.deploy_milter import read_main_cf
+from tests.rig.deploy_smtpproxy import CONF
+from tests.rig.deploy import read_main_cf
 
 __all__ = [
     "MAIN_CF",

@@ -1,7 +1,8 @@
 """The state storage back ends as pytest fixtures: memory, SQLite and PostgreSQL.
 
 Tests that take `storage` run once per back end; `sql_storage` only on the
-two SQL ones; `sql_url` is the URL of an empty database (no schema yet).
+two SQL ones; `sql_url` is the URL of an empty database (no schema yet),
+`sql_schema_url` of one with the schema, both on the two SQL back ends.
 PostgreSQL is the server at ``LAMSONFILTER_TEST_PG_URL`` (default: the
 rig's 127.0.0.1:5432, database ``test``): each test session gets a schema of
 its own (`pg_schema`), dropped at the end, and `pg_url` empties it of
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,12 +24,12 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.state import MemoryStorage, StateStorage
+from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.fixtures import skip_or_fail
 
-__all__ = ["ALL_BACKENDS", "PG_URL", "SQL_BACKENDS", "TABLES", "open_sql", "pg_admin", "pg_schema", "pg_url",
-           "pg_url_for", "sql_storage", "sql_url", "storage"]
+__all__ = ["ALL_BACKENDS", "PG_URL", "SQL_BACKENDS", "TABLES", "backend_url", "open_sql", "pg_admin", "pg_schema",
+           "pg_url", "pg_url_for", "ready_storage", "sql_schema_url", "sql_storage", "sql_url", "storage"]
 
 PG_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = ("lamsonfilter_state", "lamsonfilter_outbox", "lamsonfilter_tokens", "lamsonfilter_meta")
@@ -74,15 +76,6 @@ def pg_url(pg_schema: str) -> str:
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty database (no schema) of the back end in `request.param`."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 SQL_BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
@@ -95,34 +88,53 @@ def open_sql(url: str, **kwargs: Any) -> SQLAlchemyStorage:
     return SQLAlchemyStorage(url, **kwargs)
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
-    """A ready storage (schema created) of each back end."""
-    if request.param == "memory":
-        yield MemoryStorage()
-        return
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty database of the SQL back end in `request.param` (a file in `tmp_path`, or `pg_url`)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@contextmanager
+def ready_storage(url: str) -> Iterator[SQLAlchemyStorage]:
+    """A `SQLAlchemyStorage` on `url` with the schema created; closed at the end."""
     st = open_sql(url)
-    st.create_schema()
     try:
+        st.create_schema()
         yield st
     finally:
         st.close()
 
 
 @pytest.fixture(params=SQL_BACKENDS)
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database (no schema) on SQLite and on PostgreSQL (or on the back end
+    a test names with ``@pytest.mark.parametrize("sql_url", [...], indirect=True)``)."""
+    return backend_url(request, tmp_path)
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_schema_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of a database with the schema created (no connection left open), on SQLite and on PostgreSQL."""
+    url = backend_url(request, tmp_path)
+    with ready_storage(url):
+        pass
+    return url
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStorage]:
+    """A ready storage (schema created) of each back end."""
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    with ready_storage(backend_url(request, tmp_path)) as st:
+        yield st
+
+
+@pytest.fixture(params=SQL_BACKENDS)
 def sql_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLAlchemyStorage]:
     """A ready `SQLAlchemyStorage` on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    st = open_sql(url)
-    st.create_schema()
-    try:
+    with ready_storage(backend_url(request, tmp_path)) as st:
         yield st
-    finally:
-        st.close()

@@ -7,7 +7,7 @@ What a `TwoHostRig` runs, all on loopback:
   ``DROP DATABASE ... WITH (FORCE)`` at the end; the server URL comes from
   ``$LAMSONFILTER_TEST_PG_URL``, default ``postgresql://postgres@127.0.0.1:5432/test``);
 * one `CaptureServer`, the final destination of every host's mail;
-* two **hosts**, each a complete deployment of tests/integration/deploy.py
+* two **hosts**, each a complete deployment of tests/rig/deploy.py
   in its own ``/tmp/lf-MODE-*`` directory: a private Postfix (own
   configuration, queue, log and ports, relaying to the shared capture
   server) and its own ``lamsonfilter`` process -- ``milter`` or
@@ -26,8 +26,10 @@ Helpers for tests::
         rig.capture.messages
 
 The hosts are ordinary `Deployment` objects (``rig.hosts[i]``), so the
-accounting harness (tests/reliability/accounting.py: `Injector`,
-`delivered_seqs`) works on each of them.
+accounting harness (tests/rig/accounting.py: `Injector`,
+`delivered_seqs`) works on each of them: `make_host` is the mode's
+`Deployment` given the shared database (in ``settings``) and the shared
+capture server.
 
 Test settings written into both applications: ``REPLY_BUDGET = (2000, 30)``
 (the default 300 replies a minute per process would be the limit under
@@ -36,9 +38,6 @@ minute) and ``OUTBOX_LEASE = 15`` (`RIG_LEASE`: a SIGKILLed host's claimed
 outbox messages are taken over after 15 s instead of 5 minutes; an SMTP
 transaction to the loopback capture server takes well under a second, so
 the lease cannot run out mid-send and cause a second copy).
-
-It lives beside tests/integration/deploy.py, whose `Deployment` each host
-is, rather than in tests/rig (the rig's classes stand alone).
 
 Safety: loopback only; every wait is bounded; the only processes signalled
 are the filter processes and Postfix masters this rig started; the only
@@ -49,17 +48,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from tests.rig.deploy import EXAMPLE, TEST_HANDLER, Deployment, SendResult
-from tests.rig.deploy_milter import MilterDeployment
-from tests.rig.deploy_smtpproxy import SmtpproxyDeployment
+from tests.rig.deploy import Deployment
+from tests.rig.modes import deployment_class
 from tests.rig.postfix import CaptureServer
+from tests.rig.submission import SendResult
 
 __all__ = ["HOST_MODES", "PG_SERVER_URL", "RIG_LEASE", "SharedDatabase", "TwoHostRig", "make_host"]
 
@@ -123,82 +119,13 @@ class SharedDatabase:
         self._created = False
 
 
-def _prepare_shared_app(dep: Deployment, database_url: str) -> None:
-    """`Deployment.prepare_app` with the shared database: copy the example, settings, db init."""
-    shutil.copytree(EXAMPLE, dep.app_dir, ignore=shutil.ignore_patterns("var", "__pycache__", "*.db"))
-    (dep.app_dir / "app" / "handlers" / "lftest.py").write_text(TEST_HANDLER)
-    with open(dep.app_dir / "config" / "settings.py", "a") as f:
-        f.write(
-            "\n# added by tests/rig/twohost.py\n"
-            'HANDLERS = HANDLERS + ["lftest"]\n'
-            f'RELAY = "127.0.0.1:{dep.relay_port}"\n'
-            f"DATABASE_URL = {database_url!r}\n" + RIG_SETTINGS
-        )
-    # every host runs db init, as an operator setting up host after host would
-    proc = subprocess.run(
-        [sys.executable, "-m", "lamsonfilter.cli", "db", "init", "--app", str(dep.app_dir)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == 0, f"lamsonfilter db init failed:\n{proc.stdout}{proc.stderr}"
-
-
-class _SharedHostMixin:
-    """What makes a deployment one host of several: the shared database and capture server."""
-
-    database_url: str
-
-    def _share(self, database_url: str, capture: CaptureServer) -> None:
-        self.database_url = database_url
-        self.capture = capture  # started and stopped by the rig, never by the host
-
-
-class SmtpproxyHost(_SharedHostMixin, SmtpproxyDeployment):
-    """A content-filter host on the shared database."""
-
-    def __init__(self, database_url: str, capture: CaptureServer) -> None:
-        super().__init__()
-        self._share(database_url, capture)
-
-    def prepare_app(self) -> None:
-        if not self._prepared:
-            _prepare_shared_app(self, self.database_url)
-            self._prepared = True
-
-    def start(self) -> Self:
-        """Application, filter, Postfix: the capture server is the rig's."""
-        self.prepare_app()
-        self.start_filter()
-        self.start_postfix()
-        return self
-
-
-class MilterHost(_SharedHostMixin, MilterDeployment):
-    """A milter host on the shared database (unix socket in its work directory)."""
-
-    def __init__(self, database_url: str, capture: CaptureServer) -> None:
-        super().__init__()
-        self._share(database_url, capture)
-
-    def prepare_app(self) -> None:
-        if not self._prepared:
-            _prepare_shared_app(self, self.database_url)
-            self._prepared = True
-
-    def start(self) -> Self:
-        """Application, filter, Postfix: the capture server is the rig's."""
-        self.prepare_app()
-        self.start_filter()
-        self.start_postfix()
-        return self
-
-
 def make_host(mode: str, database_url: str, capture: CaptureServer) -> Deployment:
-    """One host of `mode` (``smtpproxy`` or ``milter``) on the shared database and capture server."""
-    if mode == "smtpproxy":
-        return SmtpproxyHost(database_url, capture)
-    if mode == "milter":
-        return MilterHost(database_url, capture)
-    raise ValueError(f"unknown host mode {mode!r}; one of {HOST_MODES}")
+    """One host of `mode` (``smtpproxy`` or ``milter``): the scenarios' application on the shared
+    database with `RIG_SETTINGS`, relaying to the shared `capture` server (which the rig starts and stops)."""
+    if mode not in HOST_MODES:
+        raise ValueError(f"unknown host mode {mode!r}; one of {HOST_MODES}")
+    settings = f"DATABASE_URL = {database_url!r}\n{RIG_SETTINGS}"
+    return deployment_class(mode)(settings=settings, capture=capture)
 
 
 class TwoHostRig:

@@ -43,10 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tests.rig.deploy import LIST_HOST
-from tests.rig.twohost import RIG_LEASE, TwoHostRig
 from tests.rig.accounting import Injected, Injector, delivered_seqs
+from tests.rig.deploy import LIST_HOST
 from tests.rig.postfix import CapturedMessage
+from tests.rig.twohost import RIG_LEASE, TwoHostRig
 
 __all__ = ["ListFigures", "run_list", "subscriber"]
 
