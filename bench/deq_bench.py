@@ -275,6 +275,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {}
     cpus: dict[str, list[float]] = {}
     vs_salmon: dict[str, list[float]] = {}
+    cpu_vs_salmon: dict[str, list[float]] = {}
     growth_wall: list[float] = []
     growth_cpu: list[float] = []
     rss_report: list[str] = []
@@ -289,10 +290,10 @@ def main() -> None:
 
     try:
         for rnd in range(1, args.rounds + 1):
-            sal = None
+            sal = sal_cpu = None
             if not args.no_salmon:
-                sal, cpu = salmon(1000)
-                note(rnd, "salmon 1000", sal, cpu)
+                sal, sal_cpu = salmon(1000)
+                note(rnd, "salmon 1000", sal, sal_cpu)
             fill(work / f"one{rnd}", 1)
             base = run_deq(sink_app, work / f"one{rnd}", args.workers, env, False)
             this: dict[int, tuple[float, float]] = {}
@@ -301,9 +302,10 @@ def main() -> None:
                                        n == counts[-1], base)
                 this[n] = (rate, cpu)
                 extra = ""
-                if sal:
+                if sal and sal_cpu:
                     vs_salmon.setdefault(f"sink {n}", []).append(rate / sal)
-                    extra = f", {rate / sal:.1f}x Salmon's rate"
+                    cpu_vs_salmon.setdefault(f"sink {n}", []).append(sal_cpu / cpu)
+                    extra = f", {rate / sal:.1f}x Salmon's rate, {sal_cpu / cpu:.1f}x less CPU"
                 note(rnd, f"sink {n}", rate, cpu, extra + f" (whole run {r.wall:.2f} s, {r.cpu:.2f} s CPU; "
                      f"one-message run {base.wall:.2f} s, {base.cpu:.2f} s CPU)")
                 if n == counts[-1] and n >= 2000:
@@ -336,11 +338,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nmedians over {args.rounds} round(s) (load average now "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}):")
-    for name in rates:
+    for name, name_rates in rates.items():
         vs = vs_salmon.get(name)
         extra = (f", {statistics.median(vs):.1f}x Salmon's rate (per round: "
-                 f"{', '.join(f'{v:.1f}' for v in vs)})") if vs else ""
-        print(f"  {name:12s} {statistics.median(rates[name]):8.0f} msg/s  "
+                 f"{', '.join(f'{v:.1f}' for v in vs)}), {statistics.median(cpu_vs_salmon[name]):.1f}x "
+                 f"less CPU per message") if vs else ""
+        print(f"  {name:12s} {statistics.median(name_rates):8.0f} msg/s  "
               f"{statistics.median(cpus[name]):7.3f} ms CPU/msg{extra}")
     if growth_wall:
         print(f"  cost per message at {counts[-1]} / at {counts[0]}: wall {statistics.median(growth_wall):.2f} "
