@@ -28,7 +28,8 @@ The queue is filled and written out (``sync``) before deq starts (not measured).
 
 Reported per configuration: the median over the rounds of the rate and of the CPU per
 message; each round's ratio to Salmon's rate in that round and the median of those; the cost
-at the largest N over the cost at the smallest (wall and CPU, per round); and the resident
+at the largest N over the cost at the smallest (wall and CPU, per round); the rate over each
+thousand of the largest N (the first thousand leaves the fullest queue); and the resident
 set size of deq sampled while it drains the largest N (at the first thousand drained against
 the highest after it).  The machine's load average is printed at the start and the end.
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import itertools
 import os
 import re
 import shutil
@@ -103,6 +105,7 @@ class Run:
     at_first: tuple[int, float]  # (messages done, CPU seconds) when the harness saw the first line
     rss: list[tuple[int, int]] = field(default_factory=list)  # (drained so far, VmRSS kB)
     other: list[str] = field(default_factory=list)  # the log's other lines
+    stamps: list[float] = field(default_factory=list)  # the time of each message's line
 
     @property
     def tail_cpu(self) -> float:
@@ -171,6 +174,7 @@ def run_deq(app: Path, queue: Path, workers: int, env: dict[str, str], sample_rs
     first = last = None
     processed = sent = 0
     other: list[str] = []
+    stamps: list[float] = []
     for line in err.splitlines():
         is_msg, is_out = b" via=queue " in line, b" INFO outbox: message " in line
         if not (is_msg or is_out):
@@ -179,6 +183,8 @@ def run_deq(app: Path, queue: Path, workers: int, env: dict[str, str], sample_rs
         t = _stamp(line)
         processed += is_msg
         sent += is_out
+        if is_msg and t is not None:
+            stamps.append(t)
         if is_msg and first is None:
             first = t
         last = t
@@ -186,7 +192,7 @@ def run_deq(app: Path, queue: Path, workers: int, env: dict[str, str], sample_rs
         raise SystemExit(f"deq logged {processed} message(s) of {total}")
     if at_first is None:
         raise SystemExit("deq ended before the harness saw its first message line")
-    return Run(total, wall, usage.ru_utime + usage.ru_stime, processed, sent, first, last, at_first, samples, other)
+    return Run(total, wall, usage.ru_utime + usage.ru_stime, processed, sent, first, last, at_first, samples, other, stamps)
 
 
 def _cpu(pid: int) -> float | None:
@@ -233,6 +239,17 @@ def measure(app: Path, work: Path, tag: str, n: int, workers: int, env: dict[str
                          f"other lines of the log:\n" + "\n".join(r.other[-20:]))
     # CPU after the first message's line, less what the one-message run spent after its line (exit)
     return (n - 1) / r.drain, (r.tail_cpu - base.tail_cpu) * 1000 / (n - r.at_first[0]), r
+
+
+def thousands_line(n: int, stamps: list[float]) -> str | None:
+    """The rate over each thousand drained, in one run: the first thousand leaves a queue of N,
+    the last a queue of 1,000 (Salmon's QueueReceiver slows down as its queue grows)."""
+    if len(stamps) < 2001:
+        return None
+    bounds = [*range(0, len(stamps) - 1, 1000), len(stamps) - 1]
+    rates = [(b - a) / max(stamps[b] - stamps[a], 0.001) for a, b in itertools.pairwise(bounds)]
+    return (f"msg/s over each thousand while draining {n}: {', '.join(f'{x:.0f}' for x in rates)}; "
+            f"the first thousand's time per message over the last's: {rates[-1] / rates[0]:.2f}")
 
 
 def rss_line(n: int, samples: list[tuple[int, int]]) -> str | None:
@@ -312,6 +329,9 @@ def main() -> None:
                 note(rnd, f"sink {n}", rate, cpu, extra + f" (whole run {r.wall:.2f} s, {r.cpu:.2f} s CPU; "
                      f"one-message run {base.wall:.2f} s, {base.cpu:.2f} s CPU)")
                 if n == counts[-1] and n >= 2000:
+                    line = thousands_line(n, r.stamps)
+                    if line:
+                        print(f"round {rnd}: {line}", flush=True)
                     line = rss_line(n, r.rss)
                     if line:
                         rss_report.append(f"round {rnd}: {line}")
