@@ -2,7 +2,7 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap bootstrap-run test run dry-run check soak twohost deqrel
+.PHONY: bootstrap bootstrap-run test run dry-run check soak twohost deqrel bench-deq
 
 # everything, the test toolchain included (mypy, hypothesis, atheris, docutils, ruff, pytest)
 bootstrap:
@@ -50,3 +50,11 @@ twohost: bootstrap
 DEQ_SEED ?= 17
 deqrel: bootstrap
 	LF_DEQ_FULL=1 LF_DEQ_SEED=$(DEQ_SEED) $(VENV)/bin/python -m pytest -p no:cacheprovider -s tests/reliability/test_deq_faults.py
+
+# issue 17: `lamsonfilter deq --once` draining 1,000 and 10,000 queued 2 KB messages beside
+# Salmon's QueueReceiver on 1,000 in the same run, and the example list (bench/deq_bench.py,
+# bench/README.rst); e.g. BENCH_DEQ_ARGS="--rounds 5".  A scratch Salmon venv is made in
+# $BENCH_SALMON_VENV (default /tmp/salmon-venv) if missing; smtp-sink takes the list's replies.
+BENCH_DEQ_ARGS ?=
+bench-deq: bootstrap
+	$(VENV)/bin/python bench/deq_bench.py $(BENCH_DEQ_ARGS)

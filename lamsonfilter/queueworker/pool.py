@@ -1,25 +1,27 @@
 """The feeder and its bounded pool: names from ``new/`` to worker threads, never too many at once.
 
-One feeder thread walks the queue and hands file names to a pool of
-`workers` threads (each runs `MessageWorker.handle`)::
+One feeder thread runs the passes over the queue; in a pass, a pool of
+`workers` threads take the file names of ``new/`` one after the other
+(each runs `MessageWorker.handle` on its name)::
 
     feeder = Feeder(queue, worker.handle, workers=4, watch=NewMailWatch(queue.path / "new"))
     feeder.run()            # in its own thread, until feeder.stop() (or, with once=True, until empty)
 
-Memory stays bounded however large the queue: the feeder hands out a name
-only while fewer than `workers` are in flight, so at most `workers`
-messages are claimed or read at any time, and it reads ``new/`` lazily
-(`MailQueue.scan`, one ``readdir`` pass; it never lists the whole queue
-into memory).  After each pass, once the names it handed out are done, it
-moves due retries and dead claims back (`MailQueue.release_due`); if the
-pass found nothing and nothing was moved, it sleeps: on the inotify watch
+Memory stays bounded however large the queue: each of the `workers`
+threads takes the next name of the walk when it is free, so at most
+`workers` messages are claimed or read at any time, and ``new/`` is read
+lazily (`MailQueue.scan`, one ``readdir`` pass shared by the threads; the
+whole queue is never listed into memory).  After each pass, once the
+names taken are done, the feeder moves due retries and dead claims back
+(`MailQueue.release_due`); if the pass found nothing and nothing was
+moved, it sleeps: on the inotify watch
 (`lamsonfilter.queueworker.watch`) until a file arrives, at most until the
 next retry or claim is due, and at most `RESCAN` seconds (what another host
 writes to a shared directory is seen then).  No busy polling.
 
 A claim taken back from a worker that died (``died=1`` in its name,
 `lamsonfilter.mailqueue.maildir.taken_back`) may be what killed it: it is
-handed out only when nothing else is in flight, and nothing else while it
+taken only when nothing else is in flight, and nothing else while it
 is.  A poison message then dies alone, and the messages that happened to
 be in flight at its first death are not charged with the next ones (each
 death counts an attempt towards ``POISON_LIMIT``).
@@ -108,22 +110,40 @@ class Feeder:
             pool.shutdown(wait=True)  # the messages in flight finish first
 
     def _one_pass(self, pool: ThreadPoolExecutor) -> int:
+        """One walk over ``new/``: each of the `workers` threads takes the next name itself
+        (the walk is shared, under a lock) until the walk ends or `stop`; returns how many
+        names were taken.  No hand-off between threads per message: a busy machine does
+        not make each message wait for two thread wake-ups."""
+        names = self.queue.scan()
+        lock = threading.Lock()
         handed = 0
-        for name in self.queue.scan():
-            # A claim taken back from a dead worker runs alone: if it kills this process as
-            # well, no other message in flight is charged with the death (POISON_LIMIT).
-            alone = taken_back(name)
-            with self._cond:
-                while ((self._inflight >= self.workers or self._alone or (alone and self._inflight))
-                       and not self._stop.is_set()):
-                    self._cond.wait()
+
+        def take() -> tuple[str, bool] | None:
+            nonlocal handed
+            with lock:  # while one thread waits here for the others (a message to run alone), none takes more
                 if self._stop.is_set():
-                    break
-                self._inflight += 1
-                self._alone = alone
-                self.peak = max(self.peak, self._inflight)
-            pool.submit(self._work, name, alone)
-            handed += 1
+                    return None
+                name = next(names, None)
+                if name is None:
+                    return None
+                alone = taken_back(name)
+                with self._cond:
+                    while (self._alone or (alone and self._inflight)) and not self._stop.is_set():
+                        self._cond.wait()
+                    if self._stop.is_set():
+                        return None  # left in new/ for the next run
+                    handed += 1
+                    self._inflight += 1
+                    self._alone = alone
+                    self.peak = max(self.peak, self._inflight)
+            return name, alone
+
+        def drain() -> None:
+            while (taken := take()) is not None:
+                self._work(*taken)
+
+        for running in [pool.submit(drain) for _ in range(self.workers)]:
+            running.result()  # an error of the walk itself (new/ unreadable) ends the feeder, as before
         return handed
 
     def _work(self, name: str, alone: bool = False) -> None:
