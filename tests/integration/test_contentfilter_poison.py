@@ -111,22 +111,22 @@ def test_a_message_that_kills_the_filter_is_quarantined_with_its_envelope_and_re
 
         listed = quarantine("list", "--quarantine", str(qdir), "--json")
         assert listed.returncode == 0, listed.stderr
-        entries = json.loads(listed.stdout)
+        entries = json.loads(listed.stdout)["messages"]
         assert len(entries) == 1
         entry = entries[0]
         assert entry["sender"] == "alice@example.com" and sorted(entry["recipients"]) == sorted(rcpts)
         assert "died 2 time(s)" in entry["reason"] and entry["subject"] == "lethal"
         shown = quarantine("show", entry["name"], "--app", str(app))
-        assert shown.returncode == 0 and "RCPT TO:    <hidden.bcc@example.net>" in shown.stdout, shown.stdout
+        assert shown.returncode == 0 and "RCPT TO:   <hidden.bcc@example.net>" in shown.stdout, shown.stdout
 
         released = quarantine("release", entry["name"], "--quarantine", str(qdir),
                               "--reinject", f"127.0.0.1:{cf.relay_port}")
         assert released.returncode == 0, released.stdout + released.stderr
-        assert "queued as" in released.stdout
+        assert "released to 2 recipient(s)" in released.stdout and "queued as" in released.stdout
         wait_for(lambda: sorted(r for m in capture.messages for r in m.rcpt_tos) == sorted(rcpts), WAIT,
                  message=lambda: f"released copies: {[m.rcpt_tos for m in capture.messages]}")
         assert {m.mail_from for m in capture.messages} == {"alice@example.com"}
         assert all(m.message["Subject"] == "lethal" for m in capture.messages)
-        assert json.loads(quarantine("list", "--quarantine", str(qdir), "--json").stdout) == []
+        assert json.loads(quarantine("list", "--quarantine", str(qdir), "--json").stdout)["messages"] == []
         again = quarantine("release", entry["name"], "--quarantine", str(qdir))
         assert again.returncode == 2 and "no message" in again.stderr
