@@ -213,5 +213,12 @@ def test_window_check_explains_only_one_resend_per_kill() -> None:
     assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>"], 3: ["<m1>"]}) == (1, [])
     assert window_duplicates({"<m1>": [9.0, 11.0, 21.0]}, runs, {2: ["<m1>", "<m2>"], 3: ["<m1>"]})[0] == 0
     assert window_duplicates({"<m1>": [21.0, 22.0]}, runs, {3: ["<m1>", "<m1>"]})[0] == 0
+    # A's last bytes were still in the socket: the copy arrives after A was killed, before B started
+    assert window_duplicates({"<m1>": [10.2, 11.0]}, runs, {1: ["<m0>"], 2: ["<m1>"]}) == (1, [])
+    # ... but not long after the kill, nor after a process that was not killed
+    assert window_duplicates({"<m1>": [10.2, 11.0]}, [Lifetime(1, 0.0, 10.0, False), b, c],
+                             {2: ["<m1>"]})[0] == 0
+    assert window_duplicates({"<m1>": [13.0, 14.0]}, [a, Lifetime(2, 15.0, 20.0, True), c],
+                             {2: ["<m1>"]})[0] == 0
     # no later process logged the second copy: not the takeover of a claim
     assert window_duplicates({"<m1>": [9.0, 9.5]}, runs, {1: ["<m1>", "<m1>"]})[0] == 0

@@ -368,6 +368,10 @@ class DeqRig:
         return acc
 
 
+#: How long after a kill a copy it sent may still arrive (its last bytes were in the socket).
+AFTER_KILL = 2.0
+
+
 class Lifetime(NamedTuple):
     """When one deq process ran (``time.time()``), and whether the rig killed it."""
 
@@ -391,6 +395,9 @@ def window_duplicates(arrivals: dict[str, list[float]], processes: Sequence[Life
     last one it sent or did not log it at all (killed before its log
     line), and explains no other copy (its sender handles one message at a
     time: one per kill); and the next copy was logged by a later process.
+    A copy that arrives while no process runs, within `AFTER_KILL` seconds
+    of a kill, belongs to the process killed: it had written the message's
+    last bytes, and the capture server finished reading them after it died.
     Anything else is unexplained.  `sends`: PID -> Message-IDs its outbox
     logged, in order.
     """
@@ -403,6 +410,10 @@ def window_duplicates(arrivals: dict[str, list[float]], processes: Sequence[Life
         why = ""
         for at in ordered[:-1]:
             running = [p for p in processes if p.started <= at <= (p.ended or float("inf"))]
+            if not running:  # the message's last bytes were in the socket when its sender was killed:
+                # the capture server finished it just after the kill (before the restart)
+                running = [p for p in processes
+                           if p.ended is not None and p.killed and p.ended < at <= p.ended + AFTER_KILL]
             if len(running) != 1 or not running[0].killed:
                 why = f"a copy at {at:.3f} while {[p.pid for p in running]} ran (not one killed process)"
                 break
