@@ -13,6 +13,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.rig.deploy import LIST_HOST, Deployment
 from tests.rig.modes import deployment  # noqa: F401  (the fixture, parametrized by mode)
 
@@ -32,6 +34,9 @@ def odd_message(to: str, subject: str) -> bytes:
     )
 
 
+# Not in queue mode: there a handler's delivery to the application's own domain is put on hold by the
+# outbox listener (master.cf.queue), as in tests/integration/test_scenarios.py.
+@pytest.mark.parametrize("deployment", ["milter", "smtpproxy"], indirect=True)
 def test_a_message_with_a_nul_byte_is_processed_and_delivered(deployment: Deployment) -> None:
     tag = f"tag@{LIST_HOST}"
     result = deployment.send_message_bytes(ALICE, [tag], odd_message(tag, "odd bytes to tag"))
@@ -57,5 +62,6 @@ def test_a_real_bounce_ending_in_a_nul_byte_is_handled_and_not_answered(deployme
     deployment.assert_accepted(deployment.send_message_bytes("", [help_addr], raw))
     deployment.settle()
     # consumed by the application (the help route drops what it answers), and no reply to a bounce:
-    # all that reached the destination is settle()'s marker
-    assert [m.rcpt_tos for m in deployment.capture.messages] == [("sink@example.net",)]
+    # all that reached the destination is settle()'s marker (one per listener it goes through)
+    assert deployment.capture.messages
+    assert {m.rcpt_tos for m in deployment.capture.messages} == {("sink@example.net",)}
