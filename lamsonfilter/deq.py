@@ -50,6 +50,7 @@ from .daemon import process as daemon
 from .daemon.runtime import Runtime
 from .mailqueue.maildir import MailQueue
 from .queueworker.pool import Feeder
+from .queueworker.remover import Remover
 from .queueworker.watch import NewMailWatch
 from .queueworker.worker import MessageWorker
 from .relay import Relay
@@ -103,7 +104,9 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     quarantine = Quarantine(quarantine_path(config.app_dir, config.quarantine))
     relay = runtime.relay or Relay(*parse_hostport(settings["RELAY"]))
     timeout = min(RELAY_TIMEOUT, max(RELAY_TIMEOUT_LEAST, queue.lease / 8))
-    worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout))
+    queue.sweep_done()  # what a deq that died had finished but not yet unlinked
+    remover = Remover()
+    worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout), remover)
     watch = None if config.once else NewMailWatch(queue.path / "new")
     feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once)
     failed: list[BaseException] = []
@@ -137,6 +140,7 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
                 feeder.stop()
             thread.join()
         finally:
+            remover.close()
             runtime.stop()
             if watch is not None:
                 watch.close()

@@ -170,6 +170,7 @@ class Feeder:
         if due is not None:
             timeout = min(timeout, max(due - time.time(), 0.0) + 0.5)
         log.debug("queue empty: sleeping up to %.1f s", timeout)
+        self.queue.sweep_done()  # finished files a deq that died left behind (idle: cheap now)
         if self.watch is not None:
             if self.watch.wait(timeout) and not self._stop.is_set():
                 log.debug("woken: new mail in %s", self.watch.directory)

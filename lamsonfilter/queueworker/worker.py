@@ -3,7 +3,7 @@
 `MessageWorker.handle(name)` is what every thread of ``deq``'s pool runs for
 one file name of ``new/``::
 
-    worker = MessageWorker(runtime, MailQueue(path, lease=300), Quarantine(qpath), relay)
+    worker = MessageWorker(runtime, MailQueue(path, lease=300), Quarantine(qpath), relay, Remover())
     outcome = worker.handle(name)       # "done", "quarantined", "retry" or "skipped"
 
 It claims the file (one rename: another worker or host that got it first
@@ -12,9 +12,10 @@ file carries and ``from_queue=True``, calls `Runtime.process` with the
 queue name as the replay key (``queue:NAME``: a retry of a message whose
 decision committed replays it) and a deadline well before the claim ends,
 and carries out `lamsonfilter.queueworker.plan.queue_plan`.  The message is
-removed only after everything the plan asks for is done; whatever goes
-wrong on the way (the relay, the quarantine, a bug) leaves it for a retry,
-so nothing is lost.  The log line is the runtime's (``via=queue``), plus
+removed only after everything the plan asks for is done (renamed into
+``done/``, then unlinked by the `Remover`'s thread when there is one);
+whatever goes wrong on the way (the relay, the quarantine, a bug) leaves
+it for a retry, so nothing is lost.  The log line is the runtime's (``via=queue``), plus
 one line when a message is quarantined or waits for a retry.
 
 A send through the relay starts only while at least a quarter of the claim
@@ -43,6 +44,7 @@ from .plan import (
     queue_plan,
     relay_failure_plan,
 )
+from .remover import Remover
 
 __all__ = ["MessageWorker", "Tally", "OUTCOMES"]
 
@@ -71,11 +73,14 @@ class Tally:
 class MessageWorker:
     """Runs the application over claimed queue messages (thread-safe: one per pool)."""
 
-    def __init__(self, runtime: Runtime, queue: MailQueue, quarantine: Quarantine, relay: Relay) -> None:
+    def __init__(self, runtime: Runtime, queue: MailQueue, quarantine: Quarantine, relay: Relay,
+                 remover: Remover | None = None) -> None:
         self.runtime = runtime
         self.queue = queue
         self.quarantine = quarantine
         self.relay = relay
+        # finished files: renamed into done/ and unlinked in the remover's thread (None: unlinked here)
+        self._later = remover.remove if remover is not None else None
         self.tally = Tally()
 
     def handle(self, name: str) -> str:
@@ -149,7 +154,7 @@ class MessageWorker:
                 # took may get it twice, never none
                 return self._carry_out(relay_failure_plan(msg.attempts, limit, False, delivery.deferred),
                                        msg, request)
-        if not self.queue.done(msg):
+        if not self.queue.done(msg, later=self._later):
             log.warning("queue_id=%s its claim was taken back before it was finished; "
                         "the worker that took it replays the decision", msg.name)
         return "quarantined" if plan.quarantine is not None else "done"
