@@ -50,7 +50,7 @@ from .daemon import process as daemon
 from .daemon.runtime import Runtime
 from .mailqueue.maildir import MailQueue
 from .queueworker.pool import Feeder
-from .queueworker.remover import Remover
+from .queueworker.remover import start_remover
 from .queueworker.watch import NewMailWatch
 from .queueworker.worker import MessageWorker
 from .relay import Relay
@@ -105,7 +105,7 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     relay = runtime.relay or Relay(*parse_hostport(settings["RELAY"]))
     timeout = min(RELAY_TIMEOUT, max(RELAY_TIMEOUT_LEAST, queue.lease / 8))
     queue.sweep_done()  # what a deq that died had finished but not yet unlinked
-    remover = Remover()
+    remover = start_remover()  # unlinks finished files off the workers' path
     worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout), remover)
     watch = None if config.once else NewMailWatch(queue.path / "new")
     feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once)

@@ -2,8 +2,8 @@
 
 `MailQueue.done` with ``later`` renames the claimed file into ``done/``
 (nothing claims from there: a finished message is never run again, even
-if the process dies before the unlink), and the `Remover`'s threads
-unlink it.  What a ``deq`` killed with ``kill -9`` left in ``done/`` is
+if the process dies before the unlink), and a remover unlinks it: a
+child process (`ChildRemover`), or threads (`Remover`).  What a ``deq`` killed with ``kill -9`` left in ``done/`` is
 unlinked by the next ``deq``, never run.
 """
 
@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from lamsonfilter.mailqueue.maildir import MailQueue
-from lamsonfilter.queueworker.remover import Remover
+from lamsonfilter.queueworker.remover import ChildRemover, Remover
 from tests.test_deq import deq, message, summary
 from tests.rig.postfix import CaptureServer
 from tests.rig.proxy import make_app
@@ -71,6 +71,31 @@ def test_the_remover_unlinks_everything_and_close_waits_for_the_backlog(tmp_path
     assert os.listdir(tmp_path) == [] and remover.inline == 0
     remover.remove(str(tmp_path / "late"))           # after close: in the caller's thread
     assert remover.inline == 1
+
+
+def test_the_child_remover_unlinks_everything_and_close_waits_for_it(tmp_path: Path) -> None:
+    paths = [tmp_path / f"f{i}" for i in range(1000)]
+    for p in paths:
+        p.write_bytes(b"x" * 2048)
+    remover = ChildRemover()
+    child = remover._proc
+    for p in paths:
+        remover.remove(str(p))
+    remover.remove(str(tmp_path / "gone-already"))   # no error: a sweep was first
+    remover.close(timeout=30)
+    assert child.returncode == 0 and os.listdir(tmp_path) == []
+
+
+def test_when_the_child_dies_the_worker_unlinks_itself(tmp_path: Path) -> None:
+    remover = ChildRemover()
+    remover._proc.kill()
+    remover._proc.wait(10)
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    for p in paths:
+        p.write_bytes(b"x")
+        remover.remove(str(p))                       # EPIPE on the first: from then on here
+    assert os.listdir(tmp_path) == []
+    remover.close()
 
 
 def test_the_backlog_is_bounded_the_caller_unlinks_past_it(tmp_path: Path) -> None:

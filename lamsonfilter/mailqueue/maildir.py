@@ -384,7 +384,7 @@ class MailQueue:
 def taken_back(filename: str) -> bool:
     """Whether a file name in ``new/`` is a claim taken back from a worker that died
     (`MailQueue.release_due`): the message may be what killed it."""
-    return _fields(filename)[1].get("died") == "1"
+    return ";died=" in filename and _fields(filename)[1].get("died") == "1"
 
 
 def _read(path: str) -> bytes:

@@ -65,7 +65,7 @@ class Feeder:
         self.watch = watch
         self.once = once
         self._stop = threading.Event()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never taken twice by one thread
         self._inflight = 0
         self._alone = False    # a message taken back from a dead worker is in flight, alone
         self.peak = 0          # the most messages in flight at once (never above `workers`)

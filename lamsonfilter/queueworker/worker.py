@@ -3,7 +3,7 @@
 `MessageWorker.handle(name)` is what every thread of ``deq``'s pool runs for
 one file name of ``new/``::
 
-    worker = MessageWorker(runtime, MailQueue(path, lease=300), Quarantine(qpath), relay, Remover())
+    worker = MessageWorker(runtime, MailQueue(path, lease=300), Quarantine(qpath), relay, start_remover())
     outcome = worker.handle(name)       # "done", "quarantined", "retry" or "skipped"
 
 It claims the file (one rename: another worker or host that got it first
@@ -44,7 +44,7 @@ from .plan import (
     queue_plan,
     relay_failure_plan,
 )
-from .remover import Remover
+from .remover import FileRemover
 
 __all__ = ["MessageWorker", "Tally", "OUTCOMES"]
 
@@ -74,7 +74,7 @@ class MessageWorker:
     """Runs the application over claimed queue messages (thread-safe: one per pool)."""
 
     def __init__(self, runtime: Runtime, queue: MailQueue, quarantine: Quarantine, relay: Relay,
-                 remover: Remover | None = None) -> None:
+                 remover: FileRemover | None = None) -> None:
         self.runtime = runtime
         self.queue = queue
         self.quarantine = quarantine
