@@ -177,6 +177,11 @@ def run_deq(app: Path, queue: Path, workers: int, env: dict[str, str], sample_rs
     stamps: list[float] = []
     for line in err.splitlines():
         is_msg, is_out = b" via=queue " in line, b" INFO outbox: message " in line
+        # the work ends when the last finished file is unlinked, too (deq's remover process ended)
+        is_end = b" the remover process ended " in line
+        if is_end and (t := _stamp(line)) is not None:
+            last = t if last is None else max(last, t)
+            continue
         if not (is_msg or is_out):
             other.append(line.decode(errors="replace"))
             continue
