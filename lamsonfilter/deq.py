@@ -116,6 +116,8 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
             feeder.run()
         except BaseException as exc:
             failed.append(exc)
+        finally:
+            remover.close()  # the workers are done: the last finished files unlinked now
 
     with daemon.SignalWaiter() as signals:
         try:

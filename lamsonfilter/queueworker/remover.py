@@ -132,18 +132,23 @@ class ChildRemover:
 
     def close(self, timeout: float = 60.0) -> None:
         """End of the pipe: the child unlinks what it has and exits (waited for at most `timeout`).
-        One log line says when the last finished file was unlinked."""
+        One log line says when the last finished file was unlinked.  Idempotent."""
+        stdin = self._proc.stdin
+        if stdin is None or stdin.closed:
+            return
         self._alive = False
-        assert self._proc.stdin is not None
         started = time.monotonic()
         try:
-            self._proc.stdin.close()
+            stdin.close()
         except OSError:
             pass
         try:
-            self._proc.wait(timeout)
+            code = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("the remover process is still unlinking after %g s; leaving it to finish", timeout)
+            return
+        if code != 0:  # it died earlier (logged then); what it had not unlinked waits in done/
+            log.warning("the remover process ended with status %s", code)
             return
         log.info("finished queue files unlinked: the remover process ended %.3f s after the last was handed over",
                  time.monotonic() - started)
