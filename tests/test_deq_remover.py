@@ -147,3 +147,26 @@ def test_what_a_killed_deq_left_in_done_is_removed_never_run(tmp_path: Path, cap
     assert os.listdir(q.path / "done") == [] and q.count() == {"new": 0, "claimed": 0, "retry": 0}
     subjects = [m.data for m in capture.messages]
     assert len(subjects) == 1 and b"Subject: new one" in subjects[0]
+
+
+def test_the_child_outlives_sigterm_and_ends_at_the_end_of_the_pipe(tmp_path: Path) -> None:
+    """systemd's stop sends SIGTERM to every process of the unit: the child keeps removing
+    what deq's last messages hand over, and ends when deq closes the pipe."""
+    import signal
+    import time
+
+    remover = ChildRemover()
+    child = remover._proc
+    first = tmp_path / "first"
+    first.write_bytes(b"x")
+    remover.remove(str(first))
+    end = time.monotonic() + 30
+    while first.exists() and time.monotonic() < end:  # unlinked: the child runs, its handlers set
+        time.sleep(0.01)
+    assert not first.exists()
+    child.send_signal(signal.SIGTERM)
+    later = tmp_path / "after-sigterm"
+    later.write_bytes(b"x")
+    remover.remove(str(later))
+    remover.close(timeout=30)
+    assert child.returncode == 0 and not later.exists()

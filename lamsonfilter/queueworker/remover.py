@@ -54,9 +54,13 @@ BACKLOG = 512
 THREADS = 4
 LOCAL_THREADS = 2
 
-#: The child's program: read NUL-ended paths from stdin, unlink them in THREADS threads.
+#: The child's program: read NUL-ended paths from stdin, unlink them in THREADS threads, end at
+#: the end of the pipe (SIGTERM and SIGINT ignored: systemd's stop signals the whole unit, and the
+#: child must outlive deq's last messages, whose files it removes).
 _CHILD = f"""
-import os, queue, sys, threading
+import os, queue, signal, sys, threading
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 paths = queue.Queue({BACKLOG})
 def unlink():
     while (path := paths.get()) is not None:
@@ -111,7 +115,8 @@ class ChildRemover:
     """Paths to a child process that unlinks them (`remove` is thread-safe)."""
 
     def __init__(self) -> None:
-        # its own session: a Ctrl-C meant for deq leaves it to finish the pipe's end
+        # its own session: a Ctrl-C meant for deq leaves it to finish the pipe's end; it ends when
+        # deq closes the pipe or dies (the kernel closes it then)
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, start_new_session=True)
         assert self._proc.stdin is not None
