@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lamsonfilter.mailqueue.maildir import MailQueue
 from lamsonfilter.queueworker.remover import ChildRemover, Remover
-from tests.test_deq import deq, message, summary
 from tests.rig.postfix import CaptureServer
 from tests.rig.proxy import make_app
+from tests.test_deq import deq, message, summary
 
 RAW = b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 

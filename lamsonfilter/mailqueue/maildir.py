@@ -43,9 +43,10 @@ import re
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 from .envelope import ENVELOPE_MAX, EnvelopeMissing, parse_envelope
 from .files import unique_name, write_durably
