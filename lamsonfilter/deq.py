@@ -22,12 +22,16 @@ event                                  what ``deq`` does
 =====================================  =========================================
 two workers or hosts see one file      one rename wins the claim; the other
                                        skips it
-a decision (deliver, drop, reject...)  carried out, then the file removed
+a decision (deliver, drop, reject...)  carried out, then the file removed: one
+                                       rename into ``done/``, the unlink by the
+                                       remover process (``queueworker/remover``)
 a tempfail, the deadline, a bug        ``retry/`` with a backoff; the
                                        ``POISON_LIMIT``-th time the quarantine
 the worker dies (kill -9, OOM)         the claim ends (``QUEUE_LEASE``) and is
                                        taken back, one attempt counted; a
-                                       decision that had committed is replayed
+                                       decision that had committed is replayed;
+                                       a finished file still in ``done/`` is
+                                       unlinked by the next ``deq``, never run
 a file without an envelope             the quarantine with the reason
 SIGTERM                                no new claims; the messages in flight
                                        finish, the outbox is flushed
