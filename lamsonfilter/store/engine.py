@@ -26,13 +26,16 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from ..state import ConflictError, SchemaMissingError, StorageError
 
-__all__ = ["SQLEngine", "INIT_HINT"]
+__all__ = ["SQLEngine", "INIT_HINT", "UPGRADE_HINT"]
 
 log = logging.getLogger("lamsonfilter.store")
 
 INIT_HINT = "run `lamsonfilter db init --app DIR`"
 """The command that fixes a missing schema; the messages add ``--database URL`` (`_init_hint`),
 so that following the hint initialises this database and not the application's default."""
+
+UPGRADE_HINT = "run `lamsonfilter db upgrade --app DIR`"
+"""The command that brings a database behind this code's revisions up to date (as `INIT_HINT`)."""
 
 # SQLSTATEs that mean "a concurrent transaction got in the way; run again".
 _PG_CONFLICT = {"40001", "40P01", "23505"}  # serialization, deadlock, unique
@@ -274,6 +277,9 @@ class SQLEngine:
 
     def _init_hint(self) -> str:
         return INIT_HINT.replace("--app DIR", f"--app DIR --database {self.url}")
+
+    def _upgrade_hint(self) -> str:
+        return UPGRADE_HINT.replace("--app DIR", f"--app DIR --database {self.url}")
 
     # ------------------------------------------------------------ connections
     @contextmanager
