@@ -1,4 +1,4 @@
-"""The tools: ``routes``, ``gen``, ``db init``, ``check``, ``graph``, ``send`` and ``demo``.
+"""The tools: ``routes``, ``gen``, ``check``, ``graph``, ``send`` and ``demo`` (``db``: `lamsonfilter.cli.db`).
 
 Each command that loads an application refuses bad configuration with one
 line and exit status 2 (`lamsonfilter.cli.common.fail`).  ``demo`` runs the
@@ -19,7 +19,7 @@ from ..mail import AddressError
 from ..state import MemoryStorage, SchemaMissingError, StorageError
 from .common import app_option, database_option, fail, load, safe_url, with_app_dir
 
-__all__ = ["check_cmd", "db_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]
+__all__ = ["check_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]
 
 
 # ---------------------------------------------------------------- routes
@@ -92,68 +92,6 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
     click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
     click.echo(f"  its tests: python -m pytest {target}/tests")
     click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
-
-
-# ---------------------------------------------------------------- db
-@click.group("db")
-def db_cmd() -> None:
-    """Manage the state database."""
-
-
-@db_cmd.command("init")
-@app_option
-@database_option
-@click.option("--owner", metavar="USER", default=None,
-              help="Give the SQLite file (and its -wal/-shm files) to USER, the user the daemons run as: "
-                   "for db init run as root, e.g. --owner lamsonfilter.")
-def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
-    """Create (or upgrade) the state schema in the application's database.
-
-    The database is the one the daemons use with the same --app and
-    --database (or $LAMSONFILTER_DATABASE, which the systemd units set):
-    give the same URL here.  A relative sqlite:/// path lies inside the
-    application directory; the absolute path is printed.
-    """
-    import os
-    import pwd
-
-    from ..settings import (
-        load_settings,
-        make_storage,
-        resolve_database_url,
-        sqlite_path,
-    )
-    from ..statefile import chown_database, write_problem
-
-    if owner is not None:
-        try:
-            pwd.getpwnam(owner)
-        except KeyError:
-            fail(f"--owner {owner}: no such user")
-    try:
-        settings = load_settings(app_dir, {"DATABASE_URL": database})
-        url = resolve_database_url(settings["DATABASE_URL"], settings["APP_DIR"])
-        path = sqlite_path(url, settings["APP_DIR"])
-        storage = make_storage(url, settings["APP_DIR"])
-        storage.create_schema()
-        storage.check_schema()
-    except (StartupError, StorageError) as exc:
-        fail(str(exc))
-        return
-    storage.close()
-    if path is None:
-        click.echo(f"state schema ready in {safe_url(url)}")
-        return
-    if owner is not None:
-        chown_database(path, owner)
-    click.echo(f"state schema ready in {path} ({url})")
-    problem = write_problem(path, owner) if owner is not None else None
-    if problem:
-        click.echo(f"lamsonfilter: warning: {problem}", err=True)
-    elif owner is None and os.geteuid() == 0 and path.stat().st_uid == 0:
-        click.echo(f"lamsonfilter: warning: {path} belongs to root, so a daemon running as another user "
-                   "(the units' lamsonfilter) cannot write it: run db init with --owner USER "
-                   "(e.g. --owner lamsonfilter), or as that user", err=True)
 
 
 # ---------------------------------------------------------------- check

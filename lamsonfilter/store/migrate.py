@@ -37,7 +37,9 @@ database's errors are the caller's to translate (`SQLEngine._errors`).
 
 from __future__ import annotations
 
+import logging
 import re
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,11 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 FRAMEWORK_TABLE = "lamsonfilter_alembic_version"
 APP_TABLE = "app_alembic_version"
+
+# Alembic says "Context impl SQLiteImpl." and the like at INFO on every check: a daemon's log
+# at INFO is not the place for it (an operator's own level for "alembic" is kept).
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 _LINE = "lamsonfilter.line"
 _FIRST = "lamsonfilter.first_revision"
@@ -93,7 +100,7 @@ def app_line(app_dir: str | Path, metadata: MetaData | None) -> Line:
 
 def config(line: Line, conn: Connection | None = None) -> Config:
     """The Alembic configuration of `line`, built in code (no ``alembic.ini``)."""
-    cfg = Config()
+    cfg = Config(cmd_opts=Namespace(quiet=True))  # the commands say what was done
     cfg.set_main_option("script_location", _escape(str(MIGRATIONS_DIR)))
     cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", _escape(str(line.versions)))

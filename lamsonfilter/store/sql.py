@@ -4,7 +4,8 @@ The state machines' records, the outbox and the idempotency tokens live in
 four tables (all prefixed ``lamsonfilter_``): ``state`` (one row per key:
 state name, JSON data, a version counter), ``outbox`` (messages committed:
 pending, sent -- purged after a while -- or failed and kept), ``tokens``
-(what `claim` has recorded) and ``meta`` (the schema version).  A single-host deployment uses a SQLite
+(what `claim` has recorded), ``confirmations`` and ``meta`` (the schema version
+before Alembic; ``lamsonfilter_alembic_version`` has the revision).  A single-host deployment uses a SQLite
 file; several filter hosts that must share state use PostgreSQL:
 
     storage = SQLAlchemyStorage("sqlite:////var/lib/lamsonfilter/state.db")
@@ -62,6 +63,7 @@ raises `TypeError`, an over-long key `ValueError`.
 
 from __future__ import annotations
 
+from .appschema import SQLAppSchema
 from .outbox import SQLOutbox
 from .outboxops import SQLOutboxOps
 from .schema import METADATA, SCHEMA_VERSION
@@ -70,7 +72,7 @@ from .statetx import SQLAlchemyTransaction, SQLState
 __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "METADATA"]
 
 
-class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
+class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLAppSchema):
     """`StateStorage` and `OutboxStorage` on SQLite or PostgreSQL through SQLAlchemy 2.
 
     `url` is a SQLAlchemy database URL; ``postgresql://`` and
@@ -78,7 +80,8 @@ class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
     bounds how long a transaction waits for another one holding the same
     key (PostgreSQL) or the database (SQLite) before `StorageError`.
     Nothing connects until the first use.  The parts: `SQLEngine`
-    (connections, errors), `SQLSchema` (tables, versions), `SQLState`
+    (connections, errors), `SQLSchema` (tables, revisions), `SQLAppSchema`
+    (the application's tables and migrations), `SQLState`
     (state transactions), `SQLOutbox` (the outbox), `SQLOutboxOps` (the
     operator's list, retry and drop).
     """
