@@ -47,6 +47,7 @@ _RETURN_PATH = re.compile(rb"(?im)^return-path[ \t]*:")
 
 def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> tuple[StateStorage, str | None]:
     """The real state store when it exists (read, not committed), else empty memory state."""
+    from ..dbschema import app_models, check_database
     from ..settings import load_settings, make_storage, sqlite_path
 
     try:
@@ -62,7 +63,7 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
         return MemoryStorage(), f"state database {path} does not exist yet: starting from empty state"
     try:
         storage = make_storage(url, settings["APP_DIR"])
-        storage.check_schema()
+        check_database(storage, settings["APP_DIR"], app_models(settings["APP_DIR"]))
     except SchemaMissingError as exc:
         if commit:
             fail(with_app_dir(str(exc), app_dir))

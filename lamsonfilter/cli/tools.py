@@ -66,7 +66,10 @@ def routes_cmd(app_dir: Path, address: str | None) -> None:
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to create the application (default: ./NAME).")
 @click.option("--host", default=None, help="The domain the application owns (default: NAME.example.org).")
-def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
+@click.option("--models", is_flag=True,
+              help="Also app/models.py (SQLAlchemy models of the application's own tables) and its first "
+                   "migration in migrations/ (lamsonfilter db init applies it).")
+def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> None:
     """Create a new application skeleton whose own tests pass out of the box."""
     import re
 
@@ -81,6 +84,8 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
         if "__pycache__" in src.parts:
             continue
         rel = src.relative_to(skeleton)
+        if rel == Path("app", "models.py") and not models:
+            continue
         out = target / str(rel).replace("NAME", name)
         if src.is_dir():
             out.mkdir(parents=True, exist_ok=True)
@@ -88,10 +93,28 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = src.read_text(encoding="utf-8")
         out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
+    if models:
+        _first_migration(target)
     click.echo(f"created {target}/")
+    if models:
+        click.echo(f"  database:  lamsonfilter db init --app {target}   (the models' tables: migrations/0001)")
     click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
     click.echo(f"  its tests: python -m pytest {target}/tests")
     click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
+
+
+def _first_migration(app_dir: Path) -> None:
+    """Autogenerate ``migrations/0001_first_tables.py`` from the new app's models (on an empty database)."""
+    from ..dbschema import app_models
+    from ..store.sql import SQLAlchemyStorage
+
+    storage = SQLAlchemyStorage("sqlite://")
+    try:
+        storage.app_revision(app_dir, app_models(app_dir), "first tables")
+    except (StartupError, StorageError) as exc:
+        fail(f"{app_dir}: making the first migration: {exc}")
+    finally:
+        storage.close()
 
 
 # ---------------------------------------------------------------- check
@@ -136,7 +159,9 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     else:
         findings.extend(check_app(app))
         try:
-            app.storage.check_schema()
+            from ..dbschema import app_models, check_database
+
+            check_database(app.storage, settings["APP_DIR"], app_models(settings["APP_DIR"]))
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
     if postfix_config is not None:
@@ -160,8 +185,9 @@ def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = No
     from ..check import Finding
 
     if isinstance(exc, SchemaMissingError):
+        command = "upgrade" if "db upgrade" in str(exc) else "init"
         return Finding("APP010", "error", with_app_dir(str(exc), app_dir),
-                       f"run: lamsonfilter db init --app {app_dir}"
+                       f"run: lamsonfilter db {command} --app {app_dir}"
                        + (f" --database {safe_url(database)}" if database else ""))
     return Finding("APP010", "error", f"cannot connect to the state database: {exc}",
                    "start the database server, or correct DATABASE_URL (or --database)")
