@@ -209,3 +209,220 @@ def test_a_schema_2_database_upgrades_keeping_every_row(sql_url: str, tmp_path: 
             "claim:one", "claim:three", "claim:two"]
     finally:
         st.close()
+
+
+# ---------------------------------------------------------------- the revisions make METADATA
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_the_revisions_make_exactly_the_declared_tables(sql_url: str) -> None:
+    """What lamsonfilter's revisions create is what `lamsonfilter.store.schema.METADATA` declares."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from lamsonfilter.store.schema import METADATA
+
+    st = SQLAlchemyStorage(sql_url)
+    try:
+        st.create_schema()
+    finally:
+        st.close()
+    engine = _engine(sql_url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True,
+                "include_name": lambda name, type_, parents: type_ != "table" or name in METADATA.tables,
+            })
+            assert compare_metadata(ctx, METADATA) == []
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- the db commands, an app with models
+MODELS = '''
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    __tablename__ = "TABLE"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(String(200))
+'''
+PRIORITY = "    priority: Mapped[int | None] = mapped_column(default=None)\n"
+
+
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path) -> None:
+    from lamsonfilter.app import StartupError
+    from lamsonfilter.daemon.runtime import Runtime
+
+    table = f"notes_{tmp_path.name[-8:].lower().replace('-', '_')}"  # the PostgreSQL schema is shared
+    app = _app(tmp_path)
+    models = app / "app" / "models.py"
+    models.write_text(MODELS.replace("TABLE", table))
+    db = ("--app", str(app), "--database", sql_url)
+
+    r = _db("status", *db)
+    assert r.exit_code in (1, 2) and "db init --app" in r.output  # no schema (PostgreSQL), no file (SQLite)
+    r = _db("init", *db)  # no migrations yet: the tables from the models
+    assert r.exit_code == 0, r.output
+    assert f"tables {table} made from app/models.py" in r.output
+    r = _db("status", *db)
+    assert r.exit_code == 0, r.output
+    assert "application: no migrations, models: 1 table(s): up to date" in r.output
+
+    r = _db("revision", *db, "-m", "notes")  # the first revision creates every model table
+    assert r.exit_code == 0, r.output
+    first = app / "migrations" / "0001_notes.py"
+    assert f"wrote {first}" in r.output
+    assert f"op.create_table('{table}'" in first.read_text()
+    r = _db("upgrade", *db)  # the tables are there, unrecorded: say how to adopt them
+    assert r.exit_code == 2
+    assert f"has application tables ({table}) but no record of the application's migrations" in r.output
+    assert f"lamsonfilter db stamp --app {app}" in r.output
+    assert _db("stamp", *db, "0007").exit_code == 2
+    r = _db("stamp", *db, "0001")
+    assert r.exit_code == 0, r.output
+    r = _db("upgrade", *db)
+    assert r.exit_code == 0 and "application: at revision 0001, the newest" in r.output, r.output
+
+    models.write_text(models.read_text() + PRIORITY)
+    for name in [m for m in sys.modules if m.startswith("lamsonfilter_app_")]:
+        del sys.modules[name]  # as a new `lamsonfilter db revision` process would import it afresh
+    r = _db("revision", *db, "-m", "note priority")
+    assert r.exit_code == 0, r.output
+    second = (app / "migrations" / "0002_note_priority.py").read_text()
+    assert "add_column(sa.Column('priority', sa.Integer(), nullable=True))" in second
+    assert "lamsonfilter_" not in second  # lamsonfilter's tables are not the application's business
+    r = _db("status", *db)
+    assert r.exit_code == 1
+    assert "application: at 0001, newest 0002: the database at" in r.output
+    assert f"run `lamsonfilter db upgrade --app {app} --database" in r.output
+    r = _db("revision", *db, "-m", "too early")  # a revision is the difference from the newest one
+    assert r.exit_code == 2 and "run `lamsonfilter db upgrade --app" in r.output
+
+    with pytest.raises(StartupError, match=f"application revision 0001, older than the application's "
+                                           f"migrations \\(0002\\); run `lamsonfilter db upgrade --app {app}"):
+        Runtime.from_directory(app, {"DATABASE_URL": sql_url})
+
+    r = _db("upgrade", *db)
+    assert r.exit_code == 0 and "application: revision 0001 -> 0002" in r.output, r.output
+    assert _db("status", *db).exit_code == 0
+    runtime = Runtime.from_directory(app, {"DATABASE_URL": sql_url})
+    runtime.app.storage.close()
+    engine = _engine(sql_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"INSERT INTO {table} (id, text, priority) VALUES (1, 'x', 5)"))
+            assert _rows(sql_url, "app_alembic_version", "version_num") == [{"version_num": "0002"}]
+            conn.execute(text(f"DROP TABLE {table}"))
+    finally:
+        engine.dispose()
+
+
+def test_db_command_errors_are_one_clear_line(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    r = _db("revision", "--app", str(app), "--database", url, "-m", "x")
+    assert r.exit_code == 2
+    assert f"{app} has no app/models.py: there are no models to generate a migration from" in r.output
+    r = _db("upgrade", "--app", str(app), "--database", url)
+    assert r.exit_code == 2 and f"{tmp_path / 'state.db'} does not exist yet; run `lamsonfilter db init" in r.output
+    for bad, said in [("nonsense", "cannot parse the state database URL"),
+                      ("mysql://u:pw-secret@db/x", "unsupported state database"),
+                      ("postgresql://u:pw-secret@127.0.0.1:1/x", "connection")]:
+        r = _db("init", "--app", str(app), "--database", bad)
+        assert r.exit_code == 2 and said in r.output and "pw-secret" not in r.output, r.output
+        assert r.output.count("\n") == 1  # one line, no traceback
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE lamsonfilter_alembic_version SET version_num = '0099'"))
+    finally:
+        engine.dispose()
+    for command in ("init", "upgrade", "status"):
+        r = _db(command, "--app", str(app), "--database", url)
+        assert r.exit_code in (1, 2), r.output
+        assert "lamsonfilter revision 0099, newer than this lamsonfilter knows" in r.output
+        assert "upgrade lamsonfilter" in r.output
+
+
+def _set_revision(url: str, table: str, rev: str) -> None:
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"UPDATE {table} SET version_num = '{rev}'"))
+            if rev == "0001":
+                conn.execute(text("DROP TABLE lamsonfilter_confirmations"))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("rev, said", [
+    ("0001", "is at lamsonfilter revision 0001, older than this lamsonfilter needs (0002); "
+             "run `lamsonfilter db upgrade --app {app} --database {url}` to upgrade it"),
+    ("0099", "is at lamsonfilter revision 0099, newer than this lamsonfilter knows (its newest is 0002); "
+             "upgrade lamsonfilter"),
+])
+def test_deq_refuses_a_database_behind_or_ahead(tmp_path: Path, rev: str, said: str) -> None:
+    app = _app(tmp_path)
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    _set_revision(url, "lamsonfilter_alembic_version", rev)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lamsonfilter", "deq", "--app", str(app), "--database", url, "--once",
+         "--queue", str(tmp_path / "queue"), "--quarantine", str(tmp_path / "quarantine")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert said.format(app=app, url=url) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_daemon_refuses_an_application_revision_it_does_not_have(tmp_path: Path) -> None:
+    from lamsonfilter.app import StartupError
+    from lamsonfilter.daemon.runtime import Runtime
+
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    _set_revision(url, "app_alembic_version", "0042")
+    with pytest.raises(StartupError, match=f"application revision 0042, which {app}/migrations does not have "
+                                           "\\(its newest: 0001\\); deploy the application's newest migrations"):
+        Runtime.from_directory(app, {"DATABASE_URL": url})
+
+
+# ---------------------------------------------------------------- gen --models
+def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: Path) -> None:
+    app = tmp_path / "tick"
+    r = CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"])
+    assert r.exit_code == 0, r.output
+    assert "lamsonfilter db init --app" in r.output
+    first = (app / "migrations" / "0001_first_tables.py").read_text()
+    assert "op.create_table('tick_greeting'" in first and "ix_tick_greeting_sender" in first
+    assert (app / "app" / "models.py").is_file()
+
+    r = _db("init", "--app", str(app))
+    assert r.exit_code == 0 and "application: revision (none) -> 0001" in r.output, r.output
+    assert _rows(f"sqlite:///{app / 'var' / 'state.db'}", "tick_greeting", "id") == []
+    r = _db("status", "--app", str(app))
+    assert r.exit_code == 0 and "application: at 0001, newest 0001: up to date" in r.output, r.output
+
+    raw = b"From: a@example.com\r\nTo: hello@tick.example.org\r\nSubject: hi\r\n\r\nx\r\n"
+    r = CliRunner().invoke(main, ["test", "--app", str(app), "--commit"], input=raw)
+    assert r.exit_code == 0 and "state:   START -> GREETED" in r.output, r.output
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=app, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(main, ["gen", "plain", "--dest", str(plain)]).exit_code == 0
+    assert not (plain / "app" / "models.py").exists() and not (plain / "migrations").exists()
