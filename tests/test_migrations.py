@@ -426,3 +426,21 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     plain = tmp_path / "plain"
     assert CliRunner().invoke(main, ["gen", "plain", "--dest", str(plain)]).exit_code == 0
     assert not (plain / "app" / "models.py").exists() and not (plain / "migrations").exists()
+
+
+def test_every_migrations_file_is_package_data() -> None:
+    """An installed lamsonfilter has its revisions: setup.cfg's package_data names every file
+    of lamsonfilter/migrations (it is no Python package, so only package_data ships it)."""
+    import configparser
+    import fnmatch
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    globs = [g.strip() for g in cfg["options.package_data"]["lamsonfilter"].split(",")]
+    package = ROOT / "lamsonfilter"
+    files = [p.relative_to(package).as_posix() for p in (package / "migrations").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    assert {"migrations/env.py", "migrations/script.py.mako", "migrations/versions/v0001_schema_3.py",
+            "migrations/versions/v0002_confirmations.py"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), f
