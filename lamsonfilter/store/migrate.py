@@ -44,15 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy import MetaData
-from sqlalchemy.engine import Connection
+# Alembic says "setup plugin ..." on import and "Context impl SQLiteImpl." on every check, at
+# INFO: a daemon's log at INFO is not the place for it (an operator's own level is kept).
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from ..state import SchemaMissingError
+from alembic import command  # noqa: E402 -- after the logger's level
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from alembic.util import CommandError  # noqa: E402
+from sqlalchemy import MetaData  # noqa: E402
+from sqlalchemy.engine import Connection  # noqa: E402
+
+from ..state import SchemaMissingError  # noqa: E402
 
 __all__ = ["APP_TABLE", "FRAMEWORK", "FRAMEWORK_TABLE", "Line", "MigrationError", "MIGRATIONS_DIR",
            "app_line", "current", "heads", "known", "revision", "run_env", "stamp", "upgrade"]
@@ -62,11 +67,6 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 FRAMEWORK_TABLE = "lamsonfilter_alembic_version"
 APP_TABLE = "app_alembic_version"
-
-# Alembic says "Context impl SQLiteImpl." and the like at INFO on every check: a daemon's log
-# at INFO is not the place for it (an operator's own level for "alembic" is kept).
-if logging.getLogger("alembic").level == logging.NOTSET:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 _LINE = "lamsonfilter.line"
 _FIRST = "lamsonfilter.first_revision"
