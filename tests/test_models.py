@@ -114,7 +114,19 @@ def test_tester_failure_leaves_nothing(ledger_dir: Path, fail: str) -> None:
     assert r.decision.is_tempfail
     assert _totals(t, models) == (5, 1) and t.data("ledger", "alice") == {"n": 1}
     if fail in ("commit", "defer"):  # the handler is told why
-        assert "ctx.db.commit() is not allowed" in str(r.error) if fail == "commit" else "ctx.defer()" in str(r.error)
+        said = "ctx.db.commit() is not allowed" if fail == "commit" else "after ctx.db wrote rows"
+        assert said in str(r.error)
+
+
+def test_tester_defer_after_reading_rows_then_write_from_the_queue(ledger_dir: Path) -> None:
+    from lamsonfilter.decisions import Action
+
+    t = AppTester.from_directory(ledger_dir)
+    models = models_of(ledger_dir)
+    r = t.send(SENDER, "alice@ledger.example.org", subject="add 5", headers={"X-Test-Defer-First": "yes"})
+    assert r.action is Action.DEFER and _totals(t, models) == (None, 0)
+    [later] = t.run_deferred()
+    assert later.state_after == "OPEN" and _totals(t, models) == (5, 1)
 
 
 def test_tester_db_arranges_rows(ledger_dir: Path) -> None:
