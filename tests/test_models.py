@@ -394,3 +394,18 @@ def test_db_init_twice_keeps_the_rows(ledger: Ledger, ledger_dir: Path, ledger_u
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert ledger.committed() == (5, 1, "OPEN", 1)
+
+
+def test_models_tables_missing_names_db_init(ledger_dir: Path, sql_schema_url: str,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The framework's tables exist (an older db init), the models' do not: the line says what to run."""
+    _drop_ledger_tables(sql_schema_url)
+    led = Ledger(ledger_dir, sql_schema_url)
+    try:
+        d = led.process("add 5", queue_id="QMISS")
+    finally:
+        led.close()
+    assert d.is_tempfail
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "queue_id=QMISS" in line and "a table of the application's models is missing" in line
+    assert "lamsonfilter db init --app" in line
