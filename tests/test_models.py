@@ -363,8 +363,9 @@ def _dry_run(app_dir: Path, tmp_path: Path, *args: str) -> Any:
 def test_dry_run_without_a_database_uses_an_empty_one_in_memory(ledger_dir: Path, tmp_path: Path) -> None:
     result = _dry_run(ledger_dir, tmp_path)
     assert result.exit_code == 0, result.output
-    assert "ledger_account:alice: (none) -> inserted" in result.output
-    assert "not committed: dry run" in result.output
+    assert "rows written: 2 (ctx.db) (not committed: dry run)" in result.output
+    assert "  insert ledger_account:alice\n  insert ledger_entry:1\n" in result.output
+    assert "ledger:alice: (none) -> OPEN" in result.output
 
 
 @pytest.mark.parametrize("sql_url", ["sqlite"], indirect=True)
@@ -373,7 +374,7 @@ def test_dry_run_commits_rows_only_with_commit(ledger_dir: Path, ledger_url: str
     try:
         result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url)
         assert result.exit_code == 0, result.output
-        assert "ledger_entry:1: (none) -> inserted" in result.output
+        assert "insert ledger_entry:1" in result.output
         assert led.committed() == (None, 0, None, 0)
         result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url, "--commit")
         assert result.exit_code == 0, result.output
