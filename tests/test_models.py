@@ -129,6 +129,21 @@ def test_tester_defer_after_reading_rows_then_write_from_the_queue(ledger_dir: P
     assert later.state_after == "OPEN" and _totals(t, models) == (5, 1)
 
 
+def test_one_recipient_defers_the_other_keeps_its_rows(ledger_dir: Path) -> None:
+    from lamsonfilter.decisions import Action
+
+    t = AppTester.from_directory(ledger_dir)
+    models = models_of(ledger_dir)
+    r = t.send(SENDER, ["alice@ledger.example.org", "bob@ledger.example.org"], subject="add 5",
+               headers={"X-Test-Defer-First": "bob"})
+    assert r.outcome("alice@ledger.example.org").state_after == "OPEN"
+    assert r.outcome("bob@ledger.example.org").action is Action.DEFER
+    s = t.db()
+    assert [a.name for a in s.scalars(select(models.Account))] == ["alice"]
+    t.run_deferred()
+    assert sorted((a.name, a.total) for a in t.db().scalars(select(models.Account))) == [("alice", 5), ("bob", 5)]
+
+
 def test_tester_db_arranges_rows(ledger_dir: Path) -> None:
     t = AppTester.from_directory(ledger_dir)
     models = models_of(ledger_dir)
