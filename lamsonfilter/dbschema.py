@@ -7,43 +7,20 @@ is behind either (the text names ``lamsonfilter db upgrade --app DIR``),
 ahead of either (upgrade lamsonfilter, or deploy the application's newest
 migrations), or without the schema at all (``lamsonfilter db init``):
 
-    check_database(app.storage, app_dir, app_models(app_dir))
+    check_database(app.storage, app_dir, app.models)   # app.models: lamsonfilter.models.load_models
 
 The in-memory store has no schema: nothing to check.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from sqlalchemy import MetaData
 
 from .state import StateStorage
 
-__all__ = ["app_models", "check_database"]
-
-
-def app_models(app_dir: str | Path) -> MetaData | None:
-    """The application's models (``app/models.py``'s ``Base.metadata``), or None without the file.
-
-    A `lamsonfilter.settings.SettingsError` names the file when it does not import.
-    """
-    from .settings import SettingsError, _import_app_package
-
-    root = Path(app_dir).resolve()
-    path = root / "app" / "models.py"
-    if not path.is_file():
-        return None
-    try:
-        module = importlib.import_module(f"{_import_app_package(root)}.models")
-    except Exception as exc:
-        raise SettingsError(f"{path}: {type(exc).__name__}: {exc}") from exc
-    metadata = getattr(getattr(module, "Base", None), "metadata", None)
-    if not isinstance(metadata, MetaData):
-        raise SettingsError(f"{path} has no Base: declare `class Base(DeclarativeBase): pass` "
-                            "(sqlalchemy.orm) and derive the models from it")
-    return metadata
+__all__ = ["check_database"]
 
 
 def check_database(storage: StateStorage, app_dir: str | Path, models: MetaData | None) -> None:

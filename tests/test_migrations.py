@@ -270,7 +270,7 @@ def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path)
     assert r.exit_code in (1, 2) and "db init --app" in r.output  # no schema (PostgreSQL), no file (SQLite)
     r = _db("init", *db)  # no migrations yet: the tables from the models
     assert r.exit_code == 0, r.output
-    assert f"tables {table} made from app/models.py" in r.output
+    assert f"application tables ready: {table} (made from app/models.py" in r.output
     r = _db("status", *db)
     assert r.exit_code == 0, r.output
     assert "application: no migrations, models: 1 table(s): up to date" in r.output

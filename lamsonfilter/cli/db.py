@@ -35,7 +35,7 @@ def db_cmd() -> None:
 
 def _open(app_dir: Path, database: str | None, *, create: bool) -> tuple[Any, Any, str, Path | None]:
     """(storage, the app's models, the resolved URL, the SQLite file or None); exits 2 on a problem."""
-    from ..dbschema import app_models
+    from ..models import load_models
     from ..settings import load_settings, make_storage, resolve_database_url, sqlite_path
     from ..store.appschema import SQLAppSchema
 
@@ -49,7 +49,7 @@ def _open(app_dir: Path, database: str | None, *, create: bool) -> tuple[Any, An
         if path is not None and not create and not path.exists():
             fail(f"the state database {path} does not exist yet; run `lamsonfilter db init --app {app_dir}"
                  + (f" --database {url}`" if database else "`"))
-        models = app_models(settings["APP_DIR"])
+        models = load_models(settings["APP_DIR"])
         storage = make_storage(url, settings["APP_DIR"])
     except (StartupError, StorageError) as exc:
         fail(with_app_dir(str(exc), app_dir))

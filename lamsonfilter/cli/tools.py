@@ -105,12 +105,12 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
 
 def _first_migration(app_dir: Path) -> None:
     """Autogenerate ``migrations/0001_first_tables.py`` from the new app's models (on an empty database)."""
-    from ..dbschema import app_models
+    from ..models import load_models
     from ..store.sql import SQLAlchemyStorage
 
     storage = SQLAlchemyStorage("sqlite://")
     try:
-        storage.app_revision(app_dir, app_models(app_dir), "first tables")
+        storage.app_revision(app_dir, load_models(app_dir), "first tables")
     except (StartupError, StorageError) as exc:
         fail(f"{app_dir}: making the first migration: {exc}")
     finally:
@@ -159,9 +159,9 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     else:
         findings.extend(check_app(app))
         try:
-            from ..dbschema import app_models, check_database
+            from ..dbschema import check_database
 
-            check_database(app.storage, settings["APP_DIR"], app_models(settings["APP_DIR"]))
+            check_database(app.storage, settings["APP_DIR"], app.models)
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
     if postfix_config is not None:

@@ -337,12 +337,12 @@ _malloc_trim: Any = None
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
     """Load and start the app, and refuse a database behind or ahead (`lamsonfilter.dbschema`)."""
-    from ..dbschema import app_models, check_database
+    from ..dbschema import check_database
     from ..settings import load_app
 
     app = load_app(directory, overrides, reload=reload)
     try:
-        check_database(app.storage, directory, app_models(directory))
+        check_database(app.storage, directory, app.models)
     except StorageError as exc:
         app.storage.close()
         raise StartupError(str(exc).replace("--app DIR", f"--app {directory}")) from None

@@ -64,8 +64,8 @@ class SQLAppSchema(SQLEngine):
                 if metadata is None or not metadata.tables:
                     return "application: no models (app/models.py), no migrations"
                 metadata.create_all(conn, checkfirst=True)
-                return (f"application: tables {', '.join(sorted(metadata.tables))} made from "
-                        "app/models.py (no migrations yet: `lamsonfilter db revision` makes the first)")
+                return (f"application tables ready: {', '.join(sorted(metadata.tables))} (made from "
+                        "app/models.py; no migrations yet: `lamsonfilter db revision` makes the first)")
 
     def check_app_schema(self, app_dir: str | Path, metadata: MetaData | None) -> None:
         """Raise `SchemaMissingError` unless the application's tables are up to date."""
