@@ -357,8 +357,8 @@ def _set_revision(url: str, table: str, rev: str) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(text(f"UPDATE {table} SET version_num = '{rev}'"))
-            if rev == "0001":
-                conn.execute(text("DROP TABLE lamsonfilter_confirmations"))
+            if (table, rev) == ("lamsonfilter_alembic_version", "0001"):
+                conn.execute(text("DROP TABLE lamsonfilter_confirmations"))  # as revision 0001 left it
     finally:
         engine.dispose()
 
@@ -444,3 +444,34 @@ def test_every_migrations_file_is_package_data() -> None:
             "migrations/versions/v0002_confirmations.py"} <= set(files)
     for f in files:
         assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), f
+
+
+def test_a_broken_revision_file_is_named_in_one_line(tmp_path: Path) -> None:
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    (app / "migrations" / "0002_broken.py").write_text(
+        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n'
+        "import no_such_module_here\n")
+    for command in ("init", "upgrade", "status"):
+        r = _db(command, "--app", str(app), "--database", f"sqlite:///{tmp_path / 'state.db'}")
+        assert r.exit_code == (1 if command == "status" else 2), r.output
+        assert f"the application migrations in {app / 'migrations'} cannot be read (0002_broken.py, line 5): " \
+               "ModuleNotFoundError: No module named 'no_such_module_here'" in r.output, r.output
+        assert "Traceback" not in r.output
+
+
+def test_check_reports_an_application_behind_with_the_command_to_run(tmp_path: Path) -> None:
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    _set_revision(url, "app_alembic_version", "0001")  # and a second revision arrives with a deployment
+    shutil.copy(app / "migrations" / "0001_first_tables.py", app / "migrations" / "0002_nothing.py")
+    second = app / "migrations" / "0002_nothing.py"
+    second.write_text(second.read_text().replace("revision: str = '0001'", "revision: str = '0002'")
+                      .replace("down_revision: str | None = None", "down_revision: str | None = '0001'")
+                      .split("def upgrade")[0] + "def upgrade() -> None:\n    pass\n")
+    r = CliRunner().invoke(main, ["check", "--app", str(app), "--database", url])
+    assert r.exit_code == 1
+    assert "APP010 error: the database at" in r.output and "is at application revision 0001, older" in r.output
+    assert f"fix: run: lamsonfilter db upgrade --app {app} --database {url}" in r.output

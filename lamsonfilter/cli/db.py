@@ -152,6 +152,8 @@ def db_status(app_dir: Path, database: str | None) -> None:
             ("application", lambda: storage.app_revisions(app_dir, models),
              lambda: storage.check_app_schema(app_dir, models)),
         ):
+            have: tuple[str, ...] | None = None
+            want: tuple[str, ...] = ()
             try:
                 have, want = revisions()
                 check()
@@ -160,6 +162,9 @@ def db_status(app_dir: Path, database: str | None) -> None:
                 verdict = with_app_dir(str(exc), app_dir)
             else:
                 verdict = "up to date"
+            if have is None:  # the revisions could not be read: the verdict says why
+                click.echo(f"{name}: {verdict}")
+                continue
             if name == "application" and not want:
                 where = "no migrations" + (f", models: {len(models.tables)} table(s)" if models else ", no models")
             else:

@@ -120,9 +120,22 @@ def script(line: Line) -> ScriptDirectory:
         return ScriptDirectory.from_config(config(line))
     except CommandError as exc:
         raise MigrationError(f"the {line.name} migrations in {line.versions}: {exc}") from exc
-    except Exception as exc:  # a revision file that does not import
-        raise MigrationError(f"the {line.name} migrations in {line.versions} cannot be read: "
-                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _unreadable(line: Line, exc: BaseException) -> MigrationError:
+    """A revision file that does not import, or revisions that do not chain: one line naming them."""
+    if isinstance(exc, CommandError):
+        return MigrationError(f"the {line.name} migrations in {line.versions}: {exc}")
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:  # the revision file the error was raised in, if any
+        if Path(tb.tb_frame.f_code.co_filename).parent == line.versions:
+            where = f" ({Path(tb.tb_frame.f_code.co_filename).name}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({Path(exc.filename).name}, line {exc.lineno})"
+    return MigrationError(f"the {line.name} migrations in {line.versions} cannot be read{where}: "
+                          f"{type(exc).__name__}: {exc}")
 
 
 def heads(line: Line) -> tuple[str, ...]:
@@ -131,14 +144,17 @@ def heads(line: Line) -> tuple[str, ...]:
         return ()
     try:
         return tuple(sorted(script(line).get_heads()))
-    except CommandError as exc:
-        raise MigrationError(f"the {line.name} migrations in {line.versions}: {exc}") from exc
+    except MigrationError:
+        raise
+    except Exception as exc:  # a revision file that does not import
+        raise _unreadable(line, exc) from exc
 
 
 def known(line: Line, rev: str) -> bool:
     """Whether `rev` is one of `line`'s revisions."""
     if not line.versions.is_dir():
         return False
+    heads(line)  # a file that does not import is reported as such, not as "unknown revision"
     try:
         return script(line).get_revision(rev) is not None
     except CommandError:
