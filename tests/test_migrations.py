@@ -475,3 +475,46 @@ def test_check_reports_an_application_behind_with_the_command_to_run(tmp_path: P
     assert r.exit_code == 1
     assert "APP010 error: the database at" in r.output and "is at application revision 0001, older" in r.output
     assert f"fix: run: lamsonfilter db upgrade --app {app} --database {url}" in r.output
+
+
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_two_hosts_upgrading_the_application_at_once_both_succeed(sql_url: str, tmp_path: Path) -> None:
+    """``db upgrade`` on several hosts at once: one runs the revisions, the others find them done."""
+    import threading
+
+    from lamsonfilter.models import load_models
+
+    app = tmp_path / "race"
+    assert CliRunner().invoke(main, ["gen", "race", "--dest", str(app), "--models"]).exit_code == 0
+    metadata = load_models(app)
+    storages = [SQLAlchemyStorage(sql_url, lock_timeout=60) for _ in range(4)]
+    start = threading.Barrier(len(storages))
+    errors: list[BaseException] = []
+
+    def upgrade(st: SQLAlchemyStorage) -> None:
+        try:
+            start.wait(10)
+            st.create_schema()
+            st.upgrade_app(app, metadata)
+        except BaseException as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(st,)) for st in storages]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        for st in storages:
+            st.check_app_schema(app, metadata)
+        assert _rows(sql_url, "app_alembic_version", "version_num") == [{"version_num": "0001"}]
+    finally:
+        for st in storages:
+            st.close()
+        engine = _engine(sql_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TABLE IF EXISTS race_greeting"))
+        finally:
+            engine.dispose()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,9 +213,15 @@ def _next_id(line: Line) -> str:
     return f"{n:04d}"
 
 
+#: Alembic's ``context`` and ``op`` are process-wide proxies: one command at a time per process
+#: (taken after the caller's advisory lock and transaction, and never held while waiting for one).
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def _run(line: Line, action: Any) -> None:
     try:
-        action()
+        with _ONE_AT_A_TIME:
+            action()
     except CommandError as exc:
         text = str(exc)
         if "not up to date" in text:
