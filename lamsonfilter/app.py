@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .context import Context
 from .decisions import Action, Decision, MessageChanges, Outcome
@@ -52,6 +52,9 @@ from .store import replay
 from .store.replay import Replayed
 from .transaction import DeadlinePassed, LazyTransaction
 from .views import Views
+
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
 
 __all__ = ["App", "StartupError", "AppNotReady", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
 
@@ -100,8 +103,12 @@ class App:
         reply_limits: Mapping[str, ReplyRateLimit] | None = None,
         reply_budget: ReplyBudget | None = None,
         max_hops: int = MAX_HOPS,
+        models: MetaData | None = None,
     ) -> None:
         self.name = name
+        #: The `MetaData` of the application's own models (``app/models.py``, `lamsonfilter.models`),
+        #: used by handlers through ``ctx.db``; None when it has none.
+        self.models = models
         self.hosts = frozenset(h.lower() for h in hosts)
         self.handlers: list[Handler] = []
         self.storage: StateStorage = storage if storage is not None else MemoryStorage()

@@ -14,6 +14,11 @@ commit after the transport's deadline is refused (`DeadlinePassed`): the
 MTA was already told 4xx and sends the message again.  With a
 `lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
 
+``ctx.db`` (`db`) is an ORM session on the same connection
+(`lamsonfilter.store.session`): flushed before the commit, rolled back
+with everything else; a database error inside a handler (or at that
+flush) ends as the `StorageError` the state store would have raised.
+
 `mark()` before a state function, then `undo(mark)` (``ctx.defer()``:
 that call's writes are taken back, the other recipients' stay) or
 `keep()`.  A mark remembers each key's record before the call's first
@@ -29,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from .decisions import OutboxMessage
 from .diagnostics import StateWrite, Trace
+from .errors import HandlerError
 from .state import StateRecord, StateStore
 from .store import replay
 from .store.replay import Replayed
@@ -71,10 +77,26 @@ class LazyTransaction:
         self._cm: Any = None
         self._tx: Any = None
         self._mark: _Mark | None = None
+        self._session: Any = None
 
     @property
     def opened(self) -> bool:
         return self._tx is not None
+
+    @property
+    def db(self) -> Any:
+        """The message's `lamsonfilter.store.session.AppSession` (``ctx.db``), opened on first use."""
+        if self._session is None:
+            tx = self._open()
+            conn = getattr(tx, "connection", None)
+            if conn is None:
+                raise HandlerError(
+                    "ctx.db: models need a SQL database: set DATABASE_URL (the state store is in memory, "
+                    f"{type(self._storage).__name__})")
+            from .store.session import open_session
+
+            self._session = open_session(conn, self._trace)
+        return self._session
 
     def _open(self) -> Any:
         if self._tx is None:
@@ -91,6 +113,29 @@ class LazyTransaction:
         if self._cm is None:
             return None
         cm, self._cm = self._cm, None
+        session, self._session = self._session, None
+        if session is not None:
+            from .store.session import finish, flush, translate
+
+            original = exc
+            try:
+                if exc is None:
+                    flush(session, self._storage)  # before the deadline check: a late flush is late too
+                else:
+                    exc = translate(exc, self._storage)  # a handler's database error, as the store words it
+            except BaseException as failed:  # the flush failed: roll back, raise its error
+                exc, tb = failed, failed.__traceback__
+            finally:
+                finish(session)
+            if exc is not None:
+                handled = cm.__exit__(type(exc), exc, tb)  # rolls back
+                if exc is not original:
+                    raise exc
+                return handled  # type: ignore[no-any-return]
+        return self._end(cm, exc_type, exc, tb)
+
+    def _end(self, cm: Any, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        """End the storage's transaction: commit, or roll back on `exc` or a passed deadline."""
         if exc_type is None and self._deadline is not None and time.monotonic() > self._deadline:
             # the transport answered 4xx already: the MTA sends the message again, so
             # nothing of this run may be committed (no reply for a message not accepted)

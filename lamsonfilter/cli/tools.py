@@ -117,6 +117,7 @@ def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
     import os
     import pwd
 
+    from ..models import create_app_tables
     from ..settings import (
         load_settings,
         make_storage,
@@ -137,10 +138,13 @@ def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
         storage = make_storage(url, settings["APP_DIR"])
         storage.create_schema()
         storage.check_schema()
+        app_tables = create_app_tables(storage, settings["APP_DIR"])  # the application's models
     except (StartupError, StorageError) as exc:
         fail(str(exc))
         return
     storage.close()
+    if app_tables:
+        click.echo(f"application tables ready: {', '.join(app_tables)}")
     if path is None:
         click.echo(f"state schema ready in {safe_url(url)}")
         return

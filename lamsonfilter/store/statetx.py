@@ -92,6 +92,12 @@ class SQLAlchemyTransaction:
         self._active = True
         self._locked: set[str] = set()
 
+    @property
+    def connection(self) -> Connection:
+        """The connection this transaction runs on (``ctx.db`` joins it: `lamsonfilter.store.session`)."""
+        self._check_active()
+        return self._conn
+
     # ------------------------------------------------------------ helpers
     def _check_active(self) -> None:
         if not self._active:
