@@ -76,13 +76,13 @@ def _tagged(number: int, subject: str) -> str:
 
 
 def _body_text(ctx: Context) -> str:
-    """The text a person wrote: the first text/plain part, decoded ('' if there is none)."""
+    """The text a person wrote: the first text/plain part, decoded, with \\n line ends ('' if none)."""
     try:
         part = ctx.message.get_body(preferencelist=("plain",))
         text = part.get_content() if part is not None else ""
     except (LookupError, ValueError):  # an unknown charset or a broken part: keep the raw only
         return ""
-    return str(text)
+    return str(text).replace("\r\n", "\n")
 
 
 def _first_line(text: str) -> str:
