@@ -278,14 +278,16 @@ class App:
                     route=str(match.route),
                 )
             return Decision(tuple(fixed[r] for r in request.recipients), notes=("mail loop: handlers not run",))
+        last: ConflictError | None = None
         for attempt in range(CONFLICT_RETRIES):
             if trace is not None:
                 trace.reset()
             try:
                 return self._run_handlers(request, routed, fixed, commit, now, outbox, trace, retry)
-            except ConflictError:
+            except ConflictError as exc:
+                last = exc
                 log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
-        raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
+        raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts; the last: {last}")
 
     def _run_handlers(
         self,

@@ -38,8 +38,9 @@ from sqlalchemy.orm import DeclarativeBase
 
 from .app import StartupError
 from .apppackage import AppPackageError, import_app_package
+from .state import MemoryStorage, StateStorage
 
-__all__ = ["FRAMEWORK_PREFIX", "ModelsError", "create_app_tables", "create_tables", "load_models"]
+__all__ = ["FRAMEWORK_PREFIX", "ModelsError", "create_app_tables", "create_tables", "empty_storage", "load_models"]
 
 #: The prefix of the framework's own tables; an application's may not use it.
 FRAMEWORK_PREFIX = "lamsonfilter_"
@@ -96,6 +97,20 @@ def create_app_tables(storage: Any, app_dir: str | Path) -> list[str]:
     metadata = load_models(app_dir)
     create_tables(storage, metadata)
     return sorted(metadata.tables) if metadata is not None else []
+
+
+def empty_storage(app_dir: str | Path) -> StateStorage:
+    """Empty state for tests and dry runs: `MemoryStorage`, or for an application with models an
+    in-memory SQLite database (one connection, `StaticPool`) with every table created."""
+    metadata = load_models(app_dir)
+    if metadata is None:
+        return MemoryStorage()
+    from .store.sql import SQLAlchemyStorage
+
+    storage = SQLAlchemyStorage("sqlite://")
+    storage.create_schema()
+    create_tables(storage, metadata)
+    return storage
 
 
 def _bare(name: str) -> str:

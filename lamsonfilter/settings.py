@@ -333,8 +333,10 @@ def load_app(
     """Build and start the `App` of an application directory."""
     settings = load_settings(directory, overrides)
     root = Path(settings["APP_DIR"])
-    handlers = load_handlers(root, list(settings["HANDLERS"]), reload=reload)
-    models = load_models(root)
+    if reload:
+        unload(package_name(root))
+    models = load_models(root)  # first: the handlers import it
+    handlers = load_handlers(root, list(settings["HANDLERS"]))
     route_defaults = dict(settings["ROUTE_DEFAULTS"])
     if "host" not in route_defaults and settings["HOSTS"]:
         route_defaults["host"] = "|".join(re.escape(h) for h in settings["HOSTS"])

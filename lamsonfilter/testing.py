@@ -47,11 +47,10 @@ from .app import App
 from .decisions import Action, Decision, OutboxMessage, Outcome
 from .diagnostics import StateWrite, Trace
 from .mail import POLICY, MailRequest
-from .state import MemoryStorage, StateStorage
+from .state import StateStorage
 from .views import _verify_serialised
 
 if TYPE_CHECKING:
-    from sqlalchemy import MetaData
     from sqlalchemy.orm import Session
 
 __all__ = ["AppTester", "Result", "Queued", "make_message"]
@@ -198,12 +197,11 @@ class AppTester:
         SQLite database of its own instead, with the framework's tables and
         the models' created: ``ctx.db`` works, and `db` reads the rows.
         """
-        from .models import load_models
+        from .models import empty_storage
         from .settings import load_app
 
         if storage is None:
-            models = load_models(directory)
-            storage = MemoryStorage() if models is None else _models_database(models)
+            storage = empty_storage(directory)
         app = load_app(directory, overrides, storage=storage)
         return cls(app, now, raise_errors=raise_errors)
 
@@ -299,13 +297,3 @@ class AppTester:
             record = tx.get(f"{handler}:{key}")
         return record.data if record else {}
 
-
-def _models_database(models: MetaData) -> StateStorage:
-    """An in-memory SQLite database (one connection, `StaticPool`) with every table created."""
-    from .models import create_tables
-    from .store.sql import SQLAlchemyStorage
-
-    storage = SQLAlchemyStorage("sqlite://")
-    storage.create_schema()
-    create_tables(storage, models)
-    return storage

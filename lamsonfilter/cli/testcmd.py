@@ -18,7 +18,7 @@ import click
 
 from ..app import StartupError
 from ..mail import AddressError, MailRequest
-from ..state import MemoryStorage, SchemaMissingError, StateStorage, StorageError
+from ..state import SchemaMissingError, StateStorage, StorageError
 from .common import app_option, database_option, fail, load, with_app_dir
 
 __all__ = ["test_cmd"]
@@ -47,6 +47,7 @@ _RETURN_PATH = re.compile(rb"(?im)^return-path[ \t]*:")
 
 def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> tuple[StateStorage, str | None]:
     """The real state store when it exists (read, not committed), else empty memory state."""
+    from ..models import empty_storage
     from ..settings import load_settings, make_storage, sqlite_path
 
     try:
@@ -56,17 +57,25 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
         raise
     url = settings["DATABASE_URL"]
     path = sqlite_path(url, settings["APP_DIR"])
+
+    def empty() -> StateStorage:  # in-memory SQLite for an application with models
+        try:
+            return empty_storage(app_dir)
+        except StartupError as exc:
+            fail(str(exc))
+            raise
+
     if path is not None and not path.exists():
         if commit:
             fail(f"--commit: the state database {path} does not exist; run: lamsonfilter db init --app {app_dir}")
-        return MemoryStorage(), f"state database {path} does not exist yet: starting from empty state"
+        return empty(), f"state database {path} does not exist yet: starting from empty state"
     try:
         storage = make_storage(url, settings["APP_DIR"])
         storage.check_schema()
     except SchemaMissingError as exc:
         if commit:
             fail(with_app_dir(str(exc), app_dir))
-        return MemoryStorage(), f"{with_app_dir(str(exc), app_dir)}; using empty state"
+        return empty(), f"{with_app_dir(str(exc), app_dir)}; using empty state"
     except StorageError as exc:
         fail(str(exc))
         raise
