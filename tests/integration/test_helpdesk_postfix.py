@@ -10,8 +10,14 @@ db init`` with the help desk's tables).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from email.utils import parseaddr
 from pathlib import Path
@@ -22,7 +28,9 @@ from sqlalchemy import create_engine, text
 
 from lamsonfilter.settings import load_settings, resolve_database_url
 from tests.rig.deploy import ROOT, Deployment
+from tests.rig.fixtures import require
 from tests.rig.modes import deployment_class, started
+from tests.rig.postfix import free_port, wait_for
 
 pytestmark = pytest.mark.postfix
 
@@ -129,3 +137,46 @@ def test_a_stranger_cannot_close_a_ticket(desk: Deployment) -> None:
     assert "only the person who opened" in refusal.message.get_content()
     assert ticket(desk, number)["status"] == "open"
     assert len(kept(desk, number)) == 1
+
+
+@pytest.mark.parametrize("mode", ["milter", "content-filter"])
+def test_the_demo_runs_the_help_desk(mode: str) -> None:
+    """``make run APP=examples/helpdesk``: the demo creates the help desk's tables, and what its
+    banner says to try works -- a ticket is opened and answered into the demo's mailbox."""
+    require("postfix", "postconf", root=True)
+    base = Path(tempfile.mkdtemp(prefix="lf-hd-demo-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    work, port = base / "w", free_port()
+    out = open(base / "demo.out", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamsonfilter", "demo", "--app", str(EXAMPLE), "--mode", mode,
+         "--dir", str(work), "--port", str(port)],
+        cwd="/", stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: "ready" in (base / "demo.out").read_text() or proc.poll() is not None, 120,
+                 message="the demo to be ready")
+        banner = (base / "demo.out").read_text()
+        assert proc.poll() is None, banner
+        assert f"--to support@{HOST}" in banner and "helpdesk.NEW" in banner
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.sendmail(ALICE, [SUPPORT], f"From: {ALICE}\r\nTo: {SUPPORT}\r\nSubject: printer on fire\r\n"
+                          "Message-ID: <hd-demo-1@example.com>\r\n\r\nhelp\r\n".encode())
+        inbox = work / "mail" / "inbox" / "new"
+        wait_for(lambda: inbox.is_dir() and len(list(inbox.glob("*"))) >= 2, 60,
+                 message="the answer and the staff's copy in the demo's mailbox")
+        found = [p.read_bytes() for p in inbox.glob("*")]
+        assert any(b"To: alice@example.com" in m and b"Subject: [#1] printer on fire" in m for m in found)
+        assert any(b"To: staff@example.com" in m for m in found)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        out.close()
+    assert proc.returncode == 0, (base / "demo.out").read_text()
+    assert not work.exists()
+    shutil.rmtree(base)

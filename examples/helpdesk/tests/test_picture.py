@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ def test_states_svg_shows_the_same_states_and_moves():
 
     svg = (APP / "states.svg").read_text()
     dot = (APP / "states.dot").read_text()
-    for node in re.findall(r'^\s*"(helpdesk\.[A-Z]+)" \[', dot, re.M):
+    for node in re.findall(r'^\s*"(helpdesk\.[A-Z]+)" \[', dot, re.MULTILINE):
         assert f"<title>{node}</title>" in svg, node
-    for a, b in re.findall(r'^\s*"(helpdesk\.[A-Za-z]+)" -> "(helpdesk\.[A-Z]+)"', dot, re.M):
+    for a, b in re.findall(r'^\s*"(helpdesk\.[A-Za-z]+)" -> "(helpdesk\.[A-Z]+)"', dot, re.MULTILINE):
         assert f"<title>{a}&#45;&gt;{b}</title>" in svg, (a, b)
