@@ -201,8 +201,11 @@ def test_a_reply_to_an_unknown_ticket_gets_a_clear_answer(t):
     assert t.state("helpdesk", "ticket:42") is None
 
 
-def test_a_ticket_number_with_a_leading_zero_is_no_route(t):
+def test_a_ticket_number_with_a_leading_zero_or_too_many_digits_is_no_route(t):
     assert t.app.router.match(f"support+ticket-01@{HOST}") is None
+    assert t.app.router.match(f"support+close-1234567890@{HOST}") is None  # 10 digits: beyond INTEGER
+    r = t.send("bob@example.net", f"support+ticket-999999999@{HOST}")
+    assert "there is no ticket #999999999" in r.replies[0].get_content()
 
 
 # ------------------------------------------------------------------ closing

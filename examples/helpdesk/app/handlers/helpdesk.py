@@ -54,7 +54,10 @@ from ..models import Ticket, TicketMessage
 
 handler = Handler("helpdesk", key=lambda ctx: ("ticket", int(ctx.args["number"])))
 
-NUMBER = r"[1-9][0-9]{0,17}"
+#: A ticket number as written in an address: no leading zero (one number, one address), at
+#: most 9 digits, so it fits the INTEGER column on every database (a longer one is no route:
+#: 550 5.1.1 at RCPT, never a database error and a tempfail).
+NUMBER = r"[1-9][0-9]{0,8}"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
