@@ -83,7 +83,6 @@ class Context:
         self.outcome: Outcome | None = None
         self.deferred = False
         self._claimed = False
-        self._used_db = False
         self._answer_addresses: dict[str, str] | None = None
 
     # ------------------------------------------------------------ reading
@@ -150,15 +149,15 @@ class Context:
         call did is kept (state, outbox, message changes); the other
         recipients' outcomes stand.  The recipient counts as consumed; the
         runtime has the message in the queue (``QUEUE``) before the 2xx.
-        A `HandlerError` (a tempfail) from the queue, or after `claim` (a
-        claimed token cannot be given back): defer first, then do the work.
+        A `HandlerError` (a tempfail) from the queue, or after `claim` or
+        rows written with `db` (neither can be given back): defer first.
         """
         if self.from_queue:
             raise HandlerError(
                 f"ctx.defer() for {self.recipient} in a run from the queue: the message was deferred "
                 "already; do the slow work when ctx.from_queue is True instead of deferring again")
-        if self._claimed or self._used_db:
-            used = "ctx.claim(): a claimed token" if self._claimed else "ctx.db: a row written"
+        if self._claimed or getattr(self._tx, "db_changed", bool)():
+            used = "ctx.claim(): a claimed token" if self._claimed else "ctx.db wrote rows: they"
             raise HandlerError(
                 f"ctx.defer() for {self.recipient} after {used} cannot be given back; call ctx.defer() first")
         self.deferred = True
@@ -425,7 +424,6 @@ class Context:
         dry run).  ``ctx.db.flush()`` sends the changes early (a new row's id).  This key is
         locked; a row other keys' messages also change needs ``with_for_update()`` (PostgreSQL).
         """
-        self._used_db = True
         session: Session = getattr(self._tx, "db")  # `LazyTransaction.db`
         return session
 

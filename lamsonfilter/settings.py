@@ -4,6 +4,7 @@ An application lives in a directory (``lamsonfilter gen NAME`` makes one):
 
     NAME/
       app/handlers/       one module per concern; each defines ``handler = Handler(...)``
+      app/models.py       optional: SQLAlchemy models on ``Base`` (`lamsonfilter.models`)
       app/templates/      Mako reply templates
       config/settings.py  HOSTS, HANDLERS, DATABASE_URL, RELAY, ...
       tests/              the application's own tests (lamsonfilter.testing)

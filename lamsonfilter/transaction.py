@@ -53,6 +53,7 @@ class _Mark:
     seen: dict[str, StateRecord | None] = field(default_factory=dict)  # as first read in the call
     written: list[str] = field(default_factory=list)  # in the order of their first write
     trace: list[StateWrite] = field(default_factory=list)
+    db_writes: int = 0  # the session's flushes with changes before the call (`AppSession.writes`)
 
 
 class LazyTransaction:
@@ -147,7 +148,19 @@ class LazyTransaction:
     def mark(self) -> _Mark:
         """Start remembering the writes of one state function's call (see `undo`)."""
         self._mark = _Mark(trace=list(self._trace.writes) if self._trace is not None else [])
+        if self._session is not None:  # the earlier calls' rows are theirs: sent before this call
+            self._session.flush()
+            self._mark.db_writes = self._session.writes
         return self._mark
+
+    def db_changed(self) -> bool:
+        """True when the current call (since `mark`) changed rows through ``ctx.db``: those
+        cannot be taken back by `undo`, so ``ctx.defer()`` refuses."""
+        session, mark = self._session, self._mark
+        if session is None:
+            return False
+        before = mark.db_writes if mark is not None else 0
+        return bool(session.writes > before or session.new or session.dirty or session.deleted)
 
     def keep(self) -> None:
         """The call ended normally: its writes stay; stop remembering."""

@@ -114,7 +114,19 @@ def test_tester_failure_leaves_nothing(ledger_dir: Path, fail: str) -> None:
     assert r.decision.is_tempfail
     assert _totals(t, models) == (5, 1) and t.data("ledger", "alice") == {"n": 1}
     if fail in ("commit", "defer"):  # the handler is told why
-        assert "ctx.db.commit() is not allowed" in str(r.error) if fail == "commit" else "ctx.defer()" in str(r.error)
+        said = "ctx.db.commit() is not allowed" if fail == "commit" else "after ctx.db wrote rows"
+        assert said in str(r.error)
+
+
+def test_tester_defer_after_reading_rows_then_write_from_the_queue(ledger_dir: Path) -> None:
+    from lamsonfilter.decisions import Action
+
+    t = AppTester.from_directory(ledger_dir)
+    models = models_of(ledger_dir)
+    r = t.send(SENDER, "alice@ledger.example.org", subject="add 5", headers={"X-Test-Defer-First": "yes"})
+    assert r.action is Action.DEFER and _totals(t, models) == (None, 0)
+    [later] = t.run_deferred()
+    assert later.state_after == "OPEN" and _totals(t, models) == (5, 1)
 
 
 def test_tester_db_arranges_rows(ledger_dir: Path) -> None:
@@ -260,4 +272,125 @@ def test_a_conflicting_flush_runs_again_then_says_why(ledger: Ledger, caplog: py
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "queue_id=QDUP" in errors[0]
     assert "still conflicting after 8 attempts; the last: writing the application's rows" in errors[0]
+    assert ledger.committed() == (5, 1, "OPEN", 1)
+
+
+# ---------------------------------------------------------------- two messages for one key at once
+def _wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def _journal(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_messages_for_one_key_serialise(ledger: Ledger, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reads the account row and waits at a gate; B, for the same account, starts meanwhile.
+
+    B must not read the row before A committed: it waits for A's key (PostgreSQL's advisory
+    lock, SQLite's write lock).  Had it read the row early, it would write 0 + 2, losing A's 1.
+    """
+    import threading
+    import time
+
+    journal, gates = tmp_path / "journal", tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv("LF_MODELS_JOURNAL", str(journal))
+    monkeypatch.setenv("LF_MODELS_GATES", str(gates))
+    decisions: dict[str, Any] = {}
+
+    def send(seq: str, subject: str, gate: str = "") -> None:
+        headers = {"X-Test-Seq": seq, **({"X-Test-Gate": gate} if gate else {})}
+        decisions[seq] = ledger.process(subject, headers=headers, queue_id=seq)
+
+    a = threading.Thread(target=send, args=("A", "add 1", "open"))
+    a.start()
+    _wait_for(lambda: any(e["seq"] == "A" for e in _journal(journal)), "A to read the row")
+    b = threading.Thread(target=send, args=("B", "add 2"))
+    b.start()
+    time.sleep(0.3)  # B's chance to overtake A if nothing held it back (not a timing assert)
+    (gates / "open").touch()
+    a.join(60)
+    b.join(60)
+    assert not a.is_alive() and not b.is_alive()
+    assert not decisions["A"].is_tempfail and not decisions["B"].is_tempfail
+    events = [(e["seq"], e["event"], e["total"]) for e in _journal(journal)]
+    assert events == [("A", "read", 0), ("A", "write", 1), ("B", "read", 1), ("B", "write", 3)]
+    assert ledger.committed() == (3, 2, "OPEN", 2)
+    with ledger.storage.transaction(commit=False) as tx:
+        record = tx.get("ledger:alice")
+    assert record is not None and record.data == {"n": 2}
+
+
+def test_many_messages_for_one_key_lose_no_update(ledger: Ledger) -> None:
+    """Two threads, ten messages each, one account: every amount is in the total."""
+    import threading
+
+    failures: list[Any] = []
+
+    def send(thread: int) -> None:
+        for i in range(10):
+            d = ledger.process(f"add {thread * 100 + i}", queue_id=f"T{thread}-{i}")
+            if d.is_tempfail:
+                failures.append(d)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not failures
+    expected = sum(n * 100 + i for n in (1, 2) for i in range(10))
+    assert ledger.committed() == (expected, 20, "OPEN", 20)
+
+
+# ---------------------------------------------------------------- the dry run
+def _dry_run(app_dir: Path, tmp_path: Path, *args: str) -> Any:
+    message = tmp_path / "add.eml"
+    message.write_bytes(make_message(SENDER, "alice@ledger.example.org", subject="add 5"))
+    return CliRunner().invoke(main, ["test", "--app", str(app_dir), *args, str(message)], catch_exceptions=False)
+
+
+def test_dry_run_without_a_database_uses_an_empty_one_in_memory(ledger_dir: Path, tmp_path: Path) -> None:
+    result = _dry_run(ledger_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "ledger_account:alice: (none) -> inserted" in result.output
+    assert "not committed: dry run" in result.output
+
+
+@pytest.mark.parametrize("sql_url", ["sqlite"], indirect=True)
+def test_dry_run_commits_rows_only_with_commit(ledger_dir: Path, ledger_url: str, tmp_path: Path) -> None:
+    led = Ledger(ledger_dir, ledger_url)
+    try:
+        result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url)
+        assert result.exit_code == 0, result.output
+        assert "ledger_entry:1: (none) -> inserted" in result.output
+        assert led.committed() == (None, 0, None, 0)
+        result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url, "--commit")
+        assert result.exit_code == 0, result.output
+        assert led.committed() == (5, 1, "OPEN", 0)  # --commit: rows and state; the outbox never stored
+    finally:
+        led.close()
+
+
+def test_db_init_refuses_bad_models_naming_the_file(tmp_path: Path) -> None:
+    app = _app_with_models(tmp_path, "x = 1\n")
+    result = CliRunner().invoke(main, ["db", "init", "--app", str(app)], catch_exceptions=False)
+    assert result.exit_code == 2 and f"{app / 'app' / 'models.py'} has no Base" in result.output
+
+
+def test_db_init_twice_keeps_the_rows(ledger: Ledger, ledger_dir: Path, ledger_url: str) -> None:
+    ledger.process("add 5")
+    result = CliRunner().invoke(main, ["db", "init", "--app", str(ledger_dir), "--database", ledger_url],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
     assert ledger.committed() == (5, 1, "OPEN", 1)

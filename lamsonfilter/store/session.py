@@ -41,7 +41,13 @@ _WHY = ("the framework commits the application's rows together with the state an
 
 
 class AppSession(Session):
-    """The `Session` a handler gets as ``ctx.db``; it cannot end the message's transaction."""
+    """The `Session` a handler gets as ``ctx.db``; it cannot end the message's transaction.
+
+    `writes` counts its flushes that sent changes (``ctx.defer()`` asks whether the deferring
+    call wrote rows: `lamsonfilter.transaction.LazyTransaction.db_changed`).
+    """
+
+    writes = 0
 
     def commit(self) -> NoReturn:
         raise HandlerError(f"ctx.db.commit() is not allowed: {_WHY}; use ctx.db.flush() to send "
@@ -63,6 +69,7 @@ def open_session(conn: Connection, trace: Trace | None = None) -> AppSession:
     deletes is recorded as a `StateWrite` keyed ``table:primary key``.
     """
     session = AppSession(bind=conn, join_transaction_mode="rollback_only", expire_on_commit=False)
+    event.listen(session, "after_flush", _count)
     if trace is not None:
         event.listen(session, "after_flush", lambda s, _ctx: _record(s, trace))
     return session
@@ -92,6 +99,11 @@ def translate(exc: BaseException, storage: Any) -> BaseException:
 def finish(session: AppSession) -> None:
     """Forget the session's objects and let go of the connection (the storage ends its transaction)."""
     Session.close(session)
+
+
+def _count(session: Session, _flush_context: Any) -> None:
+    if isinstance(session, AppSession) and (session.new or session.dirty or session.deleted):
+        session.writes += 1
 
 
 def _record(session: Session, trace: Trace) -> None:
