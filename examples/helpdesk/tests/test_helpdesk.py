@@ -263,3 +263,11 @@ def test_tickets_are_independent(t):
     assert t.state("helpdesk", f"ticket:{second}") == "OPEN"
     # b cannot touch a's ticket, a cannot touch b's
     assert "only the person" in t.send("a@example.com", f"support+ticket-{second}@{HOST}").replies[0].get_content()
+
+
+def test_staff_must_be_a_list_of_addresses():
+    t = AppTester.from_directory(APP, overrides={"STAFF": "staff@example.com"}, now=NOW)
+    r = t.send("alice@example.com", SUPPORT, expect_tempfail=True)
+    assert isinstance(r.error, TypeError) and "settings.STAFF must be a list of addresses" in str(r.error)
+    t = AppTester.from_directory(APP, overrides={"STAFF": []}, now=NOW)  # nobody: tickets are still opened
+    assert open_ticket(t)[0].messages == []

@@ -121,7 +121,11 @@ def _keep(ctx: Context, ticket: Ticket, text: str) -> TicketMessage:
 
 
 def _staff(ctx: Context) -> list[str]:
-    return [a.lower() for a in ctx.settings["STAFF"]]
+    """settings.STAFF, lower-cased (a list of addresses; one string would be read letter by letter)."""
+    staff = ctx.settings.get("STAFF", [])
+    if isinstance(staff, str) or not all(isinstance(a, str) and "@" in a for a in staff):
+        raise TypeError(f"settings.STAFF must be a list of addresses, such as ['staff@example.com'], not {staff!r}")
+    return [a.lower() for a in staff]
 
 
 def _send_on(ctx: Context, ticket: Ticket, template: str, recipients: list[str], text: str,
