@@ -1,17 +1,18 @@
 """The example help desk on one PostgreSQL shared by two filter hosts.
 
-Two `App` objects loaded from examples/helpdesk stand for two filter hosts
-(each has its own engine and connection pool, as two processes would) and
-process mail from several threads at once against one database.  Ticket
-numbers come from the database (``helpdesk_ticket.id``, a sequence), so no
-two tickets share a number however the openings interleave; messages for
-one ticket serialise on the ticket's state key, so concurrent replies are
-all kept, none lost to a lost update.
+Ticket numbers come from the database (``helpdesk_ticket.id``, a
+sequence), so no two tickets share a number however the openings of two
+filter hosts interleave: two processes (nothing in memory shared), three
+threads each, open tickets at once.  Messages for one ticket serialise on
+the ticket's state key, so replies that two `App` objects (each with its
+own engine and pool) process at once are all kept, none lost.
 """
 
 from __future__ import annotations
 
-import re
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
@@ -94,23 +95,65 @@ def rows(url: str, query: str) -> list[tuple[object, ...]]:
         engine.dispose()
 
 
+#: One filter host: loads the help desk on the shared database, says "ready", waits for "go" on
+#: stdin, then opens its tickets from three threads at once and prints "ticket SUBJECT NUMBER".
+HOST_SCRIPT = textwrap.dedent("""
+    import re, sys, threading
+    from lamsonfilter.mail import MailRequest
+    from lamsonfilter.settings import load_app
+    from lamsonfilter.testing import make_message
+
+    app_dir, url, name, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    app = load_app(app_dir, {"DATABASE_URL": url})
+    print("ready", flush=True)
+    assert sys.stdin.readline().strip() == "go"
+    lines = []
+
+    def open_tickets(thread):
+        for i in range(count):
+            subject = f"{name}-{thread}-{i}"
+            sender = f"{subject}@example.com"
+            request = MailRequest.from_bytes(make_message(sender, "support@support.example.org", subject),
+                                             sender=sender, recipients=("support@support.example.org",))
+            decision = app.process(request)
+            [reply] = [m for m in decision.outbox if m.kind == "reply"]
+            number = re.search(rb"Subject: \\[#(\\d+)\\] ", reply.raw).group(1).decode()
+            lines.append(f"ticket {subject} {number}")
+
+    threads = [threading.Thread(target=open_tickets, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    print("\\n".join(lines), flush=True)
+""")
+
+
 def test_two_hosts_opening_tickets_at_once_never_share_a_number(desk_url: str) -> None:
-    a, b = hosts(desk_url)
-    jobs = [(a if i % 2 else b, f"user{i}@example.com", f"support@{HOST}", f"request {i}") for i in range(12)]
-    decisions = run_at_once(jobs)
-    answered = {}
-    for decision in decisions:
-        [reply] = [m for m in decision.outbox if m.kind == "reply"]  # type: ignore[attr-defined]
-        m = re.search(rb"Subject: \[#(\d+)\] request (\d+)", reply.raw)
-        assert m, reply.raw[:400]
-        answered[int(m.group(2))] = int(m.group(1))
-    assert sorted(answered.values()) == list(range(1, 13))  # twelve tickets, twelve numbers
-    stored = rows(desk_url, "SELECT number, requester, subject FROM helpdesk_ticket ORDER BY number")
-    assert [(n, f"user{i}@example.com", f"request {i}") for i, n in sorted(answered.items(), key=lambda x: x[1])] \
-        == stored
-    assert rows(desk_url, "SELECT count(*) FROM helpdesk_message") == [(12,)]
-    for app in (a, b):
-        app.storage.close()
+    """Two processes (two filter hosts: nothing in memory is shared), three threads each."""
+    hosts = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(APP), desk_url, name, "4"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    try:
+        for proc in hosts:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)
+        for proc in hosts:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [proc.communicate(timeout=120) for proc in hosts]
+    finally:
+        for proc in hosts:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert [proc.returncode for proc in hosts] == [0, 0], outputs
+    answered = dict(line.split()[1:] for out, _err in outputs for line in out.splitlines() if line.startswith("ticket "))
+    assert len(answered) == 24
+    assert sorted(int(n) for n in answered.values()) == list(range(1, 25))  # 24 tickets, 24 numbers
+    stored = rows(desk_url, "SELECT number, subject, requester FROM helpdesk_ticket ORDER BY number")
+    assert stored == sorted((int(n), s, f"{s}@example.com") for s, n in answered.items())
+    assert rows(desk_url, "SELECT count(*) FROM helpdesk_message") == [(24,)]
 
 
 def test_replies_to_one_ticket_from_two_hosts_at_once_are_all_kept(desk_url: str) -> None:
