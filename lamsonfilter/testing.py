@@ -105,7 +105,9 @@ class Result:
 
     @property
     def writes(self) -> list[StateWrite]:
-        """Every state key this message wrote (its own, `ctx.set_state`, claims, rate counters)."""
+        """Every state key this message wrote (its own, `ctx.set_state`, claims, rate counters),
+        and every row of the application's models (``table:primary key``, op ``insert``,
+        ``update`` or ``delete``)."""
         return list(self.trace.writes) if self.trace is not None else []
 
     def outcome(self, recipient: str | None = None) -> Outcome:

@@ -129,6 +129,21 @@ def test_tester_defer_after_reading_rows_then_write_from_the_queue(ledger_dir: P
     assert later.state_after == "OPEN" and _totals(t, models) == (5, 1)
 
 
+def test_one_recipient_defers_the_other_keeps_its_rows(ledger_dir: Path) -> None:
+    from lamsonfilter.decisions import Action
+
+    t = AppTester.from_directory(ledger_dir)
+    models = models_of(ledger_dir)
+    r = t.send(SENDER, ["alice@ledger.example.org", "bob@ledger.example.org"], subject="add 5",
+               headers={"X-Test-Defer-First": "bob"})
+    assert r.outcome("alice@ledger.example.org").state_after == "OPEN"
+    assert r.outcome("bob@ledger.example.org").action is Action.DEFER
+    s = t.db()
+    assert [a.name for a in s.scalars(select(models.Account))] == ["alice"]
+    t.run_deferred()
+    assert sorted((a.name, a.total) for a in t.db().scalars(select(models.Account))) == [("alice", 5), ("bob", 5)]
+
+
 def test_tester_db_arranges_rows(ledger_dir: Path) -> None:
     t = AppTester.from_directory(ledger_dir)
     models = models_of(ledger_dir)
@@ -363,8 +378,9 @@ def _dry_run(app_dir: Path, tmp_path: Path, *args: str) -> Any:
 def test_dry_run_without_a_database_uses_an_empty_one_in_memory(ledger_dir: Path, tmp_path: Path) -> None:
     result = _dry_run(ledger_dir, tmp_path)
     assert result.exit_code == 0, result.output
-    assert "ledger_account:alice: (none) -> inserted" in result.output
-    assert "not committed: dry run" in result.output
+    assert "rows written: 2 (ctx.db) (not committed: dry run)" in result.output
+    assert "  insert ledger_account:alice\n  insert ledger_entry:1\n" in result.output
+    assert "ledger:alice: (none) -> OPEN" in result.output
 
 
 @pytest.mark.parametrize("sql_url", ["sqlite"], indirect=True)
@@ -373,7 +389,7 @@ def test_dry_run_commits_rows_only_with_commit(ledger_dir: Path, ledger_url: str
     try:
         result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url)
         assert result.exit_code == 0, result.output
-        assert "ledger_entry:1: (none) -> inserted" in result.output
+        assert "insert ledger_entry:1" in result.output
         assert led.committed() == (None, 0, None, 0)
         result = _dry_run(ledger_dir, tmp_path, "--database", ledger_url, "--commit")
         assert result.exit_code == 0, result.output
@@ -394,3 +410,18 @@ def test_db_init_twice_keeps_the_rows(ledger: Ledger, ledger_dir: Path, ledger_u
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert ledger.committed() == (5, 1, "OPEN", 1)
+
+
+def test_models_tables_missing_names_db_init(ledger_dir: Path, sql_schema_url: str,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The framework's tables exist (an older db init), the models' do not: the line says what to run."""
+    _drop_ledger_tables(sql_schema_url)
+    led = Ledger(ledger_dir, sql_schema_url)
+    try:
+        d = led.process("add 5", queue_id="QMISS")
+    finally:
+        led.close()
+    assert d.is_tempfail
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "queue_id=QMISS" in line and "a table of the application's models is missing" in line
+    assert "lamsonfilter db init --app" in line

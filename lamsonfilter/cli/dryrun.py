@@ -261,11 +261,17 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
             add(f"  body replaced ({len(decision.body)} bytes)")
     if decision.sender is not None:
         add(f"sender changed to: <{decision.sender}>")
-    if trace is not None and trace.writes and not decision.error:
-        add(f"state written: {len(trace.writes)} key(s)" + ("" if commit else " (not committed: dry run)"))
-        for w in trace.writes:
+    writes = list(trace.writes) if trace is not None and not decision.error else []
+    keys = [w for w in writes if w.op not in _ROW_OPS]
+    rows = [w for w in writes if w.op in _ROW_OPS]  # the application's models (ctx.db)
+    if keys:
+        add(f"state written: {len(keys)} key(s)" + ("" if commit else " (not committed: dry run)"))
+        for w in keys:
             data = f"  {json.dumps(dict(w.data), sort_keys=True, default=str)}" if w.data else ""
             add(f"  {w.key}: {w.before or '(none)'} -> {w.after or '(none)'}{data}")
+    if rows:
+        add(f"rows written: {len(rows)} (ctx.db)" + ("" if commit else " (not committed: dry run)"))
+        out.extend(f"  {w.op} {w.key}" for w in rows)
     if not decision.outbox:
         add("outbox:    0 message(s)")
     elif commit:
@@ -276,6 +282,10 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
         add(f"  --- {i}: {m.kind}, MAIL FROM:<{m.sender}> RCPT TO:" + " ".join(f"<{r}>" for r in m.recipients))
         out.extend("  | " + line for line in readable(m.raw).splitlines())
     return "\n".join(out) + "\n"
+
+
+#: `StateWrite.op` of a row of the application's models (`lamsonfilter.store.session`).
+_ROW_OPS = ("insert", "update", "delete")
 
 
 def _text_of(msg: Any) -> str:

@@ -91,8 +91,8 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
 @click.option("--rcpt", multiple=True, help="Envelope recipient (RCPT TO); repeat for several. Default: To, Cc, Bcc.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts.")
 @click.option("--commit", is_flag=True,
-              help="Commit the state changes (default: read state, change nothing).  The outbox is never "
-                   "stored, so no daemon on this database will ever send it.")
+              help="Commit the state changes and the rows of app/models.py (default: read state, change "
+                   "nothing).  The outbox is never stored, so no daemon on this database will ever send it.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary (and errors).")
 @database_option
 def test_cmd(

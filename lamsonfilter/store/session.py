@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from ..diagnostics import StateWrite, Trace
 from ..errors import HandlerError
+from ..state import SchemaMissingError
 
 __all__ = ["AppSession", "finish", "flush", "open_session", "translate"]
 
@@ -77,21 +78,26 @@ def open_session(conn: Connection, trace: Trace | None = None) -> AppSession:
 
 def flush(session: AppSession, storage: Any) -> None:
     """Send what the session holds, before the commit; errors become `StorageError` and friends."""
-    errors = getattr(storage, "_errors", None)
-    if errors is None:
+    try:
         session.flush()
-        return
-    with errors("writing the application's rows"):
-        session.flush()
+    except DBAPIError as exc:
+        raise translate(exc, storage, "writing the application's rows") from exc
 
 
-def translate(exc: BaseException, storage: Any) -> BaseException:
+def translate(exc: BaseException, storage: Any, action: str = "a handler's statement on the application's rows",
+              ) -> BaseException:
     """A driver's error raised in a handler as the store's `StorageError` (a conflict: `ConflictError`,
-    so the message runs again); any other exception unchanged."""
+    so the message runs again; a missing table: `SchemaMissingError` naming ``db init``); any other
+    exception unchanged."""
     to_store = getattr(storage, "_translate", None)
     if not isinstance(exc, DBAPIError) or to_store is None:
         return exc
-    translated: BaseException = to_store(exc, "a handler's statement on the application's rows")
+    translated: BaseException = to_store(exc, action)
+    if isinstance(translated, SchemaMissingError):  # the store would say its own tables are missing
+        detail = " ".join(str(exc.orig or exc).split())
+        translated = SchemaMissingError(
+            f"{action}: a table of the application's models is missing in {storage.url} ({detail}); "
+            f"{storage._init_hint()}")
     translated.__cause__ = exc
     return translated
 
