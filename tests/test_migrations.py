@@ -288,7 +288,7 @@ def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path)
     r = _db("stamp", *db, "0001")
     assert r.exit_code == 0, r.output
     r = _db("upgrade", *db)
-    assert r.exit_code == 0 and "application: at revision 0001, the newest" in r.output, r.output
+    assert r.exit_code == 0 and f"application tables ready: {table} (at revision 0001, the newest)" in r.output, r.output
 
     models.write_text(models.read_text() + PRIORITY)
     for name in [m for m in sys.modules if m.startswith("lamsonfilter_app_")]:
@@ -310,7 +310,7 @@ def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path)
         Runtime.from_directory(app, {"DATABASE_URL": sql_url})
 
     r = _db("upgrade", *db)
-    assert r.exit_code == 0 and "application: revision 0001 -> 0002" in r.output, r.output
+    assert r.exit_code == 0 and f"application tables ready: {table} (revision 0001 -> 0002)" in r.output, r.output
     assert _db("status", *db).exit_code == 0
     runtime = Runtime.from_directory(app, {"DATABASE_URL": sql_url})
     runtime.app.storage.close()
@@ -409,7 +409,7 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     assert (app / "app" / "models.py").is_file()
 
     r = _db("init", "--app", str(app))
-    assert r.exit_code == 0 and "application: revision (none) -> 0001" in r.output, r.output
+    assert r.exit_code == 0 and "application tables ready: tick_greeting (revision (none) -> 0001)" in r.output, r.output
     assert _rows(f"sqlite:///{app / 'var' / 'state.db'}", "tick_greeting", "id") == []
     r = _db("status", "--app", str(app))
     assert r.exit_code == 0 and "application: at 0001, newest 0001: up to date" in r.output, r.output
@@ -518,3 +518,38 @@ def test_two_hosts_upgrading_the_application_at_once_both_succeed(sql_url: str, 
                 conn.execute(text("DROP TABLE IF EXISTS race_greeting"))
         finally:
             engine.dispose()
+
+
+# ---------------------------------------------------------------- the examples' migrations
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+@pytest.mark.parametrize("example", ["helpdesk"])
+def test_an_examples_migrations_make_exactly_its_models(sql_url: str, example: str) -> None:
+    """After its migrations, autogenerate finds nothing to do: a changed model needs
+    `lamsonfilter db revision --app examples/EXAMPLE -m ...` (this test says so when it fails)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from lamsonfilter.models import load_models
+
+    app = ROOT / "examples" / example
+    metadata = load_models(app)
+    assert metadata is not None and (app / "migrations").is_dir()
+    st = SQLAlchemyStorage(sql_url)
+    engine = _engine(sql_url)
+    try:
+        st.create_schema()
+        st.upgrade_app(app, metadata)
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True,
+                "include_name": lambda name, type_, parents: type_ != "table" or name in metadata.tables,
+            })
+            diff = compare_metadata(ctx, metadata)
+        assert diff == [], (f"examples/{example}/app/models.py differs from its migrations: run "
+                            f"`lamsonfilter db revision --app examples/{example} -m ...`: {diff}")
+    finally:
+        st.close()
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
+        engine.dispose()

@@ -55,10 +55,11 @@ class SQLAppSchema(SQLEngine):
                     if not have:
                         self._refuse_unrecorded(conn, line, want)
                     migrate.upgrade(conn, line)
-                    if have == want:
-                        return f"application: at revision {', '.join(want)}, the newest"
-                    return (f"application: revision {', '.join(have) or '(none)'} -> "
-                            f"{', '.join(want)}")
+                    done = (f"at revision {', '.join(want)}, the newest" if have == want else
+                            f"revision {', '.join(have) or '(none)'} -> {', '.join(want)}")
+                    if metadata is None or not metadata.tables:
+                        return f"application: {done}"
+                    return f"application tables ready: {', '.join(sorted(metadata.tables))} ({done})"
                 if have:
                     self._refuse_unknown(line, have, want)
                 if metadata is None or not metadata.tables:
