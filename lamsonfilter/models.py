@@ -20,7 +20,8 @@ Handlers import them (``from ..models import Ticket``) and use them through
 (`lamsonfilter.store.session`).  `load_models` imports the module from
 the very package the handlers are imported from (`lamsonfilter.apppackage`),
 so both see one `Base`; `App.models` is its ``Base.metadata``.
-``lamsonfilter db init`` creates the tables (`create_tables`).
+``lamsonfilter db init`` creates the tables (by the application's migrations,
+`lamsonfilter.store.appschema`; `create_tables` makes them for tests and dry runs).
 
 Refused at start-up (`ModelsError`, naming the file): a module without
 ``Base``, a ``Base`` that is not a `DeclarativeBase` subclass, a table whose
