@@ -211,6 +211,40 @@ def test_a_schema_2_database_upgrades_keeping_every_row(sql_url: str, tmp_path: 
         st.close()
 
 
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_a_schema_4_database_keeps_its_confirmations(sql_url: str, tmp_path: Path) -> None:
+    """Schema version 4 (3 plus the confirmations table, lamsonfilter.confirm before migrations):
+    revision 0001 adopts the rest, 0002 finds the table and keeps its rows, the version row stays 4."""
+    from lamsonfilter.store.schema import CONFIRMATIONS_TABLE
+
+    make_schema_2(sql_url)
+    engine = _engine(sql_url)
+    confirmation = {"token_hash": "ab" * 32, "kind": "subscribe", "sender": "Alice@Example.com",
+                    "data": '{"list": "python"}', "message": b"Subject: x\r\n\r\nbody\r\n",
+                    "created_at": _at(30), "expires_at": _at(40), "used_at": None}
+    try:
+        with engine.begin() as conn:
+            for name in ("claimed_by", "claimed_until"):
+                conn.execute(text(f"ALTER TABLE lamsonfilter_outbox ADD COLUMN {name} "
+                                  + ("VARCHAR(255)" if name == "claimed_by" else "TIMESTAMP WITH TIME ZONE")))
+            CONFIRMATIONS_TABLE.create(conn)
+            conn.execute(insert(CONFIRMATIONS_TABLE).values(**confirmation))
+            conn.execute(text("UPDATE lamsonfilter_meta SET value = '4'"))
+    finally:
+        engine.dispose()
+    result = _db("upgrade", "--app", str(_app(tmp_path)), "--database", sql_url)
+    assert result.exit_code == 0, result.output
+    st = SQLAlchemyStorage(sql_url)
+    try:
+        st.check_schema()
+    finally:
+        st.close()
+    assert _rows(sql_url, "lamsonfilter_confirmations", "token_hash") == [confirmation]
+    assert _rows(sql_url, "lamsonfilter_meta", "name") == [{"name": "schema_version", "value": "4"}]
+    assert _rows(sql_url, "lamsonfilter_alembic_version", "version_num") == [{"version_num": "0002"}]
+    assert len(_rows(sql_url, "lamsonfilter_outbox", "id")) == len(OUTBOX_ROWS)
+
+
 # ---------------------------------------------------------------- the revisions make METADATA
 @pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
 def test_the_revisions_make_exactly_the_declared_tables(sql_url: str) -> None:

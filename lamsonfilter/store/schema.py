@@ -10,7 +10,7 @@ says which revision a database is at.
 
 `SQLSchema.create_schema` (``lamsonfilter db init`` and ``db upgrade``)
 upgrades the database to the newest revision: a new one gets every table,
-one made before Alembic (``lamsonfilter_meta`` at schema version 1, 2 or 3)
+one made before Alembic (``lamsonfilter_meta`` at schema version 1 to 4)
 keeps every row and gets what it lacks.  `SQLSchema.check_schema` (every
 daemon at start) refuses a database that is behind (naming ``lamsonfilter db
 upgrade``) or ahead (a revision this lamsonfilter does not know: upgrade
@@ -48,8 +48,13 @@ log = logging.getLogger("lamsonfilter.store")
 #: The last schema version of lamsonfilter before Alembic, kept in ``lamsonfilter_meta``
 #: (revision 0001 is that schema).  2: the outbox's ``next_attempt_at``, ``failed_at``
 #: and ``last_error``; 3: the outbox's claims, ``claimed_by`` and ``claimed_until``.
-#: A database at version 1, 2 or 3 is adopted by `create_schema` in place.
+#: A database at version 1, 2, 3 (or `LEGACY_NEWEST`) is adopted by `create_schema` in place.
 SCHEMA_VERSION = 3
+
+#: The newest version a database made before Alembic may say: 4 is 3 plus the confirmations
+#: table (`lamsonfilter.confirm` before it had migrations); revision 0002 finds that table there
+#: and keeps it.  A higher version is refused as newer than this lamsonfilter.
+LEGACY_NEWEST = 4
 
 #: Longest worker name stored in a claim (``host:pid:random``).
 MAX_WORKER_LENGTH = 255
@@ -225,9 +230,9 @@ class SQLSchema(SQLEngine):
                 f"the database at {self.url} has a lamsonfilter schema with an unreadable "
                 f"version {value!r}; {self._init_hint()}"
             ) from None
-        if version > SCHEMA_VERSION:
+        if version > LEGACY_NEWEST:
             raise SchemaMissingError(
                 f"the database at {self.url} has lamsonfilter schema version {version}, "
-                f"newer than this lamsonfilter knows ({SCHEMA_VERSION}); upgrade lamsonfilter"
+                f"newer than this lamsonfilter knows ({LEGACY_NEWEST}); upgrade lamsonfilter"
             )
         return version

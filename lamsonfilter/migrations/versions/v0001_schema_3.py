@@ -4,12 +4,15 @@ Revision ID: 0001
 Revises: (none)
 
 The first revision also adopts a database made before lamsonfilter used
-Alembic (``lamsonfilter_meta`` says ``schema_version`` 1, 2 or 3): the
+Alembic (``lamsonfilter_meta`` says ``schema_version`` 1 to 4): the
 tables that exist are kept with every row, the outbox gets the columns its
 version lacks (2: ``next_attempt_at``, ``failed_at``, ``last_error``; 3:
 ``claimed_by``, ``claimed_until``; all nullable, so ``ALTER TABLE ... ADD
 COLUMN`` keeps the rows on SQLite and PostgreSQL alike), and the version
-row says 3.  A fresh database gets the four tables.  The tables are
+row says 3 (or 4, left as it is: see revision 0002).  Later revisions leave
+it alone, so a lamsonfilter from before migrations keeps running against a
+database whose revisions since only add tables; a revision it must not
+run against sets it to 5.  A fresh database gets the four tables.  The tables are
 declared here, not imported: a revision is a snapshot, and
 `lamsonfilter.store.schema` moves on.
 """
@@ -81,7 +84,7 @@ def upgrade() -> None:
     ).scalar_one_or_none()
     if version is None:
         bind.execute(sa.insert(_META_TABLE).values(name="schema_version", value="3"))
-    elif version != "3":
+    elif version.isdigit() and int(version) < 3:  # 4 (the confirmations table too) stays
         bind.execute(
             sa.update(_META_TABLE).where(_META_TABLE.c.name == "schema_version").values(value="3")
         )

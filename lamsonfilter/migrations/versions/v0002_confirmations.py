@@ -5,6 +5,8 @@ Revises: 0001
 
 One row per confirmation asked for; the token itself is never stored, only
 its SHA-256 (hex).  ``expires_at`` is indexed for the purge of old rows.
+A database adopted from schema version 4 (lamsonfilter.confirm before
+migrations) has the table already, with the same columns: it is kept.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("lamsonfilter_confirmations"):
+        return  # schema version 4 from before migrations had it, exactly so: keep its rows
     op.create_table(
         "lamsonfilter_confirmations",
         sa.Column("token_hash", sa.String(64), primary_key=True),
