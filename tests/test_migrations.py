@@ -345,6 +345,15 @@ def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path)
 
     r = _db("upgrade", *db)
     assert r.exit_code == 0 and f"application tables ready: {table} (revision 0001 -> 0002)" in r.output, r.output
+    r = _db("revision", *db, "-m", "fill priorities", "--empty")  # a data migration, by hand
+    assert r.exit_code == 0, r.output
+    third = app / "migrations" / "0003_fill_priorities.py"
+    assert "down_revision: str | None = '0002'" in third.read_text()
+    third.write_text(third.read_text().replace(
+        "def upgrade() -> None:\n    pass",
+        f"def upgrade() -> None:\n    op.execute(\"UPDATE {table} SET priority = 1 WHERE priority IS NULL\")"))
+    r = _db("upgrade", *db)
+    assert r.exit_code == 0 and "(revision 0002 -> 0003)" in r.output, r.output
     assert _db("status", *db).exit_code == 0
     runtime = Runtime.from_directory(app, {"DATABASE_URL": sql_url})
     runtime.app.storage.close()
@@ -352,7 +361,7 @@ def test_db_commands_on_an_application_with_models(sql_url: str, tmp_path: Path)
     try:
         with engine.begin() as conn:
             conn.execute(text(f"INSERT INTO {table} (id, text, priority) VALUES (1, 'x', 5)"))
-            assert _rows(sql_url, "app_alembic_version", "version_num") == [{"version_num": "0002"}]
+            assert _rows(sql_url, "app_alembic_version", "version_num") == [{"version_num": "0003"}]
             conn.execute(text(f"DROP TABLE {table}"))
     finally:
         engine.dispose()

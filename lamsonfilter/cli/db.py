@@ -4,6 +4,7 @@
     lamsonfilter db upgrade --app DIR               both lines of migrations up to their newest
     lamsonfilter db status --app DIR                where each line is, and what to run
     lamsonfilter db revision --app DIR -m MSG       autogenerate the application's next revision
+                                                    (--empty: one to write by hand)
     lamsonfilter db stamp --app DIR REVISION        record the application's tables as at REVISION
 
 Two lines of Alembic revisions share the database (`lamsonfilter.store.migrate`):
@@ -179,7 +180,9 @@ def db_status(app_dir: Path, database: str | None) -> None:
 @app_option
 @database_option
 @click.option("-m", "--message", required=True, help="What the revision does (its file name and docstring).")
-def db_revision(app_dir: Path, database: str | None, message: str) -> None:
+@click.option("--empty", is_flag=True,
+              help="An empty revision to write by hand (a data migration): nothing compared.")
+def db_revision(app_dir: Path, database: str | None, message: str, empty: bool) -> None:
     """Autogenerate the application's next migration from app/models.py.
 
     It compares the models with the database (which must be at the
@@ -187,16 +190,17 @@ def db_revision(app_dir: Path, database: str | None, message: str) -> None:
     APP_DIR/migrations/NNNN_MESSAGE.py.  Only the tables the models name
     are compared; a dropped model needs a hand-written op.drop_table.
     Read the file before running db upgrade: autogenerate misses some
-    changes (a renamed column looks like a drop and an add).
+    changes (a renamed column looks like a drop and an add).  --empty
+    writes a revision with empty upgrade() and downgrade() to fill in.
     """
     storage, models, url, path = _open(app_dir, database, create=True)
-    if models is None:
+    if models is None and not empty:
         storage.close()
         fail(f"{app_dir} has no app/models.py: there are no models to generate a migration from "
              "(declare them on `class Base(DeclarativeBase)`)")
     try:
         storage.create_schema()
-        made = storage.app_revision(app_dir, models, message)
+        made = storage.app_revision(app_dir, models, message, autogenerate=not empty)
     except StorageError as exc:
         fail(with_app_dir(str(exc), app_dir))
         raise

@@ -107,15 +107,17 @@ class SQLAppSchema(SQLEngine):
                 have = migrate.current(conn, migrate.FRAMEWORK)
         return have, migrate.heads(migrate.FRAMEWORK)
 
-    def app_revision(self, app_dir: str | Path, metadata: MetaData | None, message: str) -> Path:
-        """Autogenerate the application's next revision from its models; the new file.
+    def app_revision(self, app_dir: str | Path, metadata: MetaData | None, message: str, *,
+                     autogenerate: bool = True) -> Path:
+        """Autogenerate the application's next revision from its models (or, with
+        `autogenerate` False, an empty one to write by hand); the new file.
 
         Nothing is written to the database (the transaction is rolled back).
         """
         line = migrate.app_line(app_dir, metadata)
         with self._begin("generating a revision", commit=False) as conn:
             with self._errors("generating a revision"):
-                return migrate.revision(conn, line, message)
+                return migrate.revision(conn, line, message, autogenerate=autogenerate)
 
     def stamp_app(self, app_dir: str | Path, metadata: MetaData | None, revision: str) -> None:
         """Record that the application's tables are at `revision` (made before its migrations)."""

@@ -178,14 +178,16 @@ def stamp(conn: Connection, line: Line, target: str = "head") -> None:
     _run(line, lambda: command.stamp(config(line, conn), target))
 
 
-def revision(conn: Connection, line: Line, message: str) -> Path:
+def revision(conn: Connection, line: Line, message: str, *, autogenerate: bool = True) -> Path:
     """Autogenerate `line`'s next revision from its models; the new file's path.
 
     Revision ids count up (``0001``, ``0002``, ...) so that the files sort
     in order.  The database must be at the line's head (Alembic refuses
-    otherwise: a revision is the difference from the newest one).
+    otherwise: a revision is the difference from the newest one).  With
+    `autogenerate` False the revision is empty, to be written by hand (a
+    data migration), and needs neither models nor the database.
     """
-    if line.metadata is None:
+    if line.metadata is None and autogenerate:
         raise MigrationError("the application has no models (app/models.py with a Base): "
                              "nothing to generate a revision from")
     line.versions.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,7 @@ def revision(conn: Connection, line: Line, message: str) -> Path:
     made: list[Any] = []
 
     def run() -> None:
-        made.append(command.revision(cfg, message=message, autogenerate=True, rev_id=rev_id))
+        made.append(command.revision(cfg, message=message, autogenerate=autogenerate, rev_id=rev_id))
 
     _run(line, run)
     scripts = made[0] if isinstance(made[0], list) else [made[0]]
