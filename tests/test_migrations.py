@@ -460,11 +460,14 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     raw = b"From: a@example.com\r\nTo: hello@tick.example.org\r\nSubject: hi\r\n\r\nx\r\n"
     r = CliRunner().invoke(main, ["test", "--app", str(app), "--commit"], input=raw)
     assert r.exit_code == 0 and "state:   START -> GREETED" in r.output, r.output
+    [row] = _rows(f"sqlite:///{app / 'var' / 'state.db'}", "tick_greeting", "id")  # the handler's row
+    assert row["sender"] == "a@example.com"
 
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTEST")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                           cwd=app, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 passed" in proc.stdout  # the skeleton's four and its models' two (AppTester, tester.db())
 
     plain = tmp_path / "plain"
     assert CliRunner().invoke(main, ["gen", "plain", "--dest", str(plain)]).exit_code == 0

@@ -84,8 +84,12 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
         if "__pycache__" in src.parts:
             continue
         rel = src.relative_to(skeleton)
-        if rel == Path("app", "models.py") and not models:
+        # --models: app/models.py, and FILE.models in place of FILE (the handler that writes a row)
+        if not models and (rel == Path("app", "models.py") or rel.suffix == ".models"):
             continue
+        if models and src.with_name(src.name + ".models").exists():
+            continue
+        rel = rel.with_suffix("") if rel.suffix == ".models" else rel
         out = target / str(rel).replace("NAME", name)
         if src.is_dir():
             out.mkdir(parents=True, exist_ok=True)
