@@ -3,12 +3,12 @@
 A database holds two independent lines of revisions, each with its own
 version table:
 
-=================  ===================================  ================================
-line               revisions                            version table
-=================  ===================================  ================================
+=================  ====================================  ================================
+line               revisions                             version table
+=================  ====================================  ================================
 ``lamsonfilter``   ``lamsonfilter/migrations/versions``  ``lamsonfilter_alembic_version``
-``application``    ``APP_DIR/migrations``               ``app_alembic_version``
-=================  ===================================  ================================
+``application``    ``APP_DIR/migrations``                ``app_alembic_version``
+=================  ====================================  ================================
 
 No ``alembic.ini`` exists: `config` builds the `alembic.config.Config` in
 code, with the connection (already inside the caller's transaction) in
