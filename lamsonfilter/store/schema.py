@@ -133,12 +133,13 @@ class SQLSchema(SQLEngine):
                 missing = [t.name for t in METADATA.sorted_tables if not inspector.has_table(t.name)]
                 if len(missing) == len(METADATA.tables):
                     raise SchemaMissingError(self._missing_message())
-                if missing:
+                version = self._read_version(conn) if META_TABLE.name not in missing else None
+                behind = version is not None and version < SCHEMA_VERSION  # tables added since: "older"
+                if missing and not behind:
                     raise SchemaMissingError(
                         f"the database at {self.url} has an incomplete lamsonfilter schema "
                         f"(missing {', '.join(missing)}); {self._init_hint()}"
                     )
-                version = self._read_version(conn)
             self._check_version(version, upgrading=False)
 
     def create_schema(self) -> None:
