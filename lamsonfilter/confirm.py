@@ -71,8 +71,9 @@ __all__ = ["Confirmations", "Confirmation", "Verification", "ConfirmStatus", "TO
 #: Random bytes in a token: 128 bits, written as 32 lowercase hex digits.
 TOKEN_BYTES = 16
 
-#: A route capture that matches a token (``token=TOKEN_PATTERN`` in ``handler.route``).
-TOKEN_PATTERN = r"[0-9a-fA-F]{32}"
+#: A route capture that matches a token (``token=TOKEN_PATTERN`` in ``handler.route``; routes
+#: ignore case, and `verify` folds it).
+TOKEN_PATTERN = r"[0-9a-f]{32}"
 
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
