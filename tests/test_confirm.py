@@ -304,3 +304,34 @@ def test_the_example_list_subscribes_through_one_host_and_confirms_through_the_o
     leave = bye.replies[0]["From"].addresses[0].addr_spec
     assert a.send(ALICE, leave).state_after == "START"  # ... confirmed through a
     assert b.state("mailinglist", f"python:{ALICE}") is None
+
+
+# ---------------------------------------------------------------- the table on an existing database
+def test_a_version_3_database_is_refused_as_older_then_gets_the_table_keeping_its_rows(sql_url: str) -> None:
+    from lamsonfilter.state import SchemaMissingError
+    from lamsonfilter.store.schema import SCHEMA_VERSION
+
+    st = SQLAlchemyStorage(sql_url)
+    st.create_schema()
+    with st.transaction() as tx:
+        tx.set("k", "KEEP", {"v": 1})
+        assert tx.claim("replayed")
+    st.close()
+    engine = create_engine(SQLAlchemyStorage(sql_url).url)  # as lamsonfilter schema version 3 left it
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE lamsonfilter_confirmations"))
+        conn.execute(text("UPDATE lamsonfilter_meta SET value = '3'"))
+    st = SQLAlchemyStorage(sql_url)
+    try:
+        with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs.*db init"):
+            st.check_schema()
+        st.create_schema()
+        st.check_schema()
+        with st.transaction() as tx:
+            assert tx.get("k") is not None and not tx.claim("replayed")
+            assert tx.get_confirmation("0" * 64) is None
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT value FROM lamsonfilter_meta")).scalar_one() == str(SCHEMA_VERSION)
+    finally:
+        st.close()
+        engine.dispose()
