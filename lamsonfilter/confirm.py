@@ -176,13 +176,13 @@ class Confirmations:
         this recipient, so that answering it confirms.  `expires` is in
         seconds; `data` a JSON object and `message` the pending message's
         bytes (e.g. ``ctx.request.raw``), both returned by `verify`.
+        Mail from ``<>`` (or an address too long to store) asks nothing:
+        None, with a note.  A bad `kind`, `expires`, `address` or `data`
+        is the handler's mistake: `ValueError` or `TypeError`.
         """
         ctx = self._ctx
         sender = ctx.sender if sender is None else sender
         _check_kind(kind)
-        if not sender or len(sender) > MAX_SENDER_LENGTH:
-            raise ValueError(f"a confirmation must be bound to an address of 1 to {MAX_SENDER_LENGTH} "
-                             f"characters, not {sender!r} (mail from <> cannot confirm anything)")
         if not expires > 0:
             raise ValueError(f"expires must be a positive number of seconds, not {expires!r}")
         if address is not None and "{token}" not in address:
@@ -190,6 +190,10 @@ class Confirmations:
         if message is not None and not isinstance(message, (bytes, bytearray)):
             raise TypeError(f"message must be the pending message's bytes, not {type(message).__name__}")
         stored = _json_object(data)
+        if not sender or len(sender) > MAX_SENDER_LENGTH:  # mail data, not a mistake in the handler
+            ctx.note(f"confirmation {kind} not asked: " + (
+                "the sender is <>" if not sender else f"the address is longer than {MAX_SENDER_LENGTH} characters"))
+            return None
         token = secrets.token_hex(TOKEN_BYTES)
         confirm_addr = address.replace("{token}", token) if address is not None else None
         expires_at = ctx.now + float(expires)

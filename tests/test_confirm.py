@@ -335,3 +335,9 @@ def test_a_version_3_database_is_refused_as_older_then_gets_the_table_keeping_it
     finally:
         st.close()
         engine.dispose()
+
+
+def test_mail_from_the_null_sender_asks_nothing(host: Host) -> None:
+    r = host.t.send("", f"ask@{HOST}")
+    assert r.outbox == () and not r.decision.is_tempfail and _rows(host.t.app.storage) == 0
+    assert any("confirmation post not asked: the sender is <>" in n for n in r.decision.notes)
