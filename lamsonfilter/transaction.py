@@ -14,6 +14,11 @@ commit after the transport's deadline is refused (`DeadlinePassed`): the
 MTA was already told 4xx and sends the message again.  With a
 `lamsonfilter.diagnostics.Trace`, every write is recorded for the dry run.
 
+The confirmation engine's rows (``ctx.confirmations``,
+`lamsonfilter.confirm`) go through it too, traced as "confirmation
+asked" and "confirmation used"; `undo` does not take them back, so
+``ctx.defer()`` after them is refused.
+
 `mark()` before a state function, then `undo(mark)` (``ctx.defer()``:
 that call's writes are taken back, the other recipients' stay) or
 `keep()`.  A mark remembers each key's record before the call's first
