@@ -341,3 +341,16 @@ def test_mail_from_the_null_sender_asks_nothing(host: Host) -> None:
     r = host.t.send("", f"ask@{HOST}")
     assert r.outbox == () and not r.decision.is_tempfail and _rows(host.t.app.storage) == 0
     assert any("confirmation post not asked: the sender is <>" in n for n in r.decision.notes)
+
+
+def test_the_dry_run_report_shows_the_confirmation_asked() -> None:
+    from click.testing import CliRunner
+
+    from lamsonfilter.cli import main
+
+    raw = (EXAMPLE / "samples" / "01-subscribe.eml").read_bytes()
+    r = CliRunner().invoke(main, ["test", "--app", str(EXAMPLE), "--database", "memory:"], input=raw,
+                           catch_exceptions=False)
+    assert r.exit_code == 0
+    [line] = [x for x in r.output.splitlines() if "confirmation asked:" in x]
+    assert line.strip().startswith("confirmation asked: subscribe:python:") and '"sender": "alice@example.com"' in line
