@@ -57,16 +57,24 @@ import hashlib
 import json
 import re
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from .confirmstore import ConfirmationRecord, same_sender
 from .contextneeds import AppServices
 from .decisions import HeaderValueError
 from .state import StateTransaction
 
-__all__ = ["Confirmations", "Confirmation", "Verification", "ConfirmStatus", "TOKEN_BYTES", "TOKEN_PATTERN",
-           "token_hash"]
+__all__ = [
+    "TOKEN_BYTES",
+    "TOKEN_PATTERN",
+    "ConfirmStatus",
+    "Confirmation",
+    "Confirmations",
+    "Verification",
+    "token_hash",
+]
 
 #: Random bytes in a token: 128 bits, written as 32 lowercase hex digits.
 TOKEN_BYTES = 16

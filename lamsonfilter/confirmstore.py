@@ -24,10 +24,11 @@ of a token is ever stored.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["ConfirmationRecord", "MemoryConfirmations", "same_sender", "purge_memory"]
+__all__ = ["ConfirmationRecord", "MemoryConfirmations", "purge_memory", "same_sender"]
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from sqlalchemy import create_engine, text
 
 from lamsonfilter import App, Handler, stateless
 from lamsonfilter.confirm import TOKEN_PATTERN, ConfirmStatus, Verification
+from lamsonfilter.mail import MailRequest
 from lamsonfilter.state import MemoryStorage, StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.testing import AppTester, make_message
-from lamsonfilter.mail import MailRequest
 from lamsonfilter.views import Views
 
 HOST = "app.example"

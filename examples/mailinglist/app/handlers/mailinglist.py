@@ -203,7 +203,7 @@ def _post(ctx: Context, list: str) -> None:
         f"List-Post: <mailto:{info['post_addr']}>\r\n"
         f"List-Unsubscribe: <mailto:{info['unsubscribe_addr']}>\r\n"
         "Precedence: list\r\n"
-    ).encode("utf-8")
+    ).encode()
     # The member's copy is the original message with list headers in front:
     # the original bytes stay as they were (signatures of the poster survive).
     copy = list_headers + ctx.request.raw
