@@ -1,8 +1,9 @@
 """The SQL store's tables and their versions: creating, checking and upgrading the schema.
 
-Four tables, all prefixed ``lamsonfilter_``: ``state`` (one row per key),
-``outbox`` (messages committed), ``tokens`` (idempotency tokens) and
-``meta`` (the schema version).  `SQLSchema.create_schema` (``lamsonfilter db
+Five tables, all prefixed ``lamsonfilter_``: ``state`` (one row per key),
+``outbox`` (messages committed), ``tokens`` (idempotency tokens),
+``confirmations`` (the confirmation engine's requests, `lamsonfilter.confirm`)
+and ``meta`` (the schema version).  `SQLSchema.create_schema` (``lamsonfilter db
 init``) creates them or upgrades an older version in place; a storage
 refuses a database whose version is newer than `SCHEMA_VERSION`.
 """
@@ -32,7 +33,7 @@ from ..state import SchemaMissingError
 from .engine import SQLEngine, _lock_id
 
 __all__ = ["SQLSchema", "SCHEMA_VERSION", "METADATA", "STATE_TABLE", "OUTBOX_TABLE",
-           "TOKENS_TABLE", "META_TABLE"]
+           "TOKENS_TABLE", "CONFIRMATIONS_TABLE", "META_TABLE"]
 
 log = logging.getLogger("lamsonfilter.store")
 
@@ -40,8 +41,9 @@ log = logging.getLogger("lamsonfilter.store")
 #: 2: the outbox's ``next_attempt_at``, ``failed_at`` and ``last_error``;
 #: 3: the outbox's claims, ``claimed_by`` and ``claimed_until`` (several
 #: outbox workers, processes or hosts, on one database).
-#: `create_schema` adds the columns to an older database in place.
-SCHEMA_VERSION = 3
+#: 4: the confirmations table (`lamsonfilter.confirm`).
+#: `create_schema` adds the columns and tables to an older database in place.
+SCHEMA_VERSION = 4
 
 #: Longest worker name stored in a claim (``host:pid:random``).
 MAX_WORKER_LENGTH = 255
@@ -95,6 +97,21 @@ TOKENS_TABLE = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+#: The confirmation engine's requests (schema version 4; `lamsonfilter.confirm`).  The token
+#: itself is never stored, only its SHA-256; `sender` is the address it is bound to, as given.
+CONFIRMATIONS_TABLE = Table(
+    "lamsonfilter_confirmations",
+    METADATA,
+    Column("token_hash", String(64), primary_key=True),  # sha256 hex of the token
+    Column("kind", String(64), nullable=False),  # what is confirmed, chosen by the app
+    Column("sender", String(512), nullable=False),  # compared case-insensitively
+    Column("data", Text, nullable=False),  # JSON object as text
+    Column("message", LargeBinary, nullable=True),  # the pending message, when the app keeps one
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+)
+
 META_TABLE = Table(
     "lamsonfilter_meta",
     METADATA,
@@ -116,12 +133,13 @@ class SQLSchema(SQLEngine):
                 missing = [t.name for t in METADATA.sorted_tables if not inspector.has_table(t.name)]
                 if len(missing) == len(METADATA.tables):
                     raise SchemaMissingError(self._missing_message())
-                if missing:
+                version = self._read_version(conn) if META_TABLE.name not in missing else None
+                behind = version is not None and version < SCHEMA_VERSION  # tables added since: "older"
+                if missing and not behind:
                     raise SchemaMissingError(
                         f"the database at {self.url} has an incomplete lamsonfilter schema "
                         f"(missing {', '.join(missing)}); {self._init_hint()}"
                     )
-                version = self._read_version(conn)
             self._check_version(version, upgrading=False)
 
     def create_schema(self) -> None:

@@ -1,10 +1,11 @@
 """State in a SQL database: `SQLAlchemyStorage`, the production `StateStorage`.
 
-The state machines' records, the outbox and the idempotency tokens live in
-four tables (all prefixed ``lamsonfilter_``): ``state`` (one row per key:
-state name, JSON data, a version counter), ``outbox`` (messages committed:
-pending, sent -- purged after a while -- or failed and kept), ``tokens``
-(what `claim` has recorded) and ``meta`` (the schema version).  A single-host deployment uses a SQLite
+The state machines' records, the outbox, the idempotency tokens and the
+confirmation requests live in five tables (all prefixed ``lamsonfilter_``):
+``state`` (one row per key: state name, JSON data, a version counter),
+``outbox`` (messages committed: pending, sent -- purged after a while -- or
+failed and kept), ``tokens`` (what `claim` has recorded), ``confirmations``
+(`lamsonfilter.confirm`'s requests) and ``meta`` (the schema version).  A single-host deployment uses a SQLite
 file; several filter hosts that must share state use PostgreSQL:
 
     storage = SQLAlchemyStorage("sqlite:////var/lib/lamsonfilter/state.db")
@@ -62,6 +63,7 @@ raises `TypeError`, an over-long key `ValueError`.
 
 from __future__ import annotations
 
+from .confirmations import SQLConfirmations
 from .outbox import SQLOutbox
 from .outboxops import SQLOutboxOps
 from .schema import METADATA, SCHEMA_VERSION
@@ -70,7 +72,7 @@ from .statetx import SQLAlchemyTransaction, SQLState
 __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "METADATA"]
 
 
-class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
+class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLConfirmations):
     """`StateStorage` and `OutboxStorage` on SQLite or PostgreSQL through SQLAlchemy 2.
 
     `url` is a SQLAlchemy database URL; ``postgresql://`` and
@@ -80,5 +82,6 @@ class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
     Nothing connects until the first use.  The parts: `SQLEngine`
     (connections, errors), `SQLSchema` (tables, versions), `SQLState`
     (state transactions), `SQLOutbox` (the outbox), `SQLOutboxOps` (the
-    operator's list, retry and drop).
+    operator's list, retry and drop), `SQLConfirmations` (purging the
+    confirmation requests of `lamsonfilter.confirm`).
     """
