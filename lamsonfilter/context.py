@@ -20,11 +20,12 @@ changes (shared by all recipients of the message): `add_header`,
 `change_header`, `remove_header`, `replace_body`, `change_sender`,
 `quarantine`.  New mail: `reply` (an automatic reply, subject to the
 framework's guards: never to bounces, lists, ``<>``..., rate-limited) and
-`send` (any new message, e.g. a list post).  Other conversations' state:
-`find`, `get_state`, `set_state`, all inside the message's transaction.
-The application's own rows (``app/models.py``): `db`, an ORM session in
-that same transaction, committed with the state and the outbox or rolled
-back with them.
+`send` (any new message, e.g. a list post), `confirmations` (ask somebody
+to confirm, verify the answer: `lamsonfilter.confirm`).  Other
+conversations' state: `find`, `get_state`, `set_state`, all inside the
+message's transaction.  The application's own rows (``app/models.py``):
+`db`, an ORM session in that same transaction, committed with the state
+and the outbox or rolled back with them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
+from .confirm import Confirmations
 from .contextneeds import AppServices, HandlerInfo, RouteArgs
 from .decisions import (Action, HeaderChange, HeaderValueError, MessageChanges, OutboxMessage, Outcome,
                         check_header_value)
@@ -82,7 +84,7 @@ class Context:
         self.data: dict[str, Any] = {}
         self.outcome: Outcome | None = None
         self.deferred = False
-        self._claimed = False
+        self._kept: str | None = None  # what wrote something ctx.defer() cannot take back
         self._answer_addresses: dict[str, str] | None = None
 
     # ------------------------------------------------------------ reading
@@ -156,10 +158,12 @@ class Context:
             raise HandlerError(
                 f"ctx.defer() for {self.recipient} in a run from the queue: the message was deferred "
                 "already; do the slow work when ctx.from_queue is True instead of deferring again")
-        if self._claimed or getattr(self._tx, "db_changed", bool)():
-            used = "ctx.claim(): a claimed token" if self._claimed else "ctx.db wrote rows: they"
+        if self._kept is None and getattr(self._tx, "db_changed", bool)():
+            self._kept = "ctx.db wrote rows"
+        if self._kept is not None:
             raise HandlerError(
-                f"ctx.defer() for {self.recipient} after {used} cannot be given back; call ctx.defer() first")
+                f"ctx.defer() for {self.recipient} after {self._kept}: a claimed token, a confirmation "
+                f"or the application's rows cannot be given back; call ctx.defer() before {self._kept}")
         self.deferred = True
         raise Deferred(self.recipient)
 
@@ -305,8 +309,10 @@ class Context:
         sender: str | None = None,
         recipients: tuple[str, ...] | list[str] | None = None,
         confirmed: bool = False,
-    ) -> None:
+    ) -> bool:
         """Queue a new message (not an auto-reply: no reply guards, but still marked as generated).
+
+        Returns False when no recipient is left to send it to (see below), True when queued.
 
         The envelope defaults to the message's From and To/Cc; give
         `sender` (e.g. a VERP bounce address) and `recipients` explicitly for
@@ -322,8 +328,8 @@ class Context:
         (``Reply-To: another-member``).  Never pass it for addresses taken
         from the message.
         """
-        self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message",
-                    confirmed=confirmed)
+        return self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None,
+                           kind="message", confirmed=confirmed)
 
     def _queue(
         self,
@@ -334,7 +340,7 @@ class Context:
         kind: str,
         confirmed: bool = False,
         rendered: tuple[EmailMessage, bytes] | None = None,
-    ) -> None:
+    ) -> bool:
         msg: EmailMessage | None
         if isinstance(message, Response):
             if rendered is None:
@@ -370,8 +376,9 @@ class Context:
                 for r, f in relayed))
             recipients = tuple(r for r in recipients if r not in {r for r, _f in relayed})
             if not recipients:
-                return
+                return False
         self._changes.outbox.append(OutboxMessage(normalize_address(sender), recipients, raw, kind))
+        return True
 
     def _answer_field(self, recipient: str) -> str | None:
         """The header (From, Reply-To, Sender) `recipient` was found in, when writing to it would relay.
@@ -429,8 +436,16 @@ class Context:
 
     def claim(self, token: str) -> bool:
         """Record a one-time token (e.g. a confirmation); False if it was used before."""
-        self._claimed = True
+        self._kept = self._kept or "ctx.claim()"
         return self._tx.claim(f"{self.handler.name}:{token}")
+
+    @property
+    def confirmations(self) -> Confirmations:
+        """The confirmation engine (`lamsonfilter.confirm`): ``ask`` and ``verify``, in this transaction."""
+        return Confirmations(self, self._tx, self._keep)
+
+    def _keep(self, what: str) -> None:
+        self._kept = self._kept or what
 
     def address(self, local: str, domain: str | None = None, name: str = "") -> str:
         """Format an address, e.g. ``ctx.address("python-confirm-XYZ", host)``."""

@@ -19,6 +19,11 @@ MTA was already told 4xx and sends the message again.  With a
 with everything else; a database error inside a handler (or at that
 flush) ends as the `StorageError` the state store would have raised.
 
+The confirmation engine's rows (``ctx.confirmations``,
+`lamsonfilter.confirm`) go through it too, traced as "confirmation
+asked" and "confirmation used"; `undo` does not take them back, so
+``ctx.defer()`` after them is refused.
+
 `mark()` before a state function, then `undo(mark)` (``ctx.defer()``:
 that call's writes are taken back, the other recipients' stay) or
 `keep()`.  A mark remembers each key's record before the call's first
@@ -32,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .confirmstore import ConfirmationRecord
 from .decisions import OutboxMessage
 from .diagnostics import StateWrite, Trace
 from .errors import HandlerError
@@ -227,3 +233,35 @@ class LazyTransaction:
         if claimed and self._trace is not None:
             self._trace.record(StateWrite(token, "claim", None, "CLAIMED"))
         return claimed
+
+    # -- the confirmation engine (`lamsonfilter.confirm`); the dry run shows "confirmation asked/used"
+    def add_confirmation(self, record: ConfirmationRecord) -> None:
+        self._open().add_confirmation(record)
+        if self._trace is not None:
+            self._trace.record(StateWrite(_trace_key(record), "confirmation asked", None, "asked",
+                                          {"sender": record.sender, "expires_at": record.expires_at}))
+
+    def get_confirmation(self, token_hash: str) -> ConfirmationRecord | None:
+        return self._open().get_confirmation(token_hash)  # type: ignore[no-any-return]
+
+    def use_confirmation(self, token_hash: str, now: float) -> bool:
+        tx = self._open()
+        used: bool = tx.use_confirmation(token_hash, now)
+        if used and self._trace is not None:
+            record = tx.get_confirmation(token_hash)
+            if record is not None:
+                self._trace.record(StateWrite(_trace_key(record), "confirmation used", "asked", "used",
+                                              {"sender": record.sender}))
+        return used
+
+    def cancel_confirmations(self, kind: str, sender: str) -> int:
+        cancelled: int = self._open().cancel_confirmations(kind, sender)
+        if cancelled and self._trace is not None:
+            self._trace.record(StateWrite(f"confirmation:{kind}:{sender}", "confirmation cancelled", "asked",
+                                          None, {"cancelled": cancelled}))
+        return cancelled
+
+
+def _trace_key(record: ConfirmationRecord) -> str:
+    """How the trace names a confirmation: its kind and the start of its token's hash (never the token)."""
+    return f"confirmation:{record.kind}:{record.token_hash[:12]}"

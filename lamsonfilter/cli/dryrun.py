@@ -14,7 +14,8 @@ the state before and after, the outcome (a deferral says so: the dry run
 never writes to the queue); the decision as milter actions
 and as what the content filter would do; header changes as a diff; every
 state key the handlers wrote (their own, ``ctx.set_state``, ``ctx.claim``,
-the reply rate counter); the rendered outbox (``--json``: each message's
+the reply rate counter) and each confirmation asked or used
+(``ctx.confirmations``); the rendered outbox (``--json``: each message's
 headers and text); and for a handler that failed, where
 (``app/handlers/x.py:42 in START``) and, at ``-v``, the traceback.
 """
@@ -268,6 +269,9 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
         add(f"state written: {len(keys)} key(s)" + ("" if commit else " (not committed: dry run)"))
         for w in keys:
             data = f"  {json.dumps(dict(w.data), sort_keys=True, default=str)}" if w.data else ""
+            if w.op.startswith("confirmation "):  # ctx.confirmations: "confirmation asked: subscribe:..."
+                add(f"  {w.op}: {w.key.removeprefix('confirmation:')}{data}")
+                continue
             add(f"  {w.key}: {w.before or '(none)'} -> {w.after or '(none)'}{data}")
     if rows:
         add(f"rows written: {len(rows)} (ctx.db)" + ("" if commit else " (not committed: dry run)"))

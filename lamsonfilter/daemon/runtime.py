@@ -123,8 +123,9 @@ class Runtime:
             self.worker.wake()  # whatever a previous run left pending
 
     def _housekeeping(self) -> None:
-        """Hourly (from the outbox thread): forget replay records and sent outbox
-        messages older than REPLAY_TTL, in batches of one DELETE each."""
+        """Hourly (from the outbox thread): forget replay records, sent outbox messages
+        and confirmation requests (`lamsonfilter.confirm`) that expired, all older than
+        REPLAY_TTL, in batches of one DELETE each."""
         ttl = float(self.app.settings.get("REPLAY_TTL", REPLAY_TTL))
         n = self.app.purge_replays(ttl)
         if n:
@@ -137,6 +138,15 @@ class Runtime:
                 break
         if sent:
             log.info("housekeeping: deleted %d sent outbox message(s) older than %gs", sent, ttl)
+        confirmations = 0
+        for _ in range(OUTBOX_PURGE_BATCHES):
+            purged = self.app.storage.purge_confirmations(cutoff, OUTBOX_PURGE_BATCH)
+            confirmations += purged
+            if purged < OUTBOX_PURGE_BATCH:
+                break
+        if confirmations:
+            log.info("housekeeping: deleted %d confirmation request(s) expired more than %gs ago",
+                     confirmations, ttl)
 
     def serve_metrics(self, host: str, port: int, allow_remote: bool = False) -> None:
         """Start the Prometheus endpoint (raises `MetricsError`)."""

@@ -9,6 +9,7 @@ The modules, by job:
 * `lamsonfilter.store.statetx` -- the state transaction of one message;
 * `lamsonfilter.store.outbox` -- the outbox: claims, progress, sent/failed;
 * `lamsonfilter.store.replay` -- replay records of committed decisions;
+* `lamsonfilter.store.confirmations` -- the confirmation engine's requests;
 * `lamsonfilter.store.sql` -- `SQLAlchemyStorage`, all of the above in one object.
 
 The protocols they implement (`StateStorage`, `OutboxStorage`) and the

@@ -103,6 +103,21 @@ TOKENS_TABLE = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+#: The confirmation engine's requests (revision 0002; `lamsonfilter.confirm`).  The token
+#: itself is never stored, only its SHA-256; `sender` is the address it is bound to, as given.
+CONFIRMATIONS_TABLE = Table(
+    "lamsonfilter_confirmations",
+    METADATA,
+    Column("token_hash", String(64), primary_key=True),  # sha256 hex of the token
+    Column("kind", String(64), nullable=False),  # what is confirmed, chosen by the app
+    Column("sender", String(512), nullable=False),  # compared case-insensitively
+    Column("data", Text, nullable=False),  # JSON object as text
+    Column("message", LargeBinary, nullable=True),  # the pending message, when the app keeps one
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+)
+
 META_TABLE = Table(
     "lamsonfilter_meta",
     METADATA,
@@ -110,23 +125,7 @@ META_TABLE = Table(
     Column("value", String(255), nullable=False),
 )
 
-#: Revision 0002 (`lamsonfilter.confirm`): a pending confirmation per token hash.
-CONFIRMATIONS_TABLE = Table(
-    "lamsonfilter_confirmations",
-    METADATA,
-    Column("token_hash", String(64), primary_key=True),  # sha256 hex; the token is never stored
-    Column("kind", String(64), nullable=False),
-    Column("sender", String(512), nullable=False),
-    Column("data", Text, nullable=False),  # JSON object
-    Column("message", LargeBinary, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("used_at", DateTime(timezone=True), nullable=True),
-)
-
 _VERSION_NAME = "schema_version"
-
-
 
 
 class SQLSchema(SQLEngine):

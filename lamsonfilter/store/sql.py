@@ -1,11 +1,12 @@
 """State in a SQL database: `SQLAlchemyStorage`, the production `StateStorage`.
 
-The state machines' records, the outbox and the idempotency tokens live in
-four tables (all prefixed ``lamsonfilter_``): ``state`` (one row per key:
-state name, JSON data, a version counter), ``outbox`` (messages committed:
-pending, sent -- purged after a while -- or failed and kept), ``tokens``
-(what `claim` has recorded), ``confirmations`` and ``meta`` (the schema version
-before Alembic; ``lamsonfilter_alembic_version`` has the revision).  A single-host deployment uses a SQLite
+The state machines' records, the outbox, the idempotency tokens and the
+confirmation requests live in five tables (all prefixed ``lamsonfilter_``):
+``state`` (one row per key: state name, JSON data, a version counter),
+``outbox`` (messages committed: pending, sent -- purged after a while -- or
+failed and kept), ``tokens`` (what `claim` has recorded), ``confirmations``
+(`lamsonfilter.confirm`'s requests) and ``meta`` (the schema version before
+Alembic; ``lamsonfilter_alembic_version`` has the revision).  A single-host deployment uses a SQLite
 file; several filter hosts that must share state use PostgreSQL:
 
     storage = SQLAlchemyStorage("sqlite:////var/lib/lamsonfilter/state.db")
@@ -64,6 +65,7 @@ raises `TypeError`, an over-long key `ValueError`.
 from __future__ import annotations
 
 from .appschema import SQLAppSchema
+from .confirmations import SQLConfirmations
 from .outbox import SQLOutbox
 from .outboxops import SQLOutboxOps
 from .schema import METADATA, SCHEMA_VERSION
@@ -72,7 +74,7 @@ from .statetx import SQLAlchemyTransaction, SQLState
 __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "METADATA"]
 
 
-class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLAppSchema):
+class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLConfirmations, SQLAppSchema):
     """`StateStorage` and `OutboxStorage` on SQLite or PostgreSQL through SQLAlchemy 2.
 
     `url` is a SQLAlchemy database URL; ``postgresql://`` and
@@ -83,5 +85,6 @@ class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLAppSchema):
     (connections, errors), `SQLSchema` (tables, revisions), `SQLAppSchema`
     (the application's tables and migrations), `SQLState`
     (state transactions), `SQLOutbox` (the outbox), `SQLOutboxOps` (the
-    operator's list, retry and drop).
+    operator's list, retry and drop), `SQLConfirmations` (purging the
+    confirmation requests of `lamsonfilter.confirm`).
     """
