@@ -31,7 +31,6 @@ from sqlalchemy import (
     Text,
     create_engine,
     insert,
-    inspect,
     select,
     text,
 )
@@ -42,7 +41,7 @@ from lamsonfilter.decisions import Decision
 from lamsonfilter.state import OutboxMessage, SchemaMissingError, StateRecord
 from lamsonfilter.store import replay
 from lamsonfilter.store.sql import SQLAlchemyStorage
-from tests.rig.storage import SQL_BACKENDS, backend_url
+from tests.rig.storage import SQL_BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

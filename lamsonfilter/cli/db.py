@@ -37,7 +37,12 @@ def db_cmd() -> None:
 def _open(app_dir: Path, database: str | None, *, create: bool) -> tuple[Any, Any, str, Path | None]:
     """(storage, the app's models, the resolved URL, the SQLite file or None); exits 2 on a problem."""
     from ..models import load_models
-    from ..settings import load_settings, make_storage, resolve_database_url, sqlite_path
+    from ..settings import (
+        load_settings,
+        make_storage,
+        resolve_database_url,
+        sqlite_path,
+    )
     from ..store.appschema import SQLAppSchema
 
     try:

@@ -50,15 +50,15 @@ from typing import Any
 if logging.getLogger("alembic").level == logging.NOTSET:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from alembic import command  # noqa: E402 -- after the logger's level
-from alembic.config import Config  # noqa: E402
-from alembic.runtime.migration import MigrationContext  # noqa: E402
-from alembic.script import ScriptDirectory  # noqa: E402
-from alembic.util import CommandError  # noqa: E402
-from sqlalchemy import MetaData  # noqa: E402
-from sqlalchemy.engine import Connection  # noqa: E402
+from alembic import command  # after the logger's level
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Connection
 
-from ..state import SchemaMissingError  # noqa: E402
+from ..state import SchemaMissingError
 
 __all__ = ["APP_TABLE", "FRAMEWORK", "FRAMEWORK_TABLE", "Line", "MigrationError", "MIGRATIONS_DIR",
            "app_line", "current", "heads", "known", "revision", "run_env", "stamp", "upgrade"]
