@@ -49,6 +49,7 @@ from .contentfilter.quarantine import Quarantine
 from .daemon import process as daemon
 from .daemon.runtime import Runtime
 from .mailqueue.maildir import MailQueue
+from .queueworker.policy import PolicyListener
 from .queueworker.pool import Feeder
 from .queueworker.watch import NewMailWatch
 from .queueworker.worker import MessageWorker
@@ -80,6 +81,7 @@ class DeqConfig:
     once: bool = False
     quarantine: Path | None = None     # None: APP/var/quarantine, as the content filter's
     outbox_wait: float = OUTBOX_WAIT   # once: how long the end waits for the outbox to send
+    policy: tuple[str, int] | None = None  # answer Postfix's check_policy_service here
 
 
 def queue_path(app_dir: Path, setting: str, given: Path | None = None) -> Path:
@@ -126,13 +128,18 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
         except BaseException as exc:
             failed.append(exc)
 
+    policy: PolicyListener | None = None
     with daemon.SignalWaiter() as signals:
         try:
-            try:  # a taken metrics port is a start-up error (one line, exit 2)
+            try:  # a taken metrics or policy port is a start-up error (one line, exit 2)
+                if config.policy is not None and not config.once:
+                    policy = PolicyListener(runtime, config.policy)
                 runtime.start()
             except StartupError as exc:
                 print(f"lamsonfilter: {exc}", file=sys.stderr)
                 return 2
+            if policy is not None:
+                policy.start()
             how = "inotify" if watch is not None and watch.watching else "a timer"
             log.info("deq working through %s with %d worker(s)%s; quarantine %s", queue.path, feeder.workers,
                      " until it is empty" if config.once else f", sleeping on {how} when it is empty",
@@ -150,6 +157,8 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
             thread.join()
             unsent = finish_outbox(runtime, config.outbox_wait) if config.once else 0
         finally:
+            if policy is not None:
+                policy.stop()
             runtime.stop()
             if watch is not None:
                 watch.close()

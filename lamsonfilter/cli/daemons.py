@@ -228,6 +228,10 @@ def smtpproxy_cmd(
                    "messages (replies, list posts) still unsent after --outbox-wait (one more line says "
                    "how many; the outbox sends them when deq or another lamsonfilter daemon runs), or "
                    "the state database still down after 60 s of pausing.")
+@click.option("--policy", default=None, metavar="HOST:PORT",
+              help="Also answer Postfix's check_policy_service here (loopback; not with --once): "
+                   "addresses at the application's hosts that no route takes are refused at RCPT "
+                   "(550 5.1.1) instead of queued and quarantined.  See conf/postfix/main.cf.queue.")
 @click.option("--outbox-wait", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
               metavar="SECONDS",
               help="With --once: how long its end waits for the outbox to send what the run produced.")
@@ -241,7 +245,7 @@ def smtpproxy_cmd(
                    "(the content filter's, so `lamsonfilter quarantine` shows both).  Env LAMSONFILTER_QUARANTINE.")
 @click.pass_context
 def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int, once: bool,
-            outbox_wait: float, database: str | None, relay: str | None, quarantine: Path | None) -> None:
+            policy: str | None, outbox_wait: float, database: str | None, relay: str | None, quarantine: Path | None) -> None:
     """Run the application over the messages in a Maildir queue (the third transport).
 
     Postfix delivers the application's mail into the queue with its own
@@ -292,7 +296,8 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
     from ..mailqueue.maildir import MailQueue
 
     config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine,
-                           outbox_wait=outbox_wait)
+                           outbox_wait=outbox_wait,
+                           policy=_hostport_option(policy, "--policy") if policy else None)
     places: list[tuple[str, MailQueue | Quarantine]] = [
         ("queue", MailQueue(deq.queue_path(app_dir, settings["QUEUE"], queue))),
         ("quarantine", Quarantine(deq.quarantine_path(app_dir, quarantine))),
