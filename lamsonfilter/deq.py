@@ -25,6 +25,9 @@ two workers or hosts see one file      one rename wins the claim; the other
 a decision (deliver, drop, reject...)  carried out, then the file removed
 a tempfail, the deadline, a bug        ``retry/`` with a backoff; the
                                        ``POISON_LIMIT``-th time the quarantine
+the database down (cause ``storage``)  ``retry/``, no attempt counted; the
+                                       whole pool pauses, then one message
+                                       probes (`queueworker.outage`)
 the worker dies (kill -9, OOM)         the claim ends (``QUEUE_LEASE``) and is
                                        taken back, one attempt counted; a
                                        decision that had committed is replayed
@@ -33,6 +36,10 @@ SIGTERM                                no new claims; the messages in flight
                                        finish, the outbox is flushed
 SIGHUP                                 the application is loaded again
 =====================================  =========================================
+
+With ``policy`` (``--policy 127.0.0.1:10027``) it also answers Postfix's
+``check_policy_service`` (`lamsonfilter.queueworker.policy`): unknown
+addresses of the application's domains are refused at RCPT.
 """
 
 from __future__ import annotations
