@@ -56,6 +56,7 @@ class Outage:
         self._probing = False
         self.why = ""
         self.probes = 0                    # probes that failed, this outage
+        self._retries_due = 0.0            # wall clock: when the last message sent to retry/ is due
 
     @property
     def active(self) -> bool:
@@ -75,10 +76,12 @@ class Outage:
             return self._pause if self._since is not None else self.first
 
     def failed(self, why: str) -> float:
-        """A message met a storage failure; returns the pause now in force (seconds)."""
+        """A message met a storage failure; returns the pause now in force (seconds): the
+        message waits in ``retry/`` that long."""
         now = time.monotonic()
         with self._lock:
             self.why = why
+            self._retries_due = max(self._retries_due, time.time() + self._pause_after(now))
             if self._since is None:
                 self._since, self._pause, self.probes = now, self.first, 0
                 log.error("the state database failed: %s; deq pauses its workers for %g s, then tries "
@@ -93,6 +96,22 @@ class Outage:
             self._probing = False
             self._resume = now + self._pause
             return self._pause
+
+    def _pause_after(self, now: float) -> float:
+        """The pause `failed` is about to put in force (called under the lock)."""
+        if self._since is None:
+            return self.first
+        if self._probing or now >= self._resume:
+            return min(self._pause * 2, self.most)
+        return self._pause
+
+    def retries_due_in(self, grace: float = 2.0) -> float | None:
+        """Seconds until the messages this outage sent to ``retry/`` are all due (0: due now, and
+        for `grace` seconds after -- a retry's time is stored in whole seconds); None when none
+        waits.  ``deq --once`` waits for them rather than leave them behind."""
+        with self._lock:
+            left = self._retries_due - time.time()
+        return None if left < -grace else max(left, 0.0)
 
     def cleared(self) -> None:
         """A message got through the storage: the outage (if any) is over."""

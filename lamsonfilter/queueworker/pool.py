@@ -112,8 +112,10 @@ class Feeder:
                 self.passes += 1
                 if handed or moved:
                     continue
-                if self.once:
+                if self.once and not self._outage_retries_left():
                     break
+                if self.once:
+                    continue
                 self._sleep()
         finally:
             pool.shutdown(wait=True)  # the messages in flight finish first
@@ -177,6 +179,20 @@ class Feeder:
                 if alone:
                     self._alone = False
                 self._cond.notify_all()
+
+    def _outage_retries_left(self) -> bool:
+        """``once``: whether messages a database outage sent to ``retry/`` are due soon: wait for
+        them (bounded: `ONCE_WAIT` of outage ends it) instead of leaving them behind."""
+        if self.outage.active and self.outage.since > ONCE_WAIT:
+            self.gave_up = True
+            log.error("the state database has failed for %.0f s: deq --once stops, the rest stays in "
+                      "the queue: %s", self.outage.since, self.outage.why)
+            return False
+        wait = self.outage.retries_due_in()
+        if wait is None:
+            return False
+        self._stop.wait(wait + 0.5)
+        return True
 
     def _wait_idle(self) -> None:
         with self._cond:
