@@ -7,7 +7,9 @@ is quarantined, no attempt is counted, and the pool probed with one message
 at a time instead of walking the queue.  A handler that raises still ends
 in the quarantine after POISON_LIMIT attempts.  Then ``deq --once`` with
 the relay down: exit status 75 and a line naming the unsent replies, which
-a later run sends.  Every wait is bounded.
+a later run sends; and ``deq --once`` (`deq.serve`) over a database that
+stays down: it gives up after ONCE_WAIT with exit status 75, nothing lost,
+nothing counted.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from lamsonfilter import deq
+from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mailqueue.maildir import MailQueue
+from lamsonfilter.queueworker import pool
 from lamsonfilter.settings import make_storage
 from tests.rig.pgcluster import PgCluster, pgcluster  # noqa: F401 -- pgcluster: fixture
 from tests.rig.postfix import CaptureServer, free_port
@@ -113,3 +120,35 @@ def test_once_with_the_relay_down_exits_75_naming_the_unsent_replies(tmp_path: P
     assert summary(again) == (0, 0, 0) and "not sent yet" not in again.stderr
     sent = capture.wait_for_count(2, timeout=60)
     assert sorted(r for m in sent for r in m.rcpt_tos) == ["alice@example.com", "bob@example.net"]
+
+
+def test_once_gives_up_on_a_long_outage_with_exit_75_and_loses_nothing(tmp_path: Path, pgcluster: PgCluster,
+                                                                       capture: CaptureServer,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``deq --once`` (`deq.serve`) while the database stays down: it pauses and probes, gives up
+    after ONCE_WAIT (3 s here instead of 60) with exit status 75; every message is still queued,
+    none counted an attempt, none quarantined."""
+    monkeypatch.setattr(pool, "ONCE_WAIT", 3.0)
+    app = make_app(tmp_path / "app", f"POISON_LIMIT = {POISON_LIMIT}\nDATABASE_URL = {pgcluster.url!r}\n")
+    storage = make_storage(pgcluster.url)
+    storage.create_schema()
+    storage.close()
+    queue = MailQueue(tmp_path / "queue")
+    queue.ensure()
+    for i in range(8):
+        subscribe(queue, f"user{i}@example.com")
+    runtime = Runtime.from_directory(app, {"RELAY": f"127.0.0.1:{capture.port}"})  # checks the schema: up
+    pgcluster.stop()
+    try:
+        status = deq.serve(runtime, deq.DeqConfig(app_dir=app, queue=queue.path, workers=2, once=True,
+                                                  outbox_wait=1.0))
+    finally:
+        pgcluster.start()
+    err = capsys.readouterr().err
+    assert status == 75, err
+    assert re.search(r"^deq: the state database has failed for \d+ s \(.*StorageUnavailable.*\); 8 message\(s\) "
+                     r"left in the queue for the next run$", err, re.MULTILINE), err
+    entries = list(queue.entries())
+    assert len(entries) == 8 and all(e.attempts == 0 for e in entries), entries
+    assert quarantined(app) == []
