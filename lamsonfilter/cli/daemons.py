@@ -290,6 +290,9 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
     except StartupError as exc:
         fail(str(exc))
         return
+    if once and policy:
+        fail("--policy answers Postfix while deq runs as a service; it makes no sense with --once")
+        return
     from .. import deq
     from ..contentfilter.quarantine import Quarantine
     from ..daemon.runtime import Runtime
