@@ -16,6 +16,9 @@ width) or fails too, and the next pause is twice as long, up to
     outage.failed("...")           # the probe failed too: pause 4 s
     outage.cleared()               # a message went through: the pool goes on
 
+Any message that gets through clears the outage, also one that needed no
+database (a stateless route): the next message that needs it meets the
+outage again and a new pause begins, after at most ``--workers`` failures.
 No message counts an attempt for it (``POISON_LIMIT`` is for messages that
 fail on their own), and the message that met the outage goes to ``retry/``
 for the length of the pause.  A 10-minute outage therefore costs about 15
