@@ -181,3 +181,26 @@ def test_the_pool_pauses_on_an_outage_and_probes_with_one_message(tmp_path: Path
     # never a walk over the 60 queued messages
     assert 1 <= seen["failed"] <= 4 + 12, seen
     assert time.monotonic() - started < 30 and seen["counted"] == 0
+
+
+def test_a_message_the_storage_fails_on_alone_counts_after_all() -> None:
+    """A began an outage that the next message (the probe) ended at once; when A begins one again,
+    the store fails on A itself: its failure counts (None: no pause), so it cannot pause the pool
+    for ever.  A message that began a real outage (a probe failed too) is not suspected."""
+    outage = Outage(first=0.01, most=0.02)
+    assert outage.failed("locked", "A") == 0.01
+    time.sleep(0.02)
+    assert outage.admits(inflight=0)  # the probe: another message, and it got through
+    outage.cleared()
+    assert not outage.active
+    assert outage.failed("locked", "A") is None and not outage.active  # A again: A's own failure
+    down = Decision.tempfail((RCPT,), "locked", cause=Cause.STORAGE)
+    assert queue_plan(down, queued(), attempts=0, poison_limit=2, pause=None).counts_attempt
+    assert queue_plan(down, queued(), attempts=1, poison_limit=2, pause=None).quarantine is not None
+
+    assert outage.failed("down", "B") == 0.01  # B begins a real outage: a probe fails too
+    time.sleep(0.02)
+    assert outage.admits(inflight=0)
+    assert outage.failed("down", "C") == 0.02
+    outage.cleared()
+    assert outage.failed("down", "B") == 0.01  # B is not suspected: the others failed as well

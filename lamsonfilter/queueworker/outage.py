@@ -21,7 +21,11 @@ database (a stateless route): the next message that needs it meets the
 outage again and a new pause begins, after at most ``--workers`` failures.
 No message counts an attempt for it (``POISON_LIMIT`` is for messages that
 fail on their own), and the message that met the outage goes to ``retry/``
-for the length of the pause.  A 10-minute outage therefore costs about 15
+for the length of the pause.  One exception keeps a message from pausing
+the pool for ever: a message that began an outage which the very next
+message ended (the database answered it at once), and that begins one
+again, is the trouble itself (the store fails on *it*): that failure
+counts, with the usual backoff, up to the quarantine.  A 10-minute outage therefore costs about 15
 probes, whatever the size of the queue.  `since` says how long it lasts;
 ``deq --once`` gives up after `ONCE_WAIT` of it (exit status 75).
 Thread-safe; the feeder waits on its own condition, which `failed` and
@@ -44,6 +48,8 @@ PAUSE_FIRST = 2.0
 PAUSE_MOST = 60.0
 #: ``deq --once`` waits out an outage this long, then stops with the rest of the queue left.
 ONCE_WAIT = 60.0
+#: How many messages that began a short outage are remembered (`Outage.failed`).
+SUSPECTS_KEPT = 1000
 
 
 class Outage:
@@ -60,6 +66,9 @@ class Outage:
         self.why = ""
         self.probes = 0                    # probes that failed, this outage
         self._retries_due = 0.0            # wall clock: when the last message sent to retry/ is due
+        self._starter: str | None = None   # the message whose failure began this outage
+        #: messages that began an outage the next message ended (insertion-ordered, bounded)
+        self._suspects: dict[str, None] = {}
 
     @property
     def active(self) -> bool:
@@ -78,15 +87,22 @@ class Outage:
         with self._lock:
             return self._pause if self._since is not None else self.first
 
-    def failed(self, why: str) -> float:
-        """A message met a storage failure; returns the pause now in force (seconds): the
-        message waits in ``retry/`` that long."""
+    def failed(self, why: str, name: str | None = None) -> float | None:
+        """Message `name` met a storage failure; returns the pause now in force (seconds): the
+        message waits in ``retry/`` that long.  None when `name` alone seems to be the trouble:
+        it started an outage before that the very next message ended (the database answered
+        the others at once) and starts one again now; then it is its own failure, counted
+        towards ``POISON_LIMIT``, and the pool does not pause for it."""
         now = time.monotonic()
         with self._lock:
             self.why = why
+            if self._since is None and name is not None and name in self._suspects:
+                log.warning("queue_id=%s the storage fails for this message again, while the messages "
+                            "in between went through: counted as its own failure: %s", name, why)
+                return None
             self._retries_due = max(self._retries_due, time.time() + self._pause_after(now))
             if self._since is None:
-                self._since, self._pause, self.probes = now, self.first, 0
+                self._since, self._pause, self.probes, self._starter = now, self.first, 0, name
                 log.error("the state database failed: %s; deq pauses its workers for %g s, then tries "
                           "one message (no attempt is counted against the messages)", why, self._pause)
             elif self._probing or now >= self._resume:
@@ -122,7 +138,11 @@ class Outage:
             if self._since is None:
                 return
             took = time.monotonic() - self._since
-            self._since, self._probing = None, False
+            if self.probes == 0 and self._starter is not None:  # over at the first probe: note who began it
+                self._suspects[self._starter] = None
+                while len(self._suspects) > SUSPECTS_KEPT:
+                    del self._suspects[next(iter(self._suspects))]  # the oldest
+            self._since, self._probing, self._starter = None, False, None
         log.warning("the state database answers again after %.0f s; deq goes on with all its workers", took)
 
     def admits(self, inflight: int) -> bool:

@@ -18,6 +18,8 @@ a tempfail of the storage       back to ``retry/`` for the pool's pause, no
 (cause ``storage``: the         attempt counted, never the quarantine; the
 database down, locked, full,    whole pool pauses and probes with one
 without the schema)             message (`lamsonfilter.queueworker.outage`)
+... for this message alone      as a tempfail of the message (`Outage.failed`
+(``pause`` None)                said so: the next message went through)
 drop (consumed)                 removed (the handlers' outbox is already
                                 stored and being sent)
 defer                           removed, as drop (the application refuses a
@@ -115,13 +117,14 @@ def storage_failure_plan(why: str, pause: float) -> QueuePlan:
 
 
 def queue_plan(decision: Decision, request: MailRequest, attempts: int = 0, poison_limit: int = 5,
-               pause: float = 2.0) -> QueuePlan:
+               pause: float | None = 2.0) -> QueuePlan:
     """The one mapping from a `Decision` to the queue's actions (see the module table).
 
     `attempts`: earlier attempts at this message that ended without a decision;
-    `pause`: how long the pool pauses after a storage failure (`Outage.failed`).
+    `pause`: how long the pool pauses after a storage failure (`Outage.failed`); None when
+    the storage fails for this message alone: then it counts as the message's failure.
     """
-    if decision.storage_failed:
+    if decision.storage_failed and pause is not None:
         return storage_failure_plan(decision.error or "storage failure", pause)
     if decision.is_tempfail:
         tempfails = decision.by_action(Action.TEMPFAIL)

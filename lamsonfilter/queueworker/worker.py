@@ -120,10 +120,10 @@ class MessageWorker:
         deadline = time.monotonic() + (msg.until - time.time()) - lease / 2
         decision = self.runtime.process(request, replay_key=f"queue:{msg.name}", deadline=deadline,
                                         transport="queue")
+        pause: float | None = self.outage.first
         if decision.storage_failed:  # the database, not this message: pause the pool, count nothing
-            pause = self.outage.failed(decision.error or "storage failure")
+            pause = self.outage.failed(decision.error or "storage failure", msg.name)  # None: it is the message
         else:
-            pause = self.outage.first
             self.outage.cleared()
         return self._carry_out(queue_plan(decision, request, msg.attempts, limit, pause), msg, request)
 
