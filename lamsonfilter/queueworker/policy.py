@@ -38,6 +38,26 @@ __all__ = ["PolicyListener"]
 log = logging.getLogger("lamsonfilter.queueworker")
 
 
+class _Connections(PolicyServer):
+    """The content filter's policy server, keeping its open connections so that `stop` can end them."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            await super().handle(reader, writer)
+        finally:
+            self.writers.discard(writer)
+
+    def close_connections(self) -> None:
+        """Close every open connection: each handler then reads EOF and ends."""
+        for writer in list(self.writers):
+            writer.close()
+
+
 class PolicyListener:
     """Postfix's policy delegation for ``deq``, on a loopback port, in a thread."""
 
@@ -57,13 +77,14 @@ class PolicyListener:
             self._sock.close()
             raise StartupError(f"--policy: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._sock.setblocking(False)
+        self._policy = _Connections(runtime)
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
 
     def start(self) -> None:
         """Serve from a thread of its own until `stop`."""
-        self._server = self._loop.run_until_complete(PolicyServer(self.runtime).start(self._sock))
+        self._server = self._loop.run_until_complete(self._policy.start(self._sock))
         self._thread = threading.Thread(target=self._loop.run_forever, name="lamsonfilter-deq-policy", daemon=True)
         self._thread.start()
         log.info("answering Postfix's check_policy_service on %s:%d (unknown addresses refused at RCPT)",
@@ -75,12 +96,19 @@ class PolicyListener:
             server = self._server
 
             async def close() -> None:  # Postfix keeps its connections open: end them too
+                # a connection accepted just now reaches its handler first: asyncio's server, once
+                # closed, drops (and leaks) a connection whose transport it was still making
+                await asyncio.sleep(0.05)
                 if server is not None:
                     server.close()
-                others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-                for task in others:
-                    task.cancel()
-                await asyncio.gather(*others, return_exceptions=True)
+                await asyncio.sleep(0.05)
+                self._policy.close_connections()
+                for _ in range(200):  # bounded: 2 s
+                    if not self._policy.writers:
+                        break
+                    await asyncio.sleep(0.01)
+                for _ in range(3):  # the transports' own closing callbacks run before the loop stops
+                    await asyncio.sleep(0)
 
             try:
                 asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
