@@ -18,8 +18,9 @@ app/handlers/list.py:42 in START``; the whole traceback follows at DEBUG,
 ``-v`` for the daemons), and nothing of that message (state, outbox) is
 committed.  The tempfail says whose fault it was (`Decision.cause`):
 ``storage`` when the state database failed (`StorageUnavailable`: down,
-locked, full, no schema; or conflicts that outlast `CONFLICT_RETRIES`),
-``message`` for everything else.  ``process(request, trace=Trace())`` also hands back the
+locked, full, no schema), ``message`` for everything else -- conflicts
+that outlast `CONFLICT_RETRIES` included (a handler that inserts the same
+unique row every time would otherwise never count).  ``process(request, trace=Trace())`` also hands back the
 exception and every state key the run wrote (`lamsonfilter.diagnostics`),
 for dry runs and tests.
 """
@@ -428,8 +429,9 @@ _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 def cause_of(exc: BaseException) -> Cause:
     """Whose fault a failure is: `Cause.STORAGE` when the database failed whatever the message
-    (`StorageUnavailable`, or conflicts that outlasted `CONFLICT_RETRIES`), else `Cause.MESSAGE`."""
-    return Cause.STORAGE if isinstance(exc, (StorageUnavailable, ConflictError)) else Cause.MESSAGE
+    (`StorageUnavailable`), else `Cause.MESSAGE` (a `ConflictError` too: after `CONFLICT_RETRIES`
+    it may be the message's own unique row)."""
+    return Cause.STORAGE if isinstance(exc, StorageUnavailable) else Cause.MESSAGE
 
 
 def _where(ctx: Context) -> str:

@@ -204,3 +204,15 @@ def test_a_message_the_storage_fails_on_alone_counts_after_all() -> None:
     assert outage.failed("down", "C") == 0.02
     outage.cleared()
     assert outage.failed("down", "B") == 0.01  # B is not suspected: the others failed as well
+
+
+def test_only_the_database_failing_is_the_storages_fault() -> None:
+    from lamsonfilter.app import cause_of
+    from lamsonfilter.state import ConflictError, SchemaMissingError
+
+    assert cause_of(StorageUnavailable("connection refused")) is Cause.STORAGE
+    assert cause_of(SchemaMissingError("no lamsonfilter schema")) is Cause.STORAGE
+    # a conflict that outlasted the retries may be the message's own unique row: it counts
+    assert cause_of(ConflictError("still conflicting")) is Cause.MESSAGE
+    assert cause_of(StorageError("cannot bind that value")) is Cause.MESSAGE
+    assert cause_of(RuntimeError("handler bug")) is Cause.MESSAGE
