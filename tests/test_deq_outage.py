@@ -9,7 +9,7 @@ in the quarantine after POISON_LIMIT attempts.  Then ``deq --once`` with
 the relay down: exit status 75 and a line naming the unsent replies, which
 a later run sends; and ``deq --once`` (`deq.serve`) over a database that
 stays down: it gives up after ONCE_WAIT with exit status 75, nothing lost,
-nothing counted.  Every wait is bounded.
+nothing counted; SIGTERM during an outage stops deq at once.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -151,4 +151,33 @@ def test_once_gives_up_on_a_long_outage_with_exit_75_and_loses_nothing(tmp_path:
                      r"left in the queue for the next run$", err, re.MULTILINE), err
     entries = list(queue.entries())
     assert len(entries) == 8 and all(e.attempts == 0 for e in entries), entries
+    assert quarantined(app) == []
+
+
+def test_sigterm_during_an_outage_stops_at_once_and_keeps_every_message(tmp_path: Path, pgcluster: PgCluster,
+                                                                         capture: CaptureServer) -> None:
+    """The pool waits out the pause on a condition, not in a sleep: SIGTERM ends it at once."""
+    app = make_app(tmp_path / "app", f"POISON_LIMIT = {POISON_LIMIT}\nDATABASE_URL = {pgcluster.url!r}\n")
+    storage = make_storage(pgcluster.url)
+    storage.create_schema()
+    storage.close()
+    queue = MailQueue(tmp_path / "queue")
+    queue.ensure()
+    deq_proc = Resident(app, queue, capture, tmp_path / "deq.log")
+    try:
+        wait_until("deq idle", lambda: "queue empty: sleeping" in deq_proc.text())
+        pgcluster.stop()
+        for i in range(5):
+            subscribe(queue, f"user{i}@example.com")
+        wait_until("the pool paused", lambda: "deq pauses its workers" in deq_proc.text())
+        wait_until("a long pause", lambda: "(probe 2)" in deq_proc.text(), timeout=60)  # next try in 8 s
+        started = time.monotonic()
+        assert deq_proc.stop() == 0, deq_proc.text()
+        assert time.monotonic() - started < 5, deq_proc.text()
+    finally:
+        deq_proc.kill()
+        if not pgcluster.running:
+            pgcluster.start()
+    entries = list(queue.entries())
+    assert len(entries) == 5 and all(e.attempts == 0 for e in entries), entries
     assert quarantined(app) == []
