@@ -43,6 +43,7 @@ __all__ = [
     "StateStorage",
     "MemoryStorage",
     "StorageError",
+    "StorageUnavailable",
     "ConflictError",
     "SchemaMissingError",
     "PendingOutbox",
@@ -56,11 +57,22 @@ class StorageError(Exception):
     """The state store failed; the message is deferred (451 4.3.0)."""
 
 
+class StorageUnavailable(StorageError):
+    """The database itself failed, whatever the message: it refused or lost the connection,
+    stayed locked past the lock timeout, is read-only or full, or lacks the schema.
+
+    The runtime marks such a tempfail ``Cause.STORAGE`` (`lamsonfilter.decisions.Cause`):
+    ``deq`` then retries the message without counting an attempt towards ``POISON_LIMIT``
+    and pauses its pool.  A `StorageError` that is not one of these (a value the driver
+    would not bind, a constraint) may well be the message's doing and counts.
+    """
+
+
 class ConflictError(StorageError):
     """A concurrent transaction changed the same key; run the message again."""
 
 
-class SchemaMissingError(StorageError):
+class SchemaMissingError(StorageUnavailable):
     """The database has no (or an old) lamsonfilter schema; the text says what to run."""
 
 

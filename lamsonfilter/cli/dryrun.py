@@ -208,6 +208,8 @@ def as_json(name: str, request: MailRequest, decision: Decision, routes: dict[st
         "defects": list(request.defects),
         "notes": list(decision.notes),
         "error": decision.error,
+        # a tempfail's cause: "message" (counts towards deq's POISON_LIMIT) or "storage" (does not)
+        "cause": decision.cause.value if decision.is_tempfail and decision.cause is not None else None,
         "traceback": format_traceback(trace.error) if trace is not None and trace.error is not None else None,
     }
 
@@ -238,7 +240,8 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
         if o.action is Action.DEFER:
             what += " (ctx.defer(): the daemons queue the message for lamsonfilter deq; dry run: not queued)"
         add(f"  outcome: {what}")
-    add(f"decision:  {decision.kind}" + (f"  error: {decision.error}" if decision.error else ""))
+    cause = f"  cause: {decision.cause}" if decision.is_tempfail and decision.cause is not None else ""
+    add(f"decision:  {decision.kind}{cause}" + (f"  error: {decision.error}" if decision.error else ""))
     if trace is not None and trace.error is not None:
         if verbose:
             add("traceback:")

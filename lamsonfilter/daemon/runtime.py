@@ -6,7 +6,12 @@ one `MailRequest`, which it does not change afterwards, and calls
 (the queue id travels in the request's envelope).  The runtime then does,
 the same way for every transport: replay of a committed decision and the
 deadline (through `App.process`), the per-message log line, metrics, and
-waking the outbox sender.  Poison counting is a service next to it
+waking the outbox sender.  A tempfail `Decision` carries its `Cause`
+(``message``: a handler failed or ran out of time; ``storage``: the
+database or the queue's disk failed, not this message), named in the log
+line (``decision=tempfail cause=storage``); the milter and the content
+filter answer 451 4.3.0 for both, ``deq`` counts only ``message`` as an
+attempt.  Poison counting is a service next to it
 (`count_attempts`, `begin_attempt`, `end_attempt`) that a transport which
 can see its own process die uses.  docs/design.rst has a worked example::
 
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..app import App, StartupError
-from ..decisions import Decision, Outcome
+from ..decisions import Cause, Decision, Outcome
 from ..mail import MailRequest
 from ..mailqueue.maildir import MailQueue, QueueError
 from ..relay import OUTBOX_LEASE, OutboxWorker, Relay, message_id
@@ -186,10 +191,12 @@ class Runtime:
         outbox_ids = f" outbox_ids={','.join(ids)}" if ids else ""
         if ids and request.queue_id and self.worker is not None:
             self.worker.remember_cause(ids, request.queue_id)
+        # a tempfail names its cause (cause=message|storage): a database outage reads apart from poison
+        cause = f" cause={decision.cause}" if decision.is_tempfail and decision.cause is not None else ""
         log.info(
-            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d%s ms=%.1f%s",
+            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s%s outbox=%d%s ms=%.1f%s",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
-            len(request.recipients), routes, decision.kind, len(decision.outbox), outbox_ids, took,
+            len(request.recipients), routes, decision.kind, cause, len(decision.outbox), outbox_ids, took,
             " mime=ambiguous" if ambiguous else "",
             extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
                    "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},
@@ -229,7 +236,7 @@ class Runtime:
         except (OSError, QueueError) as exc:
             log.error("queue_id=%s tempfail: the deferred message could not be queued in %s: %s",
                       request.queue_id or "-", queue.path, exc)
-            return Decision.tempfail(request.recipients, f"deferral not queued: {exc}")
+            return Decision.tempfail(request.recipients, f"deferral not queued: {exc}", cause=Cause.STORAGE)
         return decision
 
     def _ran_from_queue(self, name: str) -> bool:

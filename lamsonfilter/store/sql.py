@@ -49,8 +49,12 @@ Nothing from SQLAlchemy or the database driver escapes; every failure is
 one of the `lamsonfilter.state` errors, with the driver's exception chained
 as ``__cause__`` and the database URL (password hidden) in the text:
 
-* `StorageError` -- the database is down or unreachable, locked for longer
-  than `lock_timeout`, the URL is malformed or its driver is not installed.
+* `StorageUnavailable` (a `StorageError`) -- the database is down or
+  unreachable, locked for longer than `lock_timeout`, read-only or full:
+  nothing this message did.  `App.process` defers the message (451 4.3.0)
+  and marks the decision ``Cause.STORAGE`` (``deq`` counts no attempt).
+* `StorageError` -- any other failure of the driver (a value it would not
+  bind, a constraint), the URL is malformed or its driver is not installed.
   `App.process` defers the message (451 4.3.0).
 * `ConflictError` -- a serialisation failure, a deadlock or a unique-key
   race with a concurrent transaction; run the message again.
