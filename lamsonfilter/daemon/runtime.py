@@ -37,6 +37,7 @@ from ..decisions import Decision, Outcome
 from ..mail import MailRequest
 from ..mailqueue.maildir import MailQueue, QueueError
 from ..relay import OUTBOX_LEASE, OutboxWorker, Relay, message_id
+from ..sentjournal import SentJournal
 from ..state import StorageError
 from .metrics import Metrics
 from .poison import DEFAULT_LIMIT, AttemptLog
@@ -62,7 +63,7 @@ class Runtime:
         self.relay = relay
         self.worker = (
             OutboxWorker(app.storage, relay, interval=outbox_interval, housekeeping=self._housekeeping,
-                         lease=float(app.settings.get("OUTBOX_LEASE", OUTBOX_LEASE)))
+                         lease=float(app.settings.get("OUTBOX_LEASE", OUTBOX_LEASE)), journal=_journal(app))
             if relay else None
         )
         self.directory = directory
@@ -119,6 +120,11 @@ class Runtime:
 
             self.serve_metrics(*parse_hostport(metrics))
         if self.worker is not None:
+            if self.worker.journal is not None:
+                try:  # fail at start, not at the first send
+                    self.worker.journal.open()
+                except OSError as exc:
+                    raise StartupError(str(exc)) from None
             self.worker.start()
             self.worker.wake()  # whatever a previous run left pending
 
@@ -333,6 +339,19 @@ def release_free_memory() -> bool:
 
 
 _malloc_trim: Any = None
+
+
+def _journal(app: App) -> SentJournal | None:
+    """The outbox sender's sent journal (`lamsonfilter.sentjournal`), in the OUTBOX_JOURNAL
+    directory; opened at the sender's first round, so a process that never sends (a worker
+    of the content filter's ``--workers``) makes no file."""
+    from ..settings import journal_dir, resolve_database_url
+
+    directory = journal_dir(app.settings)
+    if directory is None:
+        return None
+    url = resolve_database_url(str(app.settings.get("DATABASE_URL", "")), app.settings.get("APP_DIR"))
+    return SentJournal(directory, url.split("?", 1)[0])
 
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
