@@ -95,8 +95,8 @@ MAX_ATTEMPTS = 200
 #: renews after a third of it, before each SMTP transaction (`lamsonfilter.store.outbox`).
 #: The default of the application setting ``OUTBOX_LEASE``, which the daemons pass on.
 OUTBOX_LEASE = 300.0
-#: Seconds a sent message waits at most for its batch's "sent" in the database (the sent
-#: journal has it from the ``250`` on; only another host's takeover needs the database's).
+#: Seconds a sent message waits at most for its batch's "sent" in the database when the sent
+#: journal covers every takeover (SQLite: one host); with several hosts each is marked at once.
 MARK_EVERY = 0.5
 #: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
 CAUSES_KEPT = 10_000
@@ -217,13 +217,16 @@ class OutboxWorker:
                  *, min_backoff: float | None = None, max_backoff: float = 4000.0,
                  max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS,
                  lease: float = OUTBOX_LEASE, worker_id: str | None = None,
-                 journal: SentJournal | None = None) -> None:
+                 journal: SentJournal | None = None, mark_every: float = 0.0) -> None:
         self.storage = storage
         #: What this process handed to the relay, on disk at the ``250`` (`lamsonfilter.sentjournal`).
         self.journal = journal
         self._recovered = float("-inf")
         self._unmarked: list[int] = []  # sent and journaled; "sent" not yet in the database
         self._unmarked_since = 0.0
+        #: Seconds a sent message may wait for its batch's "sent" in the database: 0 (each at once)
+        #: unless the journal covers every takeover (one host: `Runtime` gives SQLite `MARK_EVERY`).
+        self.mark_every = mark_every if journal is not None else 0.0
         #: The name this worker's claims carry: host, process, and a random part.
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease = lease
@@ -276,7 +279,7 @@ class OutboxWorker:
                         elif self._keep_lease(item.id):
                             self._deliver(item)
                         self._held.discard(item.id)  # sent, deferred or failed: claim ended
-                        if self._unmarked and time.monotonic() - self._unmarked_since > MARK_EVERY:
+                        if self._unmarked and time.monotonic() - self._unmarked_since >= self.mark_every:
                             self._mark_batch()
                 except RelayError as exc:
                     log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
