@@ -258,12 +258,12 @@ class SentJournal:
                 if os.fstat(fd).st_nlink == 0:
                     continue  # recovered and deleted while we waited for its lock
                 records = read_journal(path)
-                for start in range(0, len(records), APPLY_BATCH):
-                    sink.apply_sent(records[start : start + APPLY_BATCH])
+                changed = sum(sink.apply_sent(records[start : start + APPLY_BATCH])
+                              for start in range(0, len(records), APPLY_BATCH))
                 os.unlink(path)
                 applied += len(records)
-                log.info("outbox journal: %d line(s) of dead process's %s applied to the database",
-                         len(records), path.name)
+                log.info("outbox journal: %d line(s) of a dead process's %s applied: %d message(s) sent "
+                         "that the database did not know (not sent again)", len(records), path.name, changed)
             finally:
                 os.close(fd)
         return applied
