@@ -22,6 +22,10 @@ runtime acts" and "Claims and leases", says why each rule is so):
 * The worker sends only what it claimed (`OutboxStore.claim_outbox`), so
   any number of workers, processes or hosts, share one outbox; it renews
   the lease while it sends and stops on a message it no longer holds.
+* The moment the relay accepts a transaction, the worker's sent journal
+  has it (`lamsonfilter.sentjournal`, one ``os.write``); the database's
+  "sent" follows, and the journal is applied before every claim, so a
+  sender killed in between does not make the next one send it again.
 * A relay that cannot be reached (refused connection, no greeting, EHLO
   refused) stops the batch: nothing attempted, claims released, one WARNING.
 * Each recipient is accounted for on its own: the accepted ones are taken
@@ -263,7 +267,7 @@ class OutboxWorker:
             # bounded: every round tries at least one message not tried before
             while True:
                 try:
-                    self._apply_journals()  # before any claim: what this host sent, the database learns
+                    self._apply_journals()
                     pending = self.storage.claim_outbox(self.worker_id, self.batch, self.lease,
                                                         due_before=time.time())
                 except Exception as exc:  # noqa: BLE001 -- the store may be down; try later
@@ -395,47 +399,23 @@ class OutboxWorker:
 
     def _recorder(self, item: PendingOutbox) -> Callable[[Delivery], None]:
         """What runs the moment the relay answers a transaction of `item`: the journal line."""
-        token = sent_token(item.message.raw)
-
-        def record(result: Delivery) -> None:
-            if self.journal is None or not result.accepted:
-                return
-            try:
-                self.journal.record(item.id, token, result.accepted)
-            except OSError as exc:  # the database write that follows is then the only record
-                log.error("outbox: message %d sent, but the sent journal failed (it may go out twice if "
-                          "this process dies before the database records it): %s", item.id, exc)
-        return record
+        journal, token = self.journal, sent_token(item.message.raw)
+        return lambda result: journal.note(item.id, token, result.accepted) if journal else None
 
     def _apply_journals(self) -> None:
-        """Apply this process's journal lines the database lacks, and -- at the first round,
-        then every quarter lease, before any dead process's claim can expire -- the journals
-        of this host's dead processes.  Raises what the store raises (the claim waits)."""
-        if self.journal is None:
-            return
-        if self.journal.unapplied():
-            self.journal.reconcile(self.storage)
-        now = time.monotonic()
-        if now - self._recovered >= self.lease / 4:
-            self.journal.recover(self.storage)
-            self._recovered = now
+        if self.journal is not None:  # what this host sent, the database learns before any claim
+            self._recovered = self.journal.before_claim(self.storage, self._recovered, self.lease / 4)
 
     def _mark_batch(self) -> None:
         ids, self._unmarked = self._unmarked, []
-        self._mark(ids)
-
-    def _mark(self, ids: Sequence[int]) -> None:
         if not ids:
             return
         try:
             self.storage.mark_sent(ids)
         except Exception as exc:  # noqa: BLE001 -- sent twice later is better than lost
-            if self.journal is not None and self.journal.unapplied():
-                log.error("outbox: sent %s but could not mark them sent yet (the sent journal has them; "
-                          "applied before the next claim): %s", list(ids), exc)
-            else:
-                log.error("outbox: sent %s but could not mark them sent (they may go out twice): %s",
-                          list(ids), exc)
+            kept = self.journal is not None and self.journal.holds(ids[0])
+            log.error("outbox: sent %s but could not mark them sent (%s): %s", ids,
+                      "the sent journal has them" if kept else "they may go out twice", exc)
             return
         if self.journal is not None:
             self.journal.applied(ids)

@@ -60,6 +60,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -199,10 +200,33 @@ class SentJournal:
         with self._lock:
             return [r for recs in self._unapplied.values() for r in recs]
 
-    def holds(self, id: int, token: str) -> bool:
+    def holds(self, id: int, token: str | None = None) -> bool:
         """Whether this process sent message `id` (with this token) and the database may not know."""
         with self._lock:
-            return any(r.token == token for r in self._unapplied.get(int(id), ()))
+            return any(token in (None, r.token) for r in self._unapplied.get(int(id), ()))
+
+    def note(self, id: int, token: str, done: Sequence[str]) -> None:
+        """`record`, but a failure is logged, not raised: the relay has the message, and the
+        database's "sent" that follows is then its only record (the outbox worker's way)."""
+        try:
+            self.record(id, token, done)
+        except OSError as exc:
+            log.error("outbox: message %d sent, but the sent journal failed (it may go out twice if "
+                      "this process dies before the database records it): %s", id, exc)
+
+    def before_claim(self, sink: SentSink, last_recovery: float, every: float) -> float:
+        """What an outbox worker does before each claim: apply this process's lines the database
+        lacks, and -- when `every` seconds passed since `last_recovery` (a `time.monotonic`; a
+        quarter of the lease, so before any dead process's claim expires) -- the journals of
+        this host's dead processes.  Returns the time of the last recovery; raises what the
+        store raises (then the claim waits)."""
+        if self.unapplied():
+            self.reconcile(sink)
+        now = time.monotonic()
+        if now - last_recovery < every:
+            return last_recovery
+        self.recover(sink)
+        return now
 
     def reconcile(self, sink: SentSink) -> int:
         """Apply this process's unconfirmed lines to the database (raises what the store raises)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.relay import Delivery, OutboxWorker
+from lamsonfilter.relay import Delivery, OutboxWorker, Relay
 from lamsonfilter.sentjournal import SentJournal, SentRecord, read_journal, sent_token
 from lamsonfilter.settings import journal_dir
 from lamsonfilter.state import StateStorage
@@ -198,3 +198,16 @@ def test_the_journal_lives_beside_a_sqlite_database_or_in_the_apps_var(tmp_path:
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db"}) == tmp_path / "app/var/outbox-sent"
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db", "OUTBOX_JOURNAL": "/run/j"}) == Path("/run/j")
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "memory:"}) is None
+
+
+def test_a_real_relays_250_is_journaled_before_the_database_write(storage: StateStorage, tmp_path: Path,
+                                                                    capture: Any) -> None:
+    ids = fill(storage, message(1, ("a@x.test", "b@x.test")))
+    journal = SentJournal(tmp_path, DB)
+    worker = OutboxWorker(FailingMarks(storage), Relay("127.0.0.1", capture.port, timeout=10.0,  # type: ignore[arg-type]
+                                                       max_recipients=1), interval=3600.0, journal=journal)
+    worker.flush()
+    [(i, m)] = ids.items()
+    assert len(capture.messages) == 2  # one transaction per recipient, a journal line for each
+    assert read_journal(journal.path) == [SentRecord(i, sent_token(m.raw), ("a@x.test",)),
+                                          SentRecord(i, sent_token(m.raw), ("b@x.test",))]
