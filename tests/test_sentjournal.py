@@ -211,3 +211,42 @@ def test_a_real_relays_250_is_journaled_before_the_database_write(storage: State
     assert len(capture.messages) == 2  # one transaction per recipient, a journal line for each
     assert read_journal(journal.path) == [SentRecord(i, sent_token(m.raw), ("a@x.test",)),
                                           SentRecord(i, sent_token(m.raw), ("b@x.test",))]
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from lamsonfilter.cli import main
+
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "examples" / "mailinglist", app, ignore=shutil.ignore_patterns("var", "__pycache__"))
+    CliRunner().invoke(main, ["db", "init", "--app", str(app)], catch_exceptions=False)
+    return app
+
+
+def test_every_transports_runtime_sends_with_a_journal_and_an_unwritable_one_stops_the_start(app_dir: Path) -> None:
+    from lamsonfilter.app import StartupError
+    from lamsonfilter.daemon.runtime import Runtime
+
+    # the milter, the content filter and deq all send through `Runtime`'s one outbox worker
+    rt = Runtime.from_directory(app_dir)
+    try:
+        assert rt.worker is not None and rt.worker.journal is not None
+        assert rt.worker.journal.directory == app_dir / "var" / "outbox-sent"  # beside var/state.db
+        assert rt.worker.mark_every > 0  # SQLite: one host, "sent" in batches
+        rt.start()
+        assert rt.worker.journal.path.exists()
+    finally:
+        rt.stop()
+    assert not rt.worker.journal.path.exists()  # a clean stop: nothing left to apply
+    blocker = app_dir / "not-a-directory"
+    blocker.write_text("")
+    rt = Runtime.from_directory(app_dir, {"OUTBOX_JOURNAL": str(blocker / "journal")})
+    try:
+        with pytest.raises(StartupError, match="outbox journal: cannot create .*set OUTBOX_JOURNAL"):
+            rt.start()
+    finally:
+        rt.stop()
