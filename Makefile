@@ -17,14 +17,15 @@ test: bootstrap
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # the example mailing list behind a private Postfix on loopback (MODE=content-filter for
-# the after-queue set-up); Ctrl-C stops it and everything it started.  `make dry-run`
-# needs no Postfix at all.
+# the after-queue set-up; APP=examples/helpdesk for the other example); Ctrl-C stops it and
+# everything it started.  `make dry-run` needs no Postfix at all.
 MODE ?= milter
+APP ?= examples/mailinglist
 run: bootstrap-run
-	$(VENV)/bin/lamsonfilter demo --app examples/mailinglist --mode $(MODE)
+	$(VENV)/bin/lamsonfilter demo --app $(APP) --mode $(MODE)
 
 dry-run: bootstrap-run
-	$(VENV)/bin/lamsonfilter test --app examples/mailinglist examples/mailinglist/samples/
+	$(VENV)/bin/lamsonfilter test --app $(APP) $(APP)/samples/
 
 check: bootstrap
 	$(VENV)/bin/mypy --explicit-package-bases lamsonfilter tests/rig

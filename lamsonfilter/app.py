@@ -16,7 +16,11 @@ functions require, or a template directory that does not exist.
 in the application's code it failed (``KeyError: 'count' at
 app/handlers/list.py:42 in START``; the whole traceback follows at DEBUG,
 ``-v`` for the daemons), and nothing of that message (state, outbox) is
-committed.  ``process(request, trace=Trace())`` also hands back the
+committed.  The tempfail says whose fault it was (`Decision.cause`):
+``storage`` when the state database failed (`StorageUnavailable`: down,
+locked, full, no schema), ``message`` for everything else -- conflicts
+that outlast `CONFLICT_RETRIES` included (a handler that inserts the same
+unique row every time would otherwise never count).  ``process(request, trace=Trace())`` also hands back the
 exception and every state key the run wrote (`lamsonfilter.diagnostics`),
 for dry runs and tests.
 """
@@ -27,10 +31,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .context import Context
-from .decisions import Action, Decision, MessageChanges, Outcome
+from .decisions import Action, Cause, Decision, MessageChanges, Outcome
 from .diagnostics import Trace, describe_failure, format_traceback
 from .errors import Deferred
 from .fsm import (
@@ -47,13 +51,17 @@ from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
 from .replies import NO_SUCH_ADDRESS
 from .routing import RouteMatch, Router, RoutingError
-from .state import ConflictError, MemoryStorage, StateStorage, StorageError
+from .state import ConflictError, MemoryStorage, StateStorage, StorageError, StorageUnavailable
 from .store import replay
 from .store.replay import Replayed
 from .transaction import DeadlinePassed, LazyTransaction
 from .views import Views
 
-__all__ = ["App", "StartupError", "AppNotReady", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES"]
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
+
+__all__ = ["App", "StartupError", "AppNotReady", "RouteTarget", "DeadlinePassed", "MAX_HOPS", "CONFLICT_RETRIES",
+           "cause_of"]
 
 log = logging.getLogger("lamsonfilter")
 
@@ -100,8 +108,12 @@ class App:
         reply_limits: Mapping[str, ReplyRateLimit] | None = None,
         reply_budget: ReplyBudget | None = None,
         max_hops: int = MAX_HOPS,
+        models: MetaData | None = None,
     ) -> None:
         self.name = name
+        #: The `MetaData` of the application's own models (``app/models.py``, `lamsonfilter.models`),
+        #: used by handlers through ``ctx.db``; None when it has none.
+        self.models = models
         self.hosts = frozenset(h.lower() for h in hosts)
         self.handlers: list[Handler] = []
         self.storage: StateStorage = storage if storage is not None else MemoryStorage()
@@ -228,7 +240,7 @@ class App:
             return self._process(request, commit, time.time() if now is None else now, outbox, trace, retry)
         except Exception as exc:  # noqa: BLE001 -- the contract: never raise, tempfail instead
             self._log_failure(f"queue_id={request.queue_id or '-'}", exc, trace)
-            return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}")
+            return Decision.tempfail(request.recipients, f"{type(exc).__name__}: {exc}", cause=cause_of(exc))
 
     def _log_failure(self, prefix: str, exc: BaseException, trace: Trace | None) -> str:
         """Log one ERROR line naming where `exc` happened, the traceback at DEBUG; return the line's tail."""
@@ -271,14 +283,16 @@ class App:
                     route=str(match.route),
                 )
             return Decision(tuple(fixed[r] for r in request.recipients), notes=("mail loop: handlers not run",))
+        last: ConflictError | None = None
         for attempt in range(CONFLICT_RETRIES):
             if trace is not None:
                 trace.reset()
             try:
                 return self._run_handlers(request, routed, fixed, commit, now, outbox, trace, retry)
-            except ConflictError:
+            except ConflictError as exc:
+                last = exc
                 log.info("queue_id=%s conflict on state, running again (%d)", request.queue_id or "-", attempt + 1)
-        raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts")
+        raise ConflictError(f"state still conflicting after {CONFLICT_RETRIES} attempts; the last: {last}")
 
     def _run_handlers(
         self,
@@ -338,9 +352,11 @@ class App:
                 f"queue_id={request.queue_id or '-'} handler={where} rcpt={current.recipient if current else '-'}",
                 exc, trace,
             )
-            if current is not None and ERROR in current.handler.states and current.key:
+            cause = cause_of(exc)
+            # the database failing is not the conversation's error: its state stays as it was
+            if cause is Cause.MESSAGE and current is not None and ERROR in current.handler.states and current.key:
                 self._move_to_error(current, commit)
-            return Decision.tempfail(request.recipients, f"{where}: {line}")
+            return Decision.tempfail(request.recipients, f"{where}: {line}", cause=cause)
         return decision
 
     def _run_state(self, ctx: Context, target: RouteTarget, match: RouteMatch, tx: Any) -> Outcome:
@@ -418,6 +434,13 @@ class App:
 
 
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+
+
+def cause_of(exc: BaseException) -> Cause:
+    """Whose fault a failure is: `Cause.STORAGE` when the database failed whatever the message
+    (`StorageUnavailable`), else `Cause.MESSAGE` (a `ConflictError` too: after `CONFLICT_RETRIES`
+    it may be the message's own unique row)."""
+    return Cause.STORAGE if isinstance(exc, StorageUnavailable) else Cause.MESSAGE
 
 
 def _where(ctx: Context) -> str:

@@ -20,30 +20,36 @@ changes (shared by all recipients of the message): `add_header`,
 `change_header`, `remove_header`, `replace_body`, `change_sender`,
 `quarantine`.  New mail: `reply` (an automatic reply, subject to the
 framework's guards: never to bounces, lists, ``<>``..., rate-limited) and
-`send` (any new message, e.g. a list post).  Other conversations' state:
-`find`, `get_state`, `set_state`, all inside the message's transaction.
+`send` (any new message, e.g. a list post), `confirmations` (ask somebody
+to confirm, verify the answer: `lamsonfilter.confirm`).  Other
+conversations' state: `find`, `get_state`, `set_state`, all inside the
+message's transaction.  The application's own rows (``app/models.py``):
+`db`, an ORM session in that same transaction, committed with the state
+and the outbox or rolled back with them.
 """
 
 from __future__ import annotations
 
-import email.policy
 import logging
 import re
 from email.message import EmailMessage
-from email.parser import BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
-from typing import Any, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 from .automated import Automated, classify
 from .bounce import BounceReport, detect_bounce
+from .confirm import Confirmations
 from .contextneeds import AppServices, HandlerInfo, RouteArgs
 from .decisions import (Action, HeaderChange, HeaderValueError, MessageChanges, OutboxMessage, Outcome,
                         check_header_value)
 from .errors import Deferred, HandlerError
-from .guards import GENERATED_HEADER, autoreply_refusal, reply_headers
+from .guards import GENERATED_HEADER, addresses_written, autoreply_refusal, one_mailbox, reply_headers
 from .mail import MailRequest, header_end, normalize_address
 from .state import StateRecord, StateTransaction
 from .views import Response, check_decoded_header_value, serialise
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 __all__ = ["Context", "MessageChanges", "GENERATED_HEADER"]
 
@@ -78,7 +84,7 @@ class Context:
         self.data: dict[str, Any] = {}
         self.outcome: Outcome | None = None
         self.deferred = False
-        self._claimed = False
+        self._kept: str | None = None  # what wrote something ctx.defer() cannot take back
         self._answer_addresses: dict[str, str] | None = None
 
     # ------------------------------------------------------------ reading
@@ -145,17 +151,19 @@ class Context:
         call did is kept (state, outbox, message changes); the other
         recipients' outcomes stand.  The recipient counts as consumed; the
         runtime has the message in the queue (``QUEUE``) before the 2xx.
-        A `HandlerError` (a tempfail) from the queue, or after `claim` (a
-        claimed token cannot be given back): defer first, then do the work.
+        A `HandlerError` (a tempfail) from the queue, or after `claim` or
+        rows written with `db` (neither can be given back): defer first.
         """
         if self.from_queue:
             raise HandlerError(
                 f"ctx.defer() for {self.recipient} in a run from the queue: the message was deferred "
                 "already; do the slow work when ctx.from_queue is True instead of deferring again")
-        if self._claimed:
+        if self._kept is None and getattr(self._tx, "db_changed", bool)():
+            self._kept = "ctx.db wrote rows"
+        if self._kept is not None:
             raise HandlerError(
-                f"ctx.defer() for {self.recipient} after ctx.claim(): a claimed token cannot be given "
-                "back; call ctx.defer() before ctx.claim()")
+                f"ctx.defer() for {self.recipient} after {self._kept}: a claimed token, a confirmation "
+                f"or the application's rows cannot be given back; call ctx.defer() before {self._kept}")
         self.deferred = True
         raise Deferred(self.recipient)
 
@@ -253,7 +261,7 @@ class Context:
                 response[name] = value
             response[GENERATED_HEADER] = self.app.name
             rendered = response.render()  # built once: checked here, queued as it is
-            written = _addresses_written(rendered[1], "To")
+            written = addresses_written(rendered[1], "To")
             if written != [self.sender]:  # e.g. a long non-ASCII sender folded apart (found by O3's fuzzer)
                 raise HeaderValueError(f"the To header would read {written!r}, not the envelope sender")
         except HeaderValueError as exc:
@@ -270,7 +278,7 @@ class Context:
         budget (unless `count_limits` is False), but counts nothing.
         """
         refusal = autoreply_refusal(self.request)
-        if refusal is None and not _one_mailbox(self.sender):
+        if refusal is None and not one_mailbox(self.sender):
             refusal = "the envelope sender is not one mailbox a To header can name"
         if refusal is None and count_limits:
             limit = self.app.reply_limit_for(self.handler)
@@ -301,8 +309,10 @@ class Context:
         sender: str | None = None,
         recipients: tuple[str, ...] | list[str] | None = None,
         confirmed: bool = False,
-    ) -> None:
+    ) -> bool:
         """Queue a new message (not an auto-reply: no reply guards, but still marked as generated).
+
+        Returns False when no recipient is left to send it to (see below), True when queued.
 
         The envelope defaults to the message's From and To/Cc; give
         `sender` (e.g. a VERP bounce address) and `recipients` explicitly for
@@ -318,8 +328,8 @@ class Context:
         (``Reply-To: another-member``).  Never pass it for addresses taken
         from the message.
         """
-        self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None, kind="message",
-                    confirmed=confirmed)
+        return self._queue(message, sender=sender, recipients=tuple(recipients) if recipients else None,
+                           kind="message", confirmed=confirmed)
 
     def _queue(
         self,
@@ -330,7 +340,7 @@ class Context:
         kind: str,
         confirmed: bool = False,
         rendered: tuple[EmailMessage, bytes] | None = None,
-    ) -> None:
+    ) -> bool:
         msg: EmailMessage | None
         if isinstance(message, Response):
             if rendered is None:
@@ -366,8 +376,9 @@ class Context:
                 for r, f in relayed))
             recipients = tuple(r for r in recipients if r not in {r for r, _f in relayed})
             if not recipients:
-                return
+                return False
         self._changes.outbox.append(OutboxMessage(normalize_address(sender), recipients, raw, kind))
+        return True
 
     def _answer_field(self, recipient: str) -> str | None:
         """The header (From, Reply-To, Sender) `recipient` was found in, when writing to it would relay.
@@ -410,10 +421,31 @@ class Context:
             raise HandlerError(f"handler {self.handler.name}: no state {state!r}")
         self._tx.set(f"{self.handler.name}:{key}", state, data)
 
+    @property
+    def db(self) -> Session:
+        """The application's models (``app/models.py``): a SQLAlchemy ORM `Session` on the very
+        connection of this message's state transaction, shared by every recipient of the message.
+
+        No ``commit()``: the framework flushes it and commits its rows together with the state
+        and the outbox, or rolls all three back (a tempfail, an exception, a passed deadline, a
+        dry run).  ``ctx.db.flush()`` sends the changes early (a new row's id).  This key is
+        locked; a row other keys' messages also change needs ``with_for_update()`` (PostgreSQL).
+        """
+        session: Session = getattr(self._tx, "db")  # `LazyTransaction.db`
+        return session
+
     def claim(self, token: str) -> bool:
         """Record a one-time token (e.g. a confirmation); False if it was used before."""
-        self._claimed = True
+        self._kept = self._kept or "ctx.claim()"
         return self._tx.claim(f"{self.handler.name}:{token}")
+
+    @property
+    def confirmations(self) -> Confirmations:
+        """The confirmation engine (`lamsonfilter.confirm`): ``ask`` and ``verify``, in this transaction."""
+        return Confirmations(self, self._tx, self._keep)
+
+    def _keep(self, what: str) -> None:
+        self._kept = self._kept or what
 
     def address(self, local: str, domain: str | None = None, name: str = "") -> str:
         """Format an address, e.g. ``ctx.address("python-confirm-XYZ", host)``."""
@@ -428,23 +460,6 @@ _ANSWER_FIELDS = ("From", "Reply-To", "Sender")
 
 #: A header line naming `GENERATED_HEADER` (not merely the text somewhere in the header block).
 _GENERATED_FIELD = re.compile(rb"(?im)^" + re.escape(GENERATED_HEADER.encode("ascii")) + rb"[ \t]*:")
-
-
-def _addresses_written(raw: bytes, name: str) -> list[str]:
-    """The addresses a reader of `raw` finds in header `name` (what the recipient will see)."""
-    msg = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
-    try:
-        return [a for _n, a in getaddresses([str(v) for v in msg.get_all(name, [])])]
-    except Exception:  # noqa: BLE001 -- unreadable is not the address we meant
-        return []
-
-
-def _one_mailbox(address: str) -> bool:
-    """True when a To header holding `address` names exactly that one mailbox."""
-    try:
-        return getaddresses([address]) == [("", address)]
-    except Exception:  # noqa: BLE001 -- unreadable is not one mailbox
-        return False
 
 
 def _crlf(data: bytes) -> bytes:

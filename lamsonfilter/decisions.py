@@ -9,9 +9,15 @@ turn it into protocol: `lamsonfilter.milterparts.plan` into milter actions, the
 content filter into reinjection plus an SMTP reply.  Handlers never send
 mail; the runtime sends the outbox after the state change has committed.
 
-    >>> d = Decision.tempfail(("bob@example.org",), "database down")
-    >>> d.is_tempfail, d.outcomes[0].code
-    (True, 451)
+    >>> d = Decision.tempfail(("bob@example.org",), "database down", cause=Cause.STORAGE)
+    >>> d.is_tempfail, d.outcomes[0].code, d.cause.value
+    (True, 451, 'storage')
+
+A tempfail says whose fault it was (`Cause`): ``message`` (a handler raised,
+asked for a retry or ran out of time: this message may be poison) or
+``storage`` (the database failed, whatever the message).  The milter and
+the content filter answer the same 451 4.3.0 for both; ``deq`` counts only
+``message`` towards ``POISON_LIMIT``.
 
 `Decision.apply(raw)` returns the bytes to pass on: the original bytes when
 nothing changed (never re-serialised), otherwise the original header block
@@ -36,6 +42,7 @@ from .replies import TEMPFAIL
 
 __all__ = [
     "Action",
+    "Cause",
     "Outcome",
     "HeaderChange",
     "OutboxMessage",
@@ -57,6 +64,20 @@ class Action(str, Enum):
     #: consumed now (as DROP), and the runtime puts the message into the queue for this
     #: recipient before the transport answers; ``lamsonfilter deq`` runs the handler later
     DEFER = "defer"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Cause(str, Enum):
+    """Why a decision is a tempfail: whether retrying the message could ever end otherwise."""
+
+    #: this message: a handler raised, asked for a retry (``ctx.tempfail()``) or ran out of time;
+    #: the same message may fail the same way again (poison)
+    MESSAGE = "message"
+    #: the state database (or the queue's disk) failed, whatever the message: down, locked
+    #: past the lock timeout, full, without the schema; it will pass once that is mended
+    STORAGE = "storage"
 
     def __str__(self) -> str:
         return self.value
@@ -178,6 +199,8 @@ class Decision:
     outbox: tuple[OutboxMessage, ...] = ()
     error: str | None = None
     notes: tuple[str, ...] = field(default=())
+    #: for a tempfail, whose fault (`Cause`); None for every other decision
+    cause: Cause | None = None
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -186,19 +209,25 @@ class Decision:
 
     @classmethod
     def tempfail(
-        cls, recipients: Iterable[str], error: str, text: str = TEMPFAIL.text
+        cls, recipients: Iterable[str], error: str, text: str = TEMPFAIL.text,
+        cause: Cause = Cause.MESSAGE,
     ) -> "Decision":
-        """Every recipient deferred with ``451 4.3.0`` (the reply never says why)."""
+        """Every recipient deferred with ``451 4.3.0`` (the reply never says why, nor the cause)."""
         outcomes = tuple(
             Outcome(r, Action.TEMPFAIL, TEMPFAIL.code, TEMPFAIL.enhanced, text) for r in recipients
         )
-        return cls(outcomes, error=error)
+        return cls(outcomes, error=error, cause=cause)
 
     # ------------------------------------------------------------ questions
     @property
     def is_tempfail(self) -> bool:
         """True when the message as a whole must be deferred (SMTP and milter have one reply)."""
         return self.error is not None or any(o.action is Action.TEMPFAIL for o in self.outcomes)
+
+    @property
+    def storage_failed(self) -> bool:
+        """True for a tempfail the storage caused (`Cause.STORAGE`): not this message's fault."""
+        return self.is_tempfail and self.cause is Cause.STORAGE
 
     @property
     def deferred(self) -> tuple[str, ...]:

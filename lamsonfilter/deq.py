@@ -25,6 +25,9 @@ two workers or hosts see one file      one rename wins the claim; the other
 a decision (deliver, drop, reject...)  carried out, then the file removed
 a tempfail, the deadline, a bug        ``retry/`` with a backoff; the
                                        ``POISON_LIMIT``-th time the quarantine
+the database down (cause ``storage``)  ``retry/``, no attempt counted; the
+                                       whole pool pauses, then one message
+                                       probes (`queueworker.outage`)
 the worker dies (kill -9, OOM)         the claim ends (``QUEUE_LEASE``) and is
                                        taken back, one attempt counted; a
                                        decision that had committed is replayed
@@ -33,6 +36,10 @@ SIGTERM                                no new claims; the messages in flight
                                        finish, the outbox is flushed
 SIGHUP                                 the application is loaded again
 =====================================  =========================================
+
+With ``policy`` (``--policy 127.0.0.1:10027``) it also answers Postfix's
+``check_policy_service`` (`lamsonfilter.queueworker.policy`): unknown
+addresses of the application's domains are refused at RCPT.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from .contentfilter.quarantine import Quarantine
 from .daemon import process as daemon
 from .daemon.runtime import Runtime
 from .mailqueue.maildir import MailQueue
+from .queueworker.policy import PolicyListener
 from .queueworker.pool import Feeder
 from .queueworker.watch import NewMailWatch
 from .queueworker.worker import MessageWorker
@@ -63,6 +71,11 @@ log = logging.getLogger("lamsonfilter.deq")
 #: (a send starts only while a quarter of the claim is left).
 RELAY_TIMEOUT = 60.0
 RELAY_TIMEOUT_LEAST = 5.0
+#: ``--once``: how long its end waits for the outbox's last round (seconds; ``--outbox-wait``).
+OUTBOX_WAIT = 30.0
+#: ``--once``'s exit status when work is left that only the relay or the database coming back
+#: can finish (sysexits' EX_TEMPFAIL): outbox messages unsent, the database down.
+EX_TEMPFAIL = 75
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class DeqConfig:
     workers: int = 4
     once: bool = False
     quarantine: Path | None = None     # None: APP/var/quarantine, as the content filter's
+    outbox_wait: float = OUTBOX_WAIT   # once: how long the end waits for the outbox to send
+    policy: tuple[str, int] | None = None  # answer Postfix's check_policy_service here
 
 
 def queue_path(app_dir: Path, setting: str, given: Path | None = None) -> Path:
@@ -94,8 +109,13 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     The queue and the quarantine must exist and be writable (the command
     checks first: `MailQueue.ensure`).  Returns 0 after a clean stop, 1 when
     the feeder ended by itself (a bug: logged).  With `once`, one summary
-    line on stderr.  The runtime is started here and stopped on the way out
-    (the outbox is flushed).
+    line on stderr, and `EX_TEMPFAIL` (75) instead of 0 when the run leaves
+    work that waits for the relay or the database, not for a message's
+    retry: outbox messages still unsent after `config.outbox_wait` seconds
+    (one line says how many, and that the outbox sends them when deq or
+    another lamsonfilter daemon runs), or a database outage that outlasted
+    the run (`lamsonfilter.queueworker.outage`).  The runtime is started
+    here and stopped on the way out (the outbox is flushed).
     """
     settings = runtime.app.settings
     queue = MailQueue(queue_path(config.app_dir, settings["QUEUE"], config.queue),
@@ -105,7 +125,8 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     timeout = min(RELAY_TIMEOUT, max(RELAY_TIMEOUT_LEAST, queue.lease / 8))
     worker = MessageWorker(runtime, queue, quarantine, Relay(relay.host, relay.port, timeout=timeout))
     watch = None if config.once else NewMailWatch(queue.path / "new")
-    feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once)
+    feeder = Feeder(queue, worker.handle, workers=max(1, config.workers), watch=watch, once=config.once,
+                    outage=worker.outage)
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -114,13 +135,18 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
         except BaseException as exc:
             failed.append(exc)
 
+    policy: PolicyListener | None = None
     with daemon.SignalWaiter() as signals:
         try:
-            try:  # a taken metrics port is a start-up error (one line, exit 2)
+            try:  # a taken metrics or policy port is a start-up error (one line, exit 2)
+                if config.policy is not None and not config.once:
+                    policy = PolicyListener(runtime, config.policy)
                 runtime.start()
             except StartupError as exc:
                 print(f"lamsonfilter: {exc}", file=sys.stderr)
                 return 2
+            if policy is not None:
+                policy.start()
             how = "inotify" if watch is not None and watch.watching else "a timer"
             log.info("deq working through %s with %d worker(s)%s; quarantine %s", queue.path, feeder.workers,
                      " until it is empty" if config.once else f", sleeping on {how} when it is empty",
@@ -136,16 +162,48 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
                     service.stopping()
                 feeder.stop()
             thread.join()
+            unsent = finish_outbox(runtime, config.outbox_wait) if config.once else 0
         finally:
+            if policy is not None:
+                policy.stop()
             runtime.stop()
             if watch is not None:
                 watch.close()
     tally = worker.tally
+    status = 0
     if config.once:
         waiting = queue.count()["retry"]
         print(f"deq: {tally.get('done') + tally.get('quarantined')} processed, {waiting} waiting for a retry, "
               f"{tally.get('quarantined')} quarantined", file=sys.stderr)
+        if unsent:
+            print(f"deq: {unsent} outbox message(s) not sent yet (the relay {relay.host}:{relay.port} did not "
+                  f"take them within {config.outbox_wait:g} s); they stay in the database, and the outbox "
+                  "sends them when deq or another lamsonfilter daemon runs (see: lamsonfilter outbox list)",
+                  file=sys.stderr)
+            status = EX_TEMPFAIL
+        if worker.outage.active:
+            left = sum(queue.count().values())
+            print(f"deq: the state database has failed for {worker.outage.since:.0f} s ({worker.outage.why}); "
+                  f"{left} message(s) left in the queue for the next run", file=sys.stderr)
+            status = EX_TEMPFAIL
     if failed:
         log.error("the feeder stopped: %r", failed[0])
         return 1
-    return 0
+    return status
+
+
+def finish_outbox(runtime: Runtime, wait: float) -> int:
+    """``--once``'s end: let the outbox send what the run produced, at most `wait` seconds;
+    returns how many outbox messages are still unsent (pending, due now or later; 0 when
+    they cannot be counted -- the database is down, and said so).  Never raises."""
+    outbox = runtime.worker
+    if outbox is None:
+        return 0
+    if not outbox.stop(timeout=wait):  # its last round tries every message due now, once
+        log.warning("the outbox is still sending after %g s; deq stops, what it has not sent stays "
+                    "pending", wait)
+    try:
+        return runtime.app.storage.outbox_counts()["pending"]
+    except Exception as exc:  # noqa: BLE001 -- the summary must still be printed
+        log.error("cannot count the outbox's unsent messages: %s", exc)
+        return 0

@@ -47,7 +47,9 @@ class StateWrite:
     """One write of one run: `key` went from `before` to `after` (None: no record).
 
     `op` is ``set``, ``clear`` or ``claim`` (a one-time token recorded);
-    `data` is the data stored with `after`.
+    `data` is the data stored with `after`.  A row of the application's
+    models (``ctx.db``) is ``table:primary key`` with `op` ``insert``,
+    ``update`` or ``delete`` (`lamsonfilter.store.session`).
     """
 
     key: str

@@ -55,8 +55,11 @@ transaction propagate (the runtime defers the message).
 
 from __future__ import annotations
 
+import email.policy
 import re
 import threading
+from email.parser import BytesParser
+from email.utils import getaddresses
 from typing import Any, Mapping
 
 from .automated import (
@@ -77,6 +80,8 @@ __all__ = [
     "autoreply_refusal",
     "is_automated_sender",
     "reply_headers",
+    "addresses_written",
+    "one_mailbox",
     "ReplyRateLimit",
     "ReplyBudget",
 ]
@@ -302,3 +307,20 @@ _headers = header_map
 
 def _msgids(value: str) -> list[str]:
     return _MSGID.findall(value)[:100]
+
+
+def addresses_written(raw: bytes, name: str) -> list[str]:
+    """The addresses a reader of `raw` finds in header `name` (what the recipient will see)."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
+    try:
+        return [a for _n, a in getaddresses([str(v) for v in msg.get_all(name, [])])]
+    except Exception:  # noqa: BLE001 -- unreadable is not the address we meant
+        return []
+
+
+def one_mailbox(address: str) -> bool:
+    """True when a To header holding `address` names exactly that one mailbox."""
+    try:
+        return getaddresses([address]) == [("", address)]
+    except Exception:  # noqa: BLE001 -- unreadable is not one mailbox
+        return False

@@ -438,14 +438,19 @@ class OutboxWorker:
         self._thread = threading.Thread(target=self._run, name="lamsonfilter-outbox", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the thread after its last round (every message due now, tried once), waiting at
+        most `timeout` seconds; False when that round was still running then."""
         self._stop.set()
         self._wake.set()
+        ended = True
         if self._thread is not None:
             self._thread.join(timeout)
+            ended = not self._thread.is_alive()
             self._thread = None
-        if self.journal is not None and not self.alive:
+        if self.journal is not None and ended:
             self.journal.close()  # deleted when the database has every line
+        return ended
 
     @property
     def alive(self) -> bool:

@@ -51,7 +51,9 @@ class Reply:
 
 TEMPFAIL = Reply("TEMPFAIL", 451, "4.3.0", "Temporary failure, try again later",
                  "any failure before the mail is safe: a handler error, the deadline, the database, "
-                 "reinjection refused or down, a deferred message that could not be queued, an internal error")
+                 "reinjection refused or down, a deferred message that could not be queued, an internal error "
+                 "(one reply whatever the cause; the decision's cause, message or storage, is logged and "
+                 "only message counts towards deq's POISON_LIMIT)")
 BAD_SENDER = Reply("BAD_SENDER", 501, "5.1.7", "Bad sender address",
                    "MAIL FROM that does not parse as an address")
 BAD_RECIPIENT = Reply("BAD_RECIPIENT", 501, "5.1.3", "Bad recipient address",

@@ -4,6 +4,7 @@ An application lives in a directory (``lamsonfilter gen NAME`` makes one):
 
     NAME/
       app/handlers/       one module per concern; each defines ``handler = Handler(...)``
+      app/models.py       optional: SQLAlchemy models on ``Base`` (`lamsonfilter.models`)
       app/templates/      Mako reply templates
       config/settings.py  HOSTS, HANDLERS, DATABASE_URL, RELAY, ...
       tests/              the application's own tests (lamsonfilter.testing)
@@ -68,18 +69,16 @@ listed in ``OWN_SETTINGS = ["HOST"]``.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
-import importlib.util
 import re
-import sys
-import types
 from pathlib import Path
 from typing import Any, Mapping
 
 from .app import App, StartupError
+from .apppackage import AppPackageError, import_app_package, package_name, unload
 from .fsm import Handler
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
+from .models import load_models
 from .state import MemoryStorage, SchemaMissingError, StateStorage
 from .views import ViewError, Views
 
@@ -320,37 +319,16 @@ def sqlite_path(url: str, app_dir: str | Path) -> Path | None:
 
 def _import_app_package(root: Path) -> str:
     """Import ``root/app`` under a private name; return that name."""
-    pkg_dir = root / "app"
-    if not (pkg_dir / "handlers").is_dir():
-        raise SettingsError(f"{root}: missing app/handlers/ directory")
-    name = "lamsonfilter_app_" + hashlib.sha1(str(root).encode()).hexdigest()[:10]
-    if name in sys.modules:
-        return name
-    init = pkg_dir / "__init__.py"
-    if init.is_file():
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg_dir)])
-        if spec is None or spec.loader is None:
-            raise SettingsError(f"{init}: cannot be imported")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    else:
-        module = types.ModuleType(name)
-        module.__path__ = [str(pkg_dir)]
-        sys.modules[name] = module
-    return name
-
-
-def _unload(prefix: str) -> None:
-    for mod in [m for m in sys.modules if m == prefix or m.startswith(prefix + ".")]:
-        del sys.modules[mod]
+    try:
+        return import_app_package(root)
+    except AppPackageError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def load_handlers(root: Path, modules: list[str], reload: bool = False) -> list[Handler]:
     """Import each handler module and collect its `Handler` objects."""
-    pkg = "lamsonfilter_app_" + hashlib.sha1(str(root).encode()).hexdigest()[:10]
     if reload:
-        _unload(pkg)
+        unload(package_name(root))
     pkg = _import_app_package(root)
     found: list[Handler] = []
     for mod_name in modules:
@@ -383,7 +361,10 @@ def load_app(
     """Build and start the `App` of an application directory."""
     settings = load_settings(directory, overrides)
     root = Path(settings["APP_DIR"])
-    handlers = load_handlers(root, list(settings["HANDLERS"]), reload=reload)
+    if reload:
+        unload(package_name(root))
+    models = load_models(root)  # first: the handlers import it
+    handlers = load_handlers(root, list(settings["HANDLERS"]))
     route_defaults = dict(settings["ROUTE_DEFAULTS"])
     if "host" not in route_defaults and settings["HOSTS"]:
         route_defaults["host"] = "|".join(re.escape(h) for h in settings["HOSTS"])
@@ -417,6 +398,7 @@ def load_app(
         reply_limits=reply_limits,
         reply_budget=ReplyBudget(*settings["REPLY_BUDGET"]),
         max_hops=settings["MAX_HOPS"],
+        models=models,
     )
     return app.start()
 

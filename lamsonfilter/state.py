@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
+from .confirmstore import ConfirmationRecord, MemoryConfirmations, purge_memory
 from .decisions import OutboxMessage
 from .sentjournal import SentRecord, sent_token
 
@@ -43,6 +44,7 @@ __all__ = [
     "StateStorage",
     "MemoryStorage",
     "StorageError",
+    "StorageUnavailable",
     "ConflictError",
     "SchemaMissingError",
     "PendingOutbox",
@@ -56,11 +58,22 @@ class StorageError(Exception):
     """The state store failed; the message is deferred (451 4.3.0)."""
 
 
+class StorageUnavailable(StorageError):
+    """The database itself failed, whatever the message: it refused or lost the connection,
+    stayed locked past the lock timeout, is read-only or full, or lacks the schema.
+
+    The runtime marks such a tempfail ``Cause.STORAGE`` (`lamsonfilter.decisions.Cause`):
+    ``deq`` then retries the message without counting an attempt towards ``POISON_LIMIT``
+    and pauses its pool.  A `StorageError` that is not one of these (a value the driver
+    would not bind, a constraint) may well be the message's doing and counts.
+    """
+
+
 class ConflictError(StorageError):
     """A concurrent transaction changed the same key; run the message again."""
 
 
-class SchemaMissingError(StorageError):
+class SchemaMissingError(StorageUnavailable):
     """The database has no (or an old) lamsonfilter schema; the text says what to run."""
 
 
@@ -132,6 +145,19 @@ class StateTransaction(Protocol):
     def claim(self, token: str) -> bool:
         """Record an idempotency token; False if it was already recorded (a retry)."""
 
+    # -- the confirmation engine's rows (`lamsonfilter.confirmstore`, `lamsonfilter.confirm`)
+    def add_confirmation(self, record: ConfirmationRecord) -> None:
+        """Store a new confirmation request."""
+
+    def get_confirmation(self, token_hash: str) -> ConfirmationRecord | None:
+        """The request whose token has this SHA-256 (hex), or None."""
+
+    def use_confirmation(self, token_hash: str, now: float) -> bool:
+        """Mark it used at `now`; False if it was used already (by this or a concurrent transaction)."""
+
+    def cancel_confirmations(self, kind: str, sender: str) -> int:
+        """Forget the unused requests of `kind` bound to `sender`; returns how many."""
+
 
 class StateStore(Protocol):
     """Where the state machines' records live: one transaction per message."""
@@ -152,6 +178,10 @@ class StateStore(Protocol):
 
     def delete_keys(self, keys: Sequence[str]) -> int:
         """Forget these keys in one short transaction (one statement); returns how many existed."""
+
+    def purge_confirmations(self, expired_before: float, limit: int = 500) -> int:
+        """Delete at most `limit` confirmation requests that expired before the Unix time
+        `expired_before`, used or not (one statement); returns how many."""
 
     def close(self) -> None:
         """Release connections."""
@@ -246,6 +276,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._records: dict[str, StateRecord] = {}
         self._tokens: set[str] = set()
+        self._confirmations: dict[str, ConfirmationRecord] = {}
         self._outbox: dict[int, PendingOutbox] = {}  # pending
         self._sent: dict[int, float] = {}  # id -> when marked sent
         self._failed: dict[int, PendingOutbox] = {}
@@ -256,11 +287,12 @@ class MemoryStorage:
     @contextmanager
     def transaction(self, commit: bool = True) -> Iterator["_MemoryTransaction"]:
         with self._lock:
-            tx = _MemoryTransaction(copy.deepcopy(self._records), set(self._tokens))
+            tx = _MemoryTransaction(copy.deepcopy(self._records), set(self._tokens), dict(self._confirmations))
             yield tx
             if commit:
                 self._records = tx.records
                 self._tokens = tx.tokens
+                self._confirmations = tx.confirmations
                 now = time.time()
                 for msg in tx.outbox:
                     i = next(self._ids)
@@ -429,6 +461,10 @@ class MemoryStorage:
             self._records = records
             return n
 
+    def purge_confirmations(self, expired_before: float, limit: int = 500) -> int:
+        with self._lock:
+            return purge_memory(self._confirmations, expired_before, limit)
+
     def close(self) -> None:
         return None
 
@@ -436,10 +472,12 @@ class MemoryStorage:
         return "MemoryStorage()"
 
 
-class _MemoryTransaction:
-    def __init__(self, records: dict[str, StateRecord], tokens: set[str]) -> None:
+class _MemoryTransaction(MemoryConfirmations):
+    def __init__(self, records: dict[str, StateRecord], tokens: set[str],
+                 confirmations: dict[str, ConfirmationRecord]) -> None:
         self.records = records
         self.tokens = tokens
+        self.confirmations = confirmations
         self.outbox: list[OutboxMessage] = []
         self.started = time.monotonic()
 

@@ -41,14 +41,17 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .app import App
 from .decisions import Action, Decision, OutboxMessage, Outcome
 from .diagnostics import StateWrite, Trace
 from .mail import POLICY, MailRequest
-from .state import MemoryStorage, StateStorage
+from .state import StateStorage
 from .views import _verify_serialised
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 __all__ = ["AppTester", "Result", "Queued", "make_message"]
 
@@ -102,7 +105,9 @@ class Result:
 
     @property
     def writes(self) -> list[StateWrite]:
-        """Every state key this message wrote (its own, `ctx.set_state`, claims, rate counters)."""
+        """Every state key this message wrote (its own, `ctx.set_state`, claims, rate counters),
+        and every row of the application's models (``table:primary key``, op ``insert``,
+        ``update`` or ``delete``)."""
         return list(self.trace.writes) if self.trace is not None else []
 
     def outcome(self, recipient: str | None = None) -> Outcome:
@@ -176,6 +181,7 @@ class AppTester:
         self.results: list[Result] = []
         #: Deferred messages not yet run from the queue (`run_deferred`), oldest first.
         self.queued: list[Queued] = []
+        self._sessions: list[Session] = []
 
     @classmethod
     def from_directory(
@@ -187,11 +193,47 @@ class AppTester:
         *,
         raise_errors: bool = True,
     ) -> "AppTester":
-        """Load an application directory with in-memory state (or the given storage)."""
+        """Load an application directory with in-memory state (or the given storage).
+
+        An application with models (``app/models.py``) gets an in-memory
+        SQLite database of its own instead, with the framework's tables and
+        the models' created: ``ctx.db`` works, and `db` reads the rows.
+        """
+        from .models import empty_storage
         from .settings import load_app
 
-        app = load_app(directory, overrides, storage=storage if storage is not None else MemoryStorage())
+        if storage is None:
+            storage = empty_storage(directory)
+        app = load_app(directory, overrides, storage=storage)
         return cls(app, now, raise_errors=raise_errors)
+
+    def db(self) -> Session:
+        """A SQLAlchemy `Session` on the application's database, to read rows and to arrange them.
+
+        ``t.db().scalars(select(Ticket)).all()`` reads what the handlers committed; to arrange
+        rows before a message, add them and ``commit()``.  Before each `send` (and `state`,
+        `data`) the tester ends every session it handed out (``rollback()``: objects are read
+        again on their next use), so its transaction never blocks the application's; a session
+        with changes not yet committed is an error there, not lost in silence.
+        """
+        from sqlalchemy.orm import Session
+
+        engine = getattr(self.app.storage, "_engine", None)
+        if engine is None:
+            raise RuntimeError(
+                f"AppTester.db(): the state store is {type(self.app.storage).__name__}, not a SQL database; "
+                "an application with app/models.py gets one from AppTester.from_directory")
+        session = Session(engine, expire_on_commit=False)
+        self._sessions.append(session)
+        return session
+
+    def _release(self) -> None:
+        """End the transactions of the sessions `db` handed out (see there)."""
+        for session in self._sessions:
+            if session.new or session.dirty or session.deleted:
+                raise AssertionError("a session from AppTester.db() has changes not committed: "
+                                     "call its commit() before sending mail (or rollback() to drop them)")
+            session.rollback()
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -220,6 +262,7 @@ class AppTester:
         `expect_tempfail` (or ``raise_errors=False``): then the result is
         the tempfail decision the MTA would get.
         """
+        self._release()
         rcpts = (to,) if isinstance(to, str) else tuple(to)
         if raw is None:
             raw = make_message(sender, rcpts, subject, body, headers)
@@ -245,11 +288,14 @@ class AppTester:
 
     def state(self, handler: str, key: str) -> str | None:
         """The committed state of `key` in `handler` (None when the key has none)."""
+        self._release()
         with self.app.storage.transaction(commit=False) as tx:
             record = tx.get(f"{handler}:{key}")
         return record.state if record else None
 
     def data(self, handler: str, key: str) -> Mapping[str, Any]:
+        self._release()
         with self.app.storage.transaction(commit=False) as tx:
             record = tx.get(f"{handler}:{key}")
         return record.data if record else {}
+

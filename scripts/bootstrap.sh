@@ -114,7 +114,7 @@ stamp_ok() {
 # the dependencies must import; lamsonfilter itself only has to be installed (importing
 # it is the tests' business)
 venv_ok() {
-  local modules="Milter, aiosmtpd"
+  local modules="Milter, aiosmtpd, alembic"
   [ "$MODE" = run ] || modules="$modules, psycopg, pytest, prometheus_client, systemd.daemon"
   "$VENV/bin/python" -c "import importlib.metadata as m, $modules
 m.version('lamsonfilter')" >/dev/null 2>&1

@@ -83,3 +83,12 @@ def test_an_outbox_listener_that_does_not_hold_mail_for_the_own_domains(tmp_path
 
 def test_without_the_queue_lines_postfix_sends_nothing_to_lamsonfilter(tmp_path):
     assert "PF002" in found(write_postfix(tmp_path / "pf", "relay_domains = lists.example.org\n", MASTER))
+
+
+def test_without_the_policy_check_unknown_addresses_are_accepted_and_it_says_so(tmp_path):
+    """PF307: without check_policy_service, Postfix accepts every address of the domain; deq can only
+    quarantine mail to an address no route takes, later."""
+    main = "\n".join(line for line in FILLED_MAIN.splitlines() if not line.startswith("smtpd_recipient_restrictions"))
+    findings = check_postfix(write_postfix(tmp_path / "pf", main, MASTER), SETTINGS, user="nobody")
+    assert [(f.id, f.severity) for f in findings] == [("PF307", "warning")]
+    assert "quarantined by deq" in findings[0].message and "deq --policy" in findings[0].fix

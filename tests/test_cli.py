@@ -96,6 +96,7 @@ def test_exit_status_is_1_when_a_handler_fails(tmp_path):
     assert r.exit_code == 1
     o = json.loads(r.output.splitlines()[-1])
     assert o["decision"] == "tempfail" and "RuntimeError: bug" in o["error"]
+    assert o["cause"] == "message"  # the handler failed: it would count towards deq's POISON_LIMIT
     assert o["milter"].endswith("TEMPFAIL") and o["content_filter"].startswith("reinject nothing")
 
 

@@ -464,6 +464,7 @@ def _sqlite_statements(storage: SQLAlchemyStorage) -> list[str]:
 
 def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path: Path) -> None:
     from lamsonfilter.app import App
+    from lamsonfilter.confirmstore import ConfirmationRecord
     from lamsonfilter.store.replay import REPLAY_PREFIX
     from lamsonfilter.daemon.runtime import Runtime
 
@@ -476,6 +477,9 @@ def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path
         tx.set(f"{REPLAY_PREFIX}new", "DONE", {"at": now - 60})
         tx.set("mailinglist:keep", "MEMBER", {})
         tx.add_outbox([message([f"r{i}@example.org"], f"m{i}") for i in range(1300)])
+        for i, expires in enumerate((now - 7300, now - 7200, now - 60, now + 3600)):  # 2 expired long ago
+            tx.add_confirmation(ConfirmationRecord(f"{i:064x}", "subscribe", "a@example.org", {}, None,
+                                                   now - 9000, expires))
     pending = storage.pending_outbox(2000)
     storage.mark_sent([p.id for p in pending[:1250]])
     storage.fail_outbox(pending[-1].id, ["r1299@example.org"], "550 no")
@@ -501,7 +505,9 @@ def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path
     assert storage.purge_outbox(sent_before=time.time() + 1, limit=5000) == 50  # the recent sent ones were kept
 
     deletes = [s for s in statements if s.startswith("DELETE")]
-    assert len(deletes) == 3 + 3  # 1200 replay records and 1200 sent rows, 500 per DELETE
+    with storage.transaction() as tx:  # confirmations expired more than REPLAY_TTL ago are gone
+        assert [tx.get_confirmation(f"{i:064x}") is not None for i in range(4)] == [False, False, True, True]
+    assert len(deletes) == 3 + 3 + 1  # 1200 replay records and 1200 sent rows, 500 per DELETE; confirmations
     assert all(s.count("?") <= 500 for s in deletes)
     writes = [s for s in statements if s == "BEGIN IMMEDIATE"]
     assert len(writes) == len(deletes)  # the reads take no write lock; each DELETE its own short transaction

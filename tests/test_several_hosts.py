@@ -108,7 +108,9 @@ def test_two_hosts_creating_the_schema_at_once_both_succeed(sql_url: str) -> Non
 
         with storages[0]._begin("reading", read_only=True) as conn:
             versions = conn.execute(text("SELECT value FROM lamsonfilter_meta")).all()
+            revisions = conn.execute(text("SELECT version_num FROM lamsonfilter_alembic_version")).all()
         assert versions == [(str(SCHEMA_VERSION),)]  # one row, not one per host
+        assert revisions == [("0002",)]  # Alembic's version row too
     finally:
         for st in storages:
             st.close()

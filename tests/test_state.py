@@ -42,6 +42,7 @@ from tests.rig.storage import pg_admin as _pg_admin
 from tests.rig.storage import pg_url_for as _pg_url
 
 INIT_HINT = "lamsonfilter db init --app DIR"
+UPGRADE_HINT = "lamsonfilter db upgrade --app DIR"
 
 
 
@@ -609,22 +610,50 @@ def test_schema_version_mismatch(sql_url: str) -> None:
     st = _open(sql_url)
     try:
         st.create_schema()
-        _execute(sql_url, f"UPDATE lamsonfilter_meta SET value = '{SCHEMA_VERSION + 1}'")
-        with pytest.raises(SchemaMissingError, match="newer than this lamsonfilter knows"):
+        _execute(sql_url, "UPDATE lamsonfilter_alembic_version SET version_num = '9999'")
+        with pytest.raises(SchemaMissingError, match="revision 9999, newer than this lamsonfilter knows"):
             st.check_schema()
         with pytest.raises(SchemaMissingError, match="upgrade lamsonfilter"):
             st.create_schema()  # never "downgrades"
 
-        _execute(sql_url, f"UPDATE lamsonfilter_meta SET value = '{SCHEMA_VERSION - 1}'")
-        with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs") as info:
+        _execute(sql_url, "DROP TABLE lamsonfilter_confirmations")  # as revision 0001 left it
+        _execute(sql_url, "UPDATE lamsonfilter_alembic_version SET version_num = '0001'")
+        with pytest.raises(SchemaMissingError, match="revision 0001, older than this lamsonfilter needs") as info:
             st.check_schema()
-        assert INIT_HINT in str(info.value)
+        assert f"{UPGRADE_HINT} --database {st.url}" in str(info.value)
         st.create_schema()  # upgrades
         st.check_schema()
 
         _execute(sql_url, "DROP TABLE lamsonfilter_tokens")
         with pytest.raises(SchemaMissingError, match="incomplete.*lamsonfilter_tokens"):
             st.check_schema()
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
+def test_schema_version_mismatch_before_alembic(sql_url: str) -> None:
+    """A database made before migrations: its ``lamsonfilter_meta`` version decides."""
+    st = _open(sql_url)
+    try:
+        st.create_schema()
+        _execute(sql_url, "DROP TABLE lamsonfilter_alembic_version")
+        _execute(sql_url, "DROP TABLE lamsonfilter_confirmations")
+        _execute(sql_url, "UPDATE lamsonfilter_meta SET value = '5'")  # 4: see test_migrations.py
+        with pytest.raises(SchemaMissingError, match="version 5, newer than this lamsonfilter knows"):
+            st.check_schema()
+        with pytest.raises(SchemaMissingError, match="upgrade lamsonfilter"):
+            st.create_schema()
+        _execute(sql_url, "UPDATE lamsonfilter_meta SET value = 'x'")
+        with pytest.raises(SchemaMissingError, match="unreadable version 'x'"):
+            st.check_schema()
+
+        _execute(sql_url, f"UPDATE lamsonfilter_meta SET value = '{SCHEMA_VERSION}'")
+        with pytest.raises(SchemaMissingError, match="version 3 .* older than this lamsonfilter needs") as info:
+            st.check_schema()
+        assert f"{UPGRADE_HINT} --database {st.url}" in str(info.value)
+        st.create_schema()
+        st.check_schema()
     finally:
         st.close()
 
@@ -838,6 +867,8 @@ def test_create_schema_upgrades_a_schema_1_postgresql_database(pg_url: str) -> N
                          "DROP COLUMN failed_at, DROP COLUMN last_error, "
                          "DROP COLUMN claimed_by, DROP COLUMN claimed_until")
         _execute(pg_url, "UPDATE lamsonfilter_meta SET value = '1'")
+        _execute(pg_url, "DROP TABLE lamsonfilter_alembic_version")  # as before migrations
+        _execute(pg_url, "DROP TABLE lamsonfilter_confirmations")
         with pytest.raises(SchemaMissingError, match="older than this lamsonfilter needs"):
             st.check_schema()
         st.create_schema()

@@ -13,7 +13,7 @@ mode needs are checked (integration.md §2, §3)::
 Finding IDs: PF001-PF004 general (PF004: the application's domains are in
 no Postfix address class), PF101-PF123 the content filter and its
 reinjection listener; the milter's PF201-PF211 are in `lamsonfilter.check.milter`,
-queue mode's PF301-PF305 (virtual(8) delivering into the queue) in
+queue mode's PF301-PF307 (virtual(8) delivering into the queue) in
 `lamsonfilter.check.queue`.
 """
 
@@ -85,7 +85,7 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
     if milters:
         findings += milter_findings(pc, milters, milter_socket, smtpds)
     if queued:
-        findings += queue_findings(pc, queued, user, listener)
+        findings += queue_findings(pc, queued, user, listener, smtpds)
     return findings
 
 

@@ -1,4 +1,4 @@
-"""The queue half of ``lamsonfilter check --postfix-config``: findings PF301-PF305.
+"""The queue half of ``lamsonfilter check --postfix-config``: findings PF301-PF307.
 
 In queue mode Postfix delivers the application's domains into lamsonfilter's
 queue with virtual(8) (conf/postfix/main.cf.queue), and ``lamsonfilter deq``
@@ -14,6 +14,9 @@ then each of these would lose, bounce or hold its mail::
     PF305  the domain's mail does not reach virtual(8) (transport_maps, virtual_transport)
     PF306  the outbox listener (RELAY) passes mail for the domain on: deq's mail to its own
            addresses would go round through the queue (master.cf.queue holds it)
+    PF307  no check_policy_service on the smtpd clients talk to: an address of the domain
+           that no route takes is accepted, then quarantined by deq, not refused at RCPT
+           (main.cf.queue asks ``deq --policy``)
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def _answer(pc: PostfixConfig, param: str, key: str) -> str | None:
 
 
 def queue_findings(pc: PostfixConfig, hosts: list[str], user: str | None = None,
-                   listener: list[str] | None = None) -> list[Finding]:
+                   listener: list[str] | None = None, smtpds: list[list[str]] | None = None) -> list[Finding]:
     """The findings for `hosts` (from `queue_hosts`); `user` is who runs ``deq``, when known;
-    `listener` the master.cf service at settings RELAY, when there is one."""
+    `listener` the master.cf service at settings RELAY, when there is one; `smtpds` the smtpd
+    services clients talk to (`smtpd_services`)."""
     out: list[Finding] = []
     for host in hosts:
         others = [p for p in ADDRESS_CLASSES if p != "virtual_mailbox_domains" and accepts_domain(pc, p, host)]
@@ -74,6 +78,16 @@ def queue_findings(pc: PostfixConfig, hosts: list[str], user: str | None = None,
         return out
     out += _owner_findings(pc, hosts[0], user)
     out += _hold_findings(pc, hosts, listener)
+    if smtpds and not any("check_policy_service" in pc.effective(svc, "smtpd_recipient_restrictions")
+                          + pc.effective(svc, "smtpd_relay_restrictions") for svc in smtpds):
+        out.append(Finding(
+            "PF307", "warning",
+            f"no check_policy_service asks lamsonfilter deq at RCPT time: mail to an address of "
+            f"{', '.join(hosts)} that no route takes is accepted by Postfix, delivered into the queue and "
+            "then quarantined by deq, instead of refused (550 5.1.1) while the client is connected",
+            "add check_policy_service { inet:127.0.0.1:10027, default_action=DUNNO } first to "
+            "smtpd_recipient_restrictions and run lamsonfilter deq --policy 127.0.0.1:10027 "
+            "(conf/postfix/main.cf.queue, conf/systemd/lamsonfilter-deq.service)"))
     name = (pc.expanded.get("virtual_transport") or "virtual").split(":", 1)[0]
     service = pc.service(name, "unix")
     if service is None or service[7] != "virtual":

@@ -2,8 +2,10 @@
 
     lamsonfilter milter | smtpproxy | deq ...        the daemons (`daemons`)
     lamsonfilter test --app DIR [FILE|MAILDIR ...]   the dry run (`testcmd`, `dryrun`)
-    lamsonfilter routes | gen | db init | check | graph | send | demo
+    lamsonfilter routes | gen | check | graph | send | demo
                                                      the tools (`tools`)
+    lamsonfilter db init|upgrade|status|revision|stamp
+                                                     the database's schema, migrations (`db`)
     lamsonfilter state list|show ...                 the state of keys (`state`)
     lamsonfilter queue list|show|count|requeue|remove
                                                      the mail queue deq works through (`queue`)
@@ -26,13 +28,14 @@ import logging
 import click
 
 from .. import __version__
+from .db import db_cmd
 from .daemons import deq_cmd, milter_cmd, smtpproxy_cmd
 from .outbox import outbox_cmd
 from .quarantine import quarantine_cmd
 from .queue import queue_cmd
 from .state import state_cmd
 from .testcmd import test_cmd
-from .tools import check_cmd, db_cmd, demo_cmd, gen_cmd, graph_cmd, routes_cmd, send_cmd
+from .tools import check_cmd, demo_cmd, gen_cmd, graph_cmd, routes_cmd, send_cmd
 
 __all__ = ["main"]
 

@@ -223,7 +223,18 @@ def smtpproxy_cmd(
 @click.option("--once", is_flag=True,
               help="Work until new/ and the due retries are empty, then exit 0 with one summary line "
                    "on stderr: 'deq: N processed, R waiting for a retry, Q quarantined' (processed: "
-                   "finished and removed from the queue, the quarantined included).")
+                   "finished and removed from the queue, the quarantined included).  Exit status 75 "
+                   "instead when work is left for the relay or the database, not for a message: outbox "
+                   "messages (replies, list posts) still unsent after --outbox-wait (one more line says "
+                   "how many; the outbox sends them when deq or another lamsonfilter daemon runs), or "
+                   "the state database still down after 60 s of pausing.")
+@click.option("--policy", default=None, metavar="HOST:PORT",
+              help="Also answer Postfix's check_policy_service here (loopback; not with --once): "
+                   "addresses at the application's hosts that no route takes are refused at RCPT "
+                   "(550 5.1.1) instead of queued and quarantined.  See conf/postfix/main.cf.queue.")
+@click.option("--outbox-wait", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="With --once: how long its end waits for the outbox to send what the run produced.")
 @database_option
 @click.option("--relay", metavar="HOST:PORT", default=None, envvar="LAMSONFILTER_RELAY",
               help="Where delivered and redirected mail and the outbox go (overrides RELAY): an smtpd "
@@ -234,7 +245,7 @@ def smtpproxy_cmd(
                    "(the content filter's, so `lamsonfilter quarantine` shows both).  Env LAMSONFILTER_QUARANTINE.")
 @click.pass_context
 def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int, once: bool,
-            database: str | None, relay: str | None, quarantine: Path | None) -> None:
+            policy: str | None, outbox_wait: float, database: str | None, relay: str | None, quarantine: Path | None) -> None:
     """Run the application over the messages in a Maildir queue (the third transport).
 
     Postfix delivers the application's mail into the queue with its own
@@ -252,6 +263,8 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
       reject             quarantined (never a bounce to a forged sender)
       tempfail, error    retry/ after a backoff (60 s doubling to 4000 s);
                          the POISON_LIMIT-th failed attempt: quarantined
+      database down      retry/, no attempt counted: every worker pauses
+                         (2 s doubling to 60 s), then one message probes
       no envelope        quarantined with the reason, never guessed from To:
 
     A claim lasts QUEUE_LEASE seconds (default 300); a worker that died is
@@ -277,12 +290,17 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
     except StartupError as exc:
         fail(str(exc))
         return
+    if once and policy:
+        fail("--policy answers Postfix while deq runs as a service; it makes no sense with --once")
+        return
     from .. import deq
     from ..contentfilter.quarantine import Quarantine
     from ..daemon.runtime import Runtime
     from ..mailqueue.maildir import MailQueue
 
-    config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine)
+    config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine,
+                           outbox_wait=outbox_wait,
+                           policy=_hostport_option(policy, "--policy") if policy else None)
     places: list[tuple[str, MailQueue | Quarantine]] = [
         ("queue", MailQueue(deq.queue_path(app_dir, settings["QUEUE"], queue))),
         ("quarantine", Quarantine(deq.quarantine_path(app_dir, quarantine))),

@@ -14,7 +14,8 @@ the state before and after, the outcome (a deferral says so: the dry run
 never writes to the queue); the decision as milter actions
 and as what the content filter would do; header changes as a diff; every
 state key the handlers wrote (their own, ``ctx.set_state``, ``ctx.claim``,
-the reply rate counter); the rendered outbox (``--json``: each message's
+the reply rate counter) and each confirmation asked or used
+(``ctx.confirmations``); the rendered outbox (``--json``: each message's
 headers and text); and for a handler that failed, where
 (``app/handlers/x.py:42 in START``) and, at ``-v``, the traceback.
 """
@@ -207,6 +208,8 @@ def as_json(name: str, request: MailRequest, decision: Decision, routes: dict[st
         "defects": list(request.defects),
         "notes": list(decision.notes),
         "error": decision.error,
+        # a tempfail's cause: "message" (counts towards deq's POISON_LIMIT) or "storage" (does not)
+        "cause": decision.cause.value if decision.is_tempfail and decision.cause is not None else None,
         "traceback": format_traceback(trace.error) if trace is not None and trace.error is not None else None,
     }
 
@@ -237,7 +240,8 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
         if o.action is Action.DEFER:
             what += " (ctx.defer(): the daemons queue the message for lamsonfilter deq; dry run: not queued)"
         add(f"  outcome: {what}")
-    add(f"decision:  {decision.kind}" + (f"  error: {decision.error}" if decision.error else ""))
+    cause = f"  cause: {decision.cause}" if decision.is_tempfail and decision.cause is not None else ""
+    add(f"decision:  {decision.kind}{cause}" + (f"  error: {decision.error}" if decision.error else ""))
     if trace is not None and trace.error is not None:
         if verbose:
             add("traceback:")
@@ -261,11 +265,20 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
             add(f"  body replaced ({len(decision.body)} bytes)")
     if decision.sender is not None:
         add(f"sender changed to: <{decision.sender}>")
-    if trace is not None and trace.writes and not decision.error:
-        add(f"state written: {len(trace.writes)} key(s)" + ("" if commit else " (not committed: dry run)"))
-        for w in trace.writes:
+    writes = list(trace.writes) if trace is not None and not decision.error else []
+    keys = [w for w in writes if w.op not in _ROW_OPS]
+    rows = [w for w in writes if w.op in _ROW_OPS]  # the application's models (ctx.db)
+    if keys:
+        add(f"state written: {len(keys)} key(s)" + ("" if commit else " (not committed: dry run)"))
+        for w in keys:
             data = f"  {json.dumps(dict(w.data), sort_keys=True, default=str)}" if w.data else ""
+            if w.op.startswith("confirmation "):  # ctx.confirmations: "confirmation asked: subscribe:..."
+                add(f"  {w.op}: {w.key.removeprefix('confirmation:')}{data}")
+                continue
             add(f"  {w.key}: {w.before or '(none)'} -> {w.after or '(none)'}{data}")
+    if rows:
+        add(f"rows written: {len(rows)} (ctx.db)" + ("" if commit else " (not committed: dry run)"))
+        out.extend(f"  {w.op} {w.key}" for w in rows)
     if not decision.outbox:
         add("outbox:    0 message(s)")
     elif commit:
@@ -276,6 +289,10 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
         add(f"  --- {i}: {m.kind}, MAIL FROM:<{m.sender}> RCPT TO:" + " ".join(f"<{r}>" for r in m.recipients))
         out.extend("  | " + line for line in readable(m.raw).splitlines())
     return "\n".join(out) + "\n"
+
+
+#: `StateWrite.op` of a row of the application's models (`lamsonfilter.store.session`).
+_ROW_OPS = ("insert", "update", "delete")
 
 
 def _text_of(msg: Any) -> str:

@@ -18,7 +18,7 @@ import click
 
 from ..app import StartupError
 from ..mail import AddressError, MailRequest
-from ..state import MemoryStorage, SchemaMissingError, StateStorage, StorageError
+from ..state import SchemaMissingError, StateStorage, StorageError
 from .common import app_option, database_option, fail, load, with_app_dir
 
 __all__ = ["test_cmd"]
@@ -47,6 +47,8 @@ _RETURN_PATH = re.compile(rb"(?im)^return-path[ \t]*:")
 
 def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> tuple[StateStorage, str | None]:
     """The real state store when it exists (read, not committed), else empty memory state."""
+    from ..dbschema import check_database
+    from ..models import empty_storage, load_models
     from ..settings import load_settings, make_storage, sqlite_path
 
     try:
@@ -56,17 +58,25 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
         raise
     url = settings["DATABASE_URL"]
     path = sqlite_path(url, settings["APP_DIR"])
+
+    def empty() -> StateStorage:  # in-memory SQLite for an application with models
+        try:
+            return empty_storage(app_dir)
+        except StartupError as exc:
+            fail(str(exc))
+            raise
+
     if path is not None and not path.exists():
         if commit:
             fail(f"--commit: the state database {path} does not exist; run: lamsonfilter db init --app {app_dir}")
-        return MemoryStorage(), f"state database {path} does not exist yet: starting from empty state"
+        return empty(), f"state database {path} does not exist yet: starting from empty state"
     try:
         storage = make_storage(url, settings["APP_DIR"])
-        storage.check_schema()
+        check_database(storage, settings["APP_DIR"], load_models(settings["APP_DIR"]))
     except SchemaMissingError as exc:
         if commit:
             fail(with_app_dir(str(exc), app_dir))
-        return MemoryStorage(), f"{with_app_dir(str(exc), app_dir)}; using empty state"
+        return empty(), f"{with_app_dir(str(exc), app_dir)}; using empty state"
     except StorageError as exc:
         fail(str(exc))
         raise
@@ -82,8 +92,8 @@ def _dry_run_storage(app_dir: Path, overrides: dict[str, Any], commit: bool) -> 
 @click.option("--rcpt", multiple=True, help="Envelope recipient (RCPT TO); repeat for several. Default: To, Cc, Bcc.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts.")
 @click.option("--commit", is_flag=True,
-              help="Commit the state changes (default: read state, change nothing).  The outbox is never "
-                   "stored, so no daemon on this database will ever send it.")
+              help="Commit the state changes and the rows of app/models.py (default: read state, change "
+                   "nothing).  The outbox is never stored, so no daemon on this database will ever send it.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary (and errors).")
 @database_option
 def test_cmd(

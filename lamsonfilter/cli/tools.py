@@ -1,4 +1,4 @@
-"""The tools: ``routes``, ``gen``, ``db init``, ``check``, ``graph``, ``send`` and ``demo``.
+"""The tools: ``routes``, ``gen``, ``check``, ``graph``, ``send`` and ``demo`` (``db``: `lamsonfilter.cli.db`).
 
 Each command that loads an application refuses bad configuration with one
 line and exit status 2 (`lamsonfilter.cli.common.fail`).  ``demo`` runs the
@@ -19,7 +19,7 @@ from ..mail import AddressError
 from ..state import MemoryStorage, SchemaMissingError, StorageError
 from .common import app_option, database_option, fail, load, safe_url, with_app_dir
 
-__all__ = ["check_cmd", "db_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]
+__all__ = ["check_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]
 
 
 # ---------------------------------------------------------------- routes
@@ -66,7 +66,10 @@ def routes_cmd(app_dir: Path, address: str | None) -> None:
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to create the application (default: ./NAME).")
 @click.option("--host", default=None, help="The domain the application owns (default: NAME.example.org).")
-def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
+@click.option("--models", is_flag=True,
+              help="Also app/models.py (SQLAlchemy models of the application's own tables) and its first "
+                   "migration in migrations/ (lamsonfilter db init applies it).")
+def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> None:
     """Create a new application skeleton whose own tests pass out of the box."""
     import re
 
@@ -81,6 +84,12 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
         if "__pycache__" in src.parts:
             continue
         rel = src.relative_to(skeleton)
+        # --models: app/models.py, and FILE.models in place of FILE (the handler that writes a row)
+        if not models and (rel == Path("app", "models.py") or rel.suffix == ".models"):
+            continue
+        if models and src.with_name(src.name + ".models").exists():
+            continue
+        rel = rel.with_suffix("") if rel.suffix == ".models" else rel
         out = target / str(rel).replace("NAME", name)
         if src.is_dir():
             out.mkdir(parents=True, exist_ok=True)
@@ -88,72 +97,28 @@ def gen_cmd(name: str, dest: Path | None, host: str | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = src.read_text(encoding="utf-8")
         out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
+    if models:
+        _first_migration(target)
     click.echo(f"created {target}/")
+    if models:
+        click.echo(f"  database:  lamsonfilter db init --app {target}   (the models' tables: migrations/0001)")
     click.echo(f"  try it:    lamsonfilter test --app {target} --rcpt hello@{host} < some-message.eml")
     click.echo(f"  its tests: python -m pytest {target}/tests")
     click.echo(f"  demo:      lamsonfilter demo --app {target}   (as root: behind a private Postfix on loopback)")
 
 
-# ---------------------------------------------------------------- db
-@click.group("db")
-def db_cmd() -> None:
-    """Manage the state database."""
+def _first_migration(app_dir: Path) -> None:
+    """Autogenerate ``migrations/0001_first_tables.py`` from the new app's models (on an empty database)."""
+    from ..models import load_models
+    from ..store.sql import SQLAlchemyStorage
 
-
-@db_cmd.command("init")
-@app_option
-@database_option
-@click.option("--owner", metavar="USER", default=None,
-              help="Give the SQLite file (and its -wal/-shm files) to USER, the user the daemons run as: "
-                   "for db init run as root, e.g. --owner lamsonfilter.")
-def db_init(app_dir: Path, database: str | None, owner: str | None) -> None:
-    """Create (or upgrade) the state schema in the application's database.
-
-    The database is the one the daemons use with the same --app and
-    --database (or $LAMSONFILTER_DATABASE, which the systemd units set):
-    give the same URL here.  A relative sqlite:/// path lies inside the
-    application directory; the absolute path is printed.
-    """
-    import os
-    import pwd
-
-    from ..settings import (
-        load_settings,
-        make_storage,
-        resolve_database_url,
-        sqlite_path,
-    )
-    from ..statefile import chown_database, write_problem
-
-    if owner is not None:
-        try:
-            pwd.getpwnam(owner)
-        except KeyError:
-            fail(f"--owner {owner}: no such user")
+    storage = SQLAlchemyStorage("sqlite://")
     try:
-        settings = load_settings(app_dir, {"DATABASE_URL": database})
-        url = resolve_database_url(settings["DATABASE_URL"], settings["APP_DIR"])
-        path = sqlite_path(url, settings["APP_DIR"])
-        storage = make_storage(url, settings["APP_DIR"])
-        storage.create_schema()
-        storage.check_schema()
+        storage.app_revision(app_dir, load_models(app_dir), "first tables")
     except (StartupError, StorageError) as exc:
-        fail(str(exc))
-        return
-    storage.close()
-    if path is None:
-        click.echo(f"state schema ready in {safe_url(url)}")
-        return
-    if owner is not None:
-        chown_database(path, owner)
-    click.echo(f"state schema ready in {path} ({url})")
-    problem = write_problem(path, owner) if owner is not None else None
-    if problem:
-        click.echo(f"lamsonfilter: warning: {problem}", err=True)
-    elif owner is None and os.geteuid() == 0 and path.stat().st_uid == 0:
-        click.echo(f"lamsonfilter: warning: {path} belongs to root, so a daemon running as another user "
-                   "(the units' lamsonfilter) cannot write it: run db init with --owner USER "
-                   "(e.g. --owner lamsonfilter), or as that user", err=True)
+        fail(f"{app_dir}: making the first migration: {exc}")
+    finally:
+        storage.close()
 
 
 # ---------------------------------------------------------------- check
@@ -198,7 +163,9 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     else:
         findings.extend(check_app(app))
         try:
-            app.storage.check_schema()
+            from ..dbschema import check_database
+
+            check_database(app.storage, settings["APP_DIR"], app.models)
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
     if postfix_config is not None:
@@ -222,8 +189,9 @@ def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = No
     from ..check import Finding
 
     if isinstance(exc, SchemaMissingError):
+        command = "upgrade" if "db upgrade" in str(exc) else "init"
         return Finding("APP010", "error", with_app_dir(str(exc), app_dir),
-                       f"run: lamsonfilter db init --app {app_dir}"
+                       f"run: lamsonfilter db {command} --app {app_dir}"
                        + (f" --database {safe_url(database)}" if database else ""))
     return Finding("APP010", "error", f"cannot connect to the state database: {exc}",
                    "start the database server, or correct DATABASE_URL (or --database)")

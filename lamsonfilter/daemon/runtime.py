@@ -6,7 +6,12 @@ one `MailRequest`, which it does not change afterwards, and calls
 (the queue id travels in the request's envelope).  The runtime then does,
 the same way for every transport: replay of a committed decision and the
 deadline (through `App.process`), the per-message log line, metrics, and
-waking the outbox sender.  Poison counting is a service next to it
+waking the outbox sender.  A tempfail `Decision` carries its `Cause`
+(``message``: a handler failed or ran out of time; ``storage``: the
+database or the queue's disk failed, not this message), named in the log
+line (``decision=tempfail cause=storage``); the milter and the content
+filter answer 451 4.3.0 for both, ``deq`` counts only ``message`` as an
+attempt.  Poison counting is a service next to it
 (`count_attempts`, `begin_attempt`, `end_attempt`) that a transport which
 can see its own process die uses.  docs/design.rst has a worked example::
 
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..app import App, StartupError
-from ..decisions import Decision, Outcome
+from ..decisions import Cause, Decision, Outcome
 from ..mail import MailRequest
 from ..mailqueue.maildir import MailQueue, QueueError
 from ..relay import MARK_EVERY, OUTBOX_LEASE, OutboxWorker, Relay, message_id
@@ -130,8 +135,9 @@ class Runtime:
             self.worker.wake()  # whatever a previous run left pending
 
     def _housekeeping(self) -> None:
-        """Hourly (from the outbox thread): forget replay records and sent outbox
-        messages older than REPLAY_TTL, in batches of one DELETE each."""
+        """Hourly (from the outbox thread): forget replay records, sent outbox messages
+        and confirmation requests (`lamsonfilter.confirm`) that expired, all older than
+        REPLAY_TTL, in batches of one DELETE each."""
         ttl = float(self.app.settings.get("REPLAY_TTL", REPLAY_TTL))
         n = self.app.purge_replays(ttl)
         if n:
@@ -144,6 +150,15 @@ class Runtime:
                 break
         if sent:
             log.info("housekeeping: deleted %d sent outbox message(s) older than %gs", sent, ttl)
+        confirmations = 0
+        for _ in range(OUTBOX_PURGE_BATCHES):
+            purged = self.app.storage.purge_confirmations(cutoff, OUTBOX_PURGE_BATCH)
+            confirmations += purged
+            if purged < OUTBOX_PURGE_BATCH:
+                break
+        if confirmations:
+            log.info("housekeeping: deleted %d confirmation request(s) expired more than %gs ago",
+                     confirmations, ttl)
 
     def serve_metrics(self, host: str, port: int, allow_remote: bool = False) -> None:
         """Start the Prometheus endpoint (raises `MetricsError`)."""
@@ -183,10 +198,12 @@ class Runtime:
         outbox_ids = f" outbox_ids={','.join(ids)}" if ids else ""
         if ids and request.queue_id and self.worker is not None:
             self.worker.remember_cause(ids, request.queue_id)
+        # a tempfail names its cause (cause=message|storage): a database outage reads apart from poison
+        cause = f" cause={decision.cause}" if decision.is_tempfail and decision.cause is not None else ""
         log.info(
-            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s outbox=%d%s ms=%.1f%s",
+            "queue_id=%s%s from=<%s> rcpts=%d routes=%s decision=%s%s outbox=%d%s ms=%.1f%s",
             request.queue_id or "-", f" via={transport}" if transport else "", request.sender,
-            len(request.recipients), routes, decision.kind, len(decision.outbox), outbox_ids, took,
+            len(request.recipients), routes, decision.kind, cause, len(decision.outbox), outbox_ids, took,
             " mime=ambiguous" if ambiguous else "",
             extra={"QUEUE_ID": request.queue_id or "", "ROUTES": routes, "DECISION": decision.kind,
                    "DURATION_MS": f"{took:.1f}", "TRANSPORT": transport},
@@ -226,7 +243,7 @@ class Runtime:
         except (OSError, QueueError) as exc:
             log.error("queue_id=%s tempfail: the deferred message could not be queued in %s: %s",
                       request.queue_id or "-", queue.path, exc)
-            return Decision.tempfail(request.recipients, f"deferral not queued: {exc}")
+            return Decision.tempfail(request.recipients, f"deferral not queued: {exc}", cause=Cause.STORAGE)
         return decision
 
     def _ran_from_queue(self, name: str) -> bool:
@@ -362,12 +379,13 @@ def _one_host(app: App) -> bool:
 
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
-    """Load and start the app, and refuse a database without the lamsonfilter schema."""
+    """Load and start the app, and refuse a database behind or ahead (`lamsonfilter.dbschema`)."""
+    from ..dbschema import check_database
     from ..settings import load_app
 
     app = load_app(directory, overrides, reload=reload)
     try:
-        app.storage.check_schema()
+        check_database(app.storage, directory, app.models)
     except StorageError as exc:
         app.storage.close()
         raise StartupError(str(exc).replace("--app DIR", f"--app {directory}")) from None

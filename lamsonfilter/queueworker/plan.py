@@ -9,9 +9,17 @@ or waits for a retry.  ``lamsonfilter.queueworker.worker`` carries it out;
 ==============================  ==============================================
 Decision                        queue (``lamsonfilter deq``)
 ==============================  ==============================================
-any tempfail / internal error   back to ``retry/``, one attempt more, after a
-                                backoff (60 s doubling up to 4000 s)
+a tempfail of the message       back to ``retry/``, one attempt more, after a
+(cause ``message``: a handler   backoff (60 s doubling up to 4000 s)
+raised, asked for a retry, ran
+out of time; an internal error)
 ... the POISON_LIMIT-th time    the quarantine with the reason, then removed
+a tempfail of the storage       back to ``retry/`` for the pool's pause, no
+(cause ``storage``: the         attempt counted, never the quarantine; the
+database down, locked, full,    whole pool pauses and probes with one
+without the schema)             message (`lamsonfilter.queueworker.outage`)
+... for this message alone      as a tempfail of the message (`Outage.failed`
+(``pause`` None)                said so: the next message went through)
 drop (consumed)                 removed (the handlers' outbox is already
                                 stored and being sent)
 defer                           removed, as drop (the application refuses a
@@ -45,7 +53,7 @@ from ..decisions import Action, Decision
 from ..mail import MailRequest
 
 __all__ = ["QueuePlan", "queue_plan", "retry_plan", "poison_plan", "no_envelope_plan", "relay_failure_plan",
-           "backoff", "RETRY_FIRST", "RETRY_MAX"]
+           "storage_failure_plan", "backoff", "RETRY_FIRST", "RETRY_MAX"]
 
 #: The first retry waits this long (seconds); each further one twice as long ...
 RETRY_FIRST = 60.0
@@ -101,11 +109,23 @@ def retry_plan(attempts: int, poison_limit: int, why: str) -> QueuePlan:
     return QueuePlan(retry_after=backoff(attempts), notes=(f"attempt {n} failed: {why}",))
 
 
-def queue_plan(decision: Decision, request: MailRequest, attempts: int = 0, poison_limit: int = 5) -> QueuePlan:
+def storage_failure_plan(why: str, pause: float) -> QueuePlan:
+    """The storage failed (`Cause.STORAGE`): not this message's fault.  Back to ``retry/`` for the
+    pool's `pause` (seconds), no attempt counted, whatever the earlier attempts."""
+    return QueuePlan(retry_after=pause, counts_attempt=False,
+                     notes=(f"the storage failed, not the message: {why}",))
+
+
+def queue_plan(decision: Decision, request: MailRequest, attempts: int = 0, poison_limit: int = 5,
+               pause: float | None = 2.0) -> QueuePlan:
     """The one mapping from a `Decision` to the queue's actions (see the module table).
 
-    `attempts`: earlier attempts at this message that ended without a decision.
+    `attempts`: earlier attempts at this message that ended without a decision;
+    `pause`: how long the pool pauses after a storage failure (`Outage.failed`); None when
+    the storage fails for this message alone: then it counts as the message's failure.
     """
+    if decision.storage_failed and pause is not None:
+        return storage_failure_plan(decision.error or "storage failure", pause)
     if decision.is_tempfail:
         tempfails = decision.by_action(Action.TEMPFAIL)
         why = decision.error or (tempfails[0].reply if tempfails else "temporary failure")

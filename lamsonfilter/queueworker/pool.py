@@ -26,9 +26,14 @@ is.  A poison message then dies alone, and the messages that happened to
 be in flight at its first death are not charged with the next ones (each
 death counts an attempt towards ``POISON_LIMIT``).
 
+While the state database fails (`lamsonfilter.queueworker.outage`), no
+name is handed out until the pool's pause is over, and then one message
+alone, the probe; a storage failure never walks the whole queue.
+
 With ``once=True`` it stops instead of sleeping: when a pass handed out
-nothing and nothing became due.  `stop` (SIGTERM) ends the pass; the
-messages in flight finish first.
+nothing and nothing became due, or when a database outage has lasted
+`ONCE_WAIT` (`gave_up` says so; the rest stays in the queue).  `stop`
+(SIGTERM) ends the pass; the messages in flight finish first.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..mailqueue.maildir import MailQueue, taken_back
+from .outage import ONCE_WAIT, Outage
 from .watch import NewMailWatch
 
 __all__ = ["Feeder", "RESCAN"]
@@ -56,7 +62,7 @@ class Feeder:
     """Hands the names in ``new/`` to a bounded pool of threads."""
 
     def __init__(self, queue: MailQueue, handle: Callable[[str], object], workers: int = 4,
-                 watch: NewMailWatch | None = None, once: bool = False) -> None:
+                 watch: NewMailWatch | None = None, once: bool = False, outage: Outage | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.queue = queue
@@ -64,6 +70,9 @@ class Feeder:
         self.workers = workers
         self.watch = watch
         self.once = once
+        self.outage = outage if outage is not None else Outage()
+        #: ``once`` only: True when it stopped because the database stayed down `ONCE_WAIT` seconds
+        self.gave_up = False
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._inflight = 0
@@ -97,14 +106,16 @@ class Feeder:
                     self.watch.drain()  # this pass sees every file that arrived so far
                 handed = self._one_pass(pool)
                 self._wait_idle()
-                if self._stop.is_set():
+                if self._stop.is_set() or self.gave_up:
                     break
                 moved = self.queue.release_due(grace=GRACE)
                 self.passes += 1
                 if handed or moved:
                     continue
-                if self.once:
+                if self.once and not self._outage_retries_left():
                     break
+                if self.once:
+                    continue
                 self._sleep()
         finally:
             pool.shutdown(wait=True)  # the messages in flight finish first
@@ -128,8 +139,18 @@ class Feeder:
                     return None
                 alone = taken_back(name)
                 with self._cond:
-                    while (self._alone or (alone and self._inflight)) and not self._stop.is_set():
-                        self._cond.wait()
+                    while not self._stop.is_set():
+                        if self._alone or (alone and self._inflight):
+                            self._cond.wait()
+                        elif self.outage.admits(self._inflight):  # last: it may make this name the probe
+                            break
+                        elif self.once and self.outage.since > ONCE_WAIT:
+                            self.gave_up = True
+                            log.error("the state database has failed for %.0f s: deq --once stops, the rest "
+                                      "stays in the queue: %s", self.outage.since, self.outage.why)
+                            return None  # left in new/ for the next run
+                        else:  # the pool's pause: until it ends, or until the probe in flight ends
+                            self._cond.wait(self.outage.wait_hint())
                     if self._stop.is_set():
                         return None  # left in new/ for the next run
                     handed += 1
@@ -152,11 +173,26 @@ class Feeder:
         except Exception:  # handle never raises; a bug there must not stop the pool
             log.exception("queue_id=%s unexpected error in the worker", name)
         finally:
+            self.outage.probe_ended()
             with self._cond:
                 self._inflight -= 1
                 if alone:
                     self._alone = False
                 self._cond.notify_all()
+
+    def _outage_retries_left(self) -> bool:
+        """``once``: whether messages a database outage sent to ``retry/`` are due soon: wait for
+        them (bounded: `ONCE_WAIT` of outage ends it) instead of leaving them behind."""
+        if self.outage.active and self.outage.since > ONCE_WAIT:
+            self.gave_up = True
+            log.error("the state database has failed for %.0f s: deq --once stops, the rest stays in "
+                      "the queue: %s", self.outage.since, self.outage.why)
+            return False
+        wait = self.outage.retries_due_in()
+        if wait is None:
+            return False
+        self._stop.wait(wait + 0.5)
+        return True
 
     def _wait_idle(self) -> None:
         with self._cond:

@@ -11,7 +11,9 @@ makes this a "skipped"), builds the one `MailRequest` with the envelope the
 file carries and ``from_queue=True``, calls `Runtime.process` with the
 queue name as the replay key (``queue:NAME``: a retry of a message whose
 decision committed replays it) and a deadline well before the claim ends,
-and carries out `lamsonfilter.queueworker.plan.queue_plan`.  The message is
+and carries out `lamsonfilter.queueworker.plan.queue_plan`.  A tempfail
+whose cause is the storage (the database down) counts no attempt and
+pauses the whole pool (`lamsonfilter.queueworker.outage`).  The message is
 removed only after everything the plan asks for is done; whatever goes
 wrong on the way (the relay, the quarantine, a bug) leaves it for a retry,
 so nothing is lost.  The log line is the runtime's (``via=queue``), plus
@@ -35,6 +37,7 @@ from ..decisions import OutboxMessage
 from ..mail import AddressError, Envelope, MailRequest
 from ..mailqueue.maildir import EnvelopeMissing, MailQueue, QueuedMessage
 from ..relay import Relay, RelayError
+from .outage import Outage
 from .plan import (
     QueuePlan,
     backoff,
@@ -71,12 +74,15 @@ class Tally:
 class MessageWorker:
     """Runs the application over claimed queue messages (thread-safe: one per pool)."""
 
-    def __init__(self, runtime: Runtime, queue: MailQueue, quarantine: Quarantine, relay: Relay) -> None:
+    def __init__(self, runtime: Runtime, queue: MailQueue, quarantine: Quarantine, relay: Relay,
+                 outage: Outage | None = None) -> None:
         self.runtime = runtime
         self.queue = queue
         self.quarantine = quarantine
         self.relay = relay
         self.tally = Tally()
+        #: shared with the feeder: a storage failure pauses the whole pool (`Outage`)
+        self.outage = outage if outage is not None else Outage()
 
     def handle(self, name: str) -> str:
         """Claim ``new/name`` and take it to its end; never raises.  Returns one of `OUTCOMES`."""
@@ -114,7 +120,12 @@ class MessageWorker:
         deadline = time.monotonic() + (msg.until - time.time()) - lease / 2
         decision = self.runtime.process(request, replay_key=f"queue:{msg.name}", deadline=deadline,
                                         transport="queue")
-        return self._carry_out(queue_plan(decision, request, msg.attempts, limit), msg, request)
+        pause: float | None = self.outage.first
+        if decision.storage_failed:  # the database, not this message: pause the pool, count nothing
+            pause = self.outage.failed(decision.error or "storage failure", msg.name)  # None: it is the message
+        else:
+            self.outage.cleared()
+        return self._carry_out(queue_plan(decision, request, msg.attempts, limit, pause), msg, request)
 
     def _carry_out(self, plan: QueuePlan, msg: QueuedMessage, request: MailRequest | None) -> str:
         limit = self.runtime.poison_limit

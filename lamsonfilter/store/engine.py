@@ -21,12 +21,20 @@ from typing import Any, Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from ..state import ConflictError, SchemaMissingError, StorageError
+from ..state import ConflictError, SchemaMissingError, StorageError, StorageUnavailable
 
-__all__ = ["SQLEngine", "INIT_HINT"]
+__all__ = ["SQLEngine", "INIT_HINT", "UPGRADE_HINT"]
 
 log = logging.getLogger("lamsonfilter.store")
 
@@ -34,9 +42,17 @@ INIT_HINT = "run `lamsonfilter db init --app DIR`"
 """The command that fixes a missing schema; the messages add ``--database URL`` (`_init_hint`),
 so that following the hint initialises this database and not the application's default."""
 
+UPGRADE_HINT = "run `lamsonfilter db upgrade --app DIR`"
+"""The command that brings a database behind this code's revisions up to date (as `INIT_HINT`)."""
+
 # SQLSTATEs that mean "a concurrent transaction got in the way; run again".
 _PG_CONFLICT = {"40001", "40P01", "23505"}  # serialization, deadlock, unique
 _PG_UNDEFINED_TABLE = "42P01"
+# SQLSTATEs (or their two-character classes) that mean "the database, not this message":
+# connection exceptions, insufficient resources, operator intervention (shutdown, cancel),
+# system errors, lock not available (lock_timeout), undefined column (an old schema).
+_PG_UNAVAILABLE_CLASSES = {"08", "53", "57", "58"}
+_PG_UNAVAILABLE = {"55P03", "55006", "42703", "25006"}
 _SQLITE_CONFLICT = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
 
 # The execution option that chooses SQLite's BEGIN mode for one connection.
@@ -113,6 +129,25 @@ def _switch_to_wal(cursor: Any, timeout: float) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)  # bounded by the deadline: a retry, not a wait for anyone
+
+
+def _unavailable(exc: BaseException, orig: BaseException, sqlstate: str | None) -> bool:
+    """Whether a driver error says the database failed rather than anything this message did.
+
+    PostgreSQL says it by SQLSTATE; SQLite and the connection pool by the
+    exception's kind: ``OperationalError`` (both DB-API drivers and
+    SQLAlchemy use it for "cannot connect", "database is locked", "disk I/O
+    error", "readonly database", "no such column"), a lost connection, a
+    pool that timed out.  A value the driver would not bind or a constraint
+    is not: that may be the message's doing.
+    """
+    if sqlstate:
+        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_UNAVAILABLE
+    if isinstance(exc, (OperationalError, DisconnectionError, PoolTimeout)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) or type(orig).__name__ == "OperationalError"
 
 
 class SQLEngine:
@@ -267,13 +302,19 @@ class SQLEngine:
             self.backend == "sqlite" and "no such table" in detail
         ):
             return SchemaMissingError(self._missing_message())
-        return StorageError(f"{action} failed on the state database {self.url}: {detail}")
+        message = f"{action} failed on the state database {self.url}: {detail}"
+        if _unavailable(exc, orig, sqlstate):
+            return StorageUnavailable(message)
+        return StorageError(message)
 
     def _missing_message(self) -> str:
         return f"the database at {self.url} has no lamsonfilter schema; {self._init_hint()}"
 
     def _init_hint(self) -> str:
         return INIT_HINT.replace("--app DIR", f"--app DIR --database {self.url}")
+
+    def _upgrade_hint(self) -> str:
+        return UPGRADE_HINT.replace("--app DIR", f"--app DIR --database {self.url}")
 
     # ------------------------------------------------------------ connections
     @contextmanager

@@ -1,10 +1,20 @@
-"""The SQL store's tables and their versions: creating, checking and upgrading the schema.
+"""The SQL store's tables, and checking and upgrading them with Alembic.
 
-Four tables, all prefixed ``lamsonfilter_``: ``state`` (one row per key),
-``outbox`` (messages committed), ``tokens`` (idempotency tokens) and
-``meta`` (the schema version).  `SQLSchema.create_schema` (``lamsonfilter db
-init``) creates them or upgrades an older version in place; a storage
-refuses a database whose version is newer than `SCHEMA_VERSION`.
+Five tables, all prefixed ``lamsonfilter_``: ``state`` (one row per key),
+``outbox`` (messages committed), ``tokens`` (idempotency tokens),
+``confirmations`` (`lamsonfilter.confirm`) and ``meta`` (the schema version
+of lamsonfilter before Alembic, kept at 3).  The tables below are what the
+code reads and writes; the revisions in ``lamsonfilter/migrations/versions``
+make them (`lamsonfilter.store.migrate`), and ``lamsonfilter_alembic_version``
+says which revision a database is at.
+
+`SQLSchema.create_schema` (``lamsonfilter db init`` and ``db upgrade``)
+upgrades the database to the newest revision: a new one gets every table,
+one made before Alembic (``lamsonfilter_meta`` at schema version 1 to 4)
+keeps every row and gets what it lacks.  `SQLSchema.check_schema` (every
+daemon at start) refuses a database that is behind (naming ``lamsonfilter db
+upgrade``) or ahead (a revision this lamsonfilter does not know: upgrade
+lamsonfilter).
 """
 
 from __future__ import annotations
@@ -21,27 +31,30 @@ from sqlalchemy import (
     Table,
     Text,
     inspect,
-    insert,
     select,
     text,
-    update,
 )
 from sqlalchemy.engine import Connection
 
 from ..state import SchemaMissingError
+from . import migrate
 from .engine import SQLEngine, _lock_id
 
 __all__ = ["SQLSchema", "SCHEMA_VERSION", "METADATA", "STATE_TABLE", "OUTBOX_TABLE",
-           "TOKENS_TABLE", "META_TABLE"]
+           "TOKENS_TABLE", "META_TABLE", "CONFIRMATIONS_TABLE"]
 
 log = logging.getLogger("lamsonfilter.store")
 
-#: The schema version this code creates and expects in ``lamsonfilter_meta``.
-#: 2: the outbox's ``next_attempt_at``, ``failed_at`` and ``last_error``;
-#: 3: the outbox's claims, ``claimed_by`` and ``claimed_until`` (several
-#: outbox workers, processes or hosts, on one database).
-#: `create_schema` adds the columns to an older database in place.
+#: The last schema version of lamsonfilter before Alembic, kept in ``lamsonfilter_meta``
+#: (revision 0001 is that schema).  2: the outbox's ``next_attempt_at``, ``failed_at``
+#: and ``last_error``; 3: the outbox's claims, ``claimed_by`` and ``claimed_until``.
+#: A database at version 1, 2, 3 (or `LEGACY_NEWEST`) is adopted by `create_schema` in place.
 SCHEMA_VERSION = 3
+
+#: The newest version a database made before Alembic may say: 4 is 3 plus the confirmations
+#: table (`lamsonfilter.confirm` before it had migrations); revision 0002 finds that table there
+#: and keeps it.  A higher version is refused as newer than this lamsonfilter.
+LEGACY_NEWEST = 4
 
 #: Longest worker name stored in a claim (``host:pid:random``).
 MAX_WORKER_LENGTH = 255
@@ -74,7 +87,7 @@ OUTBOX_TABLE = Table(
     Column("kind", String(32), nullable=False),  # "reply" or "message"
     Column("attempts", Integer, nullable=False, default=0),
     Column("sent_at", DateTime(timezone=True), nullable=True, index=True),
-    # schema version 2 (added by `create_schema` to older databases; all nullable)
+    # schema version 2 (added by revision 0001 to older databases; all nullable)
     Column("next_attempt_at", DateTime(timezone=True), nullable=True),
     Column("failed_at", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
@@ -83,16 +96,26 @@ OUTBOX_TABLE = Table(
     Column("claimed_until", DateTime(timezone=True), nullable=True),
 )
 
-#: Columns added after version 1, in the order `create_schema` adds them.
-_ADDED_COLUMNS = {
-    OUTBOX_TABLE.name: ("next_attempt_at", "failed_at", "last_error", "claimed_by", "claimed_until"),
-}
-
 TOKENS_TABLE = Table(
     "lamsonfilter_tokens",
     METADATA,
     Column("token", String(MAX_TOKEN_LENGTH), primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The confirmation engine's requests (revision 0002; `lamsonfilter.confirm`).  The token
+#: itself is never stored, only its SHA-256; `sender` is the address it is bound to, as given.
+CONFIRMATIONS_TABLE = Table(
+    "lamsonfilter_confirmations",
+    METADATA,
+    Column("token_hash", String(64), primary_key=True),  # sha256 hex of the token
+    Column("kind", String(64), nullable=False),  # what is confirmed, chosen by the app
+    Column("sender", String(512), nullable=False),  # compared case-insensitively
+    Column("data", Text, nullable=False),  # JSON object as text
+    Column("message", LargeBinary, nullable=True),  # the pending message, when the app keeps one
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("used_at", DateTime(timezone=True), nullable=True),
 )
 
 META_TABLE = Table(
@@ -106,102 +129,109 @@ _VERSION_NAME = "schema_version"
 
 
 class SQLSchema(SQLEngine):
-    """Checking, creating and upgrading the schema of a SQL storage."""
+    """Checking and upgrading lamsonfilter's tables (Alembic revisions, `lamsonfilter.store.migrate`)."""
 
     def check_schema(self) -> None:
-        """Raise `SchemaMissingError` unless the tables exist in this code's version."""
+        """Raise `SchemaMissingError` unless lamsonfilter's tables are at this code's revision.
+
+        The text names the command to run: ``db init`` for a database without
+        the schema, ``db upgrade`` for one behind, "upgrade lamsonfilter" for
+        one ahead (a revision this lamsonfilter does not know).
+        """
         with self._begin("checking the schema", read_only=True) as conn:
             with self._errors("checking the schema"):
-                inspector = inspect(conn)
-                missing = [t.name for t in METADATA.sorted_tables if not inspector.has_table(t.name)]
-                if len(missing) == len(METADATA.tables):
-                    raise SchemaMissingError(self._missing_message())
-                if missing:
-                    raise SchemaMissingError(
-                        f"the database at {self.url} has an incomplete lamsonfilter schema "
-                        f"(missing {', '.join(missing)}); {self._init_hint()}"
-                    )
-                version = self._read_version(conn)
-            self._check_version(version, upgrading=False)
+                names = set(inspect(conn).get_table_names())
+                if migrate.FRAMEWORK_TABLE not in names:
+                    self._refuse_unmigrated(conn, names)
+                have = migrate.current(conn, migrate.FRAMEWORK)
+            want = migrate.heads(migrate.FRAMEWORK)
+            if have != want:
+                self._refuse_revision(have, want)
+            missing = [t.name for t in METADATA.sorted_tables if t.name not in names]
+            if missing:
+                raise SchemaMissingError(
+                    f"the database at {self.url} has an incomplete lamsonfilter schema "
+                    f"(missing {', '.join(missing)}); {self._init_hint()}"
+                )
 
     def create_schema(self) -> None:
-        """Create the tables if missing and record the schema version; idempotent."""
-        with self._begin("creating the schema") as conn:
-            with self._errors("creating the schema"):
-                if self.backend == "postgresql":  # two `db init` at once
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(CAST(:id AS BIGINT))"),
-                        {"id": _lock_id("lamsonfilter schema")},
-                    )
-                version = (
-                    self._read_version(conn) if inspect(conn).has_table(META_TABLE.name) else None
-                )
-            self._check_version(version, upgrading=True)
-            with self._errors("creating the schema"):
-                METADATA.create_all(conn, checkfirst=True)
-                self._add_columns(conn)
-                if version is None:
-                    conn.execute(
-                        insert(META_TABLE).values(name=_VERSION_NAME, value=str(SCHEMA_VERSION))
-                    )
-                elif version != SCHEMA_VERSION:
-                    conn.execute(
-                        update(META_TABLE)
-                        .where(META_TABLE.c.name == _VERSION_NAME)
-                        .values(value=str(SCHEMA_VERSION))
-                    )
+        """Upgrade lamsonfilter's tables to the newest revision, in one transaction; idempotent.
 
-    def _add_columns(self, conn: Connection) -> None:
-        """Upgrade: add the columns a table created by an older version lacks.
-
-        Every added column is nullable, so ``ALTER TABLE ... ADD COLUMN``
-        works on SQLite and PostgreSQL alike and keeps the rows.
+        A new database gets every table; one made before Alembic is adopted
+        in place (revision 0001); a database ahead of this code is refused.
+        On PostgreSQL an advisory lock lets two hosts run it at once.
         """
-        inspector = inspect(conn)
-        for table_name, names in _ADDED_COLUMNS.items():
-            have = {c["name"] for c in inspector.get_columns(table_name)}
-            table = METADATA.tables[table_name]
-            for name in names:
-                if name in have:
-                    continue
-                column = table.c[name]
-                ddl = column.type.compile(dialect=conn.dialect)
-                preparer = conn.dialect.identifier_preparer
-                conn.execute(text(
-                    f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(name)} {ddl}"
-                ))
-                log.info("schema upgrade: added %s.%s", table_name, name)
+        with self._begin("upgrading the schema") as conn:
+            with self._errors("upgrading the schema"):
+                self._lock_schema(conn)
+                names = set(inspect(conn).get_table_names())
+                if migrate.FRAMEWORK_TABLE not in names and META_TABLE.name in names:
+                    self._legacy_version(conn)  # refuses a newer or unreadable one
+                have = migrate.current(conn, migrate.FRAMEWORK)
+                unknown = [r for r in have if not migrate.known(migrate.FRAMEWORK, r)]
+                if unknown:
+                    self._refuse_revision(have, migrate.heads(migrate.FRAMEWORK))
+                before = have
+                migrate.upgrade(conn, migrate.FRAMEWORK)
+                after = migrate.current(conn, migrate.FRAMEWORK)
+        if before != after:
+            log.info("lamsonfilter schema on %s: %s -> %s", self.url,
+                     ", ".join(before) or "(none)", ", ".join(after))
 
-    def _read_version(self, conn: Connection) -> int | None:
+    def _lock_schema(self, conn: Connection) -> None:
+        """PostgreSQL: one migration at a time (two ``db init`` on two hosts at once)."""
+        if self.backend == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(CAST(:id AS BIGINT))"),
+                {"id": _lock_id("lamsonfilter schema")},
+            )
+
+    def _refuse_unmigrated(self, conn: Connection, names: set[str]) -> None:
+        """No version table: no schema at all, or one made before Alembic (behind)."""
+        if not names & set(METADATA.tables):
+            raise SchemaMissingError(self._missing_message())
+        version = self._legacy_version(conn) if META_TABLE.name in names else None
+        if version is None:
+            raise SchemaMissingError(
+                f"the database at {self.url} has lamsonfilter tables but no schema version; "
+                f"{self._init_hint()}"
+            )
+        raise SchemaMissingError(
+            f"the database at {self.url} has lamsonfilter schema version {version} (from before "
+            f"lamsonfilter used migrations), older than this lamsonfilter needs (revision "
+            f"{', '.join(migrate.heads(migrate.FRAMEWORK))}); {self._upgrade_hint()} to upgrade it"
+        )
+
+    def _refuse_revision(self, have: tuple[str, ...], want: tuple[str, ...]) -> None:
+        shown = ", ".join(have) or "(none)"
+        unknown = [r for r in have if not migrate.known(migrate.FRAMEWORK, r)]
+        if unknown:
+            raise SchemaMissingError(
+                f"the database at {self.url} is at lamsonfilter revision {shown}, newer than "
+                f"this lamsonfilter knows (its newest is {', '.join(want)}); upgrade lamsonfilter"
+            )
+        raise SchemaMissingError(
+            f"the database at {self.url} is at lamsonfilter revision {shown}, older than this "
+            f"lamsonfilter needs ({', '.join(want)}); {self._upgrade_hint()} to upgrade it"
+        )
+
+    def _legacy_version(self, conn: Connection) -> int | None:
+        """The schema version of a database made before Alembic; refuses one newer than 3."""
         value = conn.execute(
             select(META_TABLE.c.value).where(META_TABLE.c.name == _VERSION_NAME)
         ).scalar_one_or_none()
         if value is None:
             return None
         try:
-            return int(value)
+            version = int(value)
         except ValueError:
             raise SchemaMissingError(
                 f"the database at {self.url} has a lamsonfilter schema with an unreadable "
                 f"version {value!r}; {self._init_hint()}"
             ) from None
-
-    def _check_version(self, version: int | None, *, upgrading: bool) -> None:
-        if version is None:
-            if upgrading:
-                return
-            raise SchemaMissingError(
-                f"the database at {self.url} has lamsonfilter tables but no schema version; "
-                f"{self._init_hint()}"
-            )
-        if version > SCHEMA_VERSION:
+        if version > LEGACY_NEWEST:
             raise SchemaMissingError(
                 f"the database at {self.url} has lamsonfilter schema version {version}, "
-                f"newer than this lamsonfilter knows ({SCHEMA_VERSION}); upgrade lamsonfilter"
+                f"newer than this lamsonfilter knows ({LEGACY_NEWEST}); upgrade lamsonfilter"
             )
-        if version < SCHEMA_VERSION and not upgrading:
-            raise SchemaMissingError(
-                f"the database at {self.url} has lamsonfilter schema version {version}, "
-                f"older than this lamsonfilter needs ({SCHEMA_VERSION}); "
-                f"{self._init_hint()} to upgrade it"
-            )
+        return version

@@ -1,10 +1,12 @@
 """State in a SQL database: `SQLAlchemyStorage`, the production `StateStorage`.
 
-The state machines' records, the outbox and the idempotency tokens live in
-four tables (all prefixed ``lamsonfilter_``): ``state`` (one row per key:
-state name, JSON data, a version counter), ``outbox`` (messages committed:
-pending, sent -- purged after a while -- or failed and kept), ``tokens``
-(what `claim` has recorded) and ``meta`` (the schema version).  A single-host deployment uses a SQLite
+The state machines' records, the outbox, the idempotency tokens and the
+confirmation requests live in five tables (all prefixed ``lamsonfilter_``):
+``state`` (one row per key: state name, JSON data, a version counter),
+``outbox`` (messages committed: pending, sent -- purged after a while -- or
+failed and kept), ``tokens`` (what `claim` has recorded), ``confirmations``
+(`lamsonfilter.confirm`'s requests) and ``meta`` (the schema version before
+Alembic; ``lamsonfilter_alembic_version`` has the revision).  A single-host deployment uses a SQLite
 file; several filter hosts that must share state use PostgreSQL:
 
     storage = SQLAlchemyStorage("sqlite:////var/lib/lamsonfilter/state.db")
@@ -47,8 +49,12 @@ Nothing from SQLAlchemy or the database driver escapes; every failure is
 one of the `lamsonfilter.state` errors, with the driver's exception chained
 as ``__cause__`` and the database URL (password hidden) in the text:
 
-* `StorageError` -- the database is down or unreachable, locked for longer
-  than `lock_timeout`, the URL is malformed or its driver is not installed.
+* `StorageUnavailable` (a `StorageError`) -- the database is down or
+  unreachable, locked for longer than `lock_timeout`, read-only or full:
+  nothing this message did.  `App.process` defers the message (451 4.3.0)
+  and marks the decision ``Cause.STORAGE`` (``deq`` counts no attempt).
+* `StorageError` -- any other failure of the driver (a value it would not
+  bind, a constraint), the URL is malformed or its driver is not installed.
   `App.process` defers the message (451 4.3.0).
 * `ConflictError` -- a serialisation failure, a deadlock or a unique-key
   race with a concurrent transaction; run the message again.
@@ -62,6 +68,8 @@ raises `TypeError`, an over-long key `ValueError`.
 
 from __future__ import annotations
 
+from .appschema import SQLAppSchema
+from .confirmations import SQLConfirmations
 from .outbox import SQLOutbox
 from .outboxops import SQLOutboxOps
 from .schema import METADATA, SCHEMA_VERSION
@@ -70,7 +78,7 @@ from .statetx import SQLAlchemyTransaction, SQLState
 __all__ = ["SQLAlchemyStorage", "SQLAlchemyTransaction", "SCHEMA_VERSION", "METADATA"]
 
 
-class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
+class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps, SQLConfirmations, SQLAppSchema):
     """`StateStorage` and `OutboxStorage` on SQLite or PostgreSQL through SQLAlchemy 2.
 
     `url` is a SQLAlchemy database URL; ``postgresql://`` and
@@ -78,7 +86,9 @@ class SQLAlchemyStorage(SQLState, SQLOutbox, SQLOutboxOps):
     bounds how long a transaction waits for another one holding the same
     key (PostgreSQL) or the database (SQLite) before `StorageError`.
     Nothing connects until the first use.  The parts: `SQLEngine`
-    (connections, errors), `SQLSchema` (tables, versions), `SQLState`
+    (connections, errors), `SQLSchema` (tables, revisions), `SQLAppSchema`
+    (the application's tables and migrations), `SQLState`
     (state transactions), `SQLOutbox` (the outbox), `SQLOutboxOps` (the
-    operator's list, retry and drop).
+    operator's list, retry and drop), `SQLConfirmations` (purging the
+    confirmation requests of `lamsonfilter.confirm`).
     """

@@ -16,8 +16,10 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
+from ..confirmstore import ConfirmationRecord
 from ..decisions import OutboxMessage
 from ..state import StateRecord
+from .confirmations import ConfirmationRows
 from .engine import _check_text, _lock_id, _now
 from .schema import MAX_KEY_LENGTH, MAX_STATE_LENGTH, MAX_TOKEN_LENGTH, OUTBOX_TABLE, STATE_TABLE, TOKENS_TABLE, SQLSchema
 
@@ -91,6 +93,12 @@ class SQLAlchemyTransaction:
         self._conn = conn
         self._active = True
         self._locked: set[str] = set()
+
+    @property
+    def connection(self) -> Connection:
+        """The connection this transaction runs on (``ctx.db`` joins it: `lamsonfilter.store.session`)."""
+        self._check_active()
+        return self._conn
 
     # ------------------------------------------------------------ helpers
     def _check_active(self) -> None:
@@ -245,3 +253,24 @@ class SQLAlchemyTransaction:
                 )
                 result = self._conn.execute(lite, execution_options={"preserve_rowcount": True})
         return result.rowcount == 1
+
+    # -- the confirmation engine's rows (`lamsonfilter.store.confirmations`)
+    def add_confirmation(self, record: ConfirmationRecord) -> None:
+        """Store a new confirmation request."""
+        self._check_active()
+        ConfirmationRows(self._storage, self._conn).add(record)
+
+    def get_confirmation(self, token_hash: str) -> ConfirmationRecord | None:
+        """The request whose token has this SHA-256 (hex), or None."""
+        self._check_active()
+        return ConfirmationRows(self._storage, self._conn).get(token_hash)
+
+    def use_confirmation(self, token_hash: str, now: float) -> bool:
+        """Mark it used at `now`; False if it was used already (a concurrent one waits, then False)."""
+        self._check_active()
+        return ConfirmationRows(self._storage, self._conn).use(token_hash, now)
+
+    def cancel_confirmations(self, kind: str, sender: str) -> int:
+        """Forget the unused requests of `kind` bound to `sender`; returns how many."""
+        self._check_active()
+        return ConfirmationRows(self._storage, self._conn).cancel(kind, sender)

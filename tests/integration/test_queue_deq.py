@@ -99,3 +99,35 @@ def test_mail_that_arrives_while_deq_is_stopped_waits_in_the_queue(dep: QueueDep
     assert request.message["Auto-Submitted"] == "auto-replied"
     dep.settle()
     assert dep.queue.count() == {"new": 0, "claimed": 0, "retry": 0}
+
+
+def test_an_unknown_address_is_refused_at_rcpt_and_a_known_one_goes_on(dep: QueueDeployment) -> None:
+    """Postfix asks ``deq --policy`` (main.cf.queue's check_policy_service): 550 5.1.1 for the address
+    no route takes, while the client is connected; the other recipient of the same message is queued."""
+    unknown = f"nosuchlist@{LIST_HOST}"
+    result = dep.send(ALICE, [unknown, f"python-subscribe@{LIST_HOST}"], "subscribe me", "please\n")
+    refused = result.rcpt(unknown)
+    assert refused is not None and (refused.code, refused.text[:5]) == (550, "5.1.1"), result
+    dep.assert_accepted(result)
+    dep.wait_for_mail(ALICE, subject_contains="Confirm your subscription")
+    dep.settle()
+    assert dep.postfix is not None and "NOQUEUE: reject: RCPT from" in dep.postfix.maillog()
+    assert queued_by_virtual(dep, unknown) == [] and dep.quarantined() == []
+    assert f"rcpt=<{unknown}> refused at RCPT (policy): 550 5.1.1" in dep.filter_output()
+
+
+def test_without_the_policy_listener_an_unknown_address_is_accepted_and_quarantined() -> None:
+    """deq without --policy (or not running): the shipped check's default_action=DUNNO accepts,
+    and deq quarantines the message with its envelope; never a bounce."""
+    require(*POSTFIX_BINARIES, root=True)
+    dep = QueueDeployment(policy=False)
+    try:
+        dep.start()
+        unknown = f"nosuchlist@{LIST_HOST}"
+        dep.assert_rejected_unknown(dep.send(ALICE, [unknown], "anyone there?"), unknown)
+        assert len(queued_by_virtual(dep, unknown)) == 1
+        dep.settle()
+        assert dep.messages_to(ALICE) == []
+    finally:
+        print(dep.diagnostics())
+        dep.stop()

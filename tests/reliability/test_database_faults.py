@@ -248,7 +248,10 @@ def assert_deferred(dep: DbDeployment, sent: list[Injected]) -> None:
         dep.assert_tempfailed(item.result)
         if dep.mode == "smtpproxy":  # one log line with Postfix's queue id names the cause
             log = dep.filter_log.read_text(errors="replace")
-            assert re.search(rf"queue_id={item.queue_id} .*tempfail: StorageError", log), dep.diagnostics()
+            assert re.search(rf"queue_id={item.queue_id} .*tempfail: StorageUnavailable", log), dep.diagnostics()
+            # the runtime's line says whose fault: the storage's, not the message's (deq counts no attempt)
+            assert re.search(rf"queue_id={item.queue_id} via=smtpproxy .*decision=tempfail cause=storage", log), (
+                dep.diagnostics())
 
 
 def deferred_attempts(dep: DbDeployment, item: Injected) -> int:

@@ -8,11 +8,14 @@ lists.example.org is delivered by virtual(8) into ``spool/queue/``, and
 ``READY=1`` on a NOTIFY_SOCKET, as systemd would hear it) works through
 it, sending its outbox to the listener of master.cf.queue.
 
-How queue mode looks to the SMTP client: Postfix accepts every address of
-the domain (``250``) and the application runs later, so
+How queue mode looks to the SMTP client: Postfix asks ``deq --policy`` at
+RCPT (the shipped ``check_policy_service``) and accepts the addresses a
+route takes (``250``); the application runs later, so
 
-* an unknown list address is accepted, then ``deq`` puts the message into
-  the quarantine with the reason (never a bounce);
+* an unknown list address is refused at RCPT (``550 5.1.1``, from Postfix
+  itself), as in the other two modes: nothing queued, nothing bounced
+  (``policy=False`` runs ``deq`` without ``--policy``: then it is accepted,
+  and ``deq`` puts the message into the quarantine with the reason);
 * a failing handler is invisible to the client: ``deq`` keeps the message
   in the queue (``retry/``) and tries again later; nothing is sent.
 
@@ -31,7 +34,7 @@ from pathlib import Path
 from lamsonfilter.mailqueue.maildir import MailQueue
 from tests.rig.deploy import MAIL_TIMEOUT, Deployment
 from tests.rig.submission import SendResult
-from tests.rig.postfix import wait_for
+from tests.rig.postfix import free_port, port_accepts, wait_for
 from tests.rig.queue import QueueSpool, queue_main_cf, queue_master_cf
 from tests.rig.service import Notifications
 
@@ -44,8 +47,12 @@ QUEUE_FOLDERS = ("tmp", "new", "cur", "claimed", "retry")
 class QueueDeployment(Deployment):
     mode = "queue"
 
-    def __init__(self) -> None:
+    def __init__(self, *, policy: bool = True) -> None:
         super().__init__()
+        self.policy = policy
+        self.policy_port = free_port()
+        while self.policy_port == self.relay_port:
+            self.policy_port = free_port()
         self.spool = QueueSpool(self.workdir / "spool")
         self.quarantine = self.workdir / "quarantine"
         self.notify: Notifications | None = None
@@ -68,6 +75,7 @@ class QueueDeployment(Deployment):
             sys.executable, "-m", "lamsonfilter.cli", "-v", "deq", "--app", str(self.app_dir),
             "--queue", str(self.spool.queue), "--quarantine", str(self.quarantine),
             "--relay", f"127.0.0.1:{self.relay_port}",
+            *(["--policy", f"127.0.0.1:{self.policy_port}"] if self.policy else []),
         ]
 
     def start_filter(self, timeout: float = 30.0) -> None:
@@ -86,7 +94,7 @@ class QueueDeployment(Deployment):
                 self._ready = True
             except TimeoutError:
                 pass
-        return self._ready
+        return self._ready and (not self.policy or port_accepts(self.policy_port))
 
     def stop(self) -> None:
         try:
@@ -98,7 +106,8 @@ class QueueDeployment(Deployment):
 
     # ------------------------------------------------------------ Postfix
     def postfix_main_cf(self) -> dict[str, str | None]:
-        return queue_main_cf(self.spool)
+        # without --policy the shipped check stays, on a port where nothing listens (default_action DUNNO)
+        return queue_main_cf(self.spool, self.policy_port)
 
     def postfix_master_cf(self) -> str:
         return queue_master_cf(self.relay_port)
@@ -129,7 +138,15 @@ class QueueDeployment(Deployment):
         assert "status=bounced" not in (self.postfix.maillog() if self.postfix else "")
 
     def assert_rejected_unknown(self, result: SendResult, address: str) -> None:
-        """Accepted by Postfix (250), then moved into the quarantine by deq with its envelope; no bounce."""
+        """550 5.1.1 at RCPT from Postfix itself (deq's policy listener): never queued, so no bounce.
+        Without --policy: accepted by Postfix (250), then moved into the quarantine by deq with its
+        envelope; no bounce."""
+        if self.policy:
+            reply = result.rcpt(address)
+            assert reply is not None and reply.code == 550 and "5.1.1" in reply.text, (
+                f"expected 550 5.1.1 for RCPT <{address}>: {result}\n{self.diagnostics()}")
+            assert not [p for p in self.quarantined() if f"<{address}>".encode() in p.read_bytes()]
+            return
         assert result.accepted, f"Postfix should accept first: {result}\n{self.diagnostics()}"
         field = f"X-Lamsonfilter-Envelope-To: <{address}>".encode()
         wait_for(lambda: [p for p in self.quarantined() if field in p.read_bytes()], MAIL_TIMEOUT,

@@ -77,9 +77,22 @@ class QueueSpool:
             return []
 
 
-def queue_main_cf(spool: QueueSpool) -> dict[str, str | None]:
-    """The main.cf lines of conf/postfix/main.cf.queue, with the spool's path and owner."""
+#: The policy service main.cf.queue names (``deq --policy``).
+SHIPPED_POLICY = "inet:127.0.0.1:10027"
+
+
+def queue_main_cf(spool: QueueSpool, policy_port: int | None = None) -> dict[str, str | None]:
+    """The main.cf lines of conf/postfix/main.cf.queue, with the spool's path and owner, and
+    the policy service (``deq --policy``) on `policy_port`; None: without the
+    ``check_policy_service`` element (no deq runs: Postfix would only log "connection refused"
+    and accept, its default_action DUNNO)."""
     params: dict[str, str | None] = dict(read_main_cf(MAIN_CF))
+    restrictions = params["smtpd_recipient_restrictions"] or ""
+    element = f"check_policy_service {{ {SHIPPED_POLICY}, default_action=DUNNO }}, "
+    assert restrictions.startswith(element), f"{MAIN_CF}: expected smtpd_recipient_restrictions = {element}..."
+    params["smtpd_recipient_restrictions"] = (
+        restrictions.replace(SHIPPED_POLICY, f"inet:127.0.0.1:{policy_port}") if policy_port is not None
+        else restrictions[len(element):])
     assert params["virtual_mailbox_base"] == SHIPPED_BASE, f"{MAIN_CF}: expected {SHIPPED_BASE}"
     assert params["virtual_mailbox_maps"] == SHIPPED_MAP, f"{MAIN_CF}: expected {SHIPPED_MAP}"
     params["virtual_mailbox_base"] = str(spool.path)

@@ -32,7 +32,9 @@ __all__ = ["ALL_BACKENDS", "PG_URL", "SQL_BACKENDS", "TABLES", "backend_url", "o
            "pg_url", "pg_url_for", "ready_storage", "sql_schema_url", "sql_storage", "sql_url", "storage"]
 
 PG_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = ("lamsonfilter_state", "lamsonfilter_outbox", "lamsonfilter_tokens", "lamsonfilter_meta")
+#: Every table a test may leave in the session's schema: lamsonfilter's, the version tables.
+TABLES = ("lamsonfilter_state", "lamsonfilter_outbox", "lamsonfilter_tokens", "lamsonfilter_meta",
+          "lamsonfilter_confirmations", "lamsonfilter_alembic_version", "app_alembic_version")
 
 
 # ---------------------------------------------------------------- PostgreSQL

@@ -4,8 +4,10 @@ Addresses (LIST is one of settings.LISTS, HOST one of settings.HOSTS):
 
 =============================  ===========================================
 LIST-subscribe@HOST            asks for a confirmation (a reply to
-                               LIST-confirm-TOKEN@HOST, 128-bit token,
-                               single use, expires after CONFIRM_TTL)
+                               LIST-confirm-TOKEN@HOST: the confirmation
+                               engine's 128-bit token, bound to the
+                               sender, single use, expires after
+                               CONFIRM_TTL)
 LIST-confirm-TOKEN@HOST        confirms: the sender becomes a member
 LIST-unsubscribe@HOST          asks a member to confirm leaving (a reply
                                to LIST-leave-TOKEN@HOST, as above), so a
@@ -23,6 +25,11 @@ LIST-anything@HOST, help@HOST  a help reply
 One conversation per (list, sender): START → PENDING → MEMBER, back to
 START on a confirmed unsubscribe, DISABLED after too many bounces.
 
+The tokens are `lamsonfilter.confirm`'s (``ctx.confirmations``): kept in
+the state database (only their SHA-256), so the answer may reach any
+filter host sharing it; the kinds are ``subscribe:LIST`` and
+``leave:LIST``, so a token of one list or step confirms nothing else.
+
 Every step that mails a token checks that the mail will be sent
 (``ctx.reply`` returns False when the sender had its share of replies, or
 is a robot): a subscribe whose confirmation is not sent leaves the sender
@@ -32,14 +39,14 @@ nobody received.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from lamsonfilter import Context, Handler, stateless
+from lamsonfilter.confirm import TOKEN_PATTERN, ConfirmStatus
 
 handler = Handler("mailinglist", key=lambda ctx: (ctx.args["list"].lower(), ctx.sender.lower()))
 
-TOKEN = r"[0-9a-f]{32}"
+TOKEN = TOKEN_PATTERN  # 32 hex digits: the confirmation engine's tokens
 
 
 def _list_info(ctx: Context, list: str) -> dict[str, Any]:
@@ -56,54 +63,58 @@ def _list_info(ctx: Context, list: str) -> dict[str, Any]:
 
 
 def _ask_confirmation(ctx: Context, list: str) -> Any:
-    """Mail a subscription token and wait in PENDING; stay put when the mail cannot go."""
+    """Mail a subscription token and wait in PENDING; stay put when the mail cannot go.
+
+    A new request cancels the sender's earlier one (the engine's default).
+    """
     info = _list_info(ctx, list)
-    token = secrets.token_hex(16)  # 128 bits
-    confirm_addr = f"{info['list']}-confirm-{token}@{info['host']}"
-    sent = ctx.reply(
-        "confirm.msg",
+    asked = ctx.confirmations.ask(
+        f"subscribe:{info['list']}",
+        template="confirm.msg",
+        expires=ctx.settings["CONFIRM_TTL"],
+        address=f"{info['list']}-confirm-{{token}}@{info['host']}",
         subject=f"Confirm your subscription to {info['list']}@{info['host']}",
-        from_addr=confirm_addr,
-        confirm_addr=confirm_addr,
+        data={"list": info["list"]},
         **info,
     )
-    if not sent:  # the reason is in the decision's notes already
+    if asked is None:  # the reason is in the decision's notes already
         ctx.note(f"no confirmation sent: {ctx.sender or '<>'} stays in {ctx.state}")
         return None
-    ctx.data.update(token=token, expires=ctx.now + ctx.settings["CONFIRM_TTL"])
+    ctx.data["expires"] = asked.expires_at
     return PENDING
 
 
 def _ask_to_leave(ctx: Context, list: str) -> Any:
     """Mail a token for leaving to the member: only the member can confirm it."""
     info = _list_info(ctx, list)
-    token = secrets.token_hex(16)
-    leave_addr = f"{info['list']}-leave-{token}@{info['host']}"
-    sent = ctx.reply(
-        "confirm_leave.msg",
+    asked = ctx.confirmations.ask(
+        f"leave:{info['list']}",
+        template="confirm_leave.msg",
+        expires=ctx.settings["CONFIRM_TTL"],
+        address=f"{info['list']}-leave-{{token}}@{info['host']}",
         subject=f"Confirm leaving {info['list']}@{info['host']}",
-        from_addr=leave_addr,
-        leave_addr=leave_addr,
         **info,
     )
-    if not sent:
+    if asked is None:
         ctx.note(f"no confirmation sent: {ctx.sender} stays subscribed")
-        return None
-    ctx.data.update(leave_token=token, leave_expires=ctx.now + ctx.settings["CONFIRM_TTL"])
     return None
+
+
+def _verified(ctx: Context, kind: str, list: str, token: str) -> bool:
+    """Whether `token` confirms `kind` for this sender (using it up); if not, say so."""
+    result = ctx.confirmations.verify(kind, token)
+    if result.status is ConfirmStatus.OK:
+        return True
+    ctx.note(f"confirmation {kind} refused: {result.status.value}")
+    _refuse(ctx, list, "bad_confirm.msg")
+    return False
 
 
 def _confirm_leaving(ctx: Context, list: str, token: str) -> Any:
     """LIST-leave-TOKEN: the member's own token, unexpired, once: forget them, say goodbye."""
-    valid = (
-        secrets.compare_digest(token.lower(), str(ctx.data.get("leave_token", "")))
-        and ctx.now < float(ctx.data.get("leave_expires", 0))
-        and ctx.claim(f"leave:{token.lower()}")
-    )
-    if not valid:
-        _refuse(ctx, list, "bad_confirm.msg")
-        return None
     info = _list_info(ctx, list)
+    if not _verified(ctx, f"leave:{info['list']}", list, token):
+        return None
     ctx.data = {}
     ctx.reply("goodbye.msg", subject=f"You left {info['list']}@{info['host']}",
               from_addr=info["post_addr"], **info)
@@ -136,22 +147,16 @@ def START(ctx: Context, list: str) -> Any:
 def PENDING(ctx: Context, list: str, token: str = "") -> Any:
     """Asked to subscribe; waiting for the confirmation."""
     if ctx.event == "confirm":
-        valid = (
-            secrets.compare_digest(token.lower(), str(ctx.data.get("token", "")))
-            and ctx.now < float(ctx.data.get("expires", 0))
-            and ctx.claim(f"confirm:{token.lower()}")
-        )
-        if not valid:
-            _refuse(ctx, list, "bad_confirm.msg")
+        info = _list_info(ctx, list)
+        if not _verified(ctx, f"subscribe:{info['list']}", list, token):
             return None
         ctx.data = {"joined": ctx.now, "bounces": 0}
-        info = _list_info(ctx, list)
         # a message of its own, from the list's address (not "Re:" from the used token address)
         ctx.reply("welcome.msg", subject=f"Welcome to {info['list']}@{info['host']}",
                   from_addr=info["post_addr"], **info)
         return MEMBER
     if ctx.event == "subscribe":
-        return _ask_confirmation(ctx, list)  # a new token; the old one is dead once it is sent
+        return _ask_confirmation(ctx, list)  # a new token; the old one is cancelled once it is sent
     if ctx.event == "unsubscribe":
         _refuse(ctx, list, "not_subscribed.msg")  # the request expires by itself
         return None
@@ -198,7 +203,7 @@ def _post(ctx: Context, list: str) -> None:
         f"List-Post: <mailto:{info['post_addr']}>\r\n"
         f"List-Unsubscribe: <mailto:{info['unsubscribe_addr']}>\r\n"
         "Precedence: list\r\n"
-    ).encode("utf-8")
+    ).encode()
     # The member's copy is the original message with list headers in front:
     # the original bytes stay as they were (signatures of the poster survive).
     copy = list_headers + ctx.request.raw
