@@ -22,6 +22,10 @@ runtime acts" and "Claims and leases", says why each rule is so):
 * The worker sends only what it claimed (`OutboxStore.claim_outbox`), so
   any number of workers, processes or hosts, share one outbox; it renews
   the lease while it sends and stops on a message it no longer holds.
+* The moment the relay accepts a transaction, the worker's sent journal
+  has it (`lamsonfilter.sentjournal`, one ``os.write``); the database's
+  "sent" follows, and the journal is applied before every claim, so a
+  sender killed in between does not make the next one send it again.
 * A relay that cannot be reached (refused connection, no greeting, EHLO
   refused) stops the batch: nothing attempted, claims released, one WARNING.
 * Each recipient is accounted for on its own: the accepted ones are taken
@@ -78,6 +82,7 @@ from .smtpclient import (
     utf8_addresses,
     utf8_headers,
 )
+from .sentjournal import SentJournal, sent_token
 from .state import OutboxStore, PendingOutbox
 
 __all__ = ["MAX_ATTEMPTS", "MAX_RECIPIENTS", "OUTBOX_LIFETIME", "Delivery", "OutboxWorker", "Relay", "RelayError"]
@@ -94,6 +99,9 @@ MAX_ATTEMPTS = 200
 #: renews after a third of it, before each SMTP transaction (`lamsonfilter.store.outbox`).
 #: The default of the application setting ``OUTBOX_LEASE``, which the daemons pass on.
 OUTBOX_LEASE = 300.0
+#: Seconds a sent message waits at most for its batch's "sent" in the database when the sent
+#: journal covers every takeover (SQLite: one host); with several hosts each is marked at once.
+MARK_EVERY = 0.5
 #: Message-IDs of outbox messages whose cause (queue id) is remembered for the log.
 CAUSES_KEPT = 10_000
 
@@ -147,15 +155,17 @@ class Relay:
     def __repr__(self) -> str:
         return f"Relay({self.host}:{self.port})"
 
-    def send(self, message: OutboxMessage) -> Delivery:
+    def send(self, message: OutboxMessage, record: Callable[[Delivery], None] | None = None) -> Delivery:
         """Hand one message over, `max_recipients` per SMTP transaction, on one connection.
 
         Returns what happened to each recipient; raises `RelayError` only when
-        the relay cannot be reached (then nothing was sent).
+        the relay cannot be reached (then nothing was sent).  `record` is called
+        with each transaction's outcome the moment its reply is read (before the
+        next transaction and the ``QUIT``): the outbox's sent journal.
         """
-        return _run(self._send(message))
+        return _run(self._send(message, record))
 
-    async def _send(self, message: OutboxMessage) -> Delivery:
+    async def _send(self, message: OutboxMessage, record: Callable[[Delivery], None] | None = None) -> Delivery:
         recipients = list(dict.fromkeys(message.recipients))  # each once
         try:
             conn = await connect(self.host, self.port, self.helo, connect_timeout=self.timeout,
@@ -167,6 +177,8 @@ class Relay:
             for start in range(0, len(recipients), self.max_recipients):
                 chunk = recipients[start : start + self.max_recipients]
                 result, alive = await self._transaction(conn, message, chunk)
+                if record is not None:
+                    record(result)
                 done += result
                 if not alive:  # the connection is gone: the rest waits for the next attempt
                     why = result.deferred[-1][1] if result.deferred else "connection lost"
@@ -208,8 +220,17 @@ class OutboxWorker:
                  housekeeping: Callable[[], object] | None = None, housekeeping_interval: float = 3600.0,
                  *, min_backoff: float | None = None, max_backoff: float = 4000.0,
                  max_age: float = OUTBOX_LIFETIME, max_attempts: int = MAX_ATTEMPTS,
-                 lease: float = OUTBOX_LEASE, worker_id: str | None = None) -> None:
+                 lease: float = OUTBOX_LEASE, worker_id: str | None = None,
+                 journal: SentJournal | None = None, mark_every: float = 0.0) -> None:
         self.storage = storage
+        #: What this process handed to the relay, on disk at the ``250`` (`lamsonfilter.sentjournal`).
+        self.journal = journal
+        self._recovered = float("-inf")
+        self._unmarked: list[int] = []  # sent and journaled; "sent" not yet in the database
+        self._unmarked_since = 0.0
+        #: Seconds a sent message may wait for its batch's "sent" in the database: 0 (each at once)
+        #: unless the journal covers every takeover (one host: `Runtime` gives SQLite `MARK_EVERY`).
+        self.mark_every = mark_every if journal is not None else 0.0
         #: The name this worker's claims carry: host, process, and a random part.
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease = lease
@@ -246,6 +267,7 @@ class OutboxWorker:
             # bounded: every round tries at least one message not tried before
             while True:
                 try:
+                    self._apply_journals()
                     pending = self.storage.claim_outbox(self.worker_id, self.batch, self.lease,
                                                         due_before=time.time())
                 except Exception as exc:  # noqa: BLE001 -- the store may be down; try later
@@ -256,13 +278,18 @@ class OutboxWorker:
                 try:
                     for item in fresh:
                         tried.add(item.id)
-                        if self._keep_lease(item.id):
+                        if self.journal is not None and self.journal.holds(item.id, sent_token(item.message.raw)):
+                            self._unmarked.append(item.id)  # sent by this process; its "sent" failed before
+                        elif self._keep_lease(item.id):
                             self._deliver(item)
                         self._held.discard(item.id)  # sent, deferred or failed: claim ended
+                        if self._unmarked and time.monotonic() - self._unmarked_since >= self.mark_every:
+                            self._mark_batch()
                 except RelayError as exc:
                     log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
                     return len(tried)
                 finally:
+                    self._mark_batch()
                     self._release()
                 if not fresh or len(pending) < self.batch:
                     return len(tried)
@@ -275,6 +302,7 @@ class OutboxWorker:
         deferred: list[tuple[str, str]] = []
         refused: list[tuple[str, str]] = []
         step = max(1, self.relay.max_recipients)
+        record = self._recorder(item)
         for start in range(0, len(remaining), step):
             chunk = remaining[start : start + step]
             if start and not self._keep_lease(item.id):  # another worker has it now
@@ -282,7 +310,12 @@ class OutboxWorker:
                     self.storage.fail_recipients(item.id, [r for r, _ in refused], refused[-1][1])
                 return
             try:
-                result = self.relay.send(replace(message, recipients=tuple(chunk)))
+                chunk_message = replace(message, recipients=tuple(chunk))
+                if getattr(type(self.relay), "send", None) is Relay.send:
+                    result = self.relay.send(chunk_message, record)
+                else:  # another kind of relay (a test's own send): journaled when it returns
+                    result = self.relay.send(chunk_message)
+                    record(result)
             except RelayError:
                 if refused:
                     self.storage.fail_recipients(item.id, [r for r, _ in refused], refused[-1][1])
@@ -307,8 +340,10 @@ class OutboxWorker:
             if rest and start + step < len(remaining) and (result.accepted or result.refused):
                 self.storage.outbox_progress(item.id, rest)
         if not deferred:
-            if not refused:
-                self._mark([item.id])
+            if not refused:  # the journal has it; the database learns it in this round's batch
+                if not self._unmarked:
+                    self._unmarked_since = time.monotonic()
+                self._unmarked.append(item.id)
                 return
             # done, but not for everyone: keep it, marked failed, with who never got it
             self.storage.fail_outbox(item.id, [r for r, _ in refused], refused[-1][1])
@@ -362,13 +397,28 @@ class OutboxWorker:
         except Exception as exc:  # noqa: BLE001 -- housekeeping must not stop the outbox
             log.error("housekeeping failed: %s", exc)
 
-    def _mark(self, ids: Sequence[int]) -> None:
+    def _recorder(self, item: PendingOutbox) -> Callable[[Delivery], None]:
+        """What runs the moment the relay answers a transaction of `item`: the journal line."""
+        journal, token = self.journal, sent_token(item.message.raw)
+        return lambda result: journal.note(item.id, token, result.accepted) if journal else None
+
+    def _apply_journals(self) -> None:
+        if self.journal is not None:  # what this host sent, the database learns before any claim
+            self._recovered = self.journal.before_claim(self.storage, self._recovered, self.lease / 4)
+
+    def _mark_batch(self) -> None:
+        ids, self._unmarked = self._unmarked, []
         if not ids:
             return
         try:
             self.storage.mark_sent(ids)
         except Exception as exc:  # noqa: BLE001 -- sent twice later is better than lost
-            log.error("outbox: sent %s but could not mark them sent (they may go out twice): %s", list(ids), exc)
+            kept = self.journal is not None and self.journal.holds(ids[0])
+            log.error("outbox: sent %s but could not mark them sent (%s): %s", ids,
+                      "the sent journal has them" if kept else "they may go out twice", exc)
+            return
+        if self.journal is not None:
+            self.journal.applied(ids)
 
     def remember_cause(self, message_ids: Sequence[str], queue_id: str) -> None:
         """Note which queue id produced these outbox messages (for the log line when they are sent)."""
@@ -398,6 +448,8 @@ class OutboxWorker:
             self._thread.join(timeout)
             ended = not self._thread.is_alive()
             self._thread = None
+        if self.journal is not None and ended:
+            self.journal.close()  # deleted when the database has every line
         return ended
 
     @property

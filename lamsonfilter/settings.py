@@ -53,6 +53,9 @@ OUTBOX_LEASE       seconds an outbox worker's claim on a message    ``300``
                    lasts: a dead worker's claims are taken over
                    after it; longer than any SMTP transaction to
                    RELAY (docs/several-hosts.rst)
+OUTBOX_JOURNAL     directory of the outbox senders' sent journals   beside a SQLite database
+                   (lamsonfilter.sentjournal): local and writable,  file (``outbox-sent``),
+                   relative to the app                              else ``var/outbox-sent``
 =================  ===============================================  ==========================
 
 Names in capitals are settings.  An application may add its own (the
@@ -81,7 +84,7 @@ from .views import ViewError, Views
 
 __all__ = [
     "load_app", "load_settings", "SettingsError", "DatabaseMissingError", "make_storage", "DEFAULTS",
-    "parse_hostport", "resolve_database_url", "sqlite_path", "queue_dir",
+    "parse_hostport", "resolve_database_url", "sqlite_path", "queue_dir", "journal_dir",
 ]
 
 
@@ -106,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "METRICS": None,
     "POISON_LIMIT": 5,
     "OUTBOX_LEASE": 300,
+    "OUTBOX_JOURNAL": None,
     "QUEUE": "var/queue",
     "QUEUE_LEASE": 300,
 }
@@ -221,6 +225,9 @@ def _validate(values: dict[str, Any], path: Path) -> None:
     lease = values["OUTBOX_LEASE"]
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
         fail("OUTBOX_LEASE", f"must be a positive number of seconds (300: five minutes), not {lease!r}")
+    journal = values["OUTBOX_JOURNAL"]
+    if journal is not None and (not isinstance(journal, str) or not journal.strip()):
+        fail("OUTBOX_JOURNAL", f"must be a directory (absolute, or relative to the application), not {journal!r}")
     queue = values["QUEUE"]
     if not isinstance(queue, str) or not queue.strip():
         fail("QUEUE", f"must be a directory (absolute, or relative to the application), not {queue!r}")
@@ -265,6 +272,26 @@ def queue_dir(settings: Mapping[str, Any]) -> Path:
     path = Path(settings.get("QUEUE") or DEFAULTS["QUEUE"])
     app_dir = settings.get("APP_DIR")
     return path if path.is_absolute() or app_dir is None else Path(app_dir) / path
+
+
+def journal_dir(settings: Mapping[str, Any]) -> Path | None:
+    """Where the outbox senders keep their sent journals (`lamsonfilter.sentjournal`): the
+    OUTBOX_JOURNAL setting (relative: inside the application); by default ``outbox-sent``
+    beside a SQLite database's file (writable wherever the database is: SQLite writes its
+    own journal there), else ``APP/var/outbox-sent``.  None for the ``memory:`` store, which
+    dies with the process anyway."""
+    app_dir = settings.get("APP_DIR")
+    url = str(settings.get("DATABASE_URL") or DEFAULTS["DATABASE_URL"])
+    if url in ("memory:", "memory://"):
+        return None
+    value = settings.get("OUTBOX_JOURNAL")
+    if value:
+        path = Path(value)
+        return path if path.is_absolute() or app_dir is None else Path(app_dir) / path
+    db = sqlite_path(resolve_database_url(url, app_dir), app_dir or ".")
+    if db is not None:
+        return db.absolute().parent / "outbox-sent"
+    return None if app_dir is None else Path(app_dir) / "var" / "outbox-sent"
 
 
 def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from .confirmstore import ConfirmationRecord, MemoryConfirmations, purge_memory
 from .decisions import OutboxMessage
+from .sentjournal import SentRecord, sent_token
 
 __all__ = [
     "StateRecord",
@@ -217,6 +218,10 @@ class OutboxStore(Protocol):
     def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
         """Some recipients are done: only `remaining` are ever sent the message again."""
 
+    def apply_sent(self, records: Sequence[SentRecord]) -> int:
+        """Apply sent-journal lines (`lamsonfilter.sentjournal`): each line's recipients are
+        done, a message with none left is sent; a line with another token changes nothing."""
+
     def defer_outbox(self, id: int, remaining: Sequence[str], next_attempt: float, error: str) -> None:
         """A failed attempt: count it, keep only `remaining`, try again at `next_attempt`
         (the claim ends)."""
@@ -336,6 +341,18 @@ class MemoryStorage:
                 self._claims.pop(i, None)
                 if self._outbox.pop(i, None) is not None:
                     self._sent[i] = now
+
+    def apply_sent(self, records: Sequence[SentRecord]) -> int:
+        changed = set()
+        for rec in records:
+            item = self._outbox.get(rec.id)
+            if item is None or sent_token(item.message.raw) != rec.token:
+                continue
+            left = [r for r in item.message.recipients if r not in rec.done]
+            if len(left) < len(item.message.recipients):
+                self.mark_sent([rec.id]) if not left else self.outbox_progress(rec.id, left)
+                changed.add(rec.id)
+        return len(changed)
 
     def outbox_progress(self, id: int, remaining: Sequence[str]) -> None:
         with self._lock:

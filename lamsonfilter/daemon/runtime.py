@@ -41,7 +41,8 @@ from ..app import App, StartupError
 from ..decisions import Cause, Decision, Outcome
 from ..mail import MailRequest
 from ..mailqueue.maildir import MailQueue, QueueError
-from ..relay import OUTBOX_LEASE, OutboxWorker, Relay, message_id
+from ..relay import MARK_EVERY, OUTBOX_LEASE, OutboxWorker, Relay, message_id
+from ..sentjournal import SentJournal
 from ..state import StorageError
 from .metrics import Metrics
 from .poison import DEFAULT_LIMIT, AttemptLog
@@ -67,7 +68,8 @@ class Runtime:
         self.relay = relay
         self.worker = (
             OutboxWorker(app.storage, relay, interval=outbox_interval, housekeeping=self._housekeeping,
-                         lease=float(app.settings.get("OUTBOX_LEASE", OUTBOX_LEASE)))
+                         lease=float(app.settings.get("OUTBOX_LEASE", OUTBOX_LEASE)), journal=_journal(app),
+                         mark_every=MARK_EVERY if _one_host(app) else 0.0)
             if relay else None
         )
         self.directory = directory
@@ -124,6 +126,11 @@ class Runtime:
 
             self.serve_metrics(*parse_hostport(metrics))
         if self.worker is not None:
+            if self.worker.journal is not None:
+                try:  # fail at start, not at the first send
+                    self.worker.journal.open()
+                except OSError as exc:
+                    raise StartupError(str(exc)) from None
             self.worker.start()
             self.worker.wake()  # whatever a previous run left pending
 
@@ -350,6 +357,25 @@ def release_free_memory() -> bool:
 
 
 _malloc_trim: Any = None
+
+
+def _journal(app: App) -> SentJournal | None:
+    """The outbox sender's sent journal (`lamsonfilter.sentjournal`), in the OUTBOX_JOURNAL
+    directory; opened at the sender's first round, so a process that never sends (a worker
+    of the content filter's ``--workers``) makes no file."""
+    from ..settings import journal_dir, resolve_database_url
+
+    directory = journal_dir(app.settings)
+    if directory is None:
+        return None
+    url = resolve_database_url(str(app.settings.get("DATABASE_URL", "")), app.settings.get("APP_DIR"))
+    return SentJournal(directory, url.split("?", 1)[0])
+
+
+def _one_host(app: App) -> bool:
+    """Whether only this host sends this outbox (a SQLite file): then this host's sent journals
+    cover every takeover, and "sent" may reach the database in batches."""
+    return str(app.settings.get("DATABASE_URL", "")).startswith("sqlite:")
 
 
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:

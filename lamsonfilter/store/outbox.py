@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import delete, insert, select, update
 
 from ..decisions import OutboxMessage
+from ..sentjournal import SentRecord, sent_token
 from ..state import PendingOutbox
 from .engine import _check_text, _from_unix, _now, _to_unix
 from .schema import MAX_WORKER_LENGTH, OUTBOX_TABLE, SQLSchema
@@ -180,6 +181,41 @@ class SQLOutbox(SQLSchema):
                         .where(o.id.in_(chunk), o.sent_at.is_(None))
                         .values(sent_at=now)
                     )
+
+    def apply_sent(self, records: Sequence[SentRecord]) -> int:
+        """Apply sent-journal lines (`lamsonfilter.sentjournal`) in one transaction: take each
+        line's accepted recipients out of its message, or mark it sent when none is left.
+        A line whose message is gone, sent, failed or has another token (a reused id, another
+        database) changes nothing.  Idempotent; returns how many messages it changed."""
+        done: dict[int, tuple[str, set[str]]] = {}
+        for rec in records:
+            token, rcpts = done.setdefault(int(rec.id), (rec.token, set()))
+            if token == rec.token:
+                rcpts.update(rec.done)
+        if not done:
+            return 0
+        o = OUTBOX_TABLE.c
+        stmt = select(o.id, o.raw, o.recipients).where(
+            o.id.in_(sorted(done)), o.sent_at.is_(None), o.failed_at.is_(None))
+        if self.backend == "postgresql":
+            stmt = stmt.with_for_update()
+        action = "applying the outbox's sent journal"
+        changed = 0
+        with self._begin(action) as conn:
+            with self._errors(action):
+                now = _now()
+                for row in conn.execute(stmt.order_by(o.id)).all():
+                    token, rcpts = done[row.id]
+                    if sent_token(bytes(row.raw)) != token:
+                        continue
+                    before = json.loads(row.recipients)
+                    left = [r for r in before if r not in rcpts]
+                    if len(left) == len(before):
+                        continue
+                    values: dict[str, Any] = {"sent_at": now} if not left else {"recipients": self._recipients(left)}
+                    conn.execute(update(OUTBOX_TABLE).where(o.id == row.id).values(**values))
+                    changed += 1
+        return changed
 
     def _update_outbox(self, action: str, id: int, values: Mapping[str, Any]) -> None:
         o = OUTBOX_TABLE.c

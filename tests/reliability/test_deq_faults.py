@@ -11,10 +11,13 @@ does in front of the queue is issue 17's Postfix test.
 * kill -9 at seeded random points while draining: every message
   processed, no handler's work done twice (one token per subscriber, one
   welcome made), no state transition applied twice (each row at version
-  2), and no reply sent twice except in the outbox's window: the relay
-  answered 250 and the process died before it committed "sent" (counted
-  per Message-ID at the capture server and checked against the logs,
-  `window_duplicates`; see docs/reliability.rst);
+  2), and no reply sent twice (counted per Message-ID at the capture
+  server) but in the milliseconds between the relay's commit and the
+  outbox's sent journal, which records each send at the relay's 250 so
+  that a killed sender's replies are not sent again by the next process
+  (`lamsonfilter.sentjournal`; each copy is checked against the logs,
+  `window_duplicates`, and at most `WINDOW_BOUND` a run; see
+  docs/reliability.rst, Q4);
 * two processes on one queue: each message processed once;
 * a message that kills its process ends in the quarantine after
   ``POISON_LIMIT`` attempts with its reason, the others are processed, and
@@ -50,6 +53,9 @@ FULL = os.environ.get("LF_DEQ_FULL", "").strip() not in ("", "0")
 MESSAGES = 2000 if FULL else 300
 KILLS = 12 if FULL else 10
 SEED = int(os.environ.get("LF_DEQ_SEED", "17"))
+#: Replies sent twice a run may show, each in the window the sent journal cannot close (Q4):
+#: measured 0-1 in CI-size runs, 0-2 in full-size ones (more kills, a faster drain).
+WINDOW_BOUND = 4 if FULL else 2
 #: The poison test's POISON_LIMIT and how many good messages go with the poison.
 LIMIT = 2
 GOOD = 40
@@ -82,9 +88,12 @@ def test_kill9_while_draining_loses_nothing_and_does_nothing_twice(capture: Capt
         assert figures.kills >= KILLS and len(set(figures.killed_pids)) == figures.kills, figures.summary()
         assert not figures.problems, f"{figures.summary()}\n{figures.problems}\n{rig.log_tail()}"
         assert figures.processed == MESSAGES
-        # a reply goes out twice only in the window between the relay's 250 and the outbox's commit of
-        # "sent" (one message per killed process at most); every other copy is a failure (problems)
-        assert figures.replies_twice == figures.replies_twice_in_window <= figures.kills, figures.summary()
+        # the sent journal records each send at the relay's 250, and the next process applies a killed
+        # one's journal before it claims (docs/reliability.rst, Q4): a reply goes out twice only when the
+        # kill falls between the relay's commit and the journal's write -- the round trip of the final
+        # dot and the outbox thread's wait for the GIL, milliseconds -- and the logs must show exactly
+        # that (`window_duplicates`); measured 0-2 per run (before the journal: 1-12, a window up to ~1 s)
+        assert figures.replies_twice == figures.replies_twice_in_window <= WINDOW_BOUND, figures.summary()
 
 
 def test_two_deq_processes_on_one_queue_process_each_message_once(capture: CaptureServer) -> None:

@@ -50,6 +50,7 @@ LIST = "python"
 LIST_HOST = "lists.example.org"
 CONFIRM_SUBJECT = f"Confirm your subscription to {LIST}@{LIST_HOST}"
 WELCOME_SUBJECT = f"Welcome to {LIST}@{LIST_HOST}"
+_JOURNAL_SAVED = re.compile(r"outbox journal: \d+ line\(s\) of a dead process's \S+ applied: (\d+) message")
 _CONFIRM_ADDR = re.compile(rf"{LIST}-confirm-([0-9a-f]{{32}})@{re.escape(LIST_HOST)}")
 
 
@@ -75,6 +76,7 @@ class DeqListFigures:
     reruns: int = 0  # messages that ran again after a kill (the decision replayed or never committed)
     claims_left: list[str] = field(default_factory=list)  # queue messages a killed process held
     outbox_claims_left: int = 0  # outbox messages a killed process held, not sent
+    journal_saved: int = 0  # sends of killed processes only their sent journal knew: applied, not sent again
     confirm_requests: int = 0
     confirm_duplicated: int = 0
     confirm_missing: int = 0
@@ -105,7 +107,8 @@ class DeqListFigures:
                 f"(seed {self.seed}, {self.workers} workers, {self.processes} processes): "
                 f"processed {self.processed}, lost {self.lost}, left {self.left_in_queue}, "
                 f"quarantined {self.quarantined}, ran again {self.reruns}; left claimed by the kills: "
-                f"{len(self.claims_left)} queue messages, {self.outbox_claims_left} outbox messages; confirmations "
+                f"{len(self.claims_left)} queue messages, {self.outbox_claims_left} outbox messages; sends only the "
+                f"killed processes' sent journals knew {self.journal_saved}; confirmations "
                 f"{self.confirm_requests} (dup {self.confirm_duplicated}, missing {self.confirm_missing}), "
                 f"welcomes {self.welcomes} (dup {self.welcome_duplicated}, missing {self.welcome_missing}), "
                 f"replies sent more than once {self.replies_twice} ({self.extra_copies} extra copies; "
@@ -214,6 +217,7 @@ def _count(rig: DeqRig, subs: list[str], seqs: list[str], figures: DeqListFigure
     figures.outbox_failed = rig.outbox_failed()
     decisions = rig.decisions()
     figures.reruns = sum(1 for kinds in decisions.values() if len(kinds) > 1)
+    figures.journal_saved = sum(int(m.group(1)) for p in rig.processes for m in _JOURNAL_SAVED.finditer(p.log()))
     never = [n for n in figures.claims_left if not any(k != "tempfail" for k in decisions.get(n, []))]
     if never:
         figures.problems.append(f"claims of killed processes never decided: {never[:10]}")
