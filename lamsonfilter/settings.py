@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -274,12 +275,14 @@ def queue_dir(settings: Mapping[str, Any]) -> Path:
     return path if path.is_absolute() or app_dir is None else Path(app_dir) / path
 
 
-def journal_dir(settings: Mapping[str, Any]) -> Path | None:
+def journal_dir(settings: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Path | None:
     """Where the outbox senders keep their sent journals (`lamsonfilter.sentjournal`): the
     OUTBOX_JOURNAL setting (relative: inside the application); by default ``outbox-sent``
     beside a SQLite database's file (writable wherever the database is: SQLite writes its
-    own journal there), else ``APP/var/outbox-sent``.  None for the ``memory:`` store, which
-    dies with the process anyway."""
+    own journal there), else in systemd's state directory (``$STATE_DIRECTORY``, set by the
+    shipped units' ``StateDirectory=lamsonfilter``: ``/var/lib/lamsonfilter/outbox-sent``),
+    else ``APP/var/outbox-sent``.  None for the ``memory:`` store, which dies with the
+    process anyway."""
     app_dir = settings.get("APP_DIR")
     url = str(settings.get("DATABASE_URL") or DEFAULTS["DATABASE_URL"])
     if url in ("memory:", "memory://"):
@@ -291,6 +294,9 @@ def journal_dir(settings: Mapping[str, Any]) -> Path | None:
     db = sqlite_path(resolve_database_url(url, app_dir), app_dir or ".")
     if db is not None:
         return db.absolute().parent / "outbox-sent"
+    state_dirs = (os.environ if environ is None else environ).get("STATE_DIRECTORY", "")
+    if state_dirs:  # systemd: colon-separated when a unit names several; the first is ours
+        return Path(state_dirs.split(":")[0]) / "outbox-sent"
     return None if app_dir is None else Path(app_dir) / "var" / "outbox-sent"
 
 

@@ -195,7 +195,13 @@ def test_the_journal_lives_beside_a_sqlite_database_or_in_the_apps_var(tmp_path:
     app = str(tmp_path / "app")
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "sqlite:///var/state.db"}) == tmp_path / "app/var/outbox-sent"
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "sqlite:////srv/db/s.db"}) == Path("/srv/db/outbox-sent")
-    assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db"}) == tmp_path / "app/var/outbox-sent"
+    assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db"}, {}) == tmp_path / "app/var/outbox-sent"
+    # under the shipped systemd units (StateDirectory=lamsonfilter) the application is read-only
+    systemd = {"STATE_DIRECTORY": "/var/lib/lamsonfilter"}
+    assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db"}, systemd) == Path(
+        "/var/lib/lamsonfilter/outbox-sent")
+    assert journal_dir({"APP_DIR": app, "DATABASE_URL": "sqlite:////srv/db/s.db"}, systemd) == Path(
+        "/srv/db/outbox-sent")
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "postgresql://h/db", "OUTBOX_JOURNAL": "/run/j"}) == Path("/run/j")
     assert journal_dir({"APP_DIR": app, "DATABASE_URL": "memory:"}) is None
 
