@@ -49,9 +49,10 @@ from .fsm import (
 )
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
 from .mail import MailRequest, split_address
+from .memorystore import MemoryStorage
 from .replies import NO_SUCH_ADDRESS
 from .routing import RouteMatch, Router, RoutingError
-from .state import ConflictError, MemoryStorage, StateStorage, StorageError, StorageUnavailable
+from .state import ConflictError, StateStorage, StorageError, StorageUnavailable
 from .store import replay
 from .store.replay import Replayed
 from .transaction import DeadlinePassed, LazyTransaction

@@ -17,7 +17,7 @@ state change and the outbox:
 
 The SQL store keeps the rows in ``lamsonfilter_confirmations``
 (`lamsonfilter.store.confirmations`); `MemoryConfirmations` here is the
-in-memory table of `lamsonfilter.state.MemoryStorage`.  Only the SHA-256
+in-memory table of `lamsonfilter.memorystore.MemoryStorage`.  Only the SHA-256
 of a token is ever stored.
 """
 

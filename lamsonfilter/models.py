@@ -39,7 +39,8 @@ from sqlalchemy.orm import DeclarativeBase
 
 from .app import StartupError
 from .apppackage import AppPackageError, import_app_package
-from .state import MemoryStorage, StateStorage
+from .memorystore import MemoryStorage
+from .state import StateStorage
 
 __all__ = ["FRAMEWORK_PREFIX", "ModelsError", "create_app_tables", "create_tables", "empty_storage", "load_models"]
 

@@ -79,8 +79,9 @@ from .app import App, StartupError
 from .apppackage import AppPackageError, import_app_package, package_name, unload
 from .fsm import Handler
 from .guards import REPLY_KINDS, ReplyBudget, ReplyRateLimit
+from .memorystore import MemoryStorage
 from .models import load_models
-from .state import MemoryStorage, SchemaMissingError, StateStorage
+from .state import SchemaMissingError, StateStorage
 from .views import ViewError, Views
 
 __all__ = [

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from lamsonfilter import Action, App, Handler, MailRequest, StartupError, stateless
-from lamsonfilter.state import MemoryStorage
+from lamsonfilter.memorystore import MemoryStorage
 from lamsonfilter.testing import make_message
 
 

@@ -223,7 +223,7 @@ def test_a_suppressed_reply_is_noted_in_the_decision() -> None:
 ])
 def test_a_handler_reads_the_kind_from_ctx_automated(name: str, kind: str, has_report: bool) -> None:
     from lamsonfilter import App, Handler, stateless
-    from lamsonfilter.state import MemoryStorage
+    from lamsonfilter.memorystore import MemoryStorage
 
     seen: list[object] = []
     h = Handler("robots")

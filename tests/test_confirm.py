@@ -22,7 +22,8 @@ from sqlalchemy import create_engine, text
 from lamsonfilter import App, Handler, stateless
 from lamsonfilter.confirm import TOKEN_PATTERN, ConfirmStatus, Verification
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.state import MemoryStorage, StateStorage
+from lamsonfilter.memorystore import MemoryStorage
+from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from lamsonfilter.testing import AppTester, make_message
 from lamsonfilter.views import Views

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from lamsonfilter.cli import main
 from lamsonfilter.devtools.demobanner import banner, command_path, route_examples
+from lamsonfilter.memorystore import MemoryStorage
 from lamsonfilter.settings import load_app
-from lamsonfilter.state import MemoryStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mailinglist"

@@ -15,7 +15,8 @@ from lamsonfilter.guards import (
     reply_headers,
 )
 from lamsonfilter.mail import Envelope, MailRequest
-from lamsonfilter.state import MemoryStorage, StateRecord
+from lamsonfilter.memorystore import MemoryStorage
+from lamsonfilter.state import StateRecord
 from lamsonfilter.views import Response
 
 
@@ -424,7 +425,7 @@ def test_rate_limit_configuration_is_checked(args: tuple[object, float]) -> None
 # ---------------------------------------------------------------- per responder, budget (A3, A5)
 def test_rate_limit_is_per_responder_and_sender() -> None:
     from lamsonfilter.guards import ReplyRateLimit
-    from lamsonfilter.state import MemoryStorage
+    from lamsonfilter.memorystore import MemoryStorage
 
     limit = ReplyRateLimit(1, 7 * 24 * 3600)
     storage = MemoryStorage()

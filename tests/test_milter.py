@@ -19,7 +19,7 @@ import pytest
 from lamsonfilter import App, Handler, stateless
 from lamsonfilter.daemon.runtime import Runtime
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.state import MemoryStorage
+from lamsonfilter.memorystore import MemoryStorage
 from tests.rig.fixtures import in_ci
 
 try:

@@ -22,9 +22,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from lamsonfilter.decisions import OutboxMessage
+from lamsonfilter.memorystore import MemoryStorage
 from lamsonfilter.relay import MAX_RECIPIENTS, Delivery, OutboxWorker, Relay, RelayError
+from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
-from lamsonfilter.state import MemoryStorage, StateStorage
 from tests.rig.fixtures import PostfixFactory
 from tests.rig.postfix import CaptureServer, free_port, wait_for
 
@@ -465,8 +466,8 @@ def _sqlite_statements(storage: SQLAlchemyStorage) -> list[str]:
 def test_housekeeping_purges_replays_and_sent_outbox_in_bounded_batches(tmp_path: Path) -> None:
     from lamsonfilter.app import App
     from lamsonfilter.confirmstore import ConfirmationRecord
-    from lamsonfilter.store.replay import REPLAY_PREFIX
     from lamsonfilter.daemon.runtime import Runtime
+    from lamsonfilter.store.replay import REPLAY_PREFIX
 
     storage = SQLAlchemyStorage(f"sqlite:///{tmp_path / 'state.db'}")
     storage.create_schema()

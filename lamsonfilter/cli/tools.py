@@ -16,7 +16,8 @@ import click
 
 from ..app import StartupError
 from ..mail import AddressError
-from ..state import MemoryStorage, SchemaMissingError, StorageError
+from ..memorystore import MemoryStorage
+from ..state import SchemaMissingError, StorageError
 from .common import app_option, database_option, fail, load, safe_url, with_app_dir
 
 __all__ = ["check_cmd", "demo_cmd", "gen_cmd", "graph_cmd", "routes_cmd", "send_cmd"]

@@ -221,7 +221,7 @@ class Demo:
         """The application, loaded here for its routes (state is not touched)."""
         from ..app import StartupError
         from ..settings import load_app
-        from ..state import MemoryStorage
+        from ..memorystore import MemoryStorage
 
         try:
             return load_app(self.app_dir, {}, storage=MemoryStorage())

@@ -255,7 +255,7 @@ def main(argv: list[str]) -> None:  # pragma: no cover - runs in the subprocess
     sys.path.insert(0, str(ROOT))
     with atheris.instrument_imports(include=["lamsonfilter"]):
         from lamsonfilter.mail import AddressError, MailRequest
-        from lamsonfilter.state import MemoryStorage
+        from lamsonfilter.memorystore import MemoryStorage
         from lamsonfilter.testing import AppTester
     tester = AppTester.from_directory(app_dir, storage=MemoryStorage(), now=1_800_000_000.0)
     app = tester.app

@@ -24,7 +24,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from lamsonfilter.state import MemoryStorage, StateStorage
+from lamsonfilter.memorystore import MemoryStorage
+from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.fixtures import skip_or_fail
 
