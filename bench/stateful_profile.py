@@ -112,7 +112,7 @@ def bracket_phases() -> None:
     import sqlalchemy.engine.base
     import sqlalchemy.engine.default
 
-    from lamsonfilter import app, context, relay, views
+    from lamsonfilter import app, context, outboxworker, relay, views
     from lamsonfilter.daemon import runtime
     from lamsonfilter.store import outbox
 
@@ -126,7 +126,7 @@ def bracket_phases() -> None:
         ("      Response.render (build + serialise + check the folding, once per reply)", views.Response, "render"),
         ("        Response.to_message (build the email.message)", views.Response, "to_message"),
         ("      Context._queue (the outbox row)", context.Context, "_queue"),
-        ("OutboxWorker.flush (the reply out: claim, SMTP, mark)", relay.OutboxWorker, "flush"),
+        ("OutboxWorker.flush (the reply out: claim, SMTP, mark)", outboxworker.OutboxWorker, "flush"),
         ("  claim_outbox", outbox.SQLOutbox, "claim_outbox"),
         ("  Relay.send (SMTP to the relay)", relay.Relay, "send"),
         ("  mark_sent", outbox.SQLOutbox, "mark_sent"),

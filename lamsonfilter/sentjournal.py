@@ -18,7 +18,7 @@ it has a message -- but it can be made short.  The journal does that:
   ``fsync``: after a power loss the database is the truth again, and a
   message may go out twice (at least once, never lost);
 * the database learns it afterwards, off the sending path: the worker marks
-  the messages sent in batches (`lamsonfilter.relay.OutboxWorker`), and a
+  the messages sent in batches (`lamsonfilter.outboxworker.OutboxWorker`), and a
   journal line whose database write failed is applied again
   (`OutboxStore.apply_sent`) before the worker claims anything more;
 * a journal belongs to one process: its file is named after the database,

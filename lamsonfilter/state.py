@@ -182,7 +182,7 @@ class StateStore(Protocol):
 
 
 class OutboxStore(Protocol):
-    """Where committed outbox messages wait for `lamsonfilter.relay.OutboxWorker`.
+    """Where committed outbox messages wait for `lamsonfilter.outboxworker.OutboxWorker`.
 
     Messages enter the outbox only through `StateTransaction.add_outbox`,
     in the transaction that commits the state change they belong to; the

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from lamsonfilter.cli import main
 from lamsonfilter.mail import MailRequest
-from lamsonfilter.relay import OutboxWorker, Relay
+from lamsonfilter.outboxworker import OutboxWorker
+from lamsonfilter.relay import Relay
 from lamsonfilter.settings import load_app, make_storage
 from tests.rig.postfix import CaptureServer
 

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.relay import OutboxWorker, Relay
+from lamsonfilter.outboxworker import OutboxWorker
+from lamsonfilter.relay import Relay
 from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.postfix import CaptureServer, _CaptureHandler
@@ -273,12 +274,12 @@ class _SlowRelay(Relay):
 def test_the_lease_is_renewed_while_a_long_message_is_sent(
     storage: StateStorage, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import lamsonfilter.relay
-    import lamsonfilter.state
+    import lamsonfilter.memorystore
+    import lamsonfilter.outboxworker
     import lamsonfilter.store.outbox
 
     clock = _Clock()
-    for module in (lamsonfilter.relay, lamsonfilter.state, lamsonfilter.store.outbox):
+    for module in (lamsonfilter.outboxworker, lamsonfilter.memorystore, lamsonfilter.store.outbox):
         monkeypatch.setattr(module, "time", clock)
     rcpts = tuple(f"r{i}@x.test" for i in range(4))
     with storage.transaction() as tx:

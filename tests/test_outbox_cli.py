@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from lamsonfilter.cli import main
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.relay import OutboxWorker, Relay
+from lamsonfilter.outboxworker import OutboxWorker
+from lamsonfilter.relay import Relay
 from lamsonfilter.state import OutboxBusy
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.proxy import Script, ScriptedSMTP

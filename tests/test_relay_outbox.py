@@ -23,7 +23,8 @@ from aiosmtpd.controller import Controller
 
 from lamsonfilter.decisions import OutboxMessage
 from lamsonfilter.memorystore import MemoryStorage
-from lamsonfilter.relay import MAX_RECIPIENTS, Delivery, OutboxWorker, Relay, RelayError
+from lamsonfilter.outboxworker import OutboxWorker
+from lamsonfilter.relay import MAX_RECIPIENTS, Delivery, Relay, RelayError
 from lamsonfilter.state import StateStorage
 from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.fixtures import PostfixFactory

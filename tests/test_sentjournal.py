@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from lamsonfilter.decisions import OutboxMessage
-from lamsonfilter.relay import Delivery, OutboxWorker, Relay
+from lamsonfilter.outboxworker import OutboxWorker
+from lamsonfilter.relay import Delivery, Relay
 from lamsonfilter.sentjournal import SentJournal, SentRecord, read_journal, sent_token
 from lamsonfilter.settings import journal_dir
 from lamsonfilter.state import StateStorage

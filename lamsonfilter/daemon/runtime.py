@@ -41,7 +41,8 @@ from ..app import App, StartupError
 from ..decisions import Cause, Decision, Outcome
 from ..mail import MailRequest
 from ..mailqueue.maildir import MailQueue, QueueError
-from ..relay import MARK_EVERY, OUTBOX_LEASE, OutboxWorker, Relay, message_id
+from ..outboxworker import MARK_EVERY, OUTBOX_LEASE, OutboxWorker
+from ..relay import Relay, message_id
 from ..sentjournal import SentJournal
 from ..state import StorageError
 from .metrics import Metrics

@@ -1,6 +1,6 @@
 """The SQL store's outbox: messages committed with the state, waiting for the relay.
 
-`lamsonfilter.relay.OutboxWorker` claims them (`claim_outbox`), records
+`lamsonfilter.outboxworker.OutboxWorker` claims them (`claim_outbox`), records
 per-recipient progress and marks them sent, deferred or failed.
 
 Claims and leases

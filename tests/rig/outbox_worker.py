@@ -2,7 +2,7 @@
 
     python -m tests.rig.outbox_worker URL RELAY_PORT NAME [--lease S] [--batch N] [--deadline S]
 
-Runs one `lamsonfilter.relay.OutboxWorker` named NAME (its claims carry the
+Runs one `lamsonfilter.outboxworker.OutboxWorker` named NAME (its claims carry the
 name, and it greets the relay with ``EHLO NAME``, so the capture server can
 tell the workers apart) against the state database URL, sending to the SMTP
 server on 127.0.0.1:RELAY_PORT.  It flushes until the outbox has nothing
@@ -18,7 +18,9 @@ import argparse
 import sys
 import time
 
-from lamsonfilter.relay import OutboxWorker, Relay
+from lamsonfilter.outboxworker import OutboxWorker
+
+from lamsonfilter.relay import Relay
 from lamsonfilter.store.sql import SQLAlchemyStorage
 
 
