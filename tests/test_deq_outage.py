@@ -40,14 +40,20 @@ def subscribe(queue: MailQueue, who: str) -> str:
     return queue.put(message(who, f"python-subscribe@{HOST}", f"subscribe {who}"), who, f"python-subscribe@{HOST}")
 
 
-def test_a_database_outage_quarantines_nothing_and_poison_still_is(tmp_path: Path, pgcluster: PgCluster,
-                                                                    capture: CaptureServer) -> None:
+def app_and_queue_on(tmp_path: Path, pgcluster: PgCluster) -> tuple[Path, MailQueue]:
+    """The example list on the cluster's database (its schema made) and an empty queue."""
     app = make_app(tmp_path / "app", f"POISON_LIMIT = {POISON_LIMIT}\nDATABASE_URL = {pgcluster.url!r}\n")
     storage = make_storage(pgcluster.url)
     storage.create_schema()
     storage.close()
     queue = MailQueue(tmp_path / "queue")
     queue.ensure()
+    return app, queue
+
+
+def test_a_database_outage_quarantines_nothing_and_poison_still_is(tmp_path: Path, pgcluster: PgCluster,
+                                                                    capture: CaptureServer) -> None:
+    app, queue = app_and_queue_on(tmp_path, pgcluster)
     deq_proc = Resident(app, queue, capture, tmp_path / "deq.log")
     try:
         wait_until("deq idle", lambda: "queue empty: sleeping" in deq_proc.text())
@@ -130,12 +136,7 @@ def test_once_gives_up_on_a_long_outage_with_exit_75_and_loses_nothing(tmp_path:
     after ONCE_WAIT (3 s here instead of 60) with exit status 75; every message is still queued,
     none counted an attempt, none quarantined."""
     monkeypatch.setattr(pool, "ONCE_WAIT", 3.0)
-    app = make_app(tmp_path / "app", f"POISON_LIMIT = {POISON_LIMIT}\nDATABASE_URL = {pgcluster.url!r}\n")
-    storage = make_storage(pgcluster.url)
-    storage.create_schema()
-    storage.close()
-    queue = MailQueue(tmp_path / "queue")
-    queue.ensure()
+    app, queue = app_and_queue_on(tmp_path, pgcluster)
     for i in range(8):
         subscribe(queue, f"user{i}@example.com")
     runtime = Runtime.from_directory(app, {"RELAY": f"127.0.0.1:{capture.port}"})  # checks the schema: up
@@ -157,12 +158,7 @@ def test_once_gives_up_on_a_long_outage_with_exit_75_and_loses_nothing(tmp_path:
 def test_sigterm_during_an_outage_stops_at_once_and_keeps_every_message(tmp_path: Path, pgcluster: PgCluster,
                                                                          capture: CaptureServer) -> None:
     """The pool waits out the pause on a condition, not in a sleep: SIGTERM ends it at once."""
-    app = make_app(tmp_path / "app", f"POISON_LIMIT = {POISON_LIMIT}\nDATABASE_URL = {pgcluster.url!r}\n")
-    storage = make_storage(pgcluster.url)
-    storage.create_schema()
-    storage.close()
-    queue = MailQueue(tmp_path / "queue")
-    queue.ensure()
+    app, queue = app_and_queue_on(tmp_path, pgcluster)
     deq_proc = Resident(app, queue, capture, tmp_path / "deq.log")
     try:
         wait_until("deq idle", lambda: "queue empty: sleeping" in deq_proc.text())
