@@ -46,7 +46,8 @@ STATE_FILE = "demo.json"
 #: What a demo run leaves in its work directory (removed at exit, and at the start of a run
 #: with --dir, unless kept).
 WORK_ENTRIES = ("mail", "postfix", "quarantine", "attempts", "state.db", "state.db-journal",
-                "state.db-wal", "state.db-shm", "milter.sock", "lamsonfilter.log", "trace.key", STATE_FILE)
+                "state.db-wal", "state.db-shm", "outbox-sent", "milter.sock", "lamsonfilter.log", "trace.key",
+                STATE_FILE)
 
 #: How long each stop step waits before it uses SIGKILL (on the processes it started, by PID).
 STOP_WAIT = 30.0
