@@ -118,8 +118,10 @@ class ChildRemover:
     def __init__(self) -> None:
         # its own session: a Ctrl-C meant for deq leaves it to finish the pipe's end; it ends when
         # deq closes the pipe or dies (the kernel closes it then)
-        self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, start_new_session=True)
+        # started once, at deq's start (never per message); the paths go through the pipe
+        self._proc = subprocess.Popen(  # noqa: S603 -- argv list of fixed strings, no shell
+            [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, start_new_session=True)
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
         self._alive = True

@@ -166,16 +166,25 @@ def test_the_outbox_listener_relays_out_and_holds_mail_for_the_own_domains(
 
 
 def test_check_finds_nothing_wrong_in_the_queue_setup(qpf: QueuePostfix, tmp_path: Path) -> None:
-    """`lamsonfilter check --postfix-config` knows queue mode: the shipped lines raise no finding."""
+    """`lamsonfilter check --postfix-config` knows queue mode: the shipped lines raise no finding;
+    without their check_policy_service (this rig's Postfix runs no deq) it names PF307."""
     from tests.rig.deploy import EXAMPLE
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "lamsonfilter.cli", "check", "--app", str(EXAMPLE),
-         "--database", f"sqlite:///{tmp_path}/state.db", "--postfix-config", str(qpf.postfix.config_dir),
-         "--relay", f"127.0.0.1:{qpf.outbox_port}", "--user", QUEUE_OWNER],
-        capture_output=True, text=True, timeout=120, check=False)
-    pf_lines = [line for line in proc.stdout.splitlines() if line.startswith("PF")]
-    assert pf_lines == [], proc.stdout + proc.stderr
+    def pf_findings() -> tuple[list[str], str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lamsonfilter.cli", "check", "--app", str(EXAMPLE),
+             "--database", f"sqlite:///{tmp_path}/state.db", "--postfix-config", str(qpf.postfix.config_dir),
+             "--relay", f"127.0.0.1:{qpf.outbox_port}", "--user", QUEUE_OWNER],
+            capture_output=True, text=True, timeout=120, check=False)
+        return [line for line in proc.stdout.splitlines() if line.startswith("PF")], proc.stdout + proc.stderr
+
+    lines, out = pf_findings()
+    assert [line.split(" ", 1)[0] for line in lines] == ["PF307"], out
+    shipped = queue_main_cf(qpf.spool, policy_port=free_port())["smtpd_recipient_restrictions"]
+    subprocess.run(["postconf", "-c", str(qpf.postfix.config_dir), "-e", f"smtpd_recipient_restrictions={shipped}"],
+                   check=True, capture_output=True, timeout=60)
+    lines, out = pf_findings()
+    assert lines == [], out
 
 
 def test_without_the_spool_directory_postfix_keeps_the_mail(qpf: QueuePostfix) -> None:
