@@ -522,6 +522,23 @@ def test_check_reports_an_application_behind_with_the_command_to_run(tmp_path: P
     assert f"fix: run: lamsonfilter db upgrade --app {app} --database {url}" in r.output
 
 
+@pytest.mark.parametrize(("table", "revision", "fix"), [
+    ("app_alembic_version", "0099", "deploy the application's newest migrations to {app}/migrations"),
+    ("lamsonfilter_alembic_version", "9999", "upgrade lamsonfilter on this host"),
+])
+def test_check_reports_a_database_ahead_without_suggesting_db_init(tmp_path: Path, table: str, revision: str,
+                                                                    fix: str) -> None:
+    """db init cannot help a database newer than this host's code: the fix says what does."""
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    _set_revision(url, table, revision)  # another host, with newer code, upgraded the database
+    r = CliRunner().invoke(main, ["check", "--app", str(app), "--database", url])
+    assert r.exit_code == 1 and "APP010 error: the database at" in r.output
+    assert f"fix: {fix.format(app=app)}" in r.output and "db init" not in r.output, r.output
+
+
 @pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)
 def test_two_hosts_upgrading_the_application_at_once_both_succeed(sql_url: str, tmp_path: Path) -> None:
     """``db upgrade`` on several hosts at once: one runs the revisions, the others find them done."""

@@ -186,11 +186,21 @@ def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
 
 
 def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = None) -> Any:
-    """APP010: no schema yet (run db init), or the database cannot be reached at all (say why)."""
+    """APP010: no schema yet (run db init), one behind (db upgrade), one ahead of this code (no
+    command of this host fixes that: upgrade lamsonfilter, or deploy the application's newest
+    migrations), or the database cannot be reached at all (say why)."""
     from ..check import Finding
 
     if isinstance(exc, SchemaMissingError):
-        command = "upgrade" if "db upgrade" in str(exc) else "init"
+        text = str(exc)
+        if "upgrade lamsonfilter" in text:  # the database is newer than this lamsonfilter
+            return Finding("APP010", "error", with_app_dir(text, app_dir),
+                           "upgrade lamsonfilter on this host to the version that upgraded the database")
+        if "deploy the application's newest migrations" in text:  # newer than APP_DIR/migrations
+            return Finding("APP010", "error", with_app_dir(text, app_dir),
+                           f"deploy the application's newest migrations to {app_dir}/migrations "
+                           "(or give the --app that upgraded the database)")
+        command = "upgrade" if "db upgrade" in text else "init"
         return Finding("APP010", "error", with_app_dir(str(exc), app_dir),
                        f"run: lamsonfilter db {command} --app {app_dir}"
                        + (f" --database {safe_url(database)}" if database else ""))
