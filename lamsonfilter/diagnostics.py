@@ -73,6 +73,8 @@ class Trace:
     application's models that the run inserted stays an ``insert`` when a
     later flush updates it (a ticket numbered after its id is known), and
     is forgotten when the run deletes it again: the net change is listed.
+    Clearing a key that had no record (a message that leaves a conversation
+    in ``START``) changes nothing and is not listed.
     """
 
     writes: list[StateWrite] = field(default_factory=list)
@@ -88,6 +90,8 @@ class Trace:
                     return
                 self.writes[i] = StateWrite(write.key, write.op, old.before, write.after, write.data)
                 return
+        if write.op == "clear" and write.before is None:
+            return  # a key with no record stays without one (START -> START): nothing changed
         self.writes.append(write)
 
     def reset(self) -> None:

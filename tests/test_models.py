@@ -447,6 +447,17 @@ def test_the_trace_lists_the_net_change_of_a_row() -> None:
 
     trace = Trace()
     for key, op in [("t:1", "insert"), ("t:1", "update"), ("t:2", "insert"), ("t:2", "delete"),
-                    ("t:3", "update"), ("t:3", "delete")]:
+                    ("t:3", "update"), ("t:3", "delete"), ("s:never", "clear")]:
         trace.record(StateWrite(key, op, None, None))
     assert [(w.key, w.op) for w in trace.writes] == [("t:1", "insert"), ("t:3", "delete")]
+
+
+def test_a_reply_to_an_unknown_ticket_lists_no_state_key_of_its_own() -> None:
+    """START -> START on a key with no record writes nothing: the dry run does not list
+    ``helpdesk:ticket:9999: (none) -> (none)``."""
+    result = CliRunner().invoke(main, ["test", "--app", str(HELPDESK),
+                                       str(HELPDESK / "samples" / "02-reply-to-an-unknown-ticket.eml")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "state:   START -> START" in result.output and "helpdesk:ticket:9999" not in result.output
+    assert "state written: 2 key(s)" in result.output  # the reply's rate limit and budget
