@@ -92,3 +92,12 @@ def test_without_the_policy_check_unknown_addresses_are_accepted_and_it_says_so(
     findings = check_postfix(write_postfix(tmp_path / "pf", main, MASTER), SETTINGS, user="nobody")
     assert [(f.id, f.severity) for f in findings] == [("PF307", "warning")]
     assert "quarantined by deq" in findings[0].message and "deq --policy" in findings[0].fix
+
+
+def test_no_outbox_listener_names_the_queue_modes_master_cf(tmp_path):
+    """PF110 in queue mode points at master.cf.queue (its listener holds mail for the own domains),
+    not at the content filter's file."""
+    master = MASTER.split("127.0.0.1:10026")[0]
+    findings = check_postfix(write_postfix(tmp_path / "pf", FILLED_MAIN, master), SETTINGS, user="nobody")
+    [pf110] = [f for f in findings if f.id == "PF110"]
+    assert "conf/postfix/master.cf.queue" in pf110.fix and "content_filter" not in pf110.fix
