@@ -466,11 +466,46 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                           cwd=app, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "6 passed" in proc.stdout  # the skeleton's four and its models' two (AppTester, tester.db())
+    assert "7 passed" in proc.stdout  # the skeleton's four, its models' two and check_migrations
 
     plain = tmp_path / "plain"
     assert CliRunner().invoke(main, ["gen", "plain", "--dest", str(plain)]).exit_code == 0
     assert not (plain / "app" / "models.py").exists() and not (plain / "migrations").exists()
+
+
+def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_names_db_revision(tmp_path: Path) -> None:
+    """The tester makes the tables from the models, so only `check_migrations` (in the generated
+    tests) and `db status` notice a model that no migration makes; after `db revision` both pass."""
+    from lamsonfilter.testing import check_migrations
+
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    assert _db("init", "--app", str(app)).exit_code == 0
+    models = app / "app" / "models.py"
+    models.write_text(models.read_text().replace(
+        "    greeted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))\n",
+        "    greeted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))\n"
+        "    name: Mapped[str | None] = mapped_column(String(200))\n"))
+    _forget_models(app)
+    with pytest.raises(AssertionError, match=r"\(add_column tick_greeting\.name\): run `lamsonfilter db revision"):
+        check_migrations(app)
+    r = _db("status", "--app", str(app))
+    assert r.exit_code == 1, r.output
+    assert ("application: at 0001, newest 0001: app/models.py differs from these tables "
+            f"(add_column tick_greeting.name): run `lamsonfilter db revision --app {app} -m") in r.output, r.output
+
+    assert _db("revision", "--app", str(app), "-m", "add name").exit_code == 0
+    _forget_models(app)
+    check_migrations(app)
+    assert _db("upgrade", "--app", str(app)).exit_code == 0
+    r = _db("status", "--app", str(app))
+    assert r.exit_code == 0 and "application: at 0002, newest 0002: up to date" in r.output, r.output
+
+
+def _forget_models(app: Path) -> None:
+    """Let the next load import app/models.py afresh (as a new process would)."""
+    for name in [m for m in sys.modules if m.startswith("lamsonfilter_app_")]:
+        del sys.modules[name]
 
 
 def test_every_migrations_file_is_package_data() -> None:
