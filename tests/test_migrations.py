@@ -508,6 +508,24 @@ def _forget_models(app: Path) -> None:
         del sys.modules[name]
 
 
+def test_gen_with_models_refuses_a_lamsonfilter_name_and_leaves_nothing_when_it_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = CliRunner().invoke(main, ["gen", "lamsonfilter", "--dest", str(tmp_path / "a"), "--models"])
+    assert r.exit_code == 2 and "names starting with 'lamsonfilter_' are lamsonfilter's own" in r.output
+    assert not (tmp_path / "a").exists()
+
+    from lamsonfilter.state import StorageError
+    from lamsonfilter.store.appschema import SQLAppSchema
+
+    def broken(*args: Any, **kwargs: Any) -> Path:
+        raise StorageError("generating a revision failed: disk full")
+
+    monkeypatch.setattr(SQLAppSchema, "app_revision", broken)
+    r = CliRunner().invoke(main, ["gen", "tick", "--dest", str(tmp_path / "b"), "--models"])
+    assert r.exit_code == 2 and "making the first migration: generating a revision failed" in r.output
+    assert not (tmp_path / "b").exists()  # no half-made application to trip over ("exists and is not empty")
+
+
 def test_every_migrations_file_is_package_data() -> None:
     """An installed lamsonfilter has its revisions: setup.cfg's package_data names every file
     of lamsonfilter/migrations (it is no Python package, so only package_data ships it)."""

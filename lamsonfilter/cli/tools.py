@@ -8,6 +8,7 @@ only when the command runs).
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         fail(f"{name!r}: an application name is lower-case letters, digits and _ (a Python module name)")
+    if models and (name == "lamsonfilter" or name.startswith("lamsonfilter_")):
+        fail(f"{name!r}: with --models the tables are named after the application ({name}_greeting), "
+             "and names starting with 'lamsonfilter_' are lamsonfilter's own; choose another name")
     target = dest or Path(name)
     if target.exists() and any(target.iterdir()):
         fail(f"{target} exists and is not empty; choose another --dest")
@@ -99,7 +103,11 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
         text = src.read_text(encoding="utf-8")
         out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
     if models:
-        _first_migration(target)
+        try:
+            _first_migration(target)
+        except SystemExit:  # it said why; leave no half-made application behind (it was empty)
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     click.echo(f"created {target}/")
     if models:
         click.echo(f"  database:  lamsonfilter db init --app {target}   (the models' tables: migrations/0001)")
