@@ -187,9 +187,10 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
 
 
 def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
-    from ..statefile import writable_finding
+    """APP011 (the SQLite database) and APP012 (the outbox's sent journal): can the service write?"""
+    from ..statefile import journal_finding, writable_finding
 
-    return writable_finding(settings, user)
+    return writable_finding(settings, user) + journal_finding(settings, user)
 
 
 
