@@ -526,6 +526,18 @@ def test_gen_with_models_refuses_a_lamsonfilter_name_and_leaves_nothing_when_it_
     assert not (tmp_path / "b").exists()  # no half-made application to trip over ("exists and is not empty")
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_db_init_refuses_a_sqlite_database_in_memory(tmp_path: Path, url: str) -> None:
+    """``sqlite:///`` (a path forgotten) is SQLite without a file: db init would report the schema
+    ready and keep nothing; every command refuses it, naming the setting."""
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app)]).exit_code == 0
+    r = _db("init", "--app", str(app), "--database", url)
+    assert r.exit_code == 2, r.output
+    assert f"DATABASE_URL {url!r} is a SQLite database in memory, with no file: nothing would be kept" in r.output
+    assert "ready" not in r.output
+
+
 def test_every_migrations_file_is_package_data() -> None:
     """An installed lamsonfilter has its revisions: setup.cfg's package_data names every file
     of lamsonfilter/migrations (it is no Python package, so only package_data ships it)."""
