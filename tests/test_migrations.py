@@ -473,7 +473,7 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     assert not (plain / "app" / "models.py").exists() and not (plain / "migrations").exists()
 
 
-def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_names_db_revision(tmp_path: Path) -> None:
+def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_and_check_say_so(tmp_path: Path) -> None:
     """The tester makes the tables from the models, so only `check_migrations` (in the generated
     tests) and `db status` notice a model that no migration makes; after `db revision` both pass."""
     from lamsonfilter.testing import check_migrations
@@ -493,6 +493,9 @@ def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_names_d
     assert r.exit_code == 1, r.output
     assert ("application: at 0001, newest 0001: app/models.py differs from these tables "
             f"(add_column tick_greeting.name): run `lamsonfilter db revision --app {app} -m") in r.output, r.output
+    r = CliRunner().invoke(main, ["check", "--app", str(app)])
+    assert r.exit_code == 0 and "APP013 warning: app/models.py differs from the tables its migrations made " \
+        "(add_column tick_greeting.name)" in r.output, r.output
 
     assert _db("revision", "--app", str(app), "-m", "add name").exit_code == 0
     _forget_models(app)
@@ -500,6 +503,8 @@ def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_names_d
     assert _db("upgrade", "--app", str(app)).exit_code == 0
     r = _db("status", "--app", str(app))
     assert r.exit_code == 0 and "application: at 0002, newest 0002: up to date" in r.output, r.output
+    r = CliRunner().invoke(main, ["check", "--app", str(app)])
+    assert "APP013" not in r.output, r.output
 
 
 def _forget_models(app: Path) -> None:

@@ -177,6 +177,8 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
             check_database(app.storage, settings["APP_DIR"], app.models)
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
+        else:
+            findings.extend(_model_findings(app, app_dir))
     if postfix_config is not None:
         findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size, service_user))
     for f in findings:
@@ -184,6 +186,29 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     errors = sum(f.severity == "error" for f in findings)
     click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)")
     sys.exit(1 if errors else 0)
+
+
+def _model_findings(app: Any, app_dir: Path) -> list[Any]:
+    """APP013: the database's tables, at the newest migration, do not match app/models.py (a model
+    changed and no migration was made): handlers would fail on the missing columns or tables."""
+    from ..check import Finding
+    from ..store.appschema import SQLAppSchema
+
+    if app.models is None or not isinstance(app.storage, SQLAppSchema):
+        return []
+    if not app.storage.app_revisions(app.settings["APP_DIR"], app.models)[1]:
+        return []  # no migrations yet: db init made the tables from the models
+    try:
+        changes = app.storage.app_model_changes(app.settings["APP_DIR"], app.models)
+    except StorageError:
+        return []  # APP010 has said what is wrong with the database
+    if not changes:
+        return []
+    return [Finding("APP013", "warning",
+                    f"app/models.py differs from the tables its migrations made ({'; '.join(changes)}): "
+                    "a handler using what differs fails, and its messages are deferred (451)",
+                    f"lamsonfilter db revision --app {app_dir} -m \"what changed\", read the file, then "
+                    "lamsonfilter db upgrade")]
 
 
 def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
