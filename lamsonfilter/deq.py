@@ -119,7 +119,9 @@ def serve(runtime: Runtime, config: DeqConfig, service: Any = None) -> int:
     retry: outbox messages still unsent after `config.outbox_wait` seconds
     (one line says how many, and that the outbox sends them when deq or
     another lamsonfilter daemon runs), or a database outage that outlasted
-    the run (`lamsonfilter.queueworker.outage`).  The runtime is started
+    the run (`lamsonfilter.queueworker.outage`); the command exits 75 as well
+    when the database cannot be reached at the start (`DatabaseUnreachable`,
+    before this is called).  The runtime is started
     here and stopped on the way out (the outbox is flushed).
     """
     settings = runtime.app.settings

@@ -69,7 +69,12 @@ class Trace:
 
     `writes` keeps the last write of each key, in the order the keys were
     first written; `error` is the exception that became a tempfail (with
-    its ``__traceback__``), None when nothing failed.
+    its ``__traceback__``), None when nothing failed.  A row of the
+    application's models that the run inserted stays an ``insert`` when a
+    later flush updates it (a ticket numbered after its id is known), and
+    is forgotten when the run deletes it again: the net change is listed.
+    Clearing a key that had no record (a message that leaves a conversation
+    in ``START``) changes nothing and is not listed.
     """
 
     writes: list[StateWrite] = field(default_factory=list)
@@ -78,8 +83,15 @@ class Trace:
     def record(self, write: StateWrite) -> None:
         for i, old in enumerate(self.writes):
             if old.key == write.key:
+                if old.op == "insert" and write.op == "update":
+                    return  # still a new row: the commit inserts it with its latest values
+                if old.op == "insert" and write.op == "delete":
+                    del self.writes[i]  # made and removed in one run: nothing is written
+                    return
                 self.writes[i] = StateWrite(write.key, write.op, old.before, write.after, write.data)
                 return
+        if write.op == "clear" and write.before is None:
+            return  # a key with no record stays without one (START -> START): nothing changed
         self.writes.append(write)
 
     def reset(self) -> None:

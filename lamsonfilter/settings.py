@@ -26,6 +26,7 @@ HANDLERS           modules in ``app/handlers/`` to load             required
 ROUTE_DEFAULTS     regexes for captures used by many routes         ``host`` = any of HOSTS
 DATABASE_URL       SQLAlchemy URL of the state store; ``memory:``   ``sqlite:///var/state.db``
                    relative SQLite paths are relative to the app
+                   (SQLite without a file, ``sqlite://``, is refused)
 RELAY              ``HOST:PORT`` where the outbox is sent            ``127.0.0.1:10026``
 TEMPLATES          template directories, relative to the app        ``["app/templates"]``
 REPLY_LIMIT        (replies, seconds) per handler and sender: a     by the handler's kind:
@@ -196,6 +197,10 @@ def _validate(values: dict[str, Any], path: Path) -> None:
         fail("ROUTE_DEFAULTS", "must be a dict of capture name to regex")
     if not isinstance(values["DATABASE_URL"], str) or not values["DATABASE_URL"]:
         fail("DATABASE_URL", "must be a SQLAlchemy URL such as sqlite:///var/state.db, or memory:")
+    if _sqlite_in_memory(values["DATABASE_URL"]):
+        fail("DATABASE_URL", f"{values['DATABASE_URL']!r} is a SQLite database in memory, with no file: "
+             "nothing would be kept (db init would make the schema and lose it); give a file, such as "
+             "sqlite:///var/state.db, or memory: for state in this process only")
     try:
         parse_hostport(values["RELAY"])
     except ValueError as exc:
@@ -312,6 +317,14 @@ def make_storage(url: str, app_dir: str | Path | None = None) -> StateStorage:
     from .store.sql import SQLAlchemyStorage
 
     return SQLAlchemyStorage(resolved)
+
+
+def _sqlite_in_memory(url: str) -> bool:
+    """``sqlite://``, ``sqlite:///`` or ``sqlite:///:memory:``: SQLite without a file."""
+    if not url.startswith("sqlite:"):
+        return False
+    rest = url[len("sqlite:"):].split("?", 1)[0]
+    return rest in ("", "//", "///", "//:memory:", "///:memory:")
 
 
 def sqlite_path(url: str, app_dir: str | Path) -> Path | None:

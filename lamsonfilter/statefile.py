@@ -14,7 +14,9 @@ directory (it creates and removes the companions there)::
 
 The daemons refuse to start on it (exit 2, one line), ``lamsonfilter check``
 reports it as APP011, and ``lamsonfilter db init --owner USER`` hands the
-files to the service's user.
+files to the service's user.  The same goes for the outbox's sent journal
+(``OUTBOX_JOURNAL``, `lamsonfilter.sentjournal`): a daemon that cannot
+create its file there refuses to start, and ``check`` reports it as APP012.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 
 from .check.findings import Finding
 
-__all__ = ["COMPANIONS", "chown_database", "daemon_write_problem", "user_name", "writable_finding", "write_problem"]
+__all__ = ["COMPANIONS", "chown_database", "daemon_write_problem", "journal_finding", "user_name",
+           "writable_finding", "write_problem"]
 
 #: The files SQLite keeps next to a database (WAL mode, rollback journal).
 COMPANIONS = ("-wal", "-shm", "-journal")
@@ -151,3 +154,43 @@ def writable_finding(settings: Mapping[str, Any], user: str | None) -> list[Find
     text, _, fix = problem.partition("; fix: ")
     return [Finding("APP011", "error", text + ": the daemons answer 451 to every routed message",
                     fix or "give the files to the service's user")]
+
+
+def journal_finding(settings: Mapping[str, Any], user: str | None) -> list[Finding]:
+    """APP012 for ``lamsonfilter check``: the service's user cannot make its sent journal file in
+    the journal directory (``OUTBOX_JOURNAL``; missing parts are created, so the nearest existing
+    one must be writable).  `user` as in `writable_finding` (root judges for that directory's owner).
+
+    Judged only where ``check`` knows the daemons' directory: OUTBOX_JOURNAL set, or beside a
+    SQLite database.  Otherwise the units' ``$STATE_DIRECTORY`` decides, which ``check`` does not see.
+    """
+    from .settings import journal_dir
+
+    if not settings.get("OUTBOX_JOURNAL") and _database_file(settings) is None:
+        return []
+    directory = journal_dir(settings)
+    if directory is None:
+        return []
+    there = directory
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if user is None and os.geteuid() == 0 and there.stat().st_uid != 0:
+        user = user_name(there.stat().st_uid)
+    who = user or user_name(os.geteuid())
+    if not there.is_dir():
+        problem = f"{there} is not a directory"
+    else:
+        try:
+            entry = pwd.getpwnam(user) if user is not None else None
+        except KeyError:
+            return []  # APP011 or the daemons' start names a user that does not exist
+        uid = entry.pw_uid if entry is not None else None
+        gids = set(os.getgrouplist(user, entry.pw_gid)) if entry is not None and user is not None else set()
+        if _may_write(there, uid, gids, need_exec=True):
+            return []
+        problem = f"{there} ({_owner(there)}) is not writable by user {who}"
+    return [Finding(
+        "APP012", "error",
+        f"the outbox's sent journal directory {directory} (OUTBOX_JOURNAL) cannot be made or written: "
+        f"{problem}: the daemons refuse to start",
+        f"chown {who} {there}, or set OUTBOX_JOURNAL to a directory user {who} may write")]

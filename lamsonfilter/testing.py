@@ -31,6 +31,15 @@ traceback, so a test fails where the bug is.  (The daemons turn it into a
 
     r = t.send(sender, rcpt, expect_tempfail=True)       # or AppTester(..., raise_errors=False)
     assert r.decision.is_tempfail and isinstance(r.error, KeyError)
+
+The tester makes an application's tables from ``app/models.py`` directly,
+so its tests pass even when a model changed and no migration was made; a
+server's database, made by the migrations, would then lack the change.
+`check_migrations` catches that (``lamsonfilter gen --models`` puts it in
+the new application's tests)::
+
+    def test_the_migrations_make_the_models():
+        check_migrations("examples/helpdesk")      # fails naming `lamsonfilter db revision`
 """
 
 from __future__ import annotations
@@ -53,7 +62,36 @@ from .views import _verify_serialised
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["AppTester", "Result", "Queued", "make_message"]
+__all__ = ["AppTester", "Result", "Queued", "check_migrations", "make_message"]
+
+
+def check_migrations(directory: str | Path) -> None:
+    """Raise `AssertionError` when the application's migrations do not make its models.
+
+    Runs lamsonfilter's and the application's migrations (``migrations/``)
+    on an empty in-memory SQLite database and compares the tables with
+    ``app/models.py``, as ``lamsonfilter db revision`` would; the message
+    names the differences and the command to run.  An application without
+    models, or with models and no migrations yet, passes.
+    """
+    from .models import load_models
+    from .store.sql import SQLAlchemyStorage
+
+    metadata = load_models(directory)
+    if metadata is None:
+        return
+    storage = SQLAlchemyStorage("sqlite://")
+    try:
+        storage.create_schema()
+        storage.upgrade_app(directory, metadata)
+        changes = storage.app_model_changes(directory, metadata)
+    finally:
+        storage.close()
+    if changes:
+        raise AssertionError(
+            f"{Path(directory) / 'app' / 'models.py'} differs from what its migrations make "
+            f"({'; '.join(changes)}): run `lamsonfilter db revision --app {directory} -m \"what changed\"` "
+            "and read the new file in migrations/")
 
 
 def make_message(

@@ -223,3 +223,22 @@ def test_smtpproxy_refuses_to_start_on_a_looping_postfix_configuration(tmp_path)
     runtime = build_runtime(ProxyConfig(app_dir=Path(APP), database="memory:", quarantine=tmp_path / "q",
                                         postfix_config=good))
     runtime.stop()
+
+
+def test_an_outbox_journal_the_service_cannot_write_is_app012(tmp_path):
+    """The daemons refuse to start when they cannot make their sent journal file (OUTBOX_JOURNAL):
+    check says so beforehand, for the service's user."""
+    app = tmp_path / "x"
+    invoke("gen", "x", "--dest", app)
+    journal = tmp_path / "journal"
+    journal.mkdir(mode=0o755)  # this user's: nobody may not write it
+    with open(app / "config" / "settings.py", "a") as f:
+        f.write(f"OUTBOX_JOURNAL = {str(journal / 'sent')!r}\n")
+    url = f"sqlite:///{tmp_path}/s.db"
+    invoke("db", "init", "--app", app, "--database", url)
+    r = invoke("check", "--app", app, "--database", url, "--user", "nobody")
+    assert r.exit_code == 1 and "APP012" in ids(r.output), r.output
+    assert (f"the outbox's sent journal directory {journal / 'sent'} (OUTBOX_JOURNAL) cannot be made or written: "
+            f"{journal} (owner") in r.output and f"fix: chown nobody {journal}" in r.output
+    r = invoke("check", "--app", app, "--database", url)  # this user may write it
+    assert "APP012" not in ids(r.output), r.output

@@ -92,3 +92,32 @@ def test_without_the_policy_check_unknown_addresses_are_accepted_and_it_says_so(
     findings = check_postfix(write_postfix(tmp_path / "pf", main, MASTER), SETTINGS, user="nobody")
     assert [(f.id, f.severity) for f in findings] == [("PF307", "warning")]
     assert "quarantined by deq" in findings[0].message and "deq --policy" in findings[0].fix
+
+
+def test_no_outbox_listener_names_the_queue_modes_master_cf(tmp_path):
+    """PF110 in queue mode points at master.cf.queue (its listener holds mail for the own domains),
+    not at the content filter's file."""
+    master = MASTER.split("127.0.0.1:10026")[0]
+    findings = check_postfix(write_postfix(tmp_path / "pf", FILLED_MAIN, master), SETTINGS, user="nobody")
+    [pf110] = [f for f in findings if f.id == "PF110"]
+    assert "conf/postfix/master.cf.queue" in pf110.fix and "content_filter" not in pf110.fix
+
+
+def test_a_queue_directory_virtual_cannot_write_is_pf308(tmp_path):
+    """deq run once as another user (root) before the first delivery creates queue/ as that user:
+    virtual(8), writing as virtual_uid_maps, then defers every message ('Permission denied')."""
+    import os
+
+    base = tmp_path / "spool"
+    (base / "queue" / "new").mkdir(parents=True)  # made by this process, not by the queue's owner
+    main = FILLED_MAIN.replace("virtual_mailbox_base = /var/spool/lamsonfilter", f"virtual_mailbox_base = {base}")
+    findings = check_postfix(write_postfix(tmp_path / "pf", main, MASTER), SETTINGS)
+    assert [f.id for f in findings] == ["PF308"]
+    assert f"{base / 'queue'} (owner" in findings[0].message and "Permission denied" in findings[0].message
+    assert f"chown -R {NOBODY.pw_uid}:{NOBODY.pw_gid} {base / 'queue'}" in findings[0].fix
+    # the same directory, with virtual(8) writing as its owner: nothing to say
+    me = (f"virtual_uid_maps = static:{os.getuid()}\nvirtual_gid_maps = static:{os.getgid()}\n"
+          "virtual_minimum_uid = 0\n")
+    main = "\n".join(line for line in main.splitlines()
+                     if not line.startswith(("virtual_uid_maps", "virtual_gid_maps", "virtual_minimum_uid"))) + "\n" + me
+    assert check_postfix(write_postfix(tmp_path / "pf2", main, MASTER), SETTINGS) == []

@@ -177,3 +177,24 @@ def test_sigterm_during_an_outage_stops_at_once_and_keeps_every_message(tmp_path
     entries = list(queue.entries())
     assert len(entries) == 5 and all(e.attempts == 0 for e in entries), entries
     assert quarantined(app) == []
+
+
+def test_once_with_the_database_unreachable_at_the_start_exits_75_and_claims_nothing(tmp_path: Path) -> None:
+    """The database down before the run begins is "try again later" (75) for a cron job, as it is
+    when it goes down during the run; a database without the schema stays bad configuration (2)."""
+    down = free_port()  # nothing listens there: PostgreSQL is down
+    app = make_app(tmp_path / "app", f"DATABASE_URL = 'postgresql://127.0.0.1:{down}/lamsonfilter'\n")
+    queue = MailQueue(tmp_path / "queue")
+    queue.ensure()
+    subscribe(queue, "alice@example.com")
+    proc, took = run_once(app, queue, free_port())
+    assert proc.returncode == 75, proc.stderr
+    assert f"127.0.0.1:{down}" in proc.stderr and "the queue is untouched, try again later" in proc.stderr
+    assert took < 60, took
+    assert queue.count() == {"new": 1, "claimed": 0, "retry": 0}
+
+    no_schema = make_app(tmp_path / "app2", f"DATABASE_URL = 'sqlite:///{tmp_path / 'empty.db'}'\n")
+    (tmp_path / "empty.db").touch()
+    proc, _ = run_once(no_schema, queue, free_port())
+    assert proc.returncode == 2 and "db init" in proc.stderr, proc.stderr
+    assert queue.count() == {"new": 1, "claimed": 0, "retry": 0}

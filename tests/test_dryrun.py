@@ -50,7 +50,7 @@ def test_commit_stores_state_but_no_daemon_ever_sends_its_outbox(tmp_path: Path,
     assert invoke("db", "init", "--app", APP, "--database", db).exit_code == 0
     r = invoke("test", "--app", APP, "--database", db, "--commit", input=SUBSCRIBE)
     assert r.exit_code == 0, r.output
-    assert "never sent: --commit commits state only" in r.output
+    assert "never sent: --commit commits the state and the rows only" in r.output
     storage = make_storage(db)
     try:
         # the state is committed...

@@ -466,11 +466,81 @@ def test_gen_with_models_then_db_init_then_the_dry_run_and_its_tests(tmp_path: P
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                           cwd=app, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "6 passed" in proc.stdout  # the skeleton's four and its models' two (AppTester, tester.db())
+    assert "7 passed" in proc.stdout  # the skeleton's four, its models' two and check_migrations
 
     plain = tmp_path / "plain"
     assert CliRunner().invoke(main, ["gen", "plain", "--dest", str(plain)]).exit_code == 0
     assert not (plain / "app" / "models.py").exists() and not (plain / "migrations").exists()
+
+
+def test_a_model_changed_without_a_revision_fails_its_test_and_db_status_and_check_say_so(tmp_path: Path) -> None:
+    """The tester makes the tables from the models, so only `check_migrations` (in the generated
+    tests) and `db status` notice a model that no migration makes; after `db revision` both pass."""
+    from lamsonfilter.testing import check_migrations
+
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    assert _db("init", "--app", str(app)).exit_code == 0
+    models = app / "app" / "models.py"
+    models.write_text(models.read_text().replace(
+        "    greeted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))\n",
+        "    greeted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))\n"
+        "    name: Mapped[str | None] = mapped_column(String(200))\n"))
+    _forget_models(app)
+    with pytest.raises(AssertionError, match=r"\(add_column tick_greeting\.name\): run `lamsonfilter db revision"):
+        check_migrations(app)
+    r = _db("status", "--app", str(app))
+    assert r.exit_code == 1, r.output
+    assert ("application: at 0001, newest 0001: app/models.py differs from these tables "
+            f"(add_column tick_greeting.name): run `lamsonfilter db revision --app {app} -m") in r.output, r.output
+    r = CliRunner().invoke(main, ["check", "--app", str(app)])
+    assert r.exit_code == 0 and "APP013 warning: app/models.py differs from the tables its migrations made " \
+        "(add_column tick_greeting.name)" in r.output, r.output
+
+    assert _db("revision", "--app", str(app), "-m", "add name").exit_code == 0
+    _forget_models(app)
+    check_migrations(app)
+    assert _db("upgrade", "--app", str(app)).exit_code == 0
+    r = _db("status", "--app", str(app))
+    assert r.exit_code == 0 and "application: at 0002, newest 0002: up to date" in r.output, r.output
+    r = CliRunner().invoke(main, ["check", "--app", str(app)])
+    assert "APP013" not in r.output, r.output
+
+
+def _forget_models(app: Path) -> None:
+    """Let the next load import app/models.py afresh (as a new process would)."""
+    for name in [m for m in sys.modules if m.startswith("lamsonfilter_app_")]:
+        del sys.modules[name]
+
+
+def test_gen_with_models_refuses_a_lamsonfilter_name_and_leaves_nothing_when_it_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = CliRunner().invoke(main, ["gen", "lamsonfilter", "--dest", str(tmp_path / "a"), "--models"])
+    assert r.exit_code == 2 and "names starting with 'lamsonfilter_' are lamsonfilter's own" in r.output
+    assert not (tmp_path / "a").exists()
+
+    from lamsonfilter.state import StorageError
+    from lamsonfilter.store.appschema import SQLAppSchema
+
+    def broken(*args: Any, **kwargs: Any) -> Path:
+        raise StorageError("generating a revision failed: disk full")
+
+    monkeypatch.setattr(SQLAppSchema, "app_revision", broken)
+    r = CliRunner().invoke(main, ["gen", "tick", "--dest", str(tmp_path / "b"), "--models"])
+    assert r.exit_code == 2 and "making the first migration: generating a revision failed" in r.output
+    assert not (tmp_path / "b").exists()  # no half-made application to trip over ("exists and is not empty")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_db_init_refuses_a_sqlite_database_in_memory(tmp_path: Path, url: str) -> None:
+    """``sqlite:///`` (a path forgotten) is SQLite without a file: db init would report the schema
+    ready and keep nothing; every command refuses it, naming the setting."""
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app)]).exit_code == 0
+    r = _db("init", "--app", str(app), "--database", url)
+    assert r.exit_code == 2, r.output
+    assert f"DATABASE_URL {url!r} is a SQLite database in memory, with no file: nothing would be kept" in r.output
+    assert "ready" not in r.output
 
 
 def test_every_migrations_file_is_package_data() -> None:
@@ -520,6 +590,23 @@ def test_check_reports_an_application_behind_with_the_command_to_run(tmp_path: P
     assert r.exit_code == 1
     assert "APP010 error: the database at" in r.output and "is at application revision 0001, older" in r.output
     assert f"fix: run: lamsonfilter db upgrade --app {app} --database {url}" in r.output
+
+
+@pytest.mark.parametrize(("table", "revision", "fix"), [
+    ("app_alembic_version", "0099", "deploy the application's newest migrations to {app}/migrations"),
+    ("lamsonfilter_alembic_version", "9999", "upgrade lamsonfilter on this host"),
+])
+def test_check_reports_a_database_ahead_without_suggesting_db_init(tmp_path: Path, table: str, revision: str,
+                                                                    fix: str) -> None:
+    """db init cannot help a database newer than this host's code: the fix says what does."""
+    app = tmp_path / "tick"
+    assert CliRunner().invoke(main, ["gen", "tick", "--dest", str(app), "--models"]).exit_code == 0
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert _db("init", "--app", str(app), "--database", url).exit_code == 0
+    _set_revision(url, table, revision)  # another host, with newer code, upgraded the database
+    r = CliRunner().invoke(main, ["check", "--app", str(app), "--database", url])
+    assert r.exit_code == 1 and "APP010 error: the database at" in r.output
+    assert f"fix: {fix.format(app=app)}" in r.output and "db init" not in r.output, r.output
 
 
 @pytest.mark.parametrize("sql_url", SQL_BACKENDS, indirect=True)

@@ -425,3 +425,39 @@ def test_models_tables_missing_names_db_init(ledger_dir: Path, sql_schema_url: s
     [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "queue_id=QMISS" in line and "a table of the application's models is missing" in line
     assert "lamsonfilter db init --app" in line
+
+
+HELPDESK = Path(__file__).resolve().parents[1] / "examples" / "helpdesk"
+
+
+def test_a_row_inserted_then_updated_in_one_message_is_shown_as_an_insert(tmp_path: Path) -> None:
+    """The help desk flushes a new ticket to learn its id, then numbers it: the dry run says
+    ``insert helpdesk_ticket:1``, not ``update`` (the commit inserts the row)."""
+    message = tmp_path / "open.eml"
+    message.write_bytes(make_message("alice@example.com", "support@support.example.org", subject="Printer"))
+    result = CliRunner().invoke(main, ["test", "--app", str(HELPDESK), str(message)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "rows written: 2 (ctx.db) (not committed: dry run)" in result.output
+    assert "  insert helpdesk_ticket:1\n  insert helpdesk_message:1\n" in result.output
+    assert "update helpdesk_ticket" not in result.output
+
+
+def test_the_trace_lists_the_net_change_of_a_row() -> None:
+    from lamsonfilter.diagnostics import StateWrite, Trace
+
+    trace = Trace()
+    for key, op in [("t:1", "insert"), ("t:1", "update"), ("t:2", "insert"), ("t:2", "delete"),
+                    ("t:3", "update"), ("t:3", "delete"), ("s:never", "clear")]:
+        trace.record(StateWrite(key, op, None, None))
+    assert [(w.key, w.op) for w in trace.writes] == [("t:1", "insert"), ("t:3", "delete")]
+
+
+def test_a_reply_to_an_unknown_ticket_lists_no_state_key_of_its_own() -> None:
+    """START -> START on a key with no record writes nothing: the dry run does not list
+    ``helpdesk:ticket:9999: (none) -> (none)``."""
+    result = CliRunner().invoke(main, ["test", "--app", str(HELPDESK),
+                                       str(HELPDESK / "samples" / "02-reply-to-an-unknown-ticket.eml")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "state:   START -> START" in result.output and "helpdesk:ticket:9999" not in result.output
+    assert "state written: 2 key(s)" in result.output  # the reply's rate limit and budget

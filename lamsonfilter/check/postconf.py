@@ -34,7 +34,7 @@ ADDRESS_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_do
 _EXPANDED = (*ADDRESS_CLASSES, "message_size_limit", "queue_directory", "compatibility_level",
              "default_process_limit", "smtpd_recipient_restrictions", "smtpd_relay_restrictions",
              "parent_domain_matches_subdomains", "transport_maps", "virtual_transport", "virtual_mailbox_maps",
-             "virtual_uid_maps", "virtual_gid_maps", "virtual_minimum_uid")
+             "virtual_uid_maps", "virtual_gid_maps", "virtual_minimum_uid", "virtual_mailbox_base")
 
 
 def _postconf() -> str:

@@ -79,7 +79,8 @@ def check_postfix(config_dir: str | Path, settings: Mapping[str, Any],
         findings.append(Finding("PF003", "warning", "soft_bounce = yes turns every 5xx (also the milter's "
                                 "rejections) into 4xx", "set soft_bounce = no once the set-up works"))
     findings += _address_classes(pc, settings)
-    findings += _listener_findings(pc, listener, relay_host, relay_port, bool(content_filter), bool(milters))
+    findings += _listener_findings(pc, listener, relay_host, relay_port, bool(content_filter), bool(milters),
+                                   bool(queued))
     if content_filter:
         findings += _content_filter_findings(pc, content_filter, filtered or smtpds, listener, settings, max_size)
     if milters:
@@ -106,15 +107,19 @@ def _address_classes(pc: PostfixConfig, settings: Mapping[str, Any]) -> list[Fin
 
 
 def _listener_findings(pc: PostfixConfig, listener: list[str] | None, relay_host: str, relay_port: int,
-                       content_filter: bool, milters: bool) -> list[Finding]:
+                       content_filter: bool, milters: bool, queued: bool = False) -> list[Finding]:
     out = []
     where = f"{relay_host}:{relay_port}"
     if listener is None:
+        # the listener's lines differ per mode: name the file of the mode(s) this Postfix uses
+        shipped = [f"conf/postfix/master.cf.{mode}" for mode, used in
+                   (("content_filter", content_filter), ("milter", milters), ("queue", queued)) if used]
         out.append(Finding(
             "PF110", "error",
             f"no smtpd listens on the relay/reinjection address {where} (settings RELAY) in master.cf: "
             "replies and reinjected mail have nowhere to go",
-            f"add the {where} smtpd service of conf/postfix/master.cf.content_filter"))
+            f"add the {where} smtpd service of {' or '.join(shipped or ['conf/postfix/master.cf.content_filter'])}"
+            " (or give the listener's address with --relay)"))
         return out
     name, type_ = listener[0], listener[1]
     rov = pc.override(name, type_, "receive_override_options") or ""

@@ -17,10 +17,14 @@ then each of these would lose, bounce or hold its mail::
     PF307  no check_policy_service on the smtpd clients talk to: an address of the domain
            that no route takes is accepted, then quarantined by deq, not refused at RCPT
            (main.cf.queue asks ``deq --policy``)
+    PF308  the queue directory (or its tmp/ or new/) exists but belongs to another uid than
+           virtual_uid_maps: virtual(8) cannot write there and defers every message
+           (typically deq started once as root, which created the directory)
 """
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
 from collections.abc import Iterable
@@ -117,6 +121,8 @@ def _owner_findings(pc: PostfixConfig, host: str, user: str | None) -> list[Find
                 f"postconf -e \"{param} = static:$(id -{what[0]} lamsonfilter)\" (the user deq runs as)"))
             continue
         ids[what] = int(value)
+    if "uid" in ids:
+        out += _directory_findings(pc, host, ids["uid"], ids.get("gid"))
     if user and "uid" in ids:
         try:
             entry = pwd.getpwnam(user)
@@ -129,6 +135,35 @@ def _owner_findings(pc: PostfixConfig, host: str, user: str | None) -> list[Find
                 f"(uid {entry.pw_uid}): lamsonfilter deq cannot claim them",
                 f"postconf -e \"virtual_uid_maps = static:{entry.pw_uid}\" \"virtual_gid_maps = static:{entry.pw_gid}\""))
     return out
+
+
+def _directory_findings(pc: PostfixConfig, host: str, uid: int, gid: int | None) -> list[Finding]:
+    """PF308: the queue directory is there but virtual(8), writing as `uid`, cannot create files in it."""
+    base, box = pc.expanded.get("virtual_mailbox_base", ""), _answer(pc, "virtual_mailbox_maps", f"@{host}")
+    if not base or box is None or not box.endswith("/"):
+        return []  # PF302 (or no queue configured): nothing to look at
+    queue = os.path.normpath(os.path.join(base, box))
+    wrong = []
+    for path in (queue, os.path.join(queue, "tmp"), os.path.join(queue, "new")):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # not made yet: virtual(8) creates it at the first delivery, as its owner
+        if st.st_uid != uid:
+            try:
+                owner = pwd.getpwuid(st.st_uid).pw_name
+            except KeyError:
+                owner = f"uid {st.st_uid}"
+            wrong.append(f"{path} (owner {owner})")
+    if not wrong:
+        return []
+    return [Finding(
+        "PF308", "error",
+        f"the queue directory belongs to someone else than uid {uid}, the one virtual(8) writes as "
+        f"(virtual_uid_maps): {', '.join(wrong)}; every message for {host} is deferred ('maildir delivery "
+        "failed: Permission denied') -- was lamsonfilter deq started as root before the first delivery?",
+        f"chown -R {uid}:{gid if gid is not None else uid} {queue}, and run deq as that user "
+        "(the shipped unit does)")]
 
 
 def _hold_findings(pc: PostfixConfig, hosts: list[str], listener: list[str] | None) -> list[Finding]:

@@ -227,7 +227,7 @@ def smtpproxy_cmd(
                    "instead when work is left for the relay or the database, not for a message: outbox "
                    "messages (replies, list posts) still unsent after --outbox-wait (one more line says "
                    "how many; the outbox sends them when deq or another lamsonfilter daemon runs), or "
-                   "the state database still down after 60 s of pausing.")
+                   "the state database still down after 60 s of pausing (or unreachable at the start).")
 @click.option("--policy", default=None, metavar="HOST:PORT",
               help="Also answer Postfix's check_policy_service here (loopback; not with --once): "
                    "addresses at the application's hosts that no route takes are refused at RCPT "
@@ -295,7 +295,7 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
         return
     from .. import deq
     from ..contentfilter.quarantine import Quarantine
-    from ..daemon.runtime import Runtime
+    from ..daemon.runtime import DatabaseUnreachable, Runtime
     from ..mailqueue.maildir import MailQueue
 
     config = deq.DeqConfig(app_dir=app_dir, queue=queue, workers=workers, once=once, quarantine=quarantine,
@@ -321,6 +321,13 @@ def deq_cmd(ctx: click.Context, app_dir: Path, queue: Path | None, workers: int,
     try:
         runtime = Runtime.from_directory(app_dir, overrides)
     except (StartupError, StorageError) as exc:
+        if once and isinstance(exc, DatabaseUnreachable):
+            # the database down at the start is the same "try again later" as down during the
+            # run (75), not bad configuration (2): a cron job retries, nothing was claimed
+            click.echo(f"lamsonfilter: {exc}", err=True)
+            click.echo("deq: nothing processed: the state database cannot be reached; the queue is "
+                       "untouched, try again later", err=True)
+            sys.exit(deq.EX_TEMPFAIL)
         fail(str(exc))
         return
     sys.exit(deq.serve(runtime, config, service=Service()))

@@ -145,7 +145,9 @@ def db_upgrade(app_dir: Path, database: str | None) -> None:
 def db_status(app_dir: Path, database: str | None) -> None:
     """Show which revision each line of migrations is at, and what to run.
 
-    Exit status 0 when both are up to date, 1 when one is not.
+    Also says when app/models.py has changed since the application's newest
+    migration (run db revision).  Exit status 0 when both are up to date, 1
+    when one is not.
     """
     import sys
 
@@ -168,6 +170,11 @@ def db_status(app_dir: Path, database: str | None) -> None:
                 verdict = with_app_dir(str(exc), app_dir)
             else:
                 verdict = "up to date"
+                changes = storage.app_model_changes(app_dir, models) if name == "application" and want else []
+                if changes:  # the models changed since the newest migration: deploying it would not do
+                    problems += 1
+                    verdict = (f"app/models.py differs from these tables ({'; '.join(changes)}): run "
+                               f"`lamsonfilter db revision --app {app_dir} -m \"what changed\"`, then db upgrade")
             if have is None:  # the revisions could not be read: the verdict says why
                 click.echo(f"{name}: {verdict}")
                 continue

@@ -282,7 +282,7 @@ def report(index: int, name: str, request: MailRequest, decision: Decision, comm
     if not decision.outbox:
         add("outbox:    0 message(s)")
     elif commit:
-        add(f"outbox:    {len(decision.outbox)} message(s) (not stored, never sent: --commit commits state only)")
+        add(f"outbox:    {len(decision.outbox)} message(s) (not stored, never sent: --commit commits the state and the rows only)")
     else:
         add(f"outbox:    {len(decision.outbox)} message(s) (not sent: dry run)")
     for i, m in enumerate(decision.outbox, 1):

@@ -8,6 +8,7 @@ only when the command runs).
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         fail(f"{name!r}: an application name is lower-case letters, digits and _ (a Python module name)")
+    if models and (name == "lamsonfilter" or name.startswith("lamsonfilter_")):
+        fail(f"{name!r}: with --models the tables are named after the application ({name}_greeting), "
+             "and names starting with 'lamsonfilter_' are lamsonfilter's own; choose another name")
     target = dest or Path(name)
     if target.exists() and any(target.iterdir()):
         fail(f"{target} exists and is not empty; choose another --dest")
@@ -99,7 +103,11 @@ def gen_cmd(name: str, dest: Path | None, host: str | None, models: bool) -> Non
         text = src.read_text(encoding="utf-8")
         out.write_text(text.replace("{{NAME}}", name).replace("{{HOST}}", host), encoding="utf-8")
     if models:
-        _first_migration(target)
+        try:
+            _first_migration(target)
+        except SystemExit:  # it said why; leave no half-made application behind (it was empty)
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     click.echo(f"created {target}/")
     if models:
         click.echo(f"  database:  lamsonfilter db init --app {target}   (the models' tables: migrations/0001)")
@@ -169,6 +177,8 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
             check_database(app.storage, settings["APP_DIR"], app.models)
         except StorageError as exc:
             findings.append(_storage_finding(exc, app_dir, database))
+        else:
+            findings.extend(_model_findings(app, app_dir))
     if postfix_config is not None:
         findings.extend(check_postfix(postfix_config, settings, milter_socket, max_size, service_user))
     for f in findings:
@@ -178,19 +188,53 @@ def check_cmd(app_dir: Path, postfix_config: Path | None, milter_socket: str | N
     sys.exit(1 if errors else 0)
 
 
-def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
-    from ..statefile import writable_finding
+def _model_findings(app: Any, app_dir: Path) -> list[Any]:
+    """APP013: the database's tables, at the newest migration, do not match app/models.py (a model
+    changed and no migration was made): handlers would fail on the missing columns or tables."""
+    from ..check import Finding
+    from ..store.appschema import SQLAppSchema
 
-    return writable_finding(settings, user)
+    if app.models is None or not isinstance(app.storage, SQLAppSchema):
+        return []
+    if not app.storage.app_revisions(app.settings["APP_DIR"], app.models)[1]:
+        return []  # no migrations yet: db init made the tables from the models
+    try:
+        changes = app.storage.app_model_changes(app.settings["APP_DIR"], app.models)
+    except StorageError:
+        return []  # APP010 has said what is wrong with the database
+    if not changes:
+        return []
+    return [Finding("APP013", "warning",
+                    f"app/models.py differs from the tables its migrations made ({'; '.join(changes)}): "
+                    "a handler using what differs fails, and its messages are deferred (451)",
+                    f"lamsonfilter db revision --app {app_dir} -m \"what changed\", read the file, then "
+                    "lamsonfilter db upgrade")]
+
+
+def _writable_finding(settings: dict[str, Any], user: str | None) -> list[Any]:
+    """APP011 (the SQLite database) and APP012 (the outbox's sent journal): can the service write?"""
+    from ..statefile import journal_finding, writable_finding
+
+    return writable_finding(settings, user) + journal_finding(settings, user)
 
 
 
 def _storage_finding(exc: StorageError, app_dir: Path, database: str | None = None) -> Any:
-    """APP010: no schema yet (run db init), or the database cannot be reached at all (say why)."""
+    """APP010: no schema yet (run db init), one behind (db upgrade), one ahead of this code (no
+    command of this host fixes that: upgrade lamsonfilter, or deploy the application's newest
+    migrations), or the database cannot be reached at all (say why)."""
     from ..check import Finding
 
     if isinstance(exc, SchemaMissingError):
-        command = "upgrade" if "db upgrade" in str(exc) else "init"
+        text = str(exc)
+        if "upgrade lamsonfilter" in text:  # the database is newer than this lamsonfilter
+            return Finding("APP010", "error", with_app_dir(text, app_dir),
+                           "upgrade lamsonfilter on this host to the version that upgraded the database")
+        if "deploy the application's newest migrations" in text:  # newer than APP_DIR/migrations
+            return Finding("APP010", "error", with_app_dir(text, app_dir),
+                           f"deploy the application's newest migrations to {app_dir}/migrations "
+                           "(or give the --app that upgraded the database)")
+        command = "upgrade" if "db upgrade" in text else "init"
         return Finding("APP010", "error", with_app_dir(str(exc), app_dir),
                        f"run: lamsonfilter db {command} --app {app_dir}"
                        + (f" --database {safe_url(database)}" if database else ""))

@@ -44,11 +44,11 @@ from ..mailqueue.maildir import MailQueue, QueueError
 from ..outboxworker import MARK_EVERY, OUTBOX_LEASE, OutboxWorker
 from ..relay import Relay, message_id
 from ..sentjournal import SentJournal
-from ..state import StorageError
+from ..state import SchemaMissingError, StorageError, StorageUnavailable
 from .metrics import Metrics
 from .poison import DEFAULT_LIMIT, AttemptLog
 
-__all__ = ["Runtime", "REPLAY_TTL", "replay_key", "deferral_name"]
+__all__ = ["DatabaseUnreachable", "Runtime", "REPLAY_TTL", "replay_key", "deferral_name"]
 
 #: Every this many messages the process gives the C heap's free pages back to the system.
 TRIM_EVERY = 2000
@@ -379,6 +379,11 @@ def _one_host(app: App) -> bool:
     return str(app.settings.get("DATABASE_URL", "")).startswith("sqlite:")
 
 
+class DatabaseUnreachable(StartupError):
+    """The state database could not be reached at start (down, locked, refused), as opposed to a
+    database without the right schema: ``deq --once`` says "try again later" (75) for it."""
+
+
 def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, reload: bool) -> App:
     """Load and start the app, and refuse a database behind or ahead (`lamsonfilter.dbschema`)."""
     from ..dbschema import check_database
@@ -389,5 +394,8 @@ def _load_checked(directory: str | Path, overrides: Mapping[str, Any] | None, re
         check_database(app.storage, directory, app.models)
     except StorageError as exc:
         app.storage.close()
-        raise StartupError(str(exc).replace("--app DIR", f"--app {directory}")) from None
+        text = str(exc).replace("--app DIR", f"--app {directory}")
+        if isinstance(exc, StorageUnavailable) and not isinstance(exc, SchemaMissingError):
+            raise DatabaseUnreachable(text) from None
+        raise StartupError(text) from None
     return app

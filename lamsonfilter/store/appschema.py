@@ -17,6 +17,7 @@ Alembic revisions (`lamsonfilter.store.migrate`): files in
 
     storage.upgrade_app(app_dir, metadata)      # lamsonfilter db init / upgrade
     storage.check_app_schema(app_dir, metadata)
+    storage.app_model_changes(app_dir, metadata)   # ["add_column t.priority"]: run db revision
     storage.app_revision(app_dir, metadata, "add priority")   # -> the new file
 
 Errors are `SchemaMissingError` (or its `MigrationError`) naming the
@@ -99,6 +100,14 @@ class SQLAppSchema(SQLEngine):
             with self._errors("reading the application's revision"):
                 have = migrate.current(conn, line)
         return have, migrate.heads(line)
+
+    def app_model_changes(self, app_dir: str | Path, metadata: MetaData | None) -> list[str]:
+        """How the models differ from the application's tables in this database (what ``db
+        revision`` would write), one short text each; [] when they match."""
+        line = migrate.app_line(app_dir, metadata)
+        with self._begin("comparing the models with the database", read_only=True) as conn:
+            with self._errors("comparing the models with the database"):
+                return migrate.model_changes(conn, line)
 
     def framework_revisions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(the database's lamsonfilter revision, this lamsonfilter's newest), for ``db status``."""

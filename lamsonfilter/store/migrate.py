@@ -205,6 +205,33 @@ def revision(conn: Connection, line: Line, message: str, *, autogenerate: bool =
     return Path(scripts[0].path)
 
 
+def model_changes(conn: Connection, line: Line) -> list[str]:
+    """What autogenerate would put into `line`'s next revision: how its models differ from the
+    tables in `conn`'s database, one short text each (``add_column shop_greeting.name``); [] when
+    they match, or when the line has no models."""
+    if line.metadata is None or not line.metadata.tables:
+        return []
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    tables = set(line.metadata.tables)
+    ctx = MigrationContext.configure(conn, opts={
+        "compare_type": True,
+        "include_name": lambda name, type_, parents: type_ != "table" or name in tables,
+    })
+    with _ONE_AT_A_TIME:
+        diff = compare_metadata(ctx, line.metadata)
+    return [_describe(d) for d in diff]
+
+
+def _describe(change: Any) -> str:
+    """``op table.column`` of one of Alembic's differences (a list for a column's modify_* ops)."""
+    if isinstance(change, list):
+        change = change[0]
+    names = [x if isinstance(x, str) else getattr(x, "name", None) for x in change[1:4]]
+    return f"{change[0]} {'.'.join(n for n in names if isinstance(n, str) and n)}".strip()
+
+
 def _next_id(line: Line) -> str:
     numbers = [int(m.group(1)) for p in line.versions.glob("*.py")
                if (m := re.match(r"(\d+)_", p.name))]

@@ -197,6 +197,7 @@ def test_a_reply_to_an_unknown_ticket_gets_a_clear_answer(t):
     assert (r.state_before, r.state_after) == ("START", "START")
     [answer] = r.replies
     assert "there is no ticket #42" in answer.get_content() and SUPPORT in answer.get_content()
+    assert answer["From"].addresses[0].addr_spec == SUPPORT  # replying to it opens a ticket, as it says
     assert count(t, models(t)[1]) == 0
     assert t.state("helpdesk", "ticket:42") is None
 
@@ -243,6 +244,7 @@ def test_a_message_to_a_closed_ticket_is_not_kept_and_says_so(t):
     assert (r.state_before, r.state_after) == ("CLOSED", "CLOSED")
     [answer] = r.replies
     assert "was closed" in answer.get_content() and SUPPORT in answer.get_content()
+    assert answer["From"].addresses[0].addr_spec == SUPPORT  # replying to it opens a new ticket
     assert r.messages == [] and len(messages(t, number)) == 2
     again = t.send("alice@example.com", f"support+close-{number}@{HOST}")
     assert "was closed" in again.replies[0].get_content()

@@ -185,8 +185,10 @@ def NEW(ctx: Context, host: str) -> None:
 @handler.route("support+ticket-(number)@(host)", event="reply", number=NUMBER)
 @handler.route("support+close-(number)@(host)", event="close", number=NUMBER)
 def START(ctx: Context, number: str) -> None:
-    """No such ticket (never opened here)."""
-    ctx.reply("unknown_ticket.msg", number=int(number), support_addr=f"support@{ctx.args['host'].lower()}")
+    """No such ticket (never opened here).  The answer comes from support@HOST, so that replying to
+    it opens a ticket, as it advises (from the ticket's address, a reply would get this answer again)."""
+    support_addr = f"support@{ctx.args['host'].lower()}"
+    ctx.reply("unknown_ticket.msg", number=int(number), support_addr=support_addr, from_addr=support_addr)
 
 
 @handler.state
@@ -223,11 +225,15 @@ def OPEN(ctx: Context, number: str) -> Any:
 
 @handler.state
 def CLOSED(ctx: Context, number: str) -> None:
-    """A closed ticket: nothing is added; the sender is told to open a new one."""
+    """A closed ticket: nothing is added; the sender is told to open a new one (the answer comes
+    from support@HOST, so that replying to it does)."""
     ticket = _ticket(ctx, number)
     if ticket is None:
         ctx.note(f"ticket {number} has state CLOSED but no row in helpdesk_ticket")
         START(ctx, number)
         return
     info = _info(ctx, ticket)
-    ctx.reply("not_allowed.msg" if not _allowed(ctx, ticket) else "already_closed.msg", **info)
+    if not _allowed(ctx, ticket):
+        ctx.reply("not_allowed.msg", **info)
+    else:
+        ctx.reply("already_closed.msg", from_addr=info["support_addr"], **info)
