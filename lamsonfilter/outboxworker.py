@@ -164,7 +164,7 @@ class OutboxWorker:
                         if self._unmarked and time.monotonic() - self._unmarked_since >= self.mark_every:
                             self._mark_batch()
                 except RelayError as exc:
-                    log.warning("outbox: relay %r unreachable, messages stay pending: %s", self.relay, exc)
+                    log.warning("outbox: relay %s unreachable, messages stay pending: %s", self.relay, exc)
                     return len(tried)
                 finally:
                     self._mark_batch()

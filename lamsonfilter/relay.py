@@ -92,6 +92,10 @@ class Relay:
     def __repr__(self) -> str:
         return f"Relay({self.host}:{self.port})"
 
+    def __str__(self) -> str:
+        """``host:port``, as the log lines and the settings write it."""
+        return f"{self.host}:{self.port}"
+
     def send(self, message: OutboxMessage, record: Callable[[Delivery], None] | None = None) -> Delivery:
         """Hand one message over, `max_recipients` per SMTP transaction, on one connection.
 

@@ -234,11 +234,15 @@ def test_backoff_per_message(storage: StateStorage, smtp_relay: SMTPRelay) -> No
     assert len(storage.pending_outbox(due_before=item.next_attempt)) == 1
 
 
-def test_an_unreachable_relay_counts_no_attempt(storage: StateStorage) -> None:
+def test_an_unreachable_relay_counts_no_attempt(storage: StateStorage, caplog: pytest.LogCaptureFixture) -> None:
     down = SMTPRelay()  # its port, nothing listening yet
     commit(storage, message(["a@example.org"], "one"), message(["b@example.org"], "two"))
     w = worker(storage, down)
-    w.flush()
+    with caplog.at_level(logging.WARNING, logger="lamsonfilter.relay"):
+        w.flush()
+    # one WARNING naming the relay as the settings write it (host:port), not a Python repr
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith(f"outbox: relay 127.0.0.1:{down.port} unreachable, messages stay pending"), line
     assert [(p.attempts, p.next_attempt) for p in storage.pending_outbox()] == [(0, None), (0, None)]
     down.start()
     try:
