@@ -7,5 +7,6 @@ from tests.rig.storage import (  # noqa: F401 -- fixtures
     sql_storage,
     sql_url,
     storage,
+    two_storages,
 )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +242,6 @@ def _rows(storage: StateStorage) -> int:
 
 
 # ---------------------------------------------------------------- two filter hosts, one database
-@pytest.fixture
-def two_storages(sql_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
-    a, b = SQLAlchemyStorage(sql_url), SQLAlchemyStorage(sql_url)
-    a.create_schema()
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
 def test_asked_through_one_host_confirmed_through_the_other(
     two_storages: tuple[SQLAlchemyStorage, SQLAlchemyStorage], templates: Path,
 ) -> None:

@@ -11,10 +11,8 @@ are tested in test_outbox_claims.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from lamsonfilter.mail import MailRequest
 from lamsonfilter.state import StateStorage
@@ -23,17 +21,6 @@ from lamsonfilter.testing import AppTester, make_message
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mailinglist"
 LIST = "python@lists.example.org"
-
-
-@pytest.fixture
-def two_storages(sql_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
-    a, b = SQLAlchemyStorage(sql_url), SQLAlchemyStorage(sql_url)
-    a.create_schema()
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def outbox(storage: StateStorage) -> list[tuple[str, ...]]:

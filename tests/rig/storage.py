@@ -30,7 +30,8 @@ from lamsonfilter.store.sql import SQLAlchemyStorage
 from tests.rig.fixtures import skip_or_fail
 
 __all__ = ["ALL_BACKENDS", "PG_URL", "SQL_BACKENDS", "TABLES", "backend_url", "open_sql", "pg_admin", "pg_schema",
-           "pg_url", "pg_url_for", "ready_storage", "sql_schema_url", "sql_storage", "sql_url", "storage"]
+           "pg_url", "pg_url_for", "ready_storage", "sql_schema_url", "sql_storage", "sql_url", "storage",
+           "two_storages"]
 
 PG_URL = os.environ.get("LAMSONFILTER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 #: Every table a test may leave in the session's schema: lamsonfilter's, the version tables.
@@ -141,3 +142,15 @@ def sql_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLA
     """A ready `SQLAlchemyStorage` on SQLite and on PostgreSQL."""
     with ready_storage(backend_url(request, tmp_path)) as st:
         yield st
+
+
+@pytest.fixture
+def two_storages(sql_url: str) -> Iterator[tuple[SQLAlchemyStorage, SQLAlchemyStorage]]:
+    """Two storages on one SQL database, its schema made: two filter hosts sharing it."""
+    a, b = SQLAlchemyStorage(sql_url), SQLAlchemyStorage(sql_url)
+    a.create_schema()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
